@@ -1,0 +1,1 @@
+"""Emulated devices. Each device is one small class behind the bus interface in `bus.py`."""
