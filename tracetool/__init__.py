@@ -1,0 +1,1 @@
+"""tracetool: everything about exit traces; the `vmtrace` command."""

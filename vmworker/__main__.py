@@ -1,0 +1,106 @@
+"""The worker process: `python -m vmworker --spec-json JSON --result-fd FD`.
+
+Runs exactly one VM. Guest console text and (unless quiet) one line per exit go to stdout; the
+`RunResult` (or an error) goes to the result fd as one JSON document for the supervisor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+
+from . import status
+from .devices.console import Console
+from .devices.serial_input import SerialInput
+from .devices.standard import standard_devices
+from .errors import GuestImageError, KvmError, SpecError, VmsupError
+from .exit_log import ExitLog
+from .loader import load_image
+from .machine import Machine
+from .spec import VmSpec
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when the supervisor dies, so a worker is never orphaned."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(status.EXIT_VM_ERROR)
+
+
+def _serial_input(source: str | None) -> SerialInput:
+    if source is None:
+        return SerialInput.empty()
+    if source == "-":
+        if sys.stdin is None or sys.stdin.closed:
+            return SerialInput.empty()
+        return SerialInput.from_stream(sys.stdin.buffer)
+    try:
+        return SerialInput.from_stream(open(source, "rb"))
+    except OSError as e:
+        raise SpecError(f"serial input {source}: {e.strerror or e}") from None
+
+
+def run_spec(spec: VmSpec) -> dict:
+    """Build and run the VM of `spec`; a JSON-able result, errors included."""
+    try:
+        spec.validate()
+        image = load_image(spec.guest, load_addr=spec.load_addr, entry=spec.entry, mode=spec.mode)
+        out = sys.stdout.buffer
+        console = Console(out, line_buffered=not spec.quiet)
+        port_bus, mmio_bus, _devices = standard_devices(console, _serial_input(spec.serial_input))
+        exit_log = None if spec.quiet else ExitLog(out, multi_vcpu=spec.vcpus > 1)
+        with Machine(spec.name, image, spec.mem_size, spec.vcpus, port_bus, mmio_bus, exit_log=exit_log,
+                     max_exits=spec.max_exits, timeout=spec.timeout) as machine:
+            signal.signal(signal.SIGTERM, lambda *_: machine.stop(status.TERMINATED))
+            signal.signal(signal.SIGINT, lambda *_: machine.stop(status.INTERRUPTED))
+            result = machine.run()
+        console.flush()
+        if exit_log is not None:
+            exit_log.flush()
+        out.flush()
+        data = result.to_json()
+        data.update(format=image.format, mode=image.mode, sha256=image.sha256)
+        return data
+    except KvmError as e:
+        no_kvm = e.ioctl.startswith("open ")
+        return {"status": status.ERROR, "error": str(e),
+                "exit_code": status.EXIT_NO_KVM if no_kvm else status.EXIT_VM_ERROR}
+    except (GuestImageError, SpecError) as e:
+        return {"status": status.ERROR, "error": str(e), "exit_code": status.EXIT_BAD_INPUT}
+    except VmsupError as e:
+        return {"status": status.ERROR, "error": str(e), "exit_code": status.EXIT_VM_ERROR}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vmworker", description="Run one VM (started by vmsup).")
+    parser.add_argument("--spec-json", required=True, help="the VmSpec as JSON")
+    parser.add_argument("--result-fd", type=int, default=None, help="write the result JSON to this fd")
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    try:
+        spec = VmSpec.from_json(json.loads(args.spec_json))
+    except (ValueError, TypeError) as e:
+        print(f"vmworker: bad --spec-json: {e}", file=sys.stderr)
+        return status.EXIT_BAD_INPUT
+    result = run_spec(spec)
+    payload = json.dumps(result).encode()
+    if args.result_fd is not None:
+        with os.fdopen(args.result_fd, "wb") as f:
+            f.write(payload)
+    else:
+        sys.stderr.write(payload.decode() + "\n")
+    return int(result.get("exit_code", status.EXIT_VM_ERROR))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

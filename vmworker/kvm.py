@@ -1,0 +1,204 @@
+"""Kvm → Vm → Vcpu: thin owners of the /dev/kvm, VM and vCPU file descriptors.
+
+Each object owns exactly one fd (and the vCPU its kvm_run mapping) and closes it
+deterministically (context managers; a Vm closes its vCPUs before itself). Every failed ioctl
+becomes a KvmError naming the ioctl and errno. Modelled on rust-vmm's kvm-ioctls layering.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+
+from . import kvm_abi as abi
+from .errors import KvmError
+from .exits import VcpuExit, decode_exit
+
+_IOCTL_NAMES = {value: name for name, value in abi.IOCTLS.items()}
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
+_INT_MAX = 2**31 - 1
+
+
+def _ioctl(fd: int, request: int, arg=0):
+    """One ioctl; a structure argument is passed by address and filled in place."""
+    name = _IOCTL_NAMES.get(request, hex(request))
+    if isinstance(arg, int) and not 0 <= arg <= _INT_MAX:
+        # fcntl.ioctl takes an int argument as a C int; wider values (addresses) go through libc.
+        ret = _libc.ioctl(fd, request, arg)
+        if ret < 0:
+            raise KvmError(name, ctypes.get_errno())
+        return ret
+    try:
+        return fcntl.ioctl(fd, request, arg) if isinstance(arg, int) else fcntl.ioctl(fd, request, arg, True)
+    except OSError as e:
+        raise KvmError(name, e.errno or 0) from None
+
+
+class Kvm:
+    """The /dev/kvm system fd: API version check, capabilities, VM creation."""
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmError(f"open {path}", errno.ENOENT, "KVM is not available on this machine (no kvm module?)") from None
+        except PermissionError:
+            raise KvmError(f"open {path}", errno.EACCES, "not permitted (add your user to the kvm group or run as root)") from None
+        except OSError as e:
+            raise KvmError(f"open {path}", e.errno or 0) from None
+        version = _ioctl(self.fd, abi.KVM_GET_API_VERSION)
+        if version != abi.KVM_API_VERSION:
+            os.close(self.fd)
+            raise KvmError("KVM_GET_API_VERSION", 0, f"API version {version}, expected {abi.KVM_API_VERSION}")
+        self.vcpu_mmap_size = _ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE)
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: 0 when absent, else a capability-specific positive value."""
+        return _ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap)
+
+    def max_vcpus(self) -> int:
+        # api.rst: KVM_CAP_MAX_VCPUS, falling back to KVM_CAP_NR_VCPUS, then 4.
+        return self.check_extension(abi.KVM_CAP_MAX_VCPUS) or self.check_extension(abi.KVM_CAP_NR_VCPUS) or 4
+
+    def supported_cpuid(self, max_entries: int = 256):
+        cpuid = abi.cpuid2_with_entries(max_entries)()
+        cpuid.nent = max_entries
+        _ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID, cpuid)
+        return cpuid
+
+    def create_vm(self) -> "Vm":
+        return Vm(self, _ioctl(self.fd, abi.KVM_CREATE_VM, 0))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Kvm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Vm:
+    """A VM fd: memory slots, vCPUs, in-kernel devices."""
+
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self.vcpus: list[Vcpu] = []
+
+    def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0) -> None:
+        region = abi.kvm_userspace_memory_region(slot=slot, flags=flags, guest_phys_addr=gpa,
+                                                 memory_size=size, userspace_addr=host_addr)
+        _ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region)
+
+    def set_tss_addr(self, gpa: int) -> None:
+        _ioctl(self.fd, abi.KVM_SET_TSS_ADDR, gpa)
+
+    def create_irqchip(self) -> None:
+        _ioctl(self.fd, abi.KVM_CREATE_IRQCHIP)
+
+    def create_pit2(self, flags: int = 0) -> None:
+        _ioctl(self.fd, abi.KVM_CREATE_PIT2, abi.kvm_pit_config(flags=flags))
+
+    def irq_line(self, irq: int, level: int) -> None:
+        _ioctl(self.fd, abi.KVM_IRQ_LINE, abi.kvm_irq_level(irq=irq, level=level))
+
+    def register_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
+        zone = abi.kvm_coalesced_mmio_zone(addr=addr, size=size, pio=int(pio))
+        _ioctl(self.fd, abi.KVM_REGISTER_COALESCED_MMIO, zone)
+
+    def stats_fd(self) -> int:
+        """KVM_GET_STATS_FD: a new fd of binary statistics; the caller owns it."""
+        return _ioctl(self.fd, abi.KVM_GET_STATS_FD)
+
+    def create_vcpu(self, vcpu_id: int) -> "Vcpu":
+        vcpu = Vcpu(self, vcpu_id, _ioctl(self.fd, abi.KVM_CREATE_VCPU, vcpu_id))
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def close(self) -> None:
+        for vcpu in reversed(self.vcpus):
+            vcpu.close()
+        self.vcpus.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Vm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Vcpu:
+    """A vCPU fd and its shared `struct kvm_run` page(s)."""
+
+    def __init__(self, vm: Vm, vcpu_id: int, fd: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+        self.fd = fd
+        try:
+            self.run_page = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            os.close(fd)
+            raise KvmError("mmap(kvm_run)", e.errno or 0) from None
+
+    # Registers ------------------------------------------------------------------------------
+    def get_regs(self) -> abi.kvm_regs:
+        regs = abi.kvm_regs()
+        _ioctl(self.fd, abi.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: abi.kvm_regs) -> None:
+        _ioctl(self.fd, abi.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> abi.kvm_sregs:
+        sregs = abi.kvm_sregs()
+        _ioctl(self.fd, abi.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: abi.kvm_sregs) -> None:
+        _ioctl(self.fd, abi.KVM_SET_SREGS, sregs)
+
+    def set_cpuid2(self, cpuid) -> None:
+        _ioctl(self.fd, abi.KVM_SET_CPUID2, cpuid)
+
+    def set_guest_debug(self, control: int, debugreg: tuple[int, ...] = ()) -> None:
+        dbg = abi.kvm_guest_debug(control=control)
+        for i, value in enumerate(debugreg):
+            dbg.arch.debugreg[i] = value
+        _ioctl(self.fd, abi.KVM_SET_GUEST_DEBUG, dbg)
+
+    # Running --------------------------------------------------------------------------------
+    def set_immediate_exit(self, value: bool) -> None:
+        """kvm_run.immediate_exit: the next (or a signal-interrupted) KVM_RUN returns EINTR at once."""
+        self.run_page[_IMMEDIATE_EXIT] = 1 if value else 0
+
+    def run(self) -> VcpuExit:
+        """One KVM_RUN; returns the typed exit (Interrupted when a signal kicked the vCPU)."""
+        try:
+            fcntl.ioctl(self.fd, abi.KVM_RUN, 0)
+        except InterruptedError:
+            return decode_exit(self.run_page, interrupted=True)
+        except OSError as e:
+            raise KvmError("KVM_RUN", e.errno or 0) from None
+        return decode_exit(self.run_page)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.run_page.close()
+            os.close(self.fd)
+            self.fd = -1
+
+
+_IMMEDIATE_EXIT = abi.run_offset("immediate_exit")

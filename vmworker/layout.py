@@ -1,0 +1,38 @@
+"""Where things sit in guest-physical memory. Every fixed address of the VMM is named here, once.
+
+    0x0000_0000  real-mode IVT / BIOS data area: left zeroed (no BIOS)
+    0x0000_1000  BOOT_GDT      GDT the VMM writes for protected and long mode
+    0x0000_2000  BOOT_PML4     long-mode page tables: PML4, one PDPT, four PDs
+    0x0000_3000  BOOT_PDPT       (identity map of the first 4 GiB in 2 MiB pages)
+    0x0000_4000  BOOT_PD         .. 0x7fff
+    0x0001_0000  DEFAULT_LOAD_ADDR  flat guests (the seed guest is linked here)
+    ...          RAM up to the VM's --mem size (at most MEM_CAP)
+    0xC000_0000  MMIO hole: never RAM, so device windows cannot collide with it
+    0xD000_0000  MMIO test device (vmworker.devices.standard)
+"""
+
+PAGE_SIZE = 4096
+
+# Flat binaries land where kvmsample's guest is linked (its demo loads at 0, a known bug).
+DEFAULT_LOAD_ADDR = 0x10000
+
+# Low pages for VMM-built tables; below DEFAULT_LOAD_ADDR so guests are never overwritten.
+BOOT_GDT = 0x1000
+BOOT_PML4 = 0x2000
+BOOT_PDPT = 0x3000
+BOOT_PD = 0x4000  # four consecutive PDs: 4 x 512 x 2 MiB = 4 GiB
+BOOT_TABLES_END = 0x8000
+
+# KVM_SET_TSS_ADDR needs three pages the guest never uses (Intel VMX real-mode emulation);
+# put them at the very top of the 32-bit space, inside the MMIO hole, as QEMU/kvmtool do.
+TSS_ADDR = 0xFFFB_D000
+
+# RAM stays below the PCI-style MMIO hole at 3 GiB, like a PC's low memory.
+MEM_CAP = 0xC000_0000
+MEM_MIN = 1 << 20  # room for the boot tables, the load address and a stack
+DEFAULT_MEM = 16 << 20
+
+# Per-vCPU stacks: protected/long mode get the top of RAM, one 4 KiB slot each.
+STACK_SLOT = 0x1000
+# Real mode: SP counts down from the top of the load segment, 1 KiB apart per vCPU.
+REAL_MODE_STACK_SLOT = 0x400

@@ -1,0 +1,229 @@
+"""A Machine is one VM put together: KVM objects, RAM with the guest loaded, devices, vCPU threads.
+
+`Machine.run()` starts one thread per vCPU, waits until the VM ends (all vCPUs halted, a device
+or an exit asked to stop, the exit budget or the timeout ran out) and returns a `RunResult`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import kvm_abi as abi
+from . import layout, status, x86
+from .devices.bus import Bus
+from .errors import SpecError
+from .kvm import Kvm
+from .loader import GuestImage
+from .memory import GuestMemory
+from .vcpu_loop import VcpuStats, run_vcpu
+
+# The signal that kicks a vCPU thread out of KVM_RUN (DESIGN.md: immediate_exit + a signal).
+KICK_SIGNAL = signal.SIGUSR1
+
+_GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+
+
+def register_dump(vcpu) -> dict:
+    """General, segment and control registers of a stopped vCPU, as plain numbers."""
+    regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+    dump: dict = {"vcpu": vcpu.id}
+    dump.update({name: getattr(regs, name) for name in _GPRS})
+    for name in _SEGMENTS:
+        seg = getattr(sregs, name)
+        dump[name] = {"selector": seg.selector, "base": seg.base, "limit": seg.limit, "type": seg.type}
+    for name in ("cr0", "cr2", "cr3", "cr4", "efer"):
+        dump[name] = getattr(sregs, name)
+    dump["gdt"] = {"base": sregs.gdt.base, "limit": sregs.gdt.limit}
+    dump["idt"] = {"base": sregs.idt.base, "limit": sregs.idt.limit}
+    return dump
+
+
+@dataclass
+class RunResult:
+    name: str
+    status: str
+    guest_code: int | None = None
+    detail: str = ""
+    exits: int = 0
+    kicks: int = 0
+    run_seconds: float = 0.0
+    by_reason: dict[str, int] = field(default_factory=dict)
+    vcpus: list[dict] = field(default_factory=list)
+    registers: dict | None = None
+    unclaimed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return status.exit_code_for(self.status, self.guest_code)
+
+    @property
+    def exits_per_second(self) -> float:
+        return self.exits / self.run_seconds if self.run_seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        data = dict(self.__dict__)
+        data["exit_code"] = self.exit_code
+        data["exits_per_second"] = self.exits_per_second
+        return data
+
+
+class VcpuContext:
+    """What vCPU threads share: buses, the exit log and budget, and the one way to stop the VM."""
+
+    def __init__(self, machine: "Machine", port_bus: Bus, mmio_bus: Bus, exit_log, max_exits: int | None) -> None:
+        self._machine = machine
+        self.port_bus = port_bus
+        self.mmio_bus = mmio_bus
+        self.exit_log = exit_log
+        self.max_exits = max_exits
+        # itertools.count's next() is atomic under the GIL: an exact total across vCPU threads.
+        self.exit_budget = itertools.count() if max_exits is not None else None
+        self.stopping = False
+
+    def stop(self, reason: str, code: int | None = None, detail: str = "", vcpu=None) -> None:
+        self._machine.stop(reason, code=code, detail=detail, vcpu=vcpu)
+
+
+class Machine:
+    def __init__(self, name: str, image: GuestImage, mem_size: int, vcpus: int, port_bus: Bus, mmio_bus: Bus,
+                 exit_log=None, max_exits: int | None = None, timeout: float | None = None,
+                 kvm_path: str = "/dev/kvm") -> None:
+        self.name = name
+        self.image = image
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._end: tuple[str, int | None, str] | None = None
+        self._registers: dict | None = None
+        self._threads: list[threading.Thread] = []
+        self._done = threading.Event()
+        self.port_bus, self.mmio_bus = port_bus, mmio_bus
+        self.ctx = VcpuContext(self, port_bus, mmio_bus, exit_log, max_exits)
+
+        image.check_fits(mem_size)
+        if mem_size < x86.min_mem_for_stacks(image.mode, vcpus):
+            raise SpecError(f"{vcpus} vCPUs need at least {x86.min_mem_for_stacks(image.mode, vcpus)} bytes of memory")
+        if image.mode == "real" and vcpus > x86.max_real_mode_vcpus():
+            raise SpecError(f"real mode supports at most {x86.max_real_mode_vcpus()} vCPUs (one stack slot each)")
+
+        self.kvm = Kvm(kvm_path)
+        try:
+            limit = self.kvm.max_vcpus()
+            if vcpus > limit:
+                raise SpecError(f"--vcpus {vcpus} is over this host's KVM limit of {limit}")
+            self.vm = self.kvm.create_vm()
+            self.memory = GuestMemory.with_ram(mem_size)
+            self.vm.set_tss_addr(layout.TSS_ADDR)
+            self.memory.register(self.vm)
+            image.load_into(self.memory)
+            x86.write_boot_tables(self.memory, image.mode)
+            load_addr = image.segments[0].gpa
+            for i in range(vcpus):
+                vcpu = self.vm.create_vcpu(i)
+                vcpu.set_sregs(x86.initial_sregs(vcpu.get_sregs(), image.mode, load_addr))
+                vcpu.set_regs(x86.initial_regs(image.mode, image.entry, load_addr, i, mem_size))
+        except BaseException:
+            self.close()
+            raise
+
+    # Stopping -----------------------------------------------------------------------------------
+    def stop(self, reason: str, code: int | None = None, detail: str = "", vcpu=None) -> None:
+        """End the VM; the first reason wins. Safe from any thread, vCPU threads included."""
+        with self._lock:
+            if self._end is not None:
+                return
+            self._end = (reason, code, detail)
+            if vcpu is not None:
+                try:
+                    self._registers = register_dump(vcpu)
+                except Exception as e:  # the dump is a courtesy; the stop must happen regardless
+                    self._registers = {"error": str(e)}
+            self.ctx.stopping = True
+        self._kick_all()
+
+    def _kick_all(self) -> None:
+        for vcpu in self.vm.vcpus:
+            vcpu.set_immediate_exit(True)
+        me = threading.get_ident()
+        for thread in self._threads:
+            if thread.ident is not None and thread.ident != me and thread.is_alive():
+                try:
+                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass  # the thread ended in between
+
+    # Running ------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        signal.signal(KICK_SIGNAL, lambda *_: None)  # a handler (not SIG_IGN) so KVM_RUN sees EINTR
+        stats = [VcpuStats() for _ in self.vm.vcpus]
+        remaining = [len(self.vm.vcpus)]
+        count_lock = threading.Lock()
+
+        def thread_main(vcpu, st):
+            try:
+                run_vcpu(vcpu, self.ctx, st)
+            except Exception as e:  # a VMM bug must still end the VM with a status, not hang it
+                self.stop(status.VMM_ERROR, detail=f"vcpu {vcpu.id}: {type(e).__name__}: {e}")
+            finally:
+                with count_lock:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        self._done.set()
+
+        for vcpu, st in zip(self.vm.vcpus, stats):
+            t = threading.Thread(target=thread_main, args=(vcpu, st), name=f"vcpu{vcpu.id}", daemon=True)
+            self._threads.append(t)
+        for t in self._threads:
+            t.start()
+
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while not self._done.is_set():
+            wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if wait <= 0:
+                self.stop(status.TIMEOUT, detail=f"no end after {self.timeout:g} s")
+                break
+            self._done.wait(wait)
+        for t in self._threads:
+            t.join()
+        return self._result(stats)
+
+    def _result(self, stats: list[VcpuStats]) -> RunResult:
+        if self._end is None:
+            reason, code, detail = status.HALTED, None, ""
+        else:
+            reason, code, detail = self._end
+        by_reason: dict[str, int] = {}
+        for st in stats:
+            for r, n in st.by_reason.items():
+                key = abi.EXIT_REASON_NAMES.get(r, f"reason-{r}")
+                by_reason[key] = by_reason.get(key, 0) + n
+        started = [st.first_run for st in stats if st.first_run]
+        run_seconds = (max(st.last_exit for st in stats) - min(started)) if started else 0.0
+        unclaimed = {f"{bus.name}_{k}": v for bus in (self.port_bus, self.mmio_bus)
+                     for k, v in bus.statistics().items()}
+        return RunResult(
+            name=self.name, status=reason, guest_code=code, detail=detail,
+            exits=sum(st.exits for st in stats), kicks=sum(st.kicks for st in stats),
+            run_seconds=run_seconds, by_reason=by_reason,
+            vcpus=[{"id": i, "exits": st.exits, "halted": st.halted} for i, st in enumerate(stats)],
+            registers=self._registers, unclaimed=unclaimed)
+
+    def close(self) -> None:
+        vm = getattr(self, "vm", None)
+        if vm is not None:
+            vm.close()
+        memory = getattr(self, "memory", None)
+        if memory is not None:
+            memory.close()
+        self.kvm.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,166 @@
+"""The vCPU thread: KVM_RUN, decode the exit, hand it to a device, repeat.
+
+This is the hot path (DESIGN.md, "The hot path"): per exit one ioctl, precompiled struct reads on
+the kvm_run mmap, a dispatch on the exit reason and a device call. No per-exit objects, no
+logging unless the VM prints exits. Everything that ends the VM goes through `VcpuContext.stop`,
+which kicks the other vCPUs out of KVM_RUN.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import time
+
+from . import kvm_abi as abi
+from . import exits as ex
+from .devices.bus import StopVm
+
+_KVM_RUN = abi.KVM_RUN
+_EXIT_IO = abi.KVM_EXIT_IO
+_EXIT_MMIO = abi.KVM_EXIT_MMIO
+_EXIT_HLT = abi.KVM_EXIT_HLT
+_IO_OUT = abi.KVM_EXIT_IO_OUT
+
+_INTERNAL_SUBERRORS = {
+    abi.KVM_INTERNAL_ERROR_EMULATION: "emulation failure",
+    abi.KVM_INTERNAL_ERROR_SIMUL_EX: "simultaneous exceptions",
+    abi.KVM_INTERNAL_ERROR_DELIVERY_EV: "unexpected exit while delivering an event",
+    abi.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason",
+}
+_SYSTEM_EVENTS = {abi.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown", abi.KVM_SYSTEM_EVENT_RESET: "reset",
+                  abi.KVM_SYSTEM_EVENT_CRASH: "crash"}
+
+
+class VcpuStats:
+    """What one vCPU thread did; read by the machine after the thread ends."""
+
+    __slots__ = ("exits", "kicks", "first_run", "last_exit", "halted", "by_reason")
+
+    def __init__(self) -> None:
+        self.exits = 0
+        self.kicks = 0
+        self.first_run = 0.0  # perf_counter() just before the first KVM_RUN
+        self.last_exit = 0.0  # perf_counter() just after the last exit
+        self.halted = False
+        self.by_reason: dict[int, int] = {}
+
+
+def run_vcpu(vcpu, ctx, stats: VcpuStats) -> None:
+    """Loop on KVM_RUN until the VM stops or this vCPU halts. `ctx` is the machine's VcpuContext."""
+    fd = vcpu.fd
+    run = vcpu.run_page
+    vcpu_id = vcpu.id
+    ioctl = fcntl.ioctl
+    clock = time.perf_counter
+    reason_at = ex.EXIT_REASON.unpack_from
+    io_at = ex.IO.unpack_from
+    reason_off = ex.EXIT_REASON_OFFSET
+    io_off = ex.IO_OFFSET
+    port_write = ctx.port_bus.write
+    port_read = ctx.port_bus.read
+    log = ctx.exit_log
+    budget = ctx.exit_budget  # next(budget) returns how many exits came before; None = unlimited
+    limit = ctx.max_exits
+    by_reason = stats.by_reason
+    io_exits = 0  # counted apart from by_reason, which a dict update would slow on the hot path
+    n = 0
+
+    stats.first_run = clock()
+    try:
+        while True:
+            try:
+                ioctl(fd, _KVM_RUN, 0)
+            except InterruptedError:
+                # A kick (signal + immediate_exit): not a guest exit.
+                stats.kicks += 1
+                if ctx.stopping:
+                    break
+                vcpu.set_immediate_exit(False)
+                continue
+            n += 1
+            reason = reason_at(run, reason_off)[0]
+            if reason == _EXIT_IO:
+                io_exits += 1
+                direction, size, port, count, data_offset = io_at(run, io_off)
+                if direction == _IO_OUT:
+                    if count == 1:
+                        data = run[data_offset:data_offset + size]
+                        port_write(port, data)
+                    else:
+                        data = run[data_offset:data_offset + size * count]
+                        for i in range(0, size * count, size):
+                            port_write(port, data[i:i + size])
+                    if log is not None:
+                        log.io(vcpu_id, True, port, size, count, data)
+                else:
+                    if count == 1:
+                        data = port_read(port, size)
+                    else:
+                        data = b"".join([port_read(port, size) for _ in range(count)])
+                    run[data_offset:data_offset + size * count] = data
+                    if log is not None:
+                        log.io(vcpu_id, False, port, size, count, data)
+            else:
+                by_reason[reason] = by_reason.get(reason, 0) + 1
+                if reason == _EXIT_MMIO:
+                    _mmio(run, ctx, vcpu_id, log)
+                elif reason == _EXIT_HLT:
+                    if log is not None:
+                        log.event(vcpu_id, "hlt")
+                    stats.halted = True
+                    break
+                elif _slow_exit(vcpu, reason, ctx, log):
+                    break
+            if budget is not None and next(budget) + 1 >= limit:
+                ctx.stop("max-exits")
+                break
+    except StopVm as stop:
+        ctx.stop(stop.reason, code=stop.code, detail=stop.detail)
+    except OSError as e:
+        ctx.stop("vmm-error", detail=f"KVM_RUN on vcpu {vcpu_id} failed: {e.strerror or e}", vcpu=vcpu)
+    finally:
+        stats.last_exit = clock()
+        stats.exits = n
+        if io_exits:
+            by_reason[_EXIT_IO] = by_reason.get(_EXIT_IO, 0) + io_exits
+
+
+def _mmio(run, ctx, vcpu_id: int, log) -> None:
+    addr, data, length, is_write = ex.MMIO.unpack_from(run, ex.MMIO_OFFSET)
+    length = min(length, 8)  # kvm_run.mmio.data is 8 bytes; never trust len beyond it
+    if is_write:
+        data = data[:length]
+        ctx.mmio_bus.write(addr, data)
+    else:
+        data = ctx.mmio_bus.read(addr, length)
+        run[ex.MMIO_DATA_OFFSET:ex.MMIO_DATA_OFFSET + length] = data
+    if log is not None:
+        log.mmio(vcpu_id, bool(is_write), addr, data)
+
+
+def _slow_exit(vcpu, reason: int, ctx, log) -> bool:
+    """Rare exits; True when this vCPU must stop."""
+    exit_ = ex.decode_exit(vcpu.run_page)
+    match exit_:
+        case ex.Shutdown():
+            ctx.stop("shutdown", detail="triple fault", vcpu=vcpu)
+            return True
+        case ex.FailEntry(hardware_entry_failure_reason=hw, cpu=cpu):
+            ctx.stop("fail-entry", detail=f"hardware entry failure reason {hw:#x} on cpu {cpu}", vcpu=vcpu)
+            return True
+        case ex.InternalError(suberror=sub, data=data):
+            what = _INTERNAL_SUBERRORS.get(sub, "unknown suberror")
+            words = " ".join(f"{d:#x}" for d in data)
+            ctx.stop("internal-error", detail=f"suberror {sub} ({what}){', data ' + words if words else ''}", vcpu=vcpu)
+            return True
+        case ex.SystemEvent(type=type_):
+            ctx.stop("system-event", detail=_SYSTEM_EVENTS.get(type_, f"type {type_}"), vcpu=vcpu)
+            return True
+        case ex.Debug(exception=exc, pc=pc):
+            if log is not None:
+                log.event(vcpu.id, f"debug exception: {exc}, pc: {pc:#x}")
+            return False
+        case _:
+            name = abi.EXIT_REASON_NAMES.get(reason, "unknown")
+            ctx.stop("unsupported-exit", detail=f"exit reason {reason} ({name})", vcpu=vcpu)
+            return True
