@@ -1,0 +1,5 @@
+"""`python -m supervisor` is `vmsup`."""
+
+from .cli import main
+
+main()
