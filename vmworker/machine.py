@@ -76,14 +76,16 @@ class RunResult:
 class VcpuContext:
     """What vCPU threads share: buses, the exit log and budget, and the one way to stop the VM."""
 
-    def __init__(self, machine: "Machine", port_bus: Bus, mmio_bus: Bus, exit_log, max_exits: int | None) -> None:
+    def __init__(self, machine: "Machine", port_bus: Bus, mmio_bus: Bus, exit_log, max_exits: int | None,
+                 vcpus: int) -> None:
         self._machine = machine
         self.port_bus = port_bus
         self.mmio_bus = mmio_bus
         self.exit_log = exit_log
         self.max_exits = max_exits
-        # itertools.count's next() is atomic under the GIL: an exact total across vCPU threads.
-        self.exit_budget = itertools.count() if max_exits is not None else None
+        # Shared by several vCPUs only (one vCPU counts locally). itertools.count's next() is
+        # atomic under the GIL: an exact total across threads.
+        self.exit_budget = itertools.count() if max_exits is not None and vcpus > 1 else None
         self.stopping = False
 
     def stop(self, reason: str, code: int | None = None, detail: str = "", vcpu=None) -> None:
@@ -103,7 +105,7 @@ class Machine:
         self._threads: list[threading.Thread] = []
         self._done = threading.Event()
         self.port_bus, self.mmio_bus = port_bus, mmio_bus
-        self.ctx = VcpuContext(self, port_bus, mmio_bus, exit_log, max_exits)
+        self.ctx = VcpuContext(self, port_bus, mmio_bus, exit_log, max_exits, vcpus)
 
         image.check_fits(mem_size)
         if mem_size < x86.min_mem_for_stacks(image.mode, vcpus):

@@ -20,6 +20,7 @@ _EXIT_IO = abi.KVM_EXIT_IO
 _EXIT_MMIO = abi.KVM_EXIT_MMIO
 _EXIT_HLT = abi.KVM_EXIT_HLT
 _IO_OUT = abi.KVM_EXIT_IO_OUT
+_NEVER = float("inf")
 
 _INTERNAL_SUBERRORS = {
     abi.KVM_INTERNAL_ERROR_EMULATION: "emulation failure",
@@ -57,10 +58,16 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats) -> None:
     reason_off = ex.EXIT_REASON_OFFSET
     io_off = ex.IO_OFFSET
     port_write = ctx.port_bus.write
+    # The bus's cache of claimed ports, used directly so a port write costs one Python call
+    # (the device's) instead of two; misses and unclaimed ports take the bus's own path.
+    port_claimant = ctx.port_bus.claimant_cache().get
     port_read = ctx.port_bus.read
     log = ctx.exit_log
-    budget = ctx.exit_budget  # next(budget) returns how many exits came before; None = unlimited
+    # --max-exits: one vCPU counts locally (exact, one compare per exit); several share an
+    # atomic counter, consulted on every exit.
+    budget = ctx.exit_budget
     limit = ctx.max_exits
+    check_at = _NEVER if limit is None else (limit if budget is None else 0)
     by_reason = stats.by_reason
     io_exits = 0  # counted apart from by_reason, which a dict update would slow on the hot path
     n = 0
@@ -76,6 +83,8 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats) -> None:
                 if ctx.stopping:
                     break
                 vcpu.set_immediate_exit(False)
+                if ctx.stopping:  # a stop that raced with the line above must not be lost
+                    break
                 continue
             n += 1
             reason = reason_at(run, reason_off)[0]
@@ -85,7 +94,11 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats) -> None:
                 if direction == _IO_OUT:
                     if count == 1:
                         data = run[data_offset:data_offset + size]
-                        port_write(port, data)
+                        hit = port_claimant(port)
+                        if hit is None:
+                            port_write(port, data)
+                        else:
+                            hit[1].write(port - hit[0], data)
                     else:
                         data = run[data_offset:data_offset + size * count]
                         for i in range(0, size * count, size):
@@ -111,7 +124,7 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats) -> None:
                     break
                 elif _slow_exit(vcpu, reason, ctx, log):
                     break
-            if budget is not None and next(budget) + 1 >= limit:
+            if n >= check_at and (budget is None or next(budget) + 1 >= limit):
                 ctx.stop("max-exits")
                 break
     except StopVm as stop:

@@ -53,6 +53,10 @@ class Bus:
         self._lock = threading.Lock()  # counters are bumped from several vCPU threads
         self.unclaimed_reads = 0
         self.unclaimed_writes = 0
+        # addr -> (base, device) for claimed addresses seen before: a dict hit is much cheaper than
+        # a bisect on the hot path. Only claimed addresses are cached, so its size is bounded by
+        # the devices' ranges, whatever a guest probes.
+        self._hits: dict[int, tuple[int, Device]] = {}
 
     def attach(self, base: int, length: int, device: Device) -> None:
         if length <= 0 or base < 0:
@@ -65,6 +69,7 @@ class Bus:
             raise BusConflictError(f"{self.name} bus: {device.name} at {base:#x} overlaps {self._entries[i][2].name}")
         self._starts.insert(i, base)
         self._entries.insert(i, (base, end, device))
+        self._hits.clear()
 
     def find(self, addr: int) -> tuple[int, Device] | None:
         """The (base, device) claiming ``addr``, or None."""
@@ -75,8 +80,18 @@ class Bus:
                 return base, device
         return None
 
-    def read(self, addr: int, size: int) -> bytes:
+    def claimant_cache(self) -> dict[int, tuple[int, Device]]:
+        """The live addr -> (base, device) cache of claimed addresses, for a caller's fast path."""
+        return self._hits
+
+    def _remember(self, addr: int) -> tuple[int, Device] | None:
         hit = self.find(addr)
+        if hit is not None and len(self._hits) < 1 << 16:
+            self._hits[addr] = hit
+        return hit
+
+    def read(self, addr: int, size: int) -> bytes:
+        hit = self._hits.get(addr) or self._remember(addr)
         if hit is None:
             with self._lock:
                 self.unclaimed_reads += 1
@@ -85,7 +100,7 @@ class Bus:
         return device.read(addr - base, size)
 
     def write(self, addr: int, data: bytes) -> None:
-        hit = self.find(addr)
+        hit = self._hits.get(addr) or self._remember(addr)
         if hit is None:
             with self._lock:
                 self.unclaimed_writes += 1
