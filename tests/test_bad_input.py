@@ -162,7 +162,7 @@ def test_unreadable_serial_input_file_is_rejected_with_one_line(vmsup, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def kvm_vcpu_limit() -> int:
+def kvm_vcpu_limit(kvm_required) -> int:  # module scope runs before the marker's skip: ask for it here
     with Kvm() as kvm:
         return kvm.max_vcpus()
 
