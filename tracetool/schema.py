@@ -16,8 +16,6 @@ The handling time of event i is derived, not stored: (t_exit[i+1] - guest_ns[i+1
 
 from __future__ import annotations
 
-import numpy as np
-
 SCHEMA_VERSION = 1
 
 # Exit event columns, in order: (name, numpy dtype string, meaning).
@@ -33,7 +31,6 @@ EXIT_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 SEQ_COLUMN = ("seq", "<u8", "sequence number; present only in filtered batches")
 COLUMN_NAMES = tuple(name for name, _, _ in EXIT_COLUMNS)
-COLUMN_DTYPES = {name: np.dtype(dt) for name, dt, _ in (*EXIT_COLUMNS, SEQ_COLUMN)}
 
 FLAG_WRITE = 1
 
@@ -42,9 +39,35 @@ FLAG_WRITE = 1
 # packed as "8s": the guest's little-endian bytes, zero-padded, which *are* the u64 value —
 # so the hot path never converts bytes to an int.
 ROW_STRUCT_FORMAT = "<qqQ8sIBBBx"
-ROW_DTYPE = np.dtype({"names": list(COLUMN_NAMES),
-                      "formats": ["<i8", "<i8", "<u8", "<u8", "<u4", "u1", "u1", "u1"],
-                      "offsets": [0, 8, 16, 24, 32, 36, 37, 38], "itemsize": 40})
+ROW_SIZE = 40
+# Where each column sits in a row, as (memoryview format, first item, step) over the row bytes:
+# a strided memoryview slice copies one column out in C, so the worker needs no numpy.
+_ROW_SLICES = {
+    "t_exit": ("q", 0, 5), "guest_ns": ("q", 1, 5), "addr": ("Q", 2, 5), "data": ("Q", 3, 5),
+    "count": ("I", 8, 10), "reason": ("B", 36, 40), "size": ("B", 37, 40), "flags": ("B", 38, 40),
+}
+
+
+def column_dtypes() -> dict:
+    """{column name: numpy dtype}, the seq column included."""
+    return __getattr__("COLUMN_DTYPES") if "COLUMN_DTYPES" not in globals() else globals()["COLUMN_DTYPES"]
+
+
+def __getattr__(name: str):
+    # numpy dtypes are built on first use: the worker imports this module but not numpy
+    # (numpy's import costs ~80 ms per worker, which adds up when launching many VMs).
+    if name == "COLUMN_DTYPES":
+        import numpy as np
+        value = {n: np.dtype(dt) for n, dt, _ in (*EXIT_COLUMNS, SEQ_COLUMN)}
+    elif name == "ROW_DTYPE":
+        import numpy as np
+        value = np.dtype({"names": list(COLUMN_NAMES),
+                          "formats": ["<i8", "<i8", "<u8", "<u8", "<u4", "u1", "u1", "u1"],
+                          "offsets": [0, 8, 16, 24, 32, 36, 37, 38], "itemsize": ROW_SIZE})
+    else:
+        raise AttributeError(name)
+    globals()[name] = value
+    return value
 
 # KVM_EXIT_* codes (linux/kvm.h) and the short names users type and see.
 REASONS: dict[int, str] = {
@@ -75,17 +98,21 @@ MAX_PAYLOADS = 4096  # count > 1 string I/O: full data of at most this many even
 
 
 def columns_from_rows(rows: bytes | bytearray | memoryview, n: int) -> dict[str, bytes]:
-    """Packed rows (ROW_STRUCT_FORMAT) → {column: little-endian bytes}."""
-    arr = np.frombuffer(rows, dtype=ROW_DTYPE, count=n)
-    return {name: np.ascontiguousarray(arr[name]).tobytes() for name in COLUMN_NAMES}
+    """Packed rows (ROW_STRUCT_FORMAT) → {column: little-endian bytes} (x86 is little-endian)."""
+    view = memoryview(rows)[:n * ROW_SIZE]
+    cols = {}
+    for name, (fmt, first, step) in _ROW_SLICES.items():
+        cols[name] = view.cast(fmt)[first::step].tobytes()
+    return cols
 
 
 class SchemaError(ValueError):
     """A message or block that does not follow the schema."""
 
 
-def decode_columns(cols: dict, count: int, *, with_seq: bool = False) -> dict[str, np.ndarray]:
+def decode_columns(cols: dict, count: int, *, with_seq: bool = False) -> dict:
     """Validate and view column bytes as numpy arrays (no copy). Raises SchemaError."""
+    import numpy as np
     if not isinstance(cols, dict):
         raise SchemaError("columns are not a map")
     if not 0 <= count <= MAX_BATCH_EVENTS:
@@ -96,7 +123,7 @@ def decode_columns(cols: dict, count: int, *, with_seq: bool = False) -> dict[st
         raw = cols.get(name)
         if not isinstance(raw, (bytes, bytearray, memoryview)):
             raise SchemaError(f"column {name!r} missing or not bytes")
-        dtype = COLUMN_DTYPES[name]
+        dtype = column_dtypes()[name]
         if len(raw) != count * dtype.itemsize:
             raise SchemaError(f"column {name!r} has {len(raw)} bytes, expected {count * dtype.itemsize}")
         out[name] = np.frombuffer(raw, dtype=dtype)

@@ -21,6 +21,7 @@ from .errors import GuestImageError, KvmError, SpecError, VmsupError
 from .exit_log import ExitLog
 from .loader import load_image
 from .machine import Machine
+from .recording import Recording
 from .spec import VmSpec
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -52,6 +53,7 @@ def _serial_input(source: str | None) -> SerialInput:
 
 def run_spec(spec: VmSpec) -> dict:
     """Build and run the VM of `spec`; a JSON-able result, errors included."""
+    recording = None
     try:
         spec.validate()
         image = load_image(spec.guest, load_addr=spec.load_addr, entry=spec.entry, mode=spec.mode)
@@ -59,17 +61,29 @@ def run_spec(spec: VmSpec) -> dict:
         console = Console(out, line_buffered=not spec.quiet)
         port_bus, mmio_bus, _devices = standard_devices(console, _serial_input(spec.serial_input))
         exit_log = None if spec.quiet else ExitLog(out, multi_vcpu=spec.vcpus > 1)
+        if spec.bus_endpoint:
+            recording = Recording(spec, image)
         with Machine(spec.name, image, spec.mem_size, spec.vcpus, port_bus, mmio_bus, exit_log=exit_log,
-                     max_exits=spec.max_exits, timeout=spec.timeout) as machine:
+                     max_exits=spec.max_exits, timeout=spec.timeout,
+                     batchers=recording.batchers if recording else None) as machine:
+            if recording:
+                # Once the VM is stopping, a recorder that takes nothing may not hold it forever.
+                recording.set_stopping_check(lambda: machine.ctx.stopping)
             signal.signal(signal.SIGTERM, lambda *_: machine.stop(status.TERMINATED))
             signal.signal(signal.SIGINT, lambda *_: machine.stop(status.INTERRUPTED))
+            if recording:
+                recording.start()
             result = machine.run()
+            if recording:
+                recording.set_stopping_check(lambda: True)
         console.flush()
         if exit_log is not None:
             exit_log.flush()
         out.flush()
         data = result.to_json()
         data.update(format=image.format, mode=image.mode, sha256=image.sha256)
+        if recording:
+            data["recording"] = recording.end(data)
         return data
     except KvmError as e:
         no_kvm = e.ioctl.startswith("open ")
@@ -79,6 +93,9 @@ def run_spec(spec: VmSpec) -> dict:
         return {"status": status.ERROR, "error": str(e), "exit_code": status.EXIT_BAD_INPUT}
     except VmsupError as e:
         return {"status": status.ERROR, "error": str(e), "exit_code": status.EXIT_VM_ERROR}
+    finally:
+        if recording:
+            recording.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,8 @@ from .loader import GuestImage
 from .memory import GuestMemory
 from .vcpu_loop import VcpuStats, run_vcpu
 
+# How often the machine's main thread checks the timeout and quiet vCPUs.
+IDLE_CHECK_SECONDS = 0.1
 # The signal that kicks a vCPU thread out of KVM_RUN (DESIGN.md: immediate_exit + a signal).
 KICK_SIGNAL = signal.SIGUSR1
 
@@ -95,10 +97,11 @@ class VcpuContext:
 class Machine:
     def __init__(self, name: str, image: GuestImage, mem_size: int, vcpus: int, port_bus: Bus, mmio_bus: Bus,
                  exit_log=None, max_exits: int | None = None, timeout: float | None = None,
-                 kvm_path: str = "/dev/kvm") -> None:
+                 kvm_path: str = "/dev/kvm", batchers: list | None = None) -> None:
         self.name = name
         self.image = image
         self.timeout = timeout
+        self.batchers = batchers or [None] * vcpus
         self._lock = threading.Lock()
         self._end: tuple[str, int | None, str] | None = None
         self._registers: dict | None = None
@@ -159,6 +162,18 @@ class Machine:
                 except ProcessLookupError:
                     pass  # the thread ended in between
 
+    def _kick_quiet_vcpus(self) -> None:
+        """Kick vCPUs that sit in KVM_RUN with unflushed events, so they reach the recorder."""
+        now = time.monotonic_ns()
+        for vcpu, batcher, thread in zip(self.vm.vcpus, self.batchers, self._threads):
+            since = batcher.pending_since if batcher is not None else 0
+            if since and now - since > 2 * batcher.flush_ns and thread.ident is not None and thread.is_alive():
+                vcpu.set_immediate_exit(True)
+                try:
+                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+
     # Running ------------------------------------------------------------------------------------
     def run(self) -> RunResult:
         signal.signal(KICK_SIGNAL, lambda *_: None)  # a handler (not SIG_IGN) so KVM_RUN sees EINTR
@@ -166,9 +181,9 @@ class Machine:
         remaining = [len(self.vm.vcpus)]
         count_lock = threading.Lock()
 
-        def thread_main(vcpu, st):
+        def thread_main(vcpu, st, batcher):
             try:
-                run_vcpu(vcpu, self.ctx, st)
+                run_vcpu(vcpu, self.ctx, st, batcher)
             except Exception as e:  # a VMM bug must still end the VM with a status, not hang it
                 self.stop(status.VMM_ERROR, detail=f"vcpu {vcpu.id}: {type(e).__name__}: {e}")
             finally:
@@ -177,19 +192,20 @@ class Machine:
                     if remaining[0] == 0:
                         self._done.set()
 
-        for vcpu, st in zip(self.vm.vcpus, stats):
-            t = threading.Thread(target=thread_main, args=(vcpu, st), name=f"vcpu{vcpu.id}", daemon=True)
+        for vcpu, st, batcher in zip(self.vm.vcpus, stats, self.batchers):
+            t = threading.Thread(target=thread_main, args=(vcpu, st, batcher), name=f"vcpu{vcpu.id}", daemon=True)
             self._threads.append(t)
         for t in self._threads:
             t.start()
 
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while not self._done.is_set():
-            wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            wait = IDLE_CHECK_SECONDS if deadline is None else min(IDLE_CHECK_SECONDS, deadline - time.monotonic())
             if wait <= 0:
                 self.stop(status.TIMEOUT, detail=f"no end after {self.timeout:g} s")
                 break
             self._done.wait(wait)
+            self._kick_quiet_vcpus()
         for t in self._threads:
             t.join()
         return self._result(stats)

@@ -48,6 +48,12 @@ class VmSpec:
     timeout: float | None = None
     quiet: bool = False
     serial_input: str | None = "-"  # "-" = stdin, None = no input (at EOF from the start), else a path
+    # Recording: where to PUSH event batches (None = not recorded), this VM's id in the run,
+    # its epoch (restart count) and an optional record-time filter (tracetool.filters syntax).
+    bus_endpoint: str | None = None
+    vm_id: int = 0
+    epoch: int = 0
+    record_filter: str | None = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "VmSpec":

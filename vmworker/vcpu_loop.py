@@ -14,11 +14,13 @@ import time
 from . import kvm_abi as abi
 from . import exits as ex
 from .devices.bus import StopVm
+from .event_batch import ROW
 
 _KVM_RUN = abi.KVM_RUN
 _EXIT_IO = abi.KVM_EXIT_IO
 _EXIT_MMIO = abi.KVM_EXIT_MMIO
 _EXIT_HLT = abi.KVM_EXIT_HLT
+_EXIT_INTR = abi.KVM_EXIT_INTR
 _IO_OUT = abi.KVM_EXIT_IO_OUT
 _NEVER = float("inf")
 
@@ -46,13 +48,18 @@ class VcpuStats:
         self.by_reason: dict[int, int] = {}
 
 
-def run_vcpu(vcpu, ctx, stats: VcpuStats) -> None:
-    """Loop on KVM_RUN until the VM stops or this vCPU halts. `ctx` is the machine's VcpuContext."""
+def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
+    """Loop on KVM_RUN until the VM stops or this vCPU halts. `ctx` is the machine's VcpuContext.
+
+    With a `batcher`, every return of KVM_RUN (kicks included, as the kernel counts them) is
+    packed as one event row: exit time, time in the guest, and the exit's fields.
+    """
     fd = vcpu.fd
     run = vcpu.run_page
     vcpu_id = vcpu.id
     ioctl = fcntl.ioctl
     clock = time.perf_counter
+    now_ns = time.monotonic_ns
     reason_at = ex.EXIT_REASON.unpack_from
     io_at = ex.IO.unpack_from
     reason_off = ex.EXIT_REASON_OFFSET
@@ -71,64 +78,113 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats) -> None:
     by_reason = stats.by_reason
     io_exits = 0  # counted apart from by_reason, which a dict update would slow on the hot path
     n = 0
+    recording = batcher is not None
+    if recording:
+        rows = batcher.rows
+        pack_row = ROW.pack_into
+        row_size = ROW.size
+        rows_end = len(rows)
+        flush_ns = batcher.flush_ns
+    pos = 0
+    flush_at = now_ns() + (flush_ns if recording else 0)
 
     stats.first_run = clock()
     try:
         while True:
+            t0 = now_ns()
             try:
                 ioctl(fd, _KVM_RUN, 0)
             except InterruptedError:
-                # A kick (signal + immediate_exit): not a guest exit.
+                # A kick (signal + immediate_exit): not a guest exit, but a return the kernel counts.
+                t1 = now_ns()
                 stats.kicks += 1
+                if recording:
+                    pack_row(rows, pos, t1, t1 - t0, 0, b"", 1, _EXIT_INTR, 0, 0)
+                    pos += row_size
+                    if pos >= rows_end or t1 >= flush_at:
+                        batcher.flush(pos)
+                        pos = 0
+                        flush_at = t1 + flush_ns
                 if ctx.stopping:
                     break
                 vcpu.set_immediate_exit(False)
                 if ctx.stopping:  # a stop that raced with the line above must not be lost
                     break
                 continue
+            t1 = now_ns()
             n += 1
             reason = reason_at(run, reason_off)[0]
+            stop = None
+            done = False
             if reason == _EXIT_IO:
                 io_exits += 1
-                direction, size, port, count, data_offset = io_at(run, io_off)
-                if direction == _IO_OUT:
-                    if count == 1:
-                        data = run[data_offset:data_offset + size]
-                        hit = port_claimant(port)
-                        if hit is None:
-                            port_write(port, data)
+                direction, size, addr, count, data_offset = io_at(run, io_off)
+                try:
+                    if direction == _IO_OUT:
+                        flags = 1
+                        if count == 1:
+                            data = run[data_offset:data_offset + size]
+                            hit = port_claimant(addr)
+                            if hit is None:
+                                port_write(addr, data)
+                            else:
+                                hit[1].write(addr - hit[0], data)
                         else:
-                            hit[1].write(port - hit[0], data)
+                            data = run[data_offset:data_offset + size * count]
+                            for i in range(0, size * count, size):
+                                port_write(addr, data[i:i + size])
                     else:
-                        data = run[data_offset:data_offset + size * count]
-                        for i in range(0, size * count, size):
-                            port_write(port, data[i:i + size])
-                    if log is not None:
-                        log.io(vcpu_id, True, port, size, count, data)
-                else:
-                    if count == 1:
-                        data = port_read(port, size)
-                    else:
-                        data = b"".join([port_read(port, size) for _ in range(count)])
-                    run[data_offset:data_offset + size * count] = data
-                    if log is not None:
-                        log.io(vcpu_id, False, port, size, count, data)
+                        flags = 0
+                        data = b""
+                        if count == 1:
+                            data = port_read(addr, size)
+                        else:
+                            data = b"".join([port_read(addr, size) for _ in range(count)])
+                        run[data_offset:data_offset + size * count] = data
+                except StopVm as e:
+                    stop = e
+                if log is not None:
+                    log.io(vcpu_id, flags == 1, addr, size, count, data)
+                if count != 1:
+                    if recording:
+                        batcher.add_payload(pos, data)
+                    data = data[:size]
             else:
                 by_reason[reason] = by_reason.get(reason, 0) + 1
                 if reason == _EXIT_MMIO:
-                    _mmio(run, ctx, vcpu_id, log)
-                elif reason == _EXIT_HLT:
+                    addr, data, flags = 0, b"", 0
+                    try:
+                        addr, data, flags = _mmio(run, ctx)
+                    except StopVm as e:
+                        stop = e
+                    size, count = len(data), 1
                     if log is not None:
-                        log.event(vcpu_id, "hlt")
-                    stats.halted = True
-                    break
-                elif _slow_exit(vcpu, reason, ctx, log):
-                    break
+                        log.mmio(vcpu_id, flags == 1, addr, data)
+                else:
+                    addr, data, count, size, flags = 0, b"", 1, 0, 0
+                    if reason == _EXIT_HLT:
+                        if log is not None:
+                            log.event(vcpu_id, "hlt")
+                        stats.halted = done = True
+                    else:
+                        done, data = _slow_exit(vcpu, reason, ctx, log)
+            if recording:
+                if pos == 0:
+                    batcher.pending_since = t1  # lets the machine kick a quiet vCPU to flush
+                pack_row(rows, pos, t1, t1 - t0, addr, data, count, reason, size, flags)
+                pos += row_size
+                if pos >= rows_end or t1 >= flush_at:
+                    batcher.flush(pos)
+                    pos = 0
+                    flush_at = t1 + flush_ns
+            if stop is not None:
+                ctx.stop(stop.reason, code=stop.code, detail=stop.detail)
+                break
+            if done:
+                break
             if n >= check_at and (budget is None or next(budget) + 1 >= limit):
                 ctx.stop("max-exits")
                 break
-    except StopVm as stop:
-        ctx.stop(stop.reason, code=stop.code, detail=stop.detail)
     except OSError as e:
         ctx.stop("vmm-error", detail=f"KVM_RUN on vcpu {vcpu_id} failed: {e.strerror or e}", vcpu=vcpu)
     finally:
@@ -136,9 +192,12 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats) -> None:
         stats.exits = n
         if io_exits:
             by_reason[_EXIT_IO] = by_reason.get(_EXIT_IO, 0) + io_exits
+        if recording:
+            batcher.flush(pos)
 
 
-def _mmio(run, ctx, vcpu_id: int, log) -> None:
+def _mmio(run, ctx) -> tuple[int, bytes, int]:
+    """Serve an MMIO exit; returns (address, data, is_write)."""
     addr, data, length, is_write = ex.MMIO.unpack_from(run, ex.MMIO_OFFSET)
     length = min(length, 8)  # kvm_run.mmio.data is 8 bytes; never trust len beyond it
     if is_write:
@@ -147,33 +206,42 @@ def _mmio(run, ctx, vcpu_id: int, log) -> None:
     else:
         data = ctx.mmio_bus.read(addr, length)
         run[ex.MMIO_DATA_OFFSET:ex.MMIO_DATA_OFFSET + length] = data
-    if log is not None:
-        log.mmio(vcpu_id, bool(is_write), addr, data)
+    return addr, data, 1 if is_write else 0
 
 
-def _slow_exit(vcpu, reason: int, ctx, log) -> bool:
-    """Rare exits; True when this vCPU must stop."""
+def _u64(value: int) -> bytes:
+    return (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
+
+
+def _slow_exit(vcpu, reason: int, ctx, log) -> tuple[bool, bytes]:
+    """Rare exits: (whether this vCPU must stop, the event's data field)."""
     exit_ = ex.decode_exit(vcpu.run_page)
     match exit_:
         case ex.Shutdown():
             ctx.stop("shutdown", detail="triple fault", vcpu=vcpu)
-            return True
+            return True, b""
         case ex.FailEntry(hardware_entry_failure_reason=hw, cpu=cpu):
             ctx.stop("fail-entry", detail=f"hardware entry failure reason {hw:#x} on cpu {cpu}", vcpu=vcpu)
-            return True
+            return True, _u64(hw)
         case ex.InternalError(suberror=sub, data=data):
             what = _INTERNAL_SUBERRORS.get(sub, "unknown suberror")
             words = " ".join(f"{d:#x}" for d in data)
             ctx.stop("internal-error", detail=f"suberror {sub} ({what}){', data ' + words if words else ''}", vcpu=vcpu)
-            return True
+            return True, _u64(sub)
         case ex.SystemEvent(type=type_):
-            ctx.stop("system-event", detail=_SYSTEM_EVENTS.get(type_, f"type {type_}"), vcpu=vcpu)
-            return True
+            if type_ == abi.KVM_SYSTEM_EVENT_SHUTDOWN:
+                ctx.stop("poweroff", detail="system event: shutdown", vcpu=vcpu)
+            else:
+                ctx.stop("system-event", detail=_SYSTEM_EVENTS.get(type_, f"type {type_}"), vcpu=vcpu)
+            return True, _u64(type_)
         case ex.Debug(exception=exc, pc=pc):
             if log is not None:
                 log.event(vcpu.id, f"debug exception: {exc}, pc: {pc:#x}")
-            return False
-        case _:
+            return False, _u64(pc)
+        case ex.Unsupported(hardware_exit_reason=hw):
             name = abi.EXIT_REASON_NAMES.get(reason, "unknown")
             ctx.stop("unsupported-exit", detail=f"exit reason {reason} ({name})", vcpu=vcpu)
-            return True
+            return True, _u64(hw)
+        case _:
+            ctx.stop("unsupported-exit", detail=f"exit reason {reason}", vcpu=vcpu)
+            return True, b""

@@ -1,0 +1,65 @@
+"""A VM's side of recording: one publisher and batcher per vCPU, plus the lifecycle records."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import zmq
+
+from tracetool import schema
+
+from .errors import SpecError
+from .event_batch import EventBatcher
+from .publisher import EventPublisher
+
+
+class Recording:
+    def __init__(self, spec, image) -> None:
+        self.spec = spec
+        self.image = image
+        record_filter = None
+        if spec.record_filter:
+            from tracetool.filters import FilterError, parse_filter
+            try:
+                record_filter = parse_filter(spec.record_filter)
+            except FilterError as e:
+                raise SpecError(f"--record-only: {e}") from None
+        self.context = zmq.Context()
+        # The VM-level publisher (lifecycle records) and one per vCPU thread (event batches).
+        self.control = EventPublisher(self.context, spec.bus_endpoint)
+        self.publishers = [EventPublisher(self.context, spec.bus_endpoint) for _ in range(spec.vcpus)]
+        self.batchers = [EventBatcher(p, spec.vm_id, i, spec.epoch, record_filter=record_filter)
+                         for i, p in enumerate(self.publishers)]
+
+    def set_stopping_check(self, stopping) -> None:
+        for p in (self.control, *self.publishers):
+            p.stopping = stopping
+
+    def _record(self, kind: str, **fields) -> None:
+        self.control.send({"v": schema.SCHEMA_VERSION, "type": kind, "vm": self.spec.vm_id,
+                           "epoch": self.spec.epoch, "t": time.monotonic_ns(), "wall": time.time_ns(), **fields})
+
+    def start(self) -> None:
+        self._record(schema.MSG_VM_START, name=self.spec.name, spec=self.spec.to_json(), sha256=self.image.sha256,
+                     mem_size=self.spec.mem_size, mode=self.image.mode, format=self.image.format,
+                     vcpus=self.spec.vcpus, pid=os.getpid())
+
+    def end(self, result: dict) -> dict:
+        stats = {
+            "final_seq": [b.next_seq for b in self.batchers],
+            "filtered_out": sum(b.filtered_out for b in self.batchers),
+            "dropped_batches": sum(p.dropped for p in self.publishers),
+            "blocked_seconds": sum(p.blocked_seconds for p in self.publishers),
+        }
+        self._record(schema.MSG_VM_END, name=self.spec.name, status=result["status"],
+                     guest_code=result.get("guest_code"), detail=result.get("detail", ""),
+                     registers=result.get("registers"), exits=result.get("exits", 0), kicks=result.get("kicks", 0),
+                     by_reason=result.get("by_reason", {}), **stats)
+        return stats
+
+    def close(self) -> None:
+        for p in (self.control, *self.publishers):
+            p.close()
+        # Linger (bounded) so queued batches reach the recorder before the process exits.
+        self.context.term()
