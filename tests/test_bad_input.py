@@ -167,8 +167,6 @@ def kvm_vcpu_limit(kvm_required) -> int:  # module scope runs before the marker'
         return kvm.max_vcpus()
 
 
-# --serial-in none: these fail inside the worker, right after it started; with stdin as serial input
-# that exit can race the stdin reader thread (see test_launch_guests' stdin xfail for the bug).
 @pytest.mark.kvm
 def test_vcpus_over_the_kvm_limit_names_the_limit(vmsup, kvm_vcpu_limit):
     proc = vmsup("launch", "smp", "--vcpus", str(kvm_vcpu_limit + 1), "--mem", "64M", "--serial-in", "none", "-q")
@@ -176,9 +174,6 @@ def test_vcpus_over_the_kvm_limit_names_the_limit(vmsup, kvm_vcpu_limit):
 
 
 @pytest.mark.kvm
-@pytest.mark.xfail(strict=True, reason="bug: with the default 16M, `--vcpus 5000` is refused for memory "
-                   "('5000 vCPUs need at least 20512768 bytes of memory') before the KVM limit is checked, "
-                   "so the user raises --mem only to be refused again for the limit")
 def test_vcpus_far_over_the_kvm_limit_names_the_limit_even_with_default_memory(vmsup, kvm_vcpu_limit):
     proc = vmsup("launch", "smp", "--vcpus", "5000", "--serial-in", "none", "-q")
     assert_one_error_line(proc, "--vcpus 5000", f"KVM limit of {kvm_vcpu_limit}")

@@ -231,10 +231,6 @@ def test_guest_exit_code_maps_to_the_process_exit_code(vmsup, tmp_path, code, pr
     assert proc.returncode == process_code
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the worker's serial-input daemon thread blocks in sys.stdin.buffer.read1 "
-                   "holding the BufferedReader lock; at interpreter shutdown the worker aborts with "
-                   "'Fatal Python error: _enter_buffered_busy' (SIGABRT, ~1 s late) whenever stdin is still open, "
-                   "e.g. a terminal")
 def test_guest_launched_with_stdin_left_open_ends_without_a_fatal_error(tmp_path):
     # Like a terminal: stdin stays open and empty for the whole run. hello never reads its UART.
     out, err = tmp_path / "stdout", tmp_path / "stderr"

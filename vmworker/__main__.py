@@ -44,9 +44,11 @@ def _serial_input(source: str | None) -> SerialInput:
     if source == "-":
         if sys.stdin is None or sys.stdin.closed:
             return SerialInput.empty()
-        return SerialInput.from_stream(sys.stdin.buffer)
+        # The raw (unbuffered) stream: a daemon thread blocked in a BufferedReader holds its lock,
+        # and the interpreter aborts at exit trying to take it; a raw read holds no lock.
+        return SerialInput.from_stream(sys.stdin.buffer.raw)
     try:
-        return SerialInput.from_stream(open(source, "rb"))
+        return SerialInput.from_stream(open(source, "rb", buffering=0))
     except OSError as e:
         raise SpecError(f"serial input {source}: {e.strerror or e}") from None
 

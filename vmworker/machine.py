@@ -111,16 +111,15 @@ class Machine:
         self.ctx = VcpuContext(self, port_bus, mmio_bus, exit_log, max_exits, vcpus)
 
         image.check_fits(mem_size)
-        if mem_size < x86.min_mem_for_stacks(image.mode, vcpus):
-            raise SpecError(f"{vcpus} vCPUs need at least {x86.min_mem_for_stacks(image.mode, vcpus)} bytes of memory")
-        if image.mode == "real" and vcpus > x86.max_real_mode_vcpus():
-            raise SpecError(f"real mode supports at most {x86.max_real_mode_vcpus()} vCPUs (one stack slot each)")
-
         self.kvm = Kvm(kvm_path)
         try:
             limit = self.kvm.max_vcpus()
             if vcpus > limit:
                 raise SpecError(f"--vcpus {vcpus} is over this host's KVM limit of {limit}")
+            if mem_size < x86.min_mem_for_stacks(image.mode, vcpus):
+                raise SpecError(f"{vcpus} vCPUs need at least {x86.min_mem_for_stacks(image.mode, vcpus)} bytes of memory")
+            if image.mode == "real" and vcpus > x86.max_real_mode_vcpus():
+                raise SpecError(f"real mode supports at most {x86.max_real_mode_vcpus()} vCPUs (one stack slot each)")
             self.vm = self.kvm.create_vm()
             self.memory = GuestMemory.with_ram(mem_size)
             self.vm.set_tss_addr(layout.TSS_ADDR)
