@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from enum import Enum
 from typing import Optional
 
@@ -10,12 +12,12 @@ import typer
 from typer.exceptions import TyperException
 
 from vmworker import status
-from vmworker.errors import VmsupError
+from vmworker.errors import SpecError, VmsupError
 from vmworker.spec import VmSpec, parse_address, parse_size
 
 from . import render
 from .guests import resolve_guest
-from .launch import run_worker
+from .launch import Launch, check_trace_path
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Run tiny KVM virtual machines and see every exit they make.")
@@ -38,47 +40,133 @@ def _err(message: str) -> None:
 
 @app.command()
 def launch(
-    guest: str = typer.Argument(..., help="A guest image (flat binary or ELF) or a bundled guest name, e.g. seed16."),
+    guests: list[str] = typer.Argument(..., help="Guest images (flat binary or ELF) or bundled guest names, e.g. seed16."),
     mem: str = typer.Option("16M", "--mem", help="Guest RAM: bytes or K/M/G suffix (16M, 512000000, 1G)."),
     load_addr: Optional[str] = typer.Option(None, "--load-addr", help="Flat binaries: guest-physical load address [0x10000]."),
     entry: Optional[str] = typer.Option(None, "--entry", help="Entry address [the load address, or the ELF's]."),
     mode: Optional[Mode] = typer.Option(None, "--mode", help="CPU mode for flat binaries [real, or the bundled guest's]."),
     vcpus: Optional[int] = typer.Option(None, "--vcpus", help="Number of vCPUs, one thread each [1, or the bundled guest's]."),
-    max_exits: Optional[int] = typer.Option(None, "--max-exits", help="Stop after this many VM exits."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop after this many seconds (status: timeout)."),
+    vms: int = typer.Option(1, "--vms", help="Run this many copies of each guest, one worker process each."),
+    max_exits: Optional[int] = typer.Option(None, "--max-exits", help="Stop each VM after this many exits."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop each VM after this many seconds (status: timeout)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print a line per exit."),
     serial_in: str = typer.Option("-", "--serial-in", help="UART input: a file, '-' for stdin, or 'none'."),
+    trace: Optional[str] = typer.Option(None, "--trace", help="Trace file to record to [traces/NAME-TIME.vmtrace]."),
+    no_trace: bool = typer.Option(False, "--no-trace", help="Do not write a trace file (live views still work)."),
+    record_only: Optional[str] = typer.Option(None, "--record-only",
+                                              help="Record only matching exits, e.g. reason=io,port=0x3f8."),
 ) -> None:
-    """Run one VM in the foreground, in its own worker process, printing every exit."""
+    """Run VMs, one worker process each, recording every exit. One VM runs in the foreground,
+    printing every exit; several show a live status table."""
     try:
+        specs = _build_specs(guests, vms=vms, mem=mem, load_addr=load_addr, entry=entry, mode=mode, vcpus=vcpus,
+                             max_exits=max_exits, timeout=timeout, quiet=quiet, serial_in=serial_in,
+                             record_only=record_only)
+        trace_path = None if no_trace else (trace or _default_trace_path(specs[0].name))
+        if trace_path:
+            check_trace_path(trace_path)
+        foreground = len(specs) == 1
+        consoles = None if foreground else [_console_path(trace_path, s.name) for s in specs]
+        run = Launch(specs, trace_path, console_paths=consoles, foreground=foreground)
+        run.start()
+    except VmsupError as e:
+        _err(str(e))
+        raise typer.Exit(status.EXIT_BAD_INPUT)
+    _info(f"run {run.run_dir.run_id}: " + (f"recording to {trace_path}" if trace_path else "not recording (--no-trace)"))
+    if foreground:
+        outcome = run.wait()
+    else:
+        outcome = render.watch_fleet(run, err_console())
+    raise typer.Exit(_report(outcome, foreground))
+
+
+def _build_specs(guests: list[str], *, vms: int, mem: str, load_addr, entry, mode, vcpus, max_exits, timeout,
+                 quiet: bool, serial_in: str, record_only: str | None) -> list[VmSpec]:
+    from vmworker.loader import load_image
+    from vmworker.memory import validate_mem_size
+
+    if vms < 1:
+        raise SpecError(f"--vms must be at least 1, not {vms}")
+    if record_only is not None:
+        from tracetool.filters import FilterError, parse_filter
+        try:
+            parse_filter(record_only)
+        except FilterError as e:
+            raise SpecError(f"--record-only: {e}") from None
+    mem_size = validate_mem_size(parse_size(mem, "--mem"))
+    specs: list[VmSpec] = []
+    several = len(guests) * vms > 1
+    for guest in guests:
         found = resolve_guest(guest)
-        spec = VmSpec(
-            guest=found.path, name=found.name, mem_size=parse_size(mem, "--mem"),
+        base = VmSpec(
+            guest=found.path, name=found.name, mem_size=mem_size,
             vcpus=found.vcpus if vcpus is None else vcpus,
             mode=mode.value if mode is not None else found.mode,
             load_addr=None if load_addr is None else parse_address(load_addr, "--load-addr"),
             entry=None if entry is None else parse_address(entry, "--entry"),
-            max_exits=max_exits, timeout=timeout, quiet=quiet,
-            serial_input=None if serial_in == "none" else serial_in,
+            max_exits=max_exits, timeout=timeout,
+            # Several VMs share one terminal: no per-exit lines, and no shared stdin.
+            quiet=quiet or several, serial_input=None if serial_in == "none" or (several and serial_in == "-") else serial_in,
+            record_filter=record_only,
         ).validate()
-        # Check the image here too, so bad input fails before any process or VM exists.
-        from vmworker.loader import load_image
-        from vmworker.memory import validate_mem_size
-        validate_mem_size(spec.mem_size)
-        load_image(spec.guest, load_addr=spec.load_addr, entry=spec.entry, mode=spec.mode).check_fits(spec.mem_size)
-    except VmsupError as e:
-        _err(str(e))
-        raise typer.Exit(status.EXIT_BAD_INPUT)
+        # Check the image here, so bad input fails before any process or VM exists.
+        load_image(base.guest, load_addr=base.load_addr, entry=base.entry, mode=base.mode).check_fits(mem_size)
+        for copy in range(vms):
+            spec = VmSpec.from_json(base.to_json())
+            spec.vm_id = len(specs)
+            if several:
+                spec.name = f"{base.name}-{copy}" if vms > 1 else base.name
+            specs.append(spec)
+    names = [s.name for s in specs]
+    for i, s in enumerate(specs):  # the same guest named twice: keep names unique
+        if names.count(s.name) > 1:
+            s.name = f"{s.name}#{i}"
+    return specs
 
-    result = run_worker(spec)
-    if result.get("status") == status.ERROR:
-        _err(result.get("error", "the VM could not start"))
-        raise typer.Exit(int(result.get("exit_code", status.EXIT_BAD_INPUT)))
-    if result.get("registers"):
-        for line in render.register_lines(result["registers"]):
-            typer.echo(line, err=True)
-    typer.echo(render.status_line(result), err=True)
-    raise typer.Exit(int(result.get("exit_code", status.EXIT_VM_ERROR)))
+
+def _default_trace_path(name: str) -> str:
+    return os.path.join("traces", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.vmtrace")
+
+
+def _console_path(trace_path: str | None, name: str) -> str | None:
+    if trace_path is None:
+        return None
+    return f"{trace_path.removesuffix('.vmtrace')}.{name}.console"
+
+
+def _info(message: str) -> None:
+    typer.echo(f"vmsup: {message}", err=True)
+
+
+def _report(outcome, foreground: bool) -> int:
+    codes = []
+    for result in outcome.results:
+        if result.get("status") == status.ERROR:
+            _err(f"{result.get('name', 'vm')}: {result.get('error', 'the VM could not start')}")
+            codes.append(int(result.get("exit_code", status.EXIT_BAD_INPUT)))
+            continue
+        if foreground and result.get("registers"):
+            for line in render.register_lines(result["registers"]):
+                typer.echo(line, err=True)
+        if foreground:
+            typer.echo(render.status_line(result), err=True)
+        codes.append(int(result.get("exit_code", status.EXIT_VM_ERROR)))
+    if not foreground:
+        render.summary_table(outcome, err_console())
+    rec = outcome.recorder
+    if outcome.trace:
+        if rec is None:
+            _err(f"the recorder did not report; {outcome.trace} may be incomplete")
+        else:
+            _info(render.recording_line(outcome.trace, rec))
+            if rec.get("recording_error"):
+                _err(rec["recording_error"])
+    return max(codes) if codes else 0
+
+
+def err_console():
+    from rich.console import Console
+    return Console(stderr=True, highlight=False)
 
 
 def main() -> None:

@@ -30,3 +30,65 @@ def register_lines(regs: dict) -> list[str]:
     lines.append("  " + " ".join(f"{n}={regs[n]:x}" for n in ("cr0", "cr2", "cr3", "cr4", "efer"))
                  + f" gdt={regs['gdt']['base']:x}/{regs['gdt']['limit']:x} idt={regs['idt']['base']:x}/{regs['idt']['limit']:x}")
     return lines
+
+
+def recording_line(trace: str, rec: dict) -> str:
+    gaps = rec.get("gaps", 0)
+    gap_text = f"{gaps} gaps ({rec.get('gap_events', 0)} events lost)" if gaps else "no gaps"
+    bad = sum((rec.get("bad_messages") or {}).values())
+    bad_text = f", {bad} malformed messages dropped" if bad else ""
+    return f"trace {trace}: {rec.get('events', 0)} events in {rec.get('batches', 0)} batches, {gap_text}{bad_text}"
+
+
+def _fleet_table(run, rates: dict, title: str):
+    from rich.table import Table
+
+    stats = run.recorder_stats() or {}
+    vms = stats.get("vms", {})
+    table = Table(title=title, title_justify="left")
+    for col in ("vm", "state", "exits", "exits/s", "last exit"):
+        table.add_column(col, justify="right" if col in ("exits", "exits/s") else "left")
+    now = __import__("time").monotonic()
+    for worker in run.workers:
+        spec = worker.spec
+        vm = vms.get(str(spec.vm_id), {})
+        events = vm.get("events", 0)
+        before = rates.get(spec.vm_id)
+        rate = (events - before[1]) / (now - before[0]) if before and now > before[0] else 0.0
+        rates[spec.vm_id] = (now, events)
+        state = worker.result["status"] if worker.done else vm.get("state", "starting")
+        last = vm.get("last")
+        last_text = f"{last['reason']} {last['addr']:#x}" if last else ""
+        table.add_row(spec.name, state, f"{events}", f"{rate:,.0f}", last_text)
+    return table
+
+
+def watch_fleet(run, console):
+    """Live status table while several VMs run (refreshed twice a second); returns the outcome."""
+    from rich.live import Live
+
+    rates: dict = {}
+    if not console.is_terminal:
+        return run.wait()
+    with Live(_fleet_table(run, rates, f"run {run.run_dir.run_id}"), console=console, refresh_per_second=4,
+              transient=True) as live:
+        return run.wait(on_tick=lambda r: live.update(_fleet_table(r, rates, f"run {r.run_dir.run_id}")))
+
+
+def summary_table(outcome, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"run {outcome.run_id}: summary", title_justify="left")
+    for col in ("vm", "status", "exits", "run s", "exits/s", "code"):
+        table.add_column(col, justify="left" if col in ("vm", "status") else "right")
+    for r in outcome.results:
+        what = r.get("status", "?")
+        if what == "guest-exit":
+            what = f"guest exit {r.get('guest_code')}"
+        elif what == "error":
+            what = f"error: {r.get('error', '')}"
+        run_s = r.get("run_seconds", 0.0)
+        exits = r.get("exits", 0)
+        table.add_row(r.get("name", "?"), what, str(exits), f"{run_s:.3f}",
+                      f"{exits / run_s:,.0f}" if run_s else "-", str(r.get("exit_code", "?")))
+    console.print(table)

@@ -1,0 +1,372 @@
+"""The recorder process: takes event batches from every worker, writes the trace, feeds live views.
+
+    python -m supervisor.recorder --run-dir DIR [--trace PATH] [--run-meta JSON]
+
+Workers PUSH msgpack messages (tracetool.schema) to the run's events socket. The recorder checks
+each one (bounded unpacking, schema validation), keeps per-stream sequence numbers, writes an
+explicit gap record for any sequence it never received, writes blocks to the trace file, and
+republishes every valid message on the live PUB socket, where slow viewers may drop but never
+slow anyone. A control REP socket answers `stats` and `finish` (drain, close the file, exit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import signal
+import sys
+import time
+
+import msgpack
+import numpy as np
+import zmq
+
+from tracetool import schema
+
+from .runtime import RunDir
+
+# Live PUB queue per subscriber before ZeroMQ drops for it (drops are silent by design: viewers
+# detect them from sequence numbers).
+LIVE_HWM = 1000
+# Batches a worker may have queued towards us before its sends block (backpressure).
+EVENTS_RCVHWM = 256
+# On `finish`: wait for announced events at most this long, and stop early after this much quiet.
+FINISH_DEADLINE = 5.0
+FINISH_QUIET = 0.2
+
+_UNPACK_LIMITS = dict(max_bin_len=schema.MAX_MESSAGE_BYTES, max_str_len=1 << 20, max_array_len=1 << 16,
+                      max_map_len=1 << 12, max_ext_len=0)
+_INT_LIMIT = 1 << 62
+
+
+class BadMessage(ValueError):
+    pass
+
+
+def _int_field(msg: dict, key: str, limit: int = _INT_LIMIT) -> int:
+    value = msg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
+        raise BadMessage(f"field {key!r} missing or out of range")
+    return value
+
+
+class VmStats:
+    """What the recorder has seen of one VM (all epochs), for status tables."""
+
+    def __init__(self, vm: int) -> None:
+        self.vm = vm
+        self.name = f"vm{vm}"
+        self.state = "starting"
+        self.events = 0
+        self.by_reason: dict[str, int] = {}
+        self.last: dict | None = None
+        self.epoch = 0
+
+    def to_json(self) -> dict:
+        return {"vm": self.vm, "name": self.name, "state": self.state, "events": self.events,
+                "by_reason": self.by_reason, "last": self.last, "epoch": self.epoch}
+
+
+class Recorder:
+    def __init__(self, run_dir: RunDir, trace_path: str | None, run_meta: dict, writer_factory=None) -> None:
+        self.context = zmq.Context()
+        self.events = self.context.socket(zmq.PULL)
+        self.events.setsockopt(zmq.RCVHWM, EVENTS_RCVHWM)
+        self.events.bind(run_dir.events_endpoint)
+        self.live = self.context.socket(zmq.PUB)
+        self.live.setsockopt(zmq.SNDHWM, LIVE_HWM)
+        self.live.bind(run_dir.live_endpoint)
+        self.control = self.context.socket(zmq.REP)
+        self.control.bind(run_dir.recorder_endpoint)
+        self.trace_path = trace_path
+        self.writer = None
+        if trace_path:
+            if writer_factory is None:
+                from tracetool.trace_file import TraceWriter as writer_factory
+            self.writer = writer_factory(trace_path, run_meta)
+        self.next_seq: dict[tuple[int, int, int], int] = {}
+        self.final_seq: dict[tuple[int, int], list[int]] = {}  # (vm, epoch) -> per-vCPU final seq
+        self.vms: dict[int, VmStats] = {}
+        self.events_recorded = 0
+        self.batches = 0
+        self.bad_messages: dict[str, int] = {}
+        self.gaps: list[dict] = []
+        self.recording_error: str | None = None
+        self.finished = False
+        self.terminate_requested = False  # set from a SIGTERM handler; serve() then finishes
+
+    # Messages ------------------------------------------------------------------------------------
+    def handle(self, raw: bytes) -> None:
+        try:
+            if len(raw) > schema.MAX_MESSAGE_BYTES:
+                raise BadMessage("oversized")
+            try:
+                msg = msgpack.unpackb(raw, raw=False, **_UNPACK_LIMITS)
+            except Exception as e:  # msgpack raises several types for garbage; all mean "malformed"
+                raise BadMessage(f"not msgpack ({type(e).__name__})") from None
+            if not isinstance(msg, dict):
+                raise BadMessage("not a map")
+            if msg.get("v") != schema.SCHEMA_VERSION:
+                raise BadMessage(f"schema version {msg.get('v')!r}, expected {schema.SCHEMA_VERSION}")
+            kind = msg.get("type")
+            if kind == schema.MSG_EXITS:
+                self._exits(msg)
+            elif kind == schema.MSG_VM_START:
+                self._vm_start(msg)
+            elif kind == schema.MSG_VM_END:
+                self._vm_end(msg)
+            else:
+                raise BadMessage(f"unknown type {kind!r}")
+        except BadMessage as e:
+            cause = str(e).split(" (")[0]
+            self.bad_messages[cause] = self.bad_messages.get(cause, 0) + 1
+            return
+        except schema.SchemaError as e:
+            self.bad_messages[f"schema: {e}"] = self.bad_messages.get(f"schema: {e}", 0) + 1
+            return
+        self.live.send(raw, flags=zmq.NOBLOCK, copy=False)
+
+    def _vm(self, vm: int) -> VmStats:
+        stats = self.vms.get(vm)
+        if stats is None:
+            stats = self.vms[vm] = VmStats(vm)
+        return stats
+
+    def _exits(self, msg: dict) -> None:
+        vm, vcpu, epoch = _int_field(msg, "vm", 1 << 31), _int_field(msg, "vcpu", 1 << 16), _int_field(msg, "epoch", 1 << 31)
+        first_seq = _int_field(msg, "first_seq")
+        count = _int_field(msg, "count", schema.MAX_BATCH_EVENTS + 1)
+        cols = msg.get("cols")
+        if not isinstance(cols, dict):
+            raise BadMessage("no columns")
+        has_seq = "seq" in cols
+        rows = count
+        if has_seq:
+            if not isinstance(cols["seq"], bytes) or len(cols["seq"]) % 8 or len(cols["seq"]) // 8 > count:
+                raise BadMessage("bad seq column")
+            rows = len(cols["seq"]) // 8
+        arrays = schema.decode_columns(cols, rows, with_seq=has_seq)
+        if has_seq and rows and (arrays["seq"].min() < first_seq or arrays["seq"].max() >= first_seq + count):
+            raise BadMessage("seq column outside the batch's range")
+        payloads = msg.get("payloads")
+        if payloads is not None:
+            if (not isinstance(payloads, list) or len(payloads) > schema.MAX_PAYLOADS
+                    or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and 0 <= p[0] < rows
+                               and isinstance(p[1], bytes) for p in payloads)):
+                raise BadMessage("bad payloads")
+        key = (vm, vcpu, epoch)
+        expected = self.next_seq.get(key, 0)
+        if first_seq < expected:
+            raise BadMessage("sequence overlap")
+        if first_seq > expected:
+            self._gap(vm, vcpu, epoch, expected, first_seq - expected, "lost before reaching the recorder")
+        self.next_seq[key] = first_seq + count
+        self._write(lambda w: w.write_exits(vm, vcpu, epoch, first_seq, count, arrays,
+                                            seq=arrays.get("seq"), payloads=payloads))
+        self.events_recorded += rows
+        self.batches += 1
+        stats = self._vm(vm)
+        stats.events += rows
+        stats.epoch = epoch
+        if stats.state == "starting":
+            stats.state = "running"
+        if rows:
+            reasons = np.bincount(arrays["reason"], minlength=1)
+            for code in np.flatnonzero(reasons):
+                name = schema.reason_name(code)
+                stats.by_reason[name] = stats.by_reason.get(name, 0) + int(reasons[code])
+            stats.last = {"reason": schema.reason_name(arrays["reason"][-1]), "addr": int(arrays["addr"][-1]),
+                          "vcpu": vcpu, "t_exit": int(arrays["t_exit"][-1])}
+
+    def _vm_start(self, msg: dict) -> None:
+        vm = _int_field(msg, "vm", 1 << 31)
+        stats = self._vm(vm)
+        stats.name = str(msg.get("name", stats.name))[:200]
+        stats.state = "running"
+        stats.epoch = _int_field(msg, "epoch", 1 << 31)
+        self._write(lambda w: w.write_record(schema.MSG_VM_START, msg))
+
+    def _vm_end(self, msg: dict) -> None:
+        vm, epoch = _int_field(msg, "vm", 1 << 31), _int_field(msg, "epoch", 1 << 31)
+        final = msg.get("final_seq")
+        if isinstance(final, list) and len(final) <= 1 << 16 and all(isinstance(n, int) and n >= 0 for n in final):
+            self.final_seq[(vm, epoch)] = final
+        self._vm(vm).state = str(msg.get("status", "ended"))[:64]
+        self._write(lambda w: w.write_record(schema.MSG_VM_END, msg))
+
+    def _gap(self, vm: int, vcpu: int, epoch: int, first_missing: int, count: int, cause: str) -> None:
+        record = {"v": schema.SCHEMA_VERSION, "type": schema.MSG_GAP, "vm": vm, "vcpu": vcpu, "epoch": epoch,
+                  "first_missing": first_missing, "count": count, "cause": cause}
+        self.gaps.append(record)
+        self._write(lambda w: w.write_record(schema.MSG_GAP, record))
+        self.live.send(msgpack.packb(record), flags=zmq.NOBLOCK)
+
+    def _write(self, action) -> None:
+        if self.writer is None:
+            return
+        try:
+            action(self.writer)
+        except OSError as e:  # disk full and friends: stop recording, keep serving live views
+            self._stop_recording(f"{e.strerror or e}")
+        except Exception as e:
+            from tracetool.trace_file import TraceWriteError
+            if not isinstance(e, TraceWriteError):
+                raise
+            self._stop_recording(str(e))
+
+    def _stop_recording(self, why: str) -> None:
+        self.recording_error = f"recording stopped after {self.events_recorded} events: {why}"
+        print(f"vmsup recorder: {self.recording_error}; the trace stays readable up to its last whole block",
+              file=sys.stderr, flush=True)
+        try:
+            self.writer.close()
+        except Exception:
+            pass
+        self.writer = None
+
+    # Control -------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {"events": self.events_recorded, "batches": self.batches, "bad_messages": self.bad_messages,
+                "gaps": len(self.gaps), "gap_events": sum(g["count"] for g in self.gaps),
+                "trace": self.trace_path, "recording_error": self.recording_error,
+                "vms": {str(vm): s.to_json() for vm, s in self.vms.items()}}
+
+    def _drain(self, until: float) -> None:
+        quiet_since = time.monotonic()
+        while time.monotonic() < until:
+            if self.events.poll(50):
+                while True:
+                    try:
+                        self.handle(self.events.recv(flags=zmq.NOBLOCK, copy=True))
+                    except zmq.Again:
+                        break
+                quiet_since = time.monotonic()
+            elif self._complete() and time.monotonic() - quiet_since > FINISH_QUIET:
+                return
+
+    def _complete(self) -> bool:
+        for (vm, epoch), finals in self.final_seq.items():
+            for vcpu, final in enumerate(finals):
+                if self.next_seq.get((vm, vcpu, epoch), 0) < final:
+                    return False
+        return True
+
+    def finish(self, ended_without_record: list[dict]) -> dict:
+        self._drain(time.monotonic() + FINISH_DEADLINE)
+        for (vm, epoch), finals in self.final_seq.items():
+            for vcpu, final in enumerate(finals):
+                got = self.next_seq.get((vm, vcpu, epoch), 0)
+                if got < final:
+                    self._gap(vm, vcpu, epoch, got, final - got, "not received before the recorder closed")
+        for end in ended_without_record:  # workers that died without a vm-end record
+            record = {"v": schema.SCHEMA_VERSION, "type": schema.MSG_VM_END, **end}
+            self._vm_end(record)
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except OSError as e:
+                self.recording_error = f"closing the trace failed: {e.strerror or e}"
+            self.writer = None
+        self.finished = True
+        return self.stats()
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.events, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        while not self.finished:
+            if self.terminate_requested:
+                self.finish([])
+                break
+            for sock, _ in poller.poll(500):
+                if sock is self.events:
+                    for _ in range(256):  # bounded, so control requests are never starved
+                        try:
+                            self.handle(self.events.recv(flags=zmq.NOBLOCK, copy=True))
+                        except zmq.Again:
+                            break
+                else:
+                    self._control(self.control.recv())
+
+    def _control(self, raw: bytes) -> None:
+        try:
+            req = msgpack.unpackb(raw, raw=False, **_UNPACK_LIMITS)
+            cmd = req.get("cmd") if isinstance(req, dict) else None
+        except Exception:
+            cmd = None
+        if cmd == "stats":
+            reply = self.stats()
+        elif cmd == "finish":
+            ended = req.get("ended_without_record") or []
+            reply = self.finish([e for e in ended if isinstance(e, dict)])
+        else:
+            reply = {"error": f"unknown command {cmd!r}"}
+        self.control.send(msgpack.packb(reply, use_bin_type=True))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.context.destroy(linger=0)
+
+
+class RecorderClient:
+    """The supervisor's side of the recorder's control socket."""
+
+    def __init__(self, run_dir: RunDir, timeout: float = 10.0) -> None:
+        self.context = zmq.Context.instance()
+        self.socket = self.context.socket(zmq.REQ)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
+        self.socket.connect(run_dir.recorder_endpoint)
+
+    def call(self, cmd: str, **args) -> dict | None:
+        try:
+            self.socket.send(msgpack.packb({"cmd": cmd, **args}, use_bin_type=True))
+            return msgpack.unpackb(self.socket.recv(), raw=False, **_UNPACK_LIMITS)
+        except zmq.ZMQError:
+            return None
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m supervisor.recorder")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--trace", default=None)
+    parser.add_argument("--run-meta", default="{}")
+    args = parser.parse_args(argv)
+    # Ctrl-C belongs to the supervisor, which asks us to finish; if the supervisor dies, the
+    # kernel sends SIGTERM (PR_SET_PDEATHSIG) and we close the file cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+    from pathlib import Path
+    run_dir = RunDir(Path(args.run_dir).name, Path(args.run_dir))
+    try:
+        recorder = Recorder(run_dir, args.trace, json.loads(args.run_meta))
+    except (OSError, zmq.ZMQError) as e:
+        print(f"error: cannot start recording: {getattr(e, 'strerror', None) or e}", flush=True)
+        return 2
+    except Exception as e:
+        from tracetool.trace_file import TraceWriteError
+        if not isinstance(e, TraceWriteError):
+            raise
+        print(f"error: cannot start recording: {e}", flush=True)
+        return 2
+
+    def on_term(*_):
+        recorder.terminate_requested = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    print("ready", flush=True)
+    try:
+        recorder.serve()
+    finally:
+        recorder.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
