@@ -125,6 +125,14 @@ class Recorder:
         except schema.SchemaError as e:
             self.bad_messages[f"schema: {e}"] = self.bad_messages.get(f"schema: {e}", 0) + 1
             return
+        except Exception as e:
+            # A message that trips the recorder itself (a bug, or a case no check foresaw) is
+            # dropped and counted like any bad message: one message must never end the recording.
+            cause = f"recorder error: {type(e).__name__}: {e}"
+            if cause not in self.bad_messages:
+                print(f"vmsup recorder: dropped a message: {cause}", file=sys.stderr, flush=True)
+            self.bad_messages[cause] = self.bad_messages.get(cause, 0) + 1
+            return
         self.live.send(raw, flags=zmq.NOBLOCK, copy=False)
 
     def _vm(self, vm: int) -> VmStats:
@@ -162,7 +170,8 @@ class Recorder:
         if first_seq > expected:
             self._gap(vm, vcpu, epoch, expected, first_seq - expected, "lost before reaching the recorder")
         self.next_seq[key] = first_seq + count
-        self._write(lambda w: w.write_exits(vm, vcpu, epoch, first_seq, count, arrays,
+        columns = {name: arrays[name] for name in schema.COLUMN_NAMES}
+        self._write(lambda w: w.write_exits(vm, vcpu, epoch, first_seq, count, columns,
                                             seq=arrays.get("seq"), payloads=payloads))
         self.events_recorded += rows
         self.batches += 1
@@ -217,8 +226,7 @@ class Recorder:
 
     def _stop_recording(self, why: str) -> None:
         self.recording_error = f"recording stopped after {self.events_recorded} events: {why}"
-        print(f"vmsup recorder: {self.recording_error}; the trace stays readable up to its last whole block",
-              file=sys.stderr, flush=True)
+        print(f"vmsup recorder: {self.recording_error}", file=sys.stderr, flush=True)
         try:
             self.writer.close()
         except Exception:
