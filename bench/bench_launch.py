@@ -23,6 +23,7 @@ never because a goal was missed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from benchlib import (BARE_PYTHON, BUILD_DIR, C_BINARY, GUEST, REPO, VMSUP, BenchError, Run, build_c_loop,
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_prerequisites()
         build_c_loop()
-        print(f"seed guest, {args.exits} exits per run, {args.pairs} rounds of A/B/C in alternating order")
+        print(f"seed guest, {args.exits} exits per run, {args.pairs} rounds of A/B/C in alternating order "
+              f"({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start)")
         print(f"  A: {' '.join(c_cmd)}\n  B: {' '.join(notrace_cmd)}\n  C: {' '.join(trace_cmd)}")
         print(f"  ceiling, once (round {bare_round}, after A): {' '.join(bare_cmd)}\n")
         header = (f"{'pair':>4}  {'order':>5}  {'A c-loop/s':>10}  {'B no-trace/s':>12}  {'C trace/s':>10}  "
