@@ -25,6 +25,10 @@ from .recording import Recording
 from .spec import VmSpec
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# The supervisor pauses and resumes a worker's VM with these (real-time signals: queued, never
+# confused with the kick signal SIGUSR1 or job control).
+PAUSE_SIGNAL = signal.SIGRTMIN + 1
+RESUME_SIGNAL = signal.SIGRTMIN + 2
 
 
 def _die_with_parent() -> None:
@@ -73,6 +77,8 @@ def run_spec(spec: VmSpec) -> dict:
                 recording.set_stopping_check(lambda: machine.ctx.stopping)
             signal.signal(signal.SIGTERM, lambda *_: machine.stop(status.TERMINATED))
             signal.signal(signal.SIGINT, lambda *_: machine.stop(status.INTERRUPTED))
+            signal.signal(PAUSE_SIGNAL, lambda *_: machine.pause())
+            signal.signal(RESUME_SIGNAL, lambda *_: machine.resume())
             if recording:
                 recording.start()
             result = machine.run()

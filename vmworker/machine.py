@@ -89,6 +89,13 @@ class VcpuContext:
         # atomic under the GIL: an exact total across threads.
         self.exit_budget = itertools.count() if max_exits is not None and vcpus > 1 else None
         self.stopping = False
+        self.paused = False
+        self._resumed = threading.Event()
+        self._resumed.set()
+
+    def wait_while_paused(self) -> None:
+        """Block a vCPU thread (outside KVM_RUN, without the GIL) until resumed or stopping."""
+        self._resumed.wait()
 
     def stop(self, reason: str, code: int | None = None, detail: str = "", vcpu=None) -> None:
         self._machine.stop(reason, code=code, detail=detail, vcpu=vcpu)
@@ -148,7 +155,22 @@ class Machine:
                 except Exception as e:  # the dump is a courtesy; the stop must happen regardless
                     self._registers = {"error": str(e)}
             self.ctx.stopping = True
+        self.ctx._resumed.set()  # a paused VM that is stopped must not stay parked
         self._kick_all()
+
+    def pause(self) -> None:
+        """Kick every vCPU out of KVM_RUN and park it until `resume`."""
+        with self._lock:
+            if self._end is not None or self.ctx.paused:
+                return
+            self.ctx._resumed.clear()
+            self.ctx.paused = True
+        self._kick_all()
+
+    def resume(self) -> None:
+        with self._lock:
+            self.ctx.paused = False
+            self.ctx._resumed.set()
 
     def _kick_all(self) -> None:
         for vcpu in self.vm.vcpus:

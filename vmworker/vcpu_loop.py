@@ -101,14 +101,11 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
                 if recording:
                     pack_row(rows, pos, t1, t1 - t0, 0, b"", 1, _EXIT_INTR, 0, 0)
                     pos += row_size
-                    if pos >= rows_end or t1 >= flush_at:
+                    if pos >= rows_end or t1 >= flush_at or ctx.paused:
                         batcher.flush(pos)
                         pos = 0
                         flush_at = t1 + flush_ns
-                if ctx.stopping:
-                    break
-                vcpu.set_immediate_exit(False)
-                if ctx.stopping:  # a stop that raced with the line above must not be lost
+                if _after_kick(vcpu, ctx):
                     break
                 continue
             t1 = now_ns()
@@ -194,6 +191,23 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
             by_reason[_EXIT_IO] = by_reason.get(_EXIT_IO, 0) + io_exits
         if recording:
             batcher.flush(pos)
+
+
+def _after_kick(vcpu, ctx) -> bool:
+    """Decide what a kick meant: stop (True), or go on — after a pause, if one is requested."""
+    while True:
+        if ctx.stopping:
+            return True
+        if ctx.paused:
+            ctx.wait_while_paused()
+            continue
+        vcpu.set_immediate_exit(False)
+        # A stop or pause requested between the checks above and clearing immediate_exit would be
+        # lost (its signal already came and went): re-arm and look again.
+        if ctx.stopping or ctx.paused:
+            vcpu.set_immediate_exit(True)
+            continue
+        return False
 
 
 def _mmio(run, ctx) -> tuple[int, bytes, int]:
