@@ -125,7 +125,8 @@ def _build_specs(guests: list[str], *, vms: int, mem: str, load_addr, entry, mod
 
 
 def _default_trace_path(name: str) -> str:
-    return os.path.join("traces", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.vmtrace")
+    directory = os.environ.get("VMSUP_TRACE_DIR") or "traces"
+    return os.path.join(directory, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.vmtrace")
 
 
 def _console_path(trace_path: str | None, name: str) -> str | None:
@@ -139,6 +140,14 @@ def _info(message: str) -> None:
 
 
 def _report(outcome, foreground: bool) -> int:
+    rec = outcome.recorder
+    if outcome.trace:
+        if rec is None:
+            _err(f"the recorder did not report; {outcome.trace} may be incomplete")
+        else:
+            _info(render.recording_line(outcome.trace, rec))
+            if rec.get("recording_error"):
+                _err(rec["recording_error"])
     codes = []
     for result in outcome.results:
         if result.get("status") == status.ERROR:
@@ -149,18 +158,10 @@ def _report(outcome, foreground: bool) -> int:
             for line in render.register_lines(result["registers"]):
                 typer.echo(line, err=True)
         if foreground:
-            typer.echo(render.status_line(result), err=True)
+            typer.echo(render.status_line(result), err=True)  # the last line: why the VM ended
         codes.append(int(result.get("exit_code", status.EXIT_VM_ERROR)))
     if not foreground:
         render.summary_table(outcome, err_console())
-    rec = outcome.recorder
-    if outcome.trace:
-        if rec is None:
-            _err(f"the recorder did not report; {outcome.trace} may be incomplete")
-        else:
-            _info(render.recording_line(outcome.trace, rec))
-            if rec.get("recording_error"):
-                _err(rec["recording_error"])
     return max(codes) if codes else 0
 
 
@@ -187,3 +188,6 @@ def main() -> None:
     except KeyboardInterrupt:
         _err("interrupted")
         sys.exit(status.EXIT_INTERRUPTED)
+
+from .live_cli import register as _register_live  # noqa: E402
+_register_live(app)

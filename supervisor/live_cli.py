@@ -1,0 +1,237 @@
+"""The `vmsup tail` and `vmsup top` commands: attach to a running launch's live stream.
+
+Both only subscribe (ZeroMQ SUB to the recorder's PUB), so a slow terminal never slows a VM: the
+recorder drops for us instead, and we say how much. `register(app)` adds them to `vmsup`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import typer
+
+from vmworker import status
+from vmworker.errors import VmsupError
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"vmsup: error: {message}", err=True)
+    return typer.Exit(status.EXIT_BAD_INPUT)
+
+
+def _attach(run: Optional[str]):
+    from .live import LiveSubscriber
+    from .runtime import find_run
+    try:
+        run_dir = find_run(run)
+    except VmsupError as e:
+        raise _fail(str(e)) from None
+    return run_dir, LiveSubscriber(run_dir)
+
+
+class _StdoutClosed(Exception):
+    pass
+
+
+def _write_lines(stream, lines: list[str]) -> None:
+    if not lines:
+        return
+    try:
+        stream.write("\n".join(lines) + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        raise _StdoutClosed() from None
+
+
+def _quiet_stdout() -> None:
+    # The reader went away (`vmsup tail | head`): point stdout at /dev/null so the interpreter's
+    # final flush does not complain, and end normally.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def tail(
+    run: Optional[str] = typer.Option(None, "--run", help="The launch to attach to (default: the only one running)."),
+    vm: Optional[int] = typer.Option(None, "--vm", min=0, help="Only this VM."),
+    vcpu: Optional[int] = typer.Option(None, "--vcpu", min=0, help="Only this vCPU."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Only these exit reasons: io, mmio, hlt, … or KVM_EXIT_* numbers; alternatives with | or ,."),
+    port: Optional[str] = typer.Option(None, "--port", help="Only port I/O on this port (16 or 0x10)."),
+    addr: Optional[str] = typer.Option(None, "--addr", help="Only MMIO at this guest-physical address."),
+    json_lines: bool = typer.Option(False, "--json", help="One JSON object per event, with the schema's field names."),
+    count: Optional[int] = typer.Option(None, "-n", "--count", min=1, help="Stop after printing this many events."),
+) -> None:
+    """Print every exit of a running launch as it happens (best effort: missed events are counted on stderr)."""
+    from tracetool.filters import EventFilter, FilterError
+
+    from . import tail as tail_mod
+    try:
+        event_filter = EventFilter.from_options(vm=vm, vcpu=vcpu, port=port, addr=addr,
+                                                reason=None if reason is None else reason.replace(",", "|"))
+    except FilterError as e:
+        raise _fail(str(e)) from None
+    _run_dir, subscriber = _attach(run)
+    follower = tail_mod.Tail(event_filter, json_lines=json_lines, limit=count)
+
+    def err(lines: list[str]) -> None:
+        for line in lines:
+            typer.echo(line, err=True)
+
+    try:
+        with subscriber:
+            try:
+                tail_mod.run(subscriber, follower, lambda lines: _write_lines(sys.stdout, lines), err)
+            except KeyboardInterrupt:  # Ctrl-C is how one normally stops a tail
+                err(follower.final_notes(subscriber))
+    except _StdoutClosed:
+        _quiet_stdout()
+
+
+def top(
+    run: Optional[str] = typer.Option(None, "--run", help="The launch to attach to (default: the only one running)."),
+    sort: str = typer.Option("rate", "--sort", help="Sort exit reasons by: rate or total."),
+    interval: float = typer.Option(1.0, "--interval", min=0.05, help="Seconds between refreshes (with --once: how long to sample)."),
+    once: bool = typer.Option(False, "--once", help="Sample for --interval seconds, print one table, exit."),
+    json_out: bool = typer.Option(False, "--json", help="Print the data as JSON instead of a table (one object per refresh)."),
+) -> None:
+    """Exits per VM and exit reason, live, like kvm_stat: total, share and rate."""
+    from .top import SORT_KEYS
+    if sort not in SORT_KEYS:
+        raise _fail(f"--sort must be one of {', '.join(SORT_KEYS)}, not {sort!r}")
+    run_dir, subscriber = _attach(run)
+    try:
+        with subscriber:
+            if once:
+                _top_once(run_dir, subscriber, sort, interval, json_out)
+            else:
+                _top_live(run_dir, subscriber, sort, interval, json_out)
+    except KeyboardInterrupt:
+        pass
+    except _StdoutClosed:
+        _quiet_stdout()
+
+
+def _drain(subscriber, model, timeout_ms: int) -> None:
+    for msg in subscriber.poll(timeout_ms):
+        model.feed(msg)
+
+
+def _top_once(run_dir, subscriber, sort: str, interval: float, json_out: bool) -> None:
+    from rich.console import Console
+
+    from .top import TopModel, render_table
+    model = TopModel()
+    deadline = time.monotonic() + interval
+    # Sample for the interval, or less if the run ends first (its numbers are then complete).
+    while (left := deadline - time.monotonic()) > 0:
+        _drain(subscriber, model, max(1, min(200, int(left * 1000))))
+        if subscriber.finished():
+            subscriber.account_trailing()
+            break
+    model.tick()
+    snap = model.snapshot(sort=sort, subscriber=subscriber, run_id=run_dir.run_id)
+    if json_out:
+        _write_lines(sys.stdout, [json.dumps(snap)])
+    else:
+        Console().print(render_table(snap))
+
+
+def _top_live(run_dir, subscriber, sort: str, interval: float, json_out: bool) -> None:
+    import zmq
+    from rich.console import Console
+    from rich.live import Live
+
+    from .top import SORT_KEYS, TopModel, render_table
+    model = TopModel()
+    stdin_fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() and not json_out else None
+    poller = zmq.Poller()
+    poller.register(subscriber.socket, zmq.POLLIN)
+    if stdin_fd is not None:
+        poller.register(stdin_fd, zmq.POLLIN)
+    view: dict = {"sort": sort, "vm": None}
+
+    def snapshot() -> dict:
+        return model.snapshot(sort=view["sort"], vm=view["vm"], subscriber=subscriber, run_id=run_dir.run_id)
+
+    def handle_key(key: str) -> bool:
+        """False to quit."""
+        if key == "q":
+            return False
+        if key == "s":
+            view["sort"] = SORT_KEYS[(SORT_KEYS.index(view["sort"]) + 1) % len(SORT_KEYS)]
+        elif key == "v":
+            cycle = [None, *sorted(model.vms)]
+            view["vm"] = cycle[(cycle.index(view["vm"]) + 1) % len(cycle)] if view["vm"] in cycle else None
+        return True
+
+    def loop(show) -> None:
+        try:
+            follow(show)
+        except KeyboardInterrupt:  # Ctrl-C: leave the latest numbers on screen
+            model.tick()
+            show(snapshot())
+
+    def follow(show) -> None:
+        next_tick = time.monotonic() + interval
+        while True:
+            wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+            ready = dict(poller.poll(min(wait_ms, 200)))
+            if subscriber.socket in ready:
+                _drain(subscriber, model, 0)
+            if stdin_fd is not None and stdin_fd in ready:
+                keys = os.read(stdin_fd, 64).decode(errors="replace")
+                if not keys:  # stdin closed: no more keys, keep going
+                    poller.unregister(stdin_fd)
+                for key in keys:
+                    if not handle_key(key.lower()):
+                        return
+                show(snapshot())
+            ended = subscriber.finished()
+            if ended:
+                _drain(subscriber, model, 0)
+                subscriber.account_trailing()
+            if ended or time.monotonic() >= next_tick:
+                model.tick()
+                show(snapshot())
+                next_tick = time.monotonic() + interval
+            if ended:
+                return
+
+    if json_out:
+        loop(lambda snap: _write_lines(sys.stdout, [json.dumps(snap)]))
+        return
+    console = Console()
+    with _cbreak(stdin_fd), Live(render_table(snapshot(), keys_help=stdin_fd is not None), console=console,
+                                  auto_refresh=False, transient=False) as live:
+        loop(lambda snap: live.update(render_table(snap, keys_help=stdin_fd is not None), refresh=True))
+
+
+class _cbreak:
+    """Keys arrive one at a time, unechoed, while top runs; the terminal is restored after."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        self.saved = None
+
+    def __enter__(self):
+        if self.fd is not None:
+            import termios
+            import tty
+            self.saved = termios.tcgetattr(self.fd)
+            tty.setcbreak(self.fd)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            import termios
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `tail` and `top` to the `vmsup` app."""
+    app.command("tail")(tail)
+    app.command("top")(top)

@@ -1,0 +1,150 @@
+"""`vmsup top`: exits per VM and exit reason, kvm_stat style — totals, shares and current rates.
+
+`TopModel` counts (one numpy bincount per batch) and takes snapshots (plain data, also what
+`--json` prints); `render_table` turns a snapshot into a rich Table. The interactive loop lives
+in `live_cli`; it only feeds, ticks and renders.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from tracetool import schema
+
+from .live import LiveSubscriber
+
+SORT_KEYS = ("rate", "total")
+_REASON_SLOTS = 256  # the reason column is a u1: every code has a slot
+
+
+@dataclass
+class _VmCounts:
+    vm: int
+    name: str = ""
+    epoch: int = 0
+    status: str | None = None  # set from vm-end
+    totals: np.ndarray = field(default_factory=lambda: np.zeros(_REASON_SLOTS, dtype=np.int64))
+    previous: np.ndarray = field(default_factory=lambda: np.zeros(_REASON_SLOTS, dtype=np.int64))
+    rates: np.ndarray = field(default_factory=lambda: np.zeros(_REASON_SLOTS, dtype=np.float64))
+
+
+class TopModel:
+    """Per-VM, per-reason exit counts since we attached, and rates over the last tick."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.vms: dict[int, _VmCounts] = {}
+        self.tick_at = clock()
+        self.interval = 0.0  # length of the last tick, seconds
+
+    def _vm(self, vm: int) -> _VmCounts:
+        counts = self.vms.get(vm)
+        if counts is None:
+            counts = self.vms[vm] = _VmCounts(vm)
+        return counts
+
+    def feed(self, msg: dict) -> None:
+        kind = msg.get("type")
+        if kind == schema.MSG_EXITS:
+            counts = self._vm(msg["vm"])
+            if msg["epoch"] > counts.epoch:  # a restarted VM: same row, new epoch, not ended
+                counts.epoch, counts.status = msg["epoch"], None
+            if msg["rows"]:
+                counts.totals += np.bincount(msg["columns"]["reason"], minlength=_REASON_SLOTS)
+        elif kind == schema.MSG_VM_START:
+            counts = self._vm(msg["vm"])
+            if msg["epoch"] >= counts.epoch:
+                counts.epoch, counts.status = msg["epoch"], None
+                if isinstance(msg.get("name"), str):
+                    counts.name = msg["name"]
+        elif kind == schema.MSG_VM_END:
+            counts = self._vm(msg["vm"])
+            if msg["epoch"] >= counts.epoch:
+                counts.epoch = msg["epoch"]
+                counts.status = str(msg.get("status", "ended"))
+                if isinstance(msg.get("name"), str) and not counts.name:
+                    counts.name = msg["name"]
+
+    def tick(self) -> None:
+        """Close a rate interval: rate = exits since the last tick / its length."""
+        now = self.clock()
+        dt = now - self.tick_at
+        if dt <= 0:
+            return
+        for counts in self.vms.values():
+            counts.rates = (counts.totals - counts.previous) / dt
+            counts.previous = counts.totals.copy()
+        self.tick_at, self.interval = now, dt
+
+    def snapshot(self, *, sort: str = "rate", vm: int | None = None, subscriber: LiveSubscriber | None = None,
+                 run_id: str | None = None) -> dict:
+        """Plain data: what the table shows and `--json` prints."""
+        missed_by_vm: dict[int, int] = {}
+        if subscriber is not None:
+            for (v, _vcpu, _epoch), n in subscriber.missed_by_stream().items():
+                missed_by_vm[v] = missed_by_vm.get(v, 0) + n
+        vms = []
+        for v in sorted(self.vms):
+            if vm is not None and v != vm:
+                continue
+            c = self.vms[v]
+            name = c.name or (subscriber.vm_names[v] if subscriber is not None and v < len(subscriber.vm_names) else "")
+            total = int(c.totals.sum())
+            reasons = []
+            for code in np.flatnonzero(c.totals).tolist():
+                n = int(c.totals[code])
+                reasons.append({"reason": schema.reason_name(code), "code": code, "total": n,
+                                "percent": round(100.0 * n / total, 2), "rate": round(float(c.rates[code]), 1)})
+            key = (lambda r: (-r["rate"], -r["total"], r["code"])) if sort == "rate" else \
+                (lambda r: (-r["total"], -r["rate"], r["code"]))
+            reasons.sort(key=key)
+            vms.append({"vm": v, "name": name, "epoch": c.epoch, "status": c.status or "running",
+                        "total": total, "rate": round(float(c.rates.sum()), 1),
+                        "missed": missed_by_vm.get(v, 0), "reasons": reasons})
+        snap = {"run": run_id, "interval": round(self.interval, 3), "sort": sort, "vm": vm, "vms": vms}
+        if subscriber is not None:
+            snap["missed_total"] = subscriber.missed_total
+            snap["malformed"] = subscriber.malformed
+        return snap
+
+
+def render_table(snap: dict, *, keys_help: bool = False):
+    """A rich Table of a snapshot: one header row per VM, then its exit reasons."""
+    from rich.table import Table
+    from rich.text import Text
+
+    title = f"vmsup top — run {snap['run']}" if snap.get("run") else "vmsup top"
+    if snap.get("vm") is not None:
+        title += f" — vm {snap['vm']}"
+    table = Table(title=title, title_justify="left", expand=False)
+    table.add_column("VM / exit reason", no_wrap=True)
+    table.add_column("Total" + (" ▼" if snap["sort"] == "total" else ""), justify="right")
+    table.add_column("%", justify="right")
+    table.add_column("Rate/s" + (" ▼" if snap["sort"] == "rate" else ""), justify="right")
+    table.add_column("Missed", justify="right")
+    for i, vm in enumerate(snap["vms"]):
+        label = f"vm {vm['vm']}" + (f" {vm['name']}" if vm["name"] else "") + f" [{vm['status']}]"
+        table.add_row(Text(label, style="bold"), f"{vm['total']:,}", "100.0" if vm["total"] else "-",
+                      f"{vm['rate']:,.0f}", f"{vm['missed']:,}" if vm["missed"] else "",
+                      end_section=not vm["reasons"] and i < len(snap["vms"]) - 1)
+        for j, r in enumerate(vm["reasons"]):
+            table.add_row(f"  {r['reason']}", f"{r['total']:,}", f"{r['percent']:.1f}", f"{r['rate']:,.0f}", "",
+                          end_section=j == len(vm["reasons"]) - 1 and i < len(snap["vms"]) - 1)
+    if not snap["vms"]:
+        table.add_row(Text("(no exits seen yet)", style="dim"), "", "", "", "")
+    notes = [f"sorted by {snap['sort']}"]
+    if snap.get("interval"):
+        notes.append(f"rates over {snap['interval']:.1f} s")
+    if snap.get("missed_total"):
+        notes.append(f"missed {snap['missed_total']:,} events (the live stream is best effort)")
+    if snap.get("malformed"):
+        notes.append(f"ignored {snap['malformed']} malformed messages")
+    if keys_help:
+        notes.append("keys: q quit, s sort, v vm")
+    table.caption = " · ".join(notes)
+    table.caption_justify = "left"
+    return table
