@@ -1,13 +1,46 @@
-"""`vmtrace`: offline analysis of vmsup exit traces."""
+"""`vmtrace`: offline analysis of vmsup exit traces.
+
+The commands get data from tracetool.analysis and only render it: rich tables for people,
+`--json` for scripts. Bad input (a missing, truncated, corrupt or foreign file, a bad filter)
+ends in one `vmtrace: error: …` line and exit code 2; a torn tail (a recorder killed while
+writing) is a warning, and the readable part is shown.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
+from datetime import datetime, timezone
+from typing import Optional
 
 import typer
+from typer.exceptions import TyperException
+
+from . import analysis, schema
+from .filters import EventFilter, FilterError, parse_filter
+from .trace_file import TraceError, TraceReader
+
+EXIT_BAD_INPUT = 2  # as vmsup: bad input, an unreadable trace (typer uses 2 for usage errors too)
+EXIT_INTERRUPTED = 130
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Analyse vmsup exit traces.")
+
+
+def _err(message: str) -> None:
+    typer.echo(f"vmtrace: error: {message}", err=True)
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"vmtrace: warning: {message}", err=True)
+
+
+def _warn_reader(reader_path: str, torn_tail, warnings: list[str]) -> None:
+    if torn_tail is not None:
+        offset, reason = torn_tail
+        _warn(f"{reader_path}: torn tail at offset {offset} ({reason}); using the blocks before it")
+    for w in warnings:
+        _warn(f"{reader_path}: {w}")
 
 
 @app.command()
@@ -17,14 +50,223 @@ def version() -> None:
     typer.echo(dist_version("vmsup"))
 
 
+# --- info -----------------------------------------------------------------------------------------
+@app.command()
+def info(
+    trace: str = typer.Argument(..., help="A trace file written by the vmsup recorder."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of tables."),
+) -> None:
+    """Runs, VMs, streams, events per VM and reason, gaps, time span and size of a trace."""
+    try:
+        data = analysis.trace_info(trace)
+    except TraceError as e:
+        _err(str(e))
+        raise typer.Exit(EXIT_BAD_INPUT)
+    torn = data["file"]["torn_tail"]
+    _warn_reader(trace, None if torn is None else (torn["offset"], torn["reason"]), data["file"]["warnings"])
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=_json_default) + "\n")
+    else:
+        _render_info(data)
+
+
+def _json_default(value):
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return str(value)
+
+
+def _when(ns) -> str:
+    if not isinstance(ns, int):
+        return "?"
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _text(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=_json_default, separators=(",", ":"))
+    return str(value)
+
+
+def _render_info(data: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    # Piped into a file or grep, cells wrapped at 80 columns would split words; use wide lines.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+    def table(title: str, *columns: str) -> Table:
+        t = Table(title=title, title_justify="left", title_style="bold")
+        for c in columns:
+            t.add_column(c, overflow="fold")
+        return t
+
+    def row(t: Table, *cells) -> None:
+        t.add_row(*(Text(_text(c)) for c in cells))  # Text: file contents are never markup
+
+    f = data["file"]
+    console.print(Text(f"{f['path']}: {f['size']} bytes, trace format {f['format_version']}, "
+                       f"event schema {f['schema_version']}, created {_when(f['created_ns'])}"))
+    if f["torn_tail"] is not None:
+        state = f"torn tail at offset {f['torn_tail']['offset']} ({f['torn_tail']['reason']})"
+    elif f["closed_cleanly"]:
+        state = "closed cleanly"
+    else:
+        state = "not closed (no index footer: the recorder did not finish)"
+    console.print(Text(f"state: {state}"))
+
+    if data["run"]:
+        t = table("Run", "key", "value")
+        for k, v in data["run"].items():
+            row(t, k, v)
+        console.print(t)
+
+    t = table("VMs", "vm", "epoch", "name", "status", "exits", "in trace", "vcpus", "guest sha256", "spec")
+    for vm in data["vms"]:
+        sha = vm.get("sha256")
+        status = vm.get("status") or "(no vm-end)"
+        if vm.get("detail"):
+            status += f" ({vm['detail']})"
+        row(t, vm["vm"], vm["epoch"], vm.get("name"), status, vm.get("exits"), vm.get("events_in_trace"),
+            vm.get("vcpus"), sha[:16] if isinstance(sha, str) else sha, vm.get("spec"))
+    console.print(t)
+
+    t = table("Streams", "vm", "vcpu", "epoch", "events", "covered", "first seq", "last seq", "blocks")
+    for s in data["streams"]:
+        row(t, s["vm"], s["vcpu"], s["epoch"], s["events"], s["covered"], s["first_seq"], s["last_seq"], s["blocks"])
+    console.print(t)
+
+    t = table("Events", "vm", "reason", "events", "share")
+    for entry in data["events"]["by_vm"]:
+        for reason, n in sorted(entry["by_reason"].items(), key=lambda kv: -kv[1]):
+            row(t, entry["vm"], reason, n, f"{100 * n / entry['total']:.1f}%" if entry["total"] else "-")
+    console.print(t)
+
+    gaps = data["gaps"]
+    if gaps["recorded"]:
+        t = table("Gaps (recorded)", "vm", "vcpu", "epoch", "first missing", "count", "cause")
+        for g in gaps["recorded"]:
+            row(t, g.get("vm"), g.get("vcpu"), g.get("epoch"), g.get("first_missing"), g.get("count"), g.get("cause"))
+        console.print(t)
+    if gaps["unexplained"]:
+        t = table("Gaps (unexplained)", "vm", "vcpu", "epoch", "first seq", "count", "kind", "offset")
+        for g in gaps["unexplained"]:
+            row(t, g["vm"], g["vcpu"], g["epoch"], g["first_seq"], g["count"], g["kind"], g["offset"])
+        console.print(t)
+
+    total = data["events"]["total"]
+    span = data["time"]["span_s"] if data["time"] else 0.0
+    per_event = data["bytes_per_event"]
+    console.print(Text(
+        f"{total} events in {span:.6f} s; gaps: {len(gaps['recorded'])} recorded, "
+        f"{len(gaps['unexplained'])} unexplained; "
+        + (f"{per_event:.3f} bytes/event" if per_event is not None else "no events")))
+
+
+# --- show -----------------------------------------------------------------------------------------
+@app.command()
+def show(
+    trace: str = typer.Argument(..., help="A trace file written by the vmsup recorder."),
+    vm: Optional[str] = typer.Option(None, "--vm", help="VM id(s): 0 or 0|2."),
+    vcpu: Optional[str] = typer.Option(None, "--vcpu", help="vCPU id(s)."),
+    epoch: Optional[str] = typer.Option(None, "--epoch", help="Epoch(s) (a VM's restarts)."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Exit reason(s) by name or number: io|mmio."),
+    port: Optional[str] = typer.Option(None, "--port", help="I/O port(s), decimal or 0x-hex (implies io)."),
+    addr: Optional[str] = typer.Option(None, "--addr", help="MMIO address(es) (implies mmio)."),
+    where: Optional[str] = typer.Option(None, "--filter", "-f", help="A filter expression: vm=0,reason=io|mmio,port=0x10."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per event, one per line."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=0, help="Show at most N events."),
+) -> None:
+    """Events of every stream in time order, one line each."""
+    try:
+        event_filter = EventFilter.from_options(vm=vm, vcpu=vcpu, epoch=epoch, reason=reason, port=port, addr=addr)
+        event_filter &= parse_filter(where)
+    except FilterError as e:
+        _err(str(e))
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        with TraceReader(trace) as reader:
+            _warn_reader(trace, reader.torn_tail, reader.warnings)
+            t0 = analysis.trace_start(reader)
+            render = _json_lines if as_json else _text_lines
+            out = sys.stdout
+            for chunk in analysis.events_in_time_order(reader, None if event_filter.matches_everything else event_filter,
+                                                       limit):
+                out.write("".join(render(chunk, t0)))
+            out.flush()
+    except TraceError as e:
+        sys.stdout.flush()
+        _err(str(e))
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _event_rows(chunk: dict):
+    """One tuple of plain ints per event (tolist() converts a whole column at once)."""
+    names = ("t_exit", "vm", "vcpu", "epoch", "seq", "reason", "flags", "addr", "size", "count", "data",
+             "guest_ns", "handle_ns")
+    return zip(*(chunk[n].tolist() for n in names))
+
+
+def _us(ns: int) -> str:
+    return f"{ns / 1000:.1f}us"
+
+
+def _text_lines(chunk: dict, t0: int) -> list[str]:
+    lines = []
+    for t, vm, vcpu, epoch, seq, reason, flags, addr, size, count, data, guest, handle in _event_rows(chunk):
+        rel = t - t0
+        sign = "+" if rel >= 0 else "-"
+        rel = abs(rel)
+        head = f"t={sign}{rel // 1_000_000_000}.{rel % 1_000_000_000:09d} vm={vm} vcpu={vcpu} "
+        if epoch:
+            head += f"epoch={epoch} "
+        write = flags & schema.FLAG_WRITE
+        if reason == schema.REASON_IO:
+            what = f"io {'out' if write else 'in'} port={addr:#x} size={size} data={data:#x}"
+            if count != 1:
+                what += f" count={count}"
+        elif reason == schema.REASON_MMIO:
+            what = f"mmio {'write' if write else 'read'} addr={addr:#x} size={size} data={data:#x}"
+        else:
+            what = schema.reason_name(reason) + (f" data={data:#x}" if data else "")
+        tail = f" guest={_us(guest)} handle={'-' if handle == analysis.NO_HANDLE else _us(handle)}\n"
+        lines.append(f"{head}seq={seq} {what}{tail}")
+    return lines
+
+
+def _json_lines(chunk: dict, t0: int) -> list[str]:
+    lines = []
+    for t, vm, vcpu, epoch, seq, reason, flags, addr, size, count, data, guest, handle in _event_rows(chunk):
+        event = {"t_ns": t, "t_rel_ns": t - t0, "vm": vm, "vcpu": vcpu, "epoch": epoch, "seq": seq,
+                 "reason": schema.reason_name(reason), "reason_code": reason, "write": bool(flags & schema.FLAG_WRITE),
+                 "addr": addr, "size": size, "count": count, "data": data, "flags": flags, "guest_ns": guest,
+                 "handle_ns": None if handle == analysis.NO_HANDLE else handle}
+        if reason == schema.REASON_IO:
+            event["port"] = addr
+        lines.append(json.dumps(event, separators=(",", ":")) + "\n")
+    return lines
+
+
 @app.callback()
 def _root() -> None:
     """Analyse vmsup exit traces."""
 
 
 def main() -> None:
+    """Console-script entry: expected failures become one line and an exit code, never a traceback."""
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
+    except TyperException as e:  # usage errors: bad flag values, missing arguments
+        _err(e.format_message())
+        sys.exit(getattr(e, "exit_code", EXIT_BAD_INPUT))
     except typer.Exit as e:
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        sys.exit(EXIT_INTERRUPTED)

@@ -1,0 +1,5 @@
+"""`python -m tracetool`: the `vmtrace` command."""
+
+from .cli import main
+
+main()
