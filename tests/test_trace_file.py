@@ -304,10 +304,9 @@ def test_a_file_cut_at_every_offset_reads_up_to_the_last_whole_block(tmp_path):
             elif end > index:
                 assert r.torn_tail is not None and r.torn_tail[0] in (index, len(raw) - TRAILER.size), end
             assert not r.closed_cleanly
-            got = r.exits()
-            n = 342 if end >= index else 330
-            assert len(got["t_exit"]) == n, end
-            np.testing.assert_array_equal(got["t_exit"][:330], cols["t_exit"])
+            assert r.event_count == (342 if end >= index else 330), end
+            if end in (last_exits + 1, index - 1, len(raw) - 1):  # decoding is the same at every cut
+                np.testing.assert_array_equal(r.exits()["t_exit"][:330], cols["t_exit"])
 
 
 def test_a_zero_filled_tail_is_torn_not_corrupt(tmp_path):
