@@ -12,11 +12,14 @@ import typer
 from typer.exceptions import TyperException
 
 from vmworker import status
-from vmworker.errors import SpecError, VmsupError
+from vmworker.errors import KvmError, SpecError, VmsupError
+from vmworker.machine import check_vm_shape
 from vmworker.spec import VmSpec, parse_address, parse_size
 
 from . import render
+from .fleet import fleet_specs
 from .guests import resolve_guest
+from .keys import check_listen
 from .launch import Launch, check_trace_path
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -40,7 +43,9 @@ def _err(message: str) -> None:
 
 @app.command()
 def launch(
-    guests: list[str] = typer.Argument(..., help="Guest images (flat binary or ELF) or bundled guest names, e.g. seed16."),
+    ctx: typer.Context,
+    guests: Optional[list[str]] = typer.Argument(None, help="Guest images (flat binary or ELF) or bundled guest names, e.g. seed16."),
+    fleet: Optional[str] = typer.Option(None, "--fleet", help="A fleet file (TOML) describing the VMs, instead of GUESTS and per-VM flags."),
     mem: str = typer.Option("16M", "--mem", help="Guest RAM: bytes or K/M/G suffix (16M, 512000000, 1G)."),
     load_addr: Optional[str] = typer.Option(None, "--load-addr", help="Flat binaries: guest-physical load address [0x10000]."),
     entry: Optional[str] = typer.Option(None, "--entry", help="Entry address [the load address, or the ELF's]."),
@@ -55,20 +60,30 @@ def launch(
     no_trace: bool = typer.Option(False, "--no-trace", help="Do not write a trace file (live views still work)."),
     record_only: Optional[str] = typer.Option(None, "--record-only",
                                               help="Record only matching exits, e.g. reason=io,port=0x3f8."),
+    listen: Optional[str] = typer.Option(None, "--listen", help="Also take events on tcp://HOST:PORT, CURVE-encrypted (needs 'vmsup keys')."),
+    keys_dir: Optional[str] = typer.Option(None, "--keys-dir", help="CURVE keys for --listen [~/.config/vmsup/keys]."),
 ) -> None:
     """Run VMs, one worker process each, recording every exit. One VM runs in the foreground,
     printing every exit; several show a live status table."""
     try:
-        specs = _build_specs(guests, vms=vms, mem=mem, load_addr=load_addr, entry=entry, mode=mode, vcpus=vcpus,
-                             max_exits=max_exits, timeout=timeout, quiet=quiet, serial_in=serial_in,
-                             record_only=record_only)
+        if listen is not None:
+            listen, keys_dir = check_listen(listen, keys_dir)
+        if guests and fleet is None:
+            specs = _build_specs(guests, vms=vms, mem=mem, load_addr=load_addr, entry=entry, mode=mode, vcpus=vcpus,
+                                 max_exits=max_exits, timeout=timeout, quiet=quiet, serial_in=serial_in,
+                                 record_only=record_only)
+        else:
+            specs = fleet_specs(ctx, fleet, guests, quiet=quiet)
         trace_path = None if no_trace else (trace or _default_trace_path(specs[0].name))
         if trace_path:
             check_trace_path(trace_path)
         foreground = len(specs) == 1
         consoles = None if foreground else [_console_path(trace_path, s.name) for s in specs]
-        run = Launch(specs, trace_path, console_paths=consoles, foreground=foreground)
+        run = Launch(specs, trace_path, console_paths=consoles, foreground=foreground, listen=listen, keys_dir=keys_dir)
         run.start()
+    except KvmError as e:
+        _err(str(e))
+        raise typer.Exit(status.EXIT_NO_KVM if e.ioctl.startswith("open ") else status.EXIT_VM_ERROR)
     except VmsupError as e:
         _err(str(e))
         raise typer.Exit(status.EXIT_BAD_INPUT)
@@ -109,8 +124,11 @@ def _build_specs(guests: list[str], *, vms: int, mem: str, load_addr, entry, mod
             quiet=quiet or several, serial_input=None if serial_in == "none" or (several and serial_in == "-") else serial_in,
             record_filter=record_only,
         ).validate()
-        # Check the image here, so bad input fails before any process or VM exists.
-        load_image(base.guest, load_addr=base.load_addr, entry=base.entry, mode=base.mode).check_fits(mem_size)
+        # Check everything here, so bad input fails in one line before any process or VM exists.
+        image = load_image(base.guest, load_addr=base.load_addr, entry=base.entry, mode=base.mode)
+        check_vm_shape(image, mem_size, base.vcpus, host_max_vcpus())
+        if base.serial_input not in (None, "-"):
+            _check_readable(base.serial_input, "serial input")
         for copy in range(vms):
             spec = VmSpec.from_json(base.to_json())
             spec.vm_id = len(specs)
@@ -122,6 +140,26 @@ def _build_specs(guests: list[str], *, vms: int, mem: str, load_addr, entry, mod
         if names.count(s.name) > 1:
             s.name = f"{s.name}#{i}"
     return specs
+
+
+def _check_readable(path: str, what: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise SpecError(f"{what} {path}: {e.strerror or e}") from None
+
+
+_max_vcpus: list[int] = []
+
+
+def host_max_vcpus() -> int:
+    """KVM's vCPU limit, asked once; opening /dev/kvm here also reports a missing KVM early."""
+    if not _max_vcpus:
+        from vmworker.kvm import Kvm
+        with Kvm() as kvm:
+            _max_vcpus.append(kvm.max_vcpus())
+    return _max_vcpus[0]
 
 
 def _default_trace_path(name: str) -> str:
@@ -191,3 +229,5 @@ def main() -> None:
 
 from .live_cli import register as _register_live  # noqa: E402
 _register_live(app)
+from .keys import register as _register_keys  # noqa: E402
+_register_keys(app)

@@ -23,6 +23,7 @@ import numpy as np
 import zmq
 
 from tracetool import schema
+from vmworker.errors import VmsupError
 
 from .runtime import RunDir
 
@@ -34,6 +35,7 @@ EVENTS_RCVHWM = 256
 # On `finish`: wait for announced events at most this long, and stop early after this much quiet.
 FINISH_DEADLINE = 5.0
 FINISH_QUIET = 0.2
+WRITER_FLUSH_SECONDS = 1.0
 
 _UNPACK_LIMITS = dict(max_bin_len=schema.MAX_MESSAGE_BYTES, max_str_len=1 << 20, max_array_len=1 << 16,
                       max_map_len=1 << 12, max_ext_len=0)
@@ -69,11 +71,19 @@ class VmStats:
 
 
 class Recorder:
-    def __init__(self, run_dir: RunDir, trace_path: str | None, run_meta: dict, writer_factory=None) -> None:
+    def __init__(self, run_dir: RunDir, trace_path: str | None, run_meta: dict, writer_factory=None,
+                 listen: str | None = None, keys_dir: str | None = None) -> None:
         self.context = zmq.Context()
         self.events = self.context.socket(zmq.PULL)
         self.events.setsockopt(zmq.RCVHWM, EVENTS_RCVHWM)
         self.events.bind(run_dir.events_endpoint)
+        # --listen tcp://…: a second events socket for other hosts, CURVE-only (supervisor/keys.py).
+        self.auth = self.remote = None
+        if listen:
+            from .keys import curve_server
+            self.auth, self.remote = curve_server(self.context, zmq.PULL, listen, keys_dir, schema.MAX_MESSAGE_BYTES)
+            self.remote.setsockopt(zmq.RCVHWM, EVENTS_RCVHWM)
+        self.event_sockets = [s for s in (self.events, self.remote) if s is not None]
         self.live = self.context.socket(zmq.PUB)
         self.live.setsockopt(zmq.SNDHWM, LIVE_HWM)
         self.live.bind(run_dir.live_endpoint)
@@ -242,13 +252,18 @@ class Recorder:
 
     def _drain(self, until: float) -> None:
         quiet_since = time.monotonic()
+        poller = zmq.Poller()
+        for sock in self.event_sockets:
+            poller.register(sock, zmq.POLLIN)
         while time.monotonic() < until:
-            if self.events.poll(50):
-                while True:
-                    try:
-                        self.handle(self.events.recv(flags=zmq.NOBLOCK, copy=True))
-                    except zmq.Again:
-                        break
+            ready = poller.poll(50)
+            if ready:
+                for sock, _ in ready:
+                    while True:
+                        try:
+                            self.handle(sock.recv(flags=zmq.NOBLOCK, copy=True))
+                        except zmq.Again:
+                            break
                 quiet_since = time.monotonic()
             elif self._complete() and time.monotonic() - quiet_since > FINISH_QUIET:
                 return
@@ -281,17 +296,23 @@ class Recorder:
 
     def serve(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.events, zmq.POLLIN)
-        poller.register(self.control, zmq.POLLIN)
+        for sock in (*self.event_sockets, self.control):
+            poller.register(sock, zmq.POLLIN)
+        next_flush = time.monotonic() + WRITER_FLUSH_SECONDS
         while not self.finished:
             if self.terminate_requested:
                 self.finish([])
                 break
-            for sock, _ in poller.poll(500):
-                if sock is self.events:
+            if time.monotonic() >= next_flush:
+                # The writer gathers batches into large blocks (better compression); pushing them
+                # out once a second bounds what a kill -9 of the recorder can lose.
+                self._write(lambda w: w.flush())
+                next_flush = time.monotonic() + WRITER_FLUSH_SECONDS
+            for sock, _ in poller.poll(200):
+                if sock is not self.control:
                     for _ in range(256):  # bounded, so control requests are never starved
                         try:
-                            self.handle(self.events.recv(flags=zmq.NOBLOCK, copy=True))
+                            self.handle(sock.recv(flags=zmq.NOBLOCK, copy=True))
                         except zmq.Again:
                             break
                 else:
@@ -315,6 +336,8 @@ class Recorder:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.auth is not None:
+            self.auth.stop()  # before the context goes: the authenticator's thread has sockets in it
         self.context.destroy(linger=0)
 
 
@@ -344,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--trace", default=None)
     parser.add_argument("--run-meta", default="{}")
+    parser.add_argument("--listen", default=None, help="also take events on this tcp endpoint (CURVE)")
+    parser.add_argument("--keys-dir", default=None, help="CURVE keys for --listen (supervisor/keys.py)")
     args = parser.parse_args(argv)
     # Ctrl-C belongs to the supervisor, which asks us to finish; if the supervisor dies, the
     # kernel sends SIGTERM (PR_SET_PDEATHSIG) and we close the file cleanly.
@@ -353,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
     run_dir = RunDir(Path(args.run_dir).name, Path(args.run_dir))
     try:
-        recorder = Recorder(run_dir, args.trace, json.loads(args.run_meta))
+        recorder = Recorder(run_dir, args.trace, json.loads(args.run_meta), listen=args.listen, keys_dir=args.keys_dir)
+    except VmsupError as e:  # --listen: keys or the tcp endpoint
+        print(f"error: {e}", flush=True)
+        return 2
     except (OSError, zmq.ZMQError) as e:
         print(f"error: cannot start recording: {getattr(e, 'strerror', None) or e}", flush=True)
         return 2

@@ -43,6 +43,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "kvm: needs a usable /dev/kvm (fails instead of skipping under VMSUP_REQUIRE_KVM=1)")
 
 
+@pytest.fixture(autouse=True)
+def _private_runtime_and_traces(tmp_path_factory, monkeypatch):
+    """Each test's launches keep their default traces and run dirs out of the checkout and of
+    other runs: a private VMSUP_TRACE_DIR and XDG_RUNTIME_DIR per test."""
+    base = tmp_path_factory.mktemp("vmsup-env")
+    runtime = base / "xdg"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("VMSUP_TRACE_DIR", str(base / "traces"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+
+
 def run_vmsup(*args: str, input: bytes | None = None, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `vmsup` CLI in a subprocess; stdout and stderr as text."""
     return subprocess.run([*VMSUP, *args], input=input if input is not None else b"", capture_output=True,

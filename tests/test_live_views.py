@@ -15,6 +15,7 @@ import os
 import pty
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
@@ -497,33 +498,44 @@ def test_top_on_a_terminal_takes_keys_and_restores_the_terminal(bus):
 
 # --- against a real launch ---------------------------------------------------------------------
 
-def _start_launch(xdg: str, *args: str) -> tuple[subprocess.Popen, dict]:
+def _start_launch(xdg: str, guest: str, *args: str, stdin=subprocess.DEVNULL) -> tuple[subprocess.Popen, dict]:
     env = {**os.environ, "XDG_RUNTIME_DIR": xdg}
-    proc = subprocess.Popen([*VMSUP, "launch", "seed16", "-q", "--no-trace", *args], cwd=REPO, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*VMSUP, "launch", guest, "-q", "--no-trace", *args], cwd=REPO, env=env,
+                            stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + DEADLINE
     while not list((Path(xdg) / "vmsup").glob("*/live.sock")):  # the recorder has bound its PUB
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            out, err = proc.communicate(timeout=DEADLINE)
+            _, err = proc.communicate(timeout=DEADLINE)
             pytest.fail(f"vmsup launch made no live socket (exit {proc.returncode}): {err.decode()}")
         time.sleep(0.02)
     return proc, env
 
 
-@pytest.fixture(scope="module")
-def seed_launch():
-    """`vmsup launch seed16 --timeout 5 -q` in the background, in a private runtime dir."""
-    xdg = private_xdg()
-    proc, env = _start_launch(xdg, "--timeout", "5")
-    yield env
+def _stop_launch(proc: subprocess.Popen, xdg: str) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does: the VM stops and reports
     try:
-        proc.communicate(timeout=30)
+        proc.wait(timeout=DEADLINE)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+        proc.stderr.close()
         shutil.rmtree(xdg, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def seed_launch():
+    """`vmsup launch seed16 -q` in the background, in a private runtime dir.
+
+    Its --timeout is only a backstop: the tests stop it (SIGINT) when done, so a slow machine
+    cannot make the VM end before a viewer attaches.
+    """
+    xdg = private_xdg()
+    proc, env = _start_launch(xdg, "seed16", "--timeout", "120")
+    yield env
+    _stop_launch(proc, xdg)
 
 
 def _missed_total(err: str) -> int:
@@ -560,14 +572,18 @@ def test_top_once_of_a_real_launch_shows_vm0_io_exits(seed_launch):
 
 @pytest.mark.kvm
 def test_tail_ends_by_itself_when_the_launch_ends():
+    # The echo guest polls the UART (io exits) until its input ends: the test decides when the
+    # VM ends, after the viewer has shown that it is attached.
     xdg = private_xdg()
-    launch, env = _start_launch(xdg, "--timeout", "1")
+    launch, env = _start_launch(xdg, "echo", "--timeout", "120", stdin=subprocess.PIPE)
     try:
-        tail = subprocess.run([*VMSUP, "tail", "--port", "0x10"], cwd=REPO, env=env, capture_output=True,
-                              timeout=DEADLINE)
-        assert tail.returncode == 0, tail.stderr.decode()
-        assert tail.stdout.count(b" io out port=0x10 size=2 ") > 0
+        tail = subprocess.Popen([*VMSUP, "tail", "--reason", "io"], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = tail.stdout.readline()  # blocks until the viewer shows an event (or ends)
+        assert first.startswith(b"vm=0 vcpu=0 seq=") and b" io " in first, first
+        launch.stdin.close()  # end of input: the guest exits, then the launch
+        rest, err = tail.communicate(timeout=DEADLINE)
+        assert tail.returncode == 0, err.decode()
+        assert launch.wait(timeout=DEADLINE) == 0
     finally:
-        if launch.poll() is None:
-            launch.communicate(timeout=DEADLINE)
-        shutil.rmtree(xdg, ignore_errors=True)
+        _stop_launch(launch, xdg)

@@ -70,8 +70,10 @@ def test_several_vms_each_count_from_zero_without_a_gap(vmsup, tmp_path):
         assert names == {0: "seed16-0", 1: "seed16-1", 2: "seed16-2"}
         for vm in range(3):
             ev = r.exits(vm=vm)
-            assert len(ev["seq"]) == 3000
-            assert_counts_up_from_zero(ev["data"])
+            assert np.array_equal(ev["seq"], np.arange(len(ev["seq"])))
+            io = ev["reason"] == schema.REASON_CODES["io"]
+            assert int(io.sum()) == 3000  # plus, possibly, a kick that flushed a quiet vCPU (reason intr)
+            assert_counts_up_from_zero(ev["data"][io])
     for name in ("seed16-0", "seed16-1", "seed16-2"):
         assert re.search(rf"{name}\s.*max-exits\s.*3000", proc.stderr)
 

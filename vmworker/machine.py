@@ -101,6 +101,17 @@ class VcpuContext:
         self._machine.stop(reason, code=code, detail=detail, vcpu=vcpu)
 
 
+def check_vm_shape(image: GuestImage, mem_size: int, vcpus: int, max_vcpus: int) -> None:
+    """Whether `image` can run with this much memory and this many vCPUs; SpecError if not."""
+    image.check_fits(mem_size)
+    if vcpus > max_vcpus:
+        raise SpecError(f"--vcpus {vcpus} is over this host's KVM limit of {max_vcpus}")
+    if mem_size < x86.min_mem_for_stacks(image.mode, vcpus):
+        raise SpecError(f"{vcpus} vCPUs need at least {x86.min_mem_for_stacks(image.mode, vcpus)} bytes of memory")
+    if image.mode == "real" and vcpus > x86.max_real_mode_vcpus():
+        raise SpecError(f"real mode supports at most {x86.max_real_mode_vcpus()} vCPUs (one stack slot each)")
+
+
 class Machine:
     def __init__(self, name: str, image: GuestImage, mem_size: int, vcpus: int, port_bus: Bus, mmio_bus: Bus,
                  exit_log=None, max_exits: int | None = None, timeout: float | None = None,
@@ -117,16 +128,9 @@ class Machine:
         self.port_bus, self.mmio_bus = port_bus, mmio_bus
         self.ctx = VcpuContext(self, port_bus, mmio_bus, exit_log, max_exits, vcpus)
 
-        image.check_fits(mem_size)
         self.kvm = Kvm(kvm_path)
         try:
-            limit = self.kvm.max_vcpus()
-            if vcpus > limit:
-                raise SpecError(f"--vcpus {vcpus} is over this host's KVM limit of {limit}")
-            if mem_size < x86.min_mem_for_stacks(image.mode, vcpus):
-                raise SpecError(f"{vcpus} vCPUs need at least {x86.min_mem_for_stacks(image.mode, vcpus)} bytes of memory")
-            if image.mode == "real" and vcpus > x86.max_real_mode_vcpus():
-                raise SpecError(f"real mode supports at most {x86.max_real_mode_vcpus()} vCPUs (one stack slot each)")
+            check_vm_shape(image, mem_size, vcpus, self.kvm.max_vcpus())
             self.vm = self.kvm.create_vm()
             self.memory = GuestMemory.with_ram(mem_size)
             self.vm.set_tss_addr(layout.TSS_ADDR)
