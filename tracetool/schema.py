@@ -87,9 +87,12 @@ def reason_name(code: int) -> str:
 # --- Bus messages (msgpack maps). Every message has "v" (SCHEMA_VERSION) and "type". ----------
 MSG_EXITS = "exits"  # vm, vcpu, epoch, first_seq, count, cols{name: bytes}, [payloads]
 MSG_VM_START = "vm-start"  # vm, epoch, name, spec{}, sha256, mem_size, mode, vcpus, pid, t
-MSG_VM_END = "vm-end"  # vm, epoch, status, guest_code, detail, registers, exits, by_reason, final_seq{vcpu: n}, t
-MSG_GAP = "gap"  # written by the recorder: vm, vcpu, epoch, first_missing, count, cause
-MESSAGE_TYPES = (MSG_EXITS, MSG_VM_START, MSG_VM_END, MSG_GAP)
+MSG_VM_END = "vm-end"  # vm, epoch, status, guest_code, detail, registers, exits, by_reason, final_seq[vcpu] = next seq, t
+MSG_GAP = "gap"  # written by the recorder: vm, vcpu, epoch, first_missing, count, cause[, count_known]
+# Written by the supervisor: vm, epoch, event (spawn | exit | restart | give-up | stop | pause |
+# resume | kill), name, pid, status, code, signal, detail, t, wall.
+MSG_LIFECYCLE = "lifecycle"
+MESSAGE_TYPES = (MSG_EXITS, MSG_VM_START, MSG_VM_END, MSG_GAP, MSG_LIFECYCLE)
 
 # Bounds for untrusted messages (bus or file): enough for real batches, small enough to be safe.
 MAX_MESSAGE_BYTES = 64 << 20

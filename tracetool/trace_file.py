@@ -112,12 +112,14 @@ class BlockType(IntEnum):
     VM_END = 3
     GAP = 4
     INDEX = 5
+    LIFECYCLE = 6
 
 
 RECORD_BLOCK_TYPES: dict[str, BlockType] = {
     schema.MSG_VM_START: BlockType.VM_START,
     schema.MSG_VM_END: BlockType.VM_END,
     schema.MSG_GAP: BlockType.GAP,
+    schema.MSG_LIFECYCLE: BlockType.LIFECYCLE,
 }
 _KIND_OF_TYPE = {int(t): k for k, t in RECORD_BLOCK_TYPES.items()}
 _KIND_OF_TYPE[BlockType.EXITS] = schema.MSG_EXITS
