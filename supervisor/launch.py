@@ -124,8 +124,11 @@ class Launch:
     """Start the recorder and the workers; `wait()` until all VMs ended; return the outcome."""
 
     def __init__(self, specs: list[VmSpec], trace_path: str | None, record: bool = True,
-                 console_paths: list[str | None] | None = None, foreground: bool = True) -> None:
+                 console_paths: list[str | None] | None = None, foreground: bool = True,
+                 listen: str | None = None, keys_dir: str | None = None) -> None:
         self.specs = specs
+        self.listen = listen  # an extra tcp events endpoint (CURVE, keys in keys_dir): supervisor/keys.py
+        self.keys_dir = keys_dir
         self.trace_path = trace_path
         self.record = record
         self.console_paths = console_paths or [None] * len(specs)
@@ -161,6 +164,8 @@ class Launch:
                "--run-meta", json.dumps(meta)]
         if self.trace_path:
             cmd += ["--trace", self.trace_path]
+        if self.listen:
+            cmd += ["--listen", self.listen, "--keys-dir", str(self.keys_dir)]
         self.recorder_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         line = self._read_line(self.recorder_proc.stdout, RECORDER_START_TIMEOUT)
         if line.strip() != b"ready":
