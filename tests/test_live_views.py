@@ -507,6 +507,7 @@ def _start_launch(xdg: str, guest: str, *args: str, stdin=subprocess.DEVNULL) ->
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             _, err = proc.communicate(timeout=DEADLINE)
+            shutil.rmtree(xdg, ignore_errors=True)
             pytest.fail(f"vmsup launch made no live socket (exit {proc.returncode}): {err.decode()}")
         time.sleep(0.02)
     return proc, env
