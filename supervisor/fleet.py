@@ -224,6 +224,18 @@ def _policy(values: dict, label: Callable[[str], str]) -> RestartPolicy:
         raise _Invalid("backoff" if backoff is not None else "restart", str(e)) from None
 
 
+_max_vcpus: list[int] = []
+
+
+def _host_max_vcpus() -> int:
+    """KVM's vCPU limit, asked once (opening /dev/kvm: a missing KVM is reported before any VM)."""
+    if not _max_vcpus:
+        from vmworker.kvm import Kvm
+        with Kvm() as kvm:
+            _max_vcpus.append(kvm.max_vcpus())
+    return _max_vcpus[0]
+
+
 def _image_key(reason: str, values: dict) -> str:
     """Which key an image problem is about, to point at its line (else the guest's)."""
     for fragment, key in (("entry ", "entry"), ("does not fit", "mem"), ("load address", "load_addr"),
@@ -280,9 +292,17 @@ def _resolve(values: dict, label: Callable[[str], str], base_dir: Path | None, l
     record_only = _record_only(label("record_only"), v["record_only"]) if "record_only" in v else None
     try:
         # The image is checked here, so bad input fails before any process or VM exists.
-        load_image(found.path, load_addr=load_addr, entry=entry, mode=mode).check_fits(mem_size)
+        image = load_image(found.path, load_addr=load_addr, entry=entry, mode=mode)
+        image.check_fits(mem_size)
     except GuestImageError as e:
         raise _Invalid(_image_key(e.reason, v), str(e)) from None
+    from vmworker.machine import check_vm_shape
+
+    try:
+        check_vm_shape(image, mem_size, vcpus, _host_max_vcpus())
+    except SpecError as e:
+        message = str(e).replace("--vcpus", label("vcpus"), 1)  # the machine's messages name the flag
+        raise _Invalid("vcpus" if "vcpus" in v else "mem" if "mem" in v else "guest", message) from None
     return FleetEntry(name=name, guest=found.path, count=count, mem_size=mem_size, vcpus=vcpus, mode=mode,
                       load_addr=load_addr, entry=entry, max_exits=max_exits, timeout=timeout, rss_limit=rss_limit,
                       policy=policy, serial_in=serial_in, record_only=record_only, line=line)

@@ -196,6 +196,16 @@ def test_bad_fleet_file_is_one_line_with_file_and_line(vmsup, fleet_dir, case):
     assert f"vmsup: error: {e.value}" == lines[0]
 
 
+@pytest.mark.kvm
+def test_vcpus_over_the_kvm_limit_in_a_fleet_names_its_line(vmsup, fleet_dir):
+    path = fleet_dir / "smp.toml"
+    path.write_text('[[vm]]\nguest = "smp"\nvcpus = 5000\n')
+    proc = vmsup("launch", "--fleet", str(path), "--no-trace")
+    lines = proc.stderr.splitlines()
+    assert lines == [lines[0]] and lines[0].startswith(f"vmsup: error: {path}:3: vcpus 5000 is over"), proc.stderr
+    assert "KVM limit" in lines[0] and proc.returncode == EXIT_BAD_INPUT
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["seed16", "--fleet", "{f}"], "GUESTS or --fleet FILE, not both"),
     (["--fleet", "{f}", "--mem", "32M"], "--mem describes one VM"),
