@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import time
 from enum import Enum
@@ -20,7 +22,10 @@ from . import render
 from .fleet import fleet_specs
 from .guests import resolve_guest
 from .keys import check_listen
+from . import runtime
+from .commands import COMMANDS, call
 from .launch import Launch, check_trace_path
+from .policy import RestartPolicy
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Run tiny KVM virtual machines and see every exit they make.")
@@ -60,8 +65,18 @@ def launch(
     no_trace: bool = typer.Option(False, "--no-trace", help="Do not write a trace file (live views still work)."),
     record_only: Optional[str] = typer.Option(None, "--record-only",
                                               help="Record only matching exits, e.g. reason=io,port=0x3f8."),
+    irqchip: Optional[bool] = typer.Option(None, "--irqchip/--no-irqchip",
+                                           help="In-kernel PIC, IOAPIC, LAPIC and PIT (default: on for multiboot kernels)."),
+    cmdline: str = typer.Option("", "--cmdline", help="Multiboot kernels: the command line they are given."),
+    keys: Optional[str] = typer.Option(None, "--keys", help="Type this key script on the VM's keyboard (i8042)."),
     listen: Optional[str] = typer.Option(None, "--listen", help="Also take events on tcp://HOST:PORT, CURVE-encrypted (needs 'vmsup keys')."),
     keys_dir: Optional[str] = typer.Option(None, "--keys-dir", help="CURVE keys for --listen [~/.config/vmsup/keys]."),
+    restart: str = typer.Option("no", "--restart", help="Restart policy: no, on-failure or always."),
+    retries: int = typer.Option(5, "--retries", help="Starts in a row that end within --startsecs before FATAL."),
+    startsecs: float = typer.Option(1.0, "--startsecs", help="A VM that ends sooner counts as a failed start."),
+    backoff_max: float = typer.Option(30.0, "--backoff-max", help="Cap of the exponential restart backoff (seconds)."),
+    rss_limit: Optional[str] = typer.Option(None, "--rss-limit", help="Kill a VM whose worker's RSS exceeds this (e.g. 256M)."),
+    detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; print the run id and return."),
 ) -> None:
     """Run VMs, one worker process each, recording every exit. One VM runs in the foreground,
     printing every exit; several show a live status table."""
@@ -71,22 +86,35 @@ def launch(
         if guests and fleet is None:
             specs = _build_specs(guests, vms=vms, mem=mem, load_addr=load_addr, entry=entry, mode=mode, vcpus=vcpus,
                                  max_exits=max_exits, timeout=timeout, quiet=quiet, serial_in=serial_in,
-                                 record_only=record_only)
+                                 record_only=record_only, irqchip=irqchip, cmdline=cmdline, keys=keys)
         else:
             specs = fleet_specs(ctx, fleet, guests, quiet=quiet)
+        try:
+            policy = RestartPolicy(mode=restart, retries=retries, startsecs=startsecs,
+                                   backoff_max=backoff_max,
+                                   backoff_initial=min(RestartPolicy.backoff_initial, backoff_max)).validate()
+        except ValueError as e:
+            raise SpecError(f"--restart: {e}") from None
+        rss = None if rss_limit is None else parse_size(rss_limit, "--rss-limit")
         trace_path = None if no_trace else (trace or _default_trace_path(specs[0].name))
         if trace_path:
             check_trace_path(trace_path)
-        foreground = len(specs) == 1
+        if detach:
+            raise typer.Exit(_detach(trace_path))
+        foreground = len(specs) == 1 and not os.environ.get(DETACHED_ENV)
         consoles = None if foreground else [_console_path(trace_path, s.name) for s in specs]
-        run = Launch(specs, trace_path, console_paths=consoles, foreground=foreground, listen=listen, keys_dir=keys_dir)
+        run = Launch(specs, trace_path, console_paths=consoles, foreground=foreground, listen=listen, keys_dir=keys_dir,
+                     policy=policy, rss_limit=rss)
         run.start()
+        _tell_detaching_parent(run.run_dir.run_id)
     except KvmError as e:
         _err(str(e))
         raise typer.Exit(status.EXIT_NO_KVM if e.ioctl.startswith("open ") else status.EXIT_VM_ERROR)
     except VmsupError as e:
         _err(str(e))
         raise typer.Exit(status.EXIT_BAD_INPUT)
+    for line in _image_lines(specs):
+        _info(line)
     _info(f"run {run.run_dir.run_id}: " + (f"recording to {trace_path}" if trace_path else "not recording (--no-trace)"))
     if foreground:
         outcome = run.wait()
@@ -95,8 +123,114 @@ def launch(
     raise typer.Exit(_report(outcome, foreground))
 
 
+# --detach: the launch re-runs itself in a new session; the child reports its run id on a pipe.
+DETACHED_ENV = "VMSUP_DETACHED_READY_FD"
+
+
+def _detach(trace_path: str | None) -> int:
+    argv = [a for a in sys.argv[1:] if a not in ("--detach", "-d")]
+    log_dir = os.path.dirname(os.path.abspath(trace_path)) if trace_path else str(runtime.base_dir())
+    os.makedirs(log_dir, exist_ok=True)
+    log_path = os.path.join(log_dir, f"vmsup-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    read_fd, write_fd = os.pipe()
+    with open(log_path, "ab") as log:
+        child = subprocess.Popen([sys.executable, "-m", "supervisor", *argv], stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=log, pass_fds=(write_fd,), start_new_session=True,
+                                 env={**os.environ, DETACHED_ENV: str(write_fd)})
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        run_id = pipe.readline().decode(errors="replace").strip()
+    if not run_id:
+        child.wait(timeout=10)
+        tail = open(log_path, errors="replace").read().strip().splitlines()
+        _err(tail[-1].removeprefix("vmsup: error: ") if tail else "the background launch did not start")
+        return child.returncode or status.EXIT_VM_ERROR
+    _info(f"run {run_id} started in the background (pid {child.pid}); log: {log_path}")
+    typer.echo(run_id)
+    return 0
+
+
+def _tell_detaching_parent(run_id: str) -> None:
+    fd = os.environ.pop(DETACHED_ENV, None)
+    if fd is not None:
+        try:
+            os.write(int(fd), run_id.encode() + b"\n")
+            os.close(int(fd))
+        except (OSError, ValueError):
+            pass
+
+
+# Control commands: each CLI command is a thin shell around one class in supervisor.commands.
+def _run_of_vm(target: str | None, run: str | None) -> runtime.RunDir:
+    """The run to send a VM command to: --run, the only run, or the one run that has that VM."""
+    if run is not None or target is None:
+        return runtime.find_run(run)
+    runs = runtime.live_runs()
+    if len(runs) <= 1:
+        return runtime.find_run(None)
+    having = []
+    for rd in runs:
+        try:
+            vms = call(rd, COMMANDS["ps"].request(), timeout=2.0)["vms"]
+        except VmsupError:
+            continue
+        if any(target in (vm["name"], str(vm["vm"])) for vm in vms):
+            having.append(rd)
+    if len(having) == 1:
+        return having[0]
+    ids = ", ".join(r.run_id for r in (having or runs))
+    raise runtime.RuntimeDirError(f"{'several runs have' if having else 'no run has'} a VM named {target!r} "
+                                  f"(runs: {ids}): pick one with --run ID")
+
+
+def _control(command_name: str, target: str | None, all_vms: bool, run: str | None) -> dict:
+    command = COMMANDS[command_name]
+    try:
+        request = command.request(target, all_vms) if command.takes_target else command.request()
+        return call(_run_of_vm(None if all_vms else target, run), request)
+    except VmsupError as e:
+        _err(str(e))
+        raise typer.Exit(status.EXIT_BAD_INPUT)
+
+
+@app.command()
+def ps(run: Optional[str] = typer.Option(None, "--run", help="Only this run."),
+       json_out: bool = typer.Option(False, "--json", help="JSON for scripts.")) -> None:
+    """List running launches and their VMs: state, pid, uptime, exits, restarts."""
+    runs = [runtime.find_run(run)] if run else runtime.live_runs()
+    replies = []
+    for rd in runs:
+        try:
+            replies.append(call(rd, COMMANDS["ps"].request()))
+        except VmsupError as e:
+            replies.append({"run": rd.run_id, "error": str(e), "vms": []})
+    if json_out:
+        typer.echo(json.dumps(replies, indent=1))
+    elif not replies:
+        typer.echo("no vmsup launch is running")
+    else:
+        render.ps_table(replies, out_console())
+
+
+def _target_command(name: str):
+    def command(vm: Optional[str] = typer.Argument(None, help="VM name (or id)."),
+                all_vms: bool = typer.Option(False, "--all", help="Every VM of the run."),
+                run: Optional[str] = typer.Option(None, "--run", help="The run (when several are running).")) -> None:
+        reply = _control(name, vm, all_vms, run)
+        done = next(iter(reply.values()), [])
+        _info(f"{name}: {', '.join(done) if done else 'nothing to do'}")
+
+    command.__doc__ = COMMANDS[name].help
+    return command
+
+
+for _name in ("stop", "pause", "resume", "kill"):
+    app.command(name=_name)(_target_command(_name))
+
+
 def _build_specs(guests: list[str], *, vms: int, mem: str, load_addr, entry, mode, vcpus, max_exits, timeout,
-                 quiet: bool, serial_in: str, record_only: str | None) -> list[VmSpec]:
+                 quiet: bool, serial_in: str, record_only: str | None, irqchip: bool | None = None,
+                 cmdline: str = "", keys: str | None = None) -> list[VmSpec]:
     from vmworker.loader import load_image
     from vmworker.memory import validate_mem_size
 
@@ -122,10 +256,14 @@ def _build_specs(guests: list[str], *, vms: int, mem: str, load_addr, entry, mod
             max_exits=max_exits, timeout=timeout,
             # Several VMs share one terminal: no per-exit lines, and no shared stdin.
             quiet=quiet or several, serial_input=None if serial_in == "none" or (several and serial_in == "-") else serial_in,
-            record_filter=record_only,
+            record_filter=record_only, irqchip=irqchip, cmdline=cmdline,
+            keys=None if keys is None else os.path.abspath(keys),
         ).validate()
         # Check everything here, so bad input fails in one line before any process or VM exists.
         image = load_image(base.guest, load_addr=base.load_addr, entry=base.entry, mode=base.mode)
+        if keys is not None:
+            from vmworker.devices.keyboard import parse_key_script
+            parse_key_script(keys)  # unknown key names: one line with file:line, before any VM
         check_vm_shape(image, mem_size, base.vcpus, host_max_vcpus())
         if base.serial_input not in (None, "-"):
             _check_readable(base.serial_input, "serial input")
@@ -160,6 +298,23 @@ def host_max_vcpus() -> int:
         with Kvm() as kvm:
             _max_vcpus.append(kvm.max_vcpus())
     return _max_vcpus[0]
+
+
+def _image_lines(specs: list[VmSpec]) -> list[str]:
+    """`NAME: multiboot ELF32 kernel, entry 0x100000` — the format each distinct guest was loaded as."""
+    from vmworker.loader import load_image
+
+    lines, seen = [], set()
+    for s in specs:
+        key = (s.guest, s.load_addr, s.entry, s.mode)
+        if key not in seen:
+            seen.add(key)
+            try:
+                image = load_image(s.guest, load_addr=s.load_addr, entry=s.entry, mode=s.mode)
+            except VmsupError:
+                continue  # the worker reports it
+            lines.append(f"{os.path.basename(s.guest)}: {image.describe()}")
+    return lines
 
 
 def _default_trace_path(name: str) -> str:
@@ -201,6 +356,14 @@ def _report(outcome, foreground: bool) -> int:
     if not foreground:
         render.summary_table(outcome, err_console())
     return max(codes) if codes else 0
+
+
+def out_console():
+    from rich.console import Console
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=200)  # scripts and pipes: never wrap a row
+    return console
 
 
 def err_console():

@@ -18,11 +18,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import msgpack
+import zmq
+
+from tracetool import schema
 from vmworker import status
 from vmworker.errors import VmsupError
+from vmworker.publisher import EventPublisher
+from vmworker.signals import PAUSE_SIGNAL, RESUME_SIGNAL
 from vmworker.spec import VmSpec
 
 from . import runtime
+from .policy import RestartPolicy
 from .recorder import RecorderClient
 
 # A worker ends itself at --timeout; if it is wedged past this grace, the supervisor kills it.
@@ -120,12 +127,68 @@ class LaunchOutcome:
     notes: list[str] = field(default_factory=list)
 
 
+class VmSlot:
+    """One VM of the run across its restarts: its spec, policy, current worker and state."""
+
+    TERMINAL = ("exited", "fatal", "stopped")
+
+    def __init__(self, spec: VmSpec, policy: RestartPolicy, rss_limit: int | None, console: str | None) -> None:
+        self.spec = spec
+        self.policy = policy
+        self.rss_limit = rss_limit
+        self.console = console
+        self.state = "starting"
+        self.worker: Worker | None = None
+        self.epoch = -1
+        self.restarts = 0
+        self.failed_starts = 0  # consecutive runs shorter than policy.startsecs
+        self.next_start = 0.0
+        self.result: dict | None = None
+        self.detail = ""
+        self.stop_requested = False
+        self.stop_deadline: float | None = None
+        self.limit_hit: str | None = None  # a supervisor-enforced limit that ended this epoch
+        self.exits_before = 0  # exits of earlier epochs
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in self.TERMINAL
+
+    @property
+    def pid(self) -> int | None:
+        return self.worker.proc.pid if self.worker is not None and not self.worker.done else None
+
+    def describe(self) -> dict:
+        uptime = time.monotonic() - self.worker.started if self.worker is not None and not self.worker.done else 0.0
+        last = self.result or {}
+        return {"vm": self.spec.vm_id, "name": self.spec.name, "state": self.state, "pid": self.pid,
+                "epoch": max(self.epoch, 0), "restarts": self.restarts, "uptime": uptime,
+                "exits": self.exits_before + (last.get("exits", 0) if self.worker is None or self.worker.done else 0),
+                "status": last.get("status"), "detail": self.detail or last.get("detail", "")}
+
+
+def _rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class Launch:
-    """Start the recorder and the workers; `wait()` until all VMs ended; return the outcome."""
+    """Start the recorder and the workers, supervise them (restart policy, limits, control
+    commands) until every VM reached a final state, then close the trace."""
+
+    STOP_TIMEOUT = 5.0  # SIGTERM, then SIGKILL after this long: nothing stays stuck in "stopping"
+    RSS_CHECK_SECONDS = 0.5
 
     def __init__(self, specs: list[VmSpec], trace_path: str | None, record: bool = True,
                  console_paths: list[str | None] | None = None, foreground: bool = True,
-                 listen: str | None = None, keys_dir: str | None = None) -> None:
+                 listen: str | None = None, keys_dir: str | None = None,
+                 policy: RestartPolicy | None = None, rss_limit: int | None = None) -> None:
         self.specs = specs
         self.listen = listen  # an extra tcp events endpoint (CURVE, keys in keys_dir): supervisor/keys.py
         self.keys_dir = keys_dir
@@ -135,27 +198,35 @@ class Launch:
         self.foreground = foreground
         self.run_dir: runtime.RunDir | None = None
         self.recorder_proc: subprocess.Popen | None = None
-        self.workers: list[Worker] = []
+        self.slots: list[VmSlot] = []
+        for spec, console in zip(specs, self.console_paths):
+            slot_policy = RestartPolicy(**spec.extra["policy"]) if "policy" in spec.extra else (policy or RestartPolicy())
+            self.slots.append(VmSlot(spec, slot_policy, spec.extra.get("rss_limit", rss_limit), console))
         self._signalled = None
+        self._context: zmq.Context | None = None
+        self._lifecycle: EventPublisher | None = None
+        self._control = None
+        self.started_wall = time.time()
+
+    @property
+    def workers(self) -> list[Worker]:
+        return [s.worker for s in self.slots if s.worker is not None]
 
     def start(self) -> None:
         self.run_dir = runtime.create_run()
-        self.run_dir.write_info({"id": self.run_dir.run_id, "pid": os.getpid(), "started": time.time(),
+        self.run_dir.write_info({"id": self.run_dir.run_id, "pid": os.getpid(), "started": self.started_wall,
                                  "trace": self.trace_path, "vms": [s.name for s in self.specs]})
+        self._context = zmq.Context()
+        if self.trace_path and os.path.exists(self.trace_path):
+            # As perf record does: the previous trace of that name is kept once, as NAME.old.
+            os.replace(self.trace_path, self.trace_path + ".old")
         if self.record:
             self._start_recorder()
-        for spec in self.specs:
-            spec.bus_endpoint = self.run_dir.events_endpoint if self.record else None
-        for spec, console in zip(self.specs, self.console_paths):
-            if self.foreground:
-                self.workers.append(Worker(spec))
-            else:
-                out = open(console, "wb") if console else subprocess.DEVNULL
-                try:
-                    self.workers.append(Worker(spec, stdout=out, stdin=subprocess.DEVNULL))
-                finally:
-                    if console:
-                        out.close()
+            self._lifecycle = EventPublisher(self._context, self.run_dir.events_endpoint, lambda: True)
+        self._control = self._context.socket(zmq.REP)
+        self._control.bind(self.run_dir.control_endpoint)
+        for slot in self.slots:
+            self._spawn(slot)
 
     def _start_recorder(self) -> None:
         meta = {"run_id": self.run_dir.run_id, "argv": sys.argv, "host": os.uname().nodename,
@@ -183,33 +254,176 @@ class Launch:
         reader.join(timeout)
         return box[0] if box else b""
 
+    # Lifecycle ------------------------------------------------------------------------------------
+    def _record(self, slot: VmSlot, event: str, **fields) -> None:
+        if self._lifecycle is not None:
+            self._lifecycle.send({"v": schema.SCHEMA_VERSION, "type": schema.MSG_LIFECYCLE, "vm": slot.spec.vm_id,
+                                  "epoch": max(slot.epoch, 0), "event": event, "name": slot.spec.name,
+                                  "t": time.monotonic_ns(), "wall": time.time_ns(), **fields})
+
+    def _spawn(self, slot: VmSlot) -> None:
+        slot.epoch += 1
+        spec = VmSpec.from_json(slot.spec.to_json())
+        spec.epoch = slot.epoch
+        spec.bus_endpoint = self.run_dir.events_endpoint if self.record else None
+        if self.foreground:
+            worker = Worker(spec)
+        else:
+            out = open(slot.console, "ab") if slot.console else subprocess.DEVNULL
+            try:
+                worker = Worker(spec, stdout=out, stdin=subprocess.DEVNULL)
+            finally:
+                if slot.console:
+                    out.close()
+        slot.worker = worker
+        slot.state = "starting"
+        slot.limit_hit = None
+        self._record(slot, "restart" if slot.epoch else "spawn", pid=worker.proc.pid)
+
+    def _ended(self, slot: VmSlot) -> None:
+        result = slot.worker.result
+        if slot.limit_hit:
+            result["status"], result["detail"] = slot.limit_hit, slot.detail
+            result["exit_code"] = status.EXIT_VM_ERROR
+        rc = result.get("worker_returncode", 0)
+        self._record(slot, "exit", pid=slot.worker.proc.pid, status=result.get("status"),
+                     code=rc if rc >= 0 else None, signal=-rc if rc < 0 else None, detail=result.get("detail", ""),
+                     no_record=bool(result.get("no_record")))
+        ran = result.get("wall_seconds", 0.0)
+        slot.exits_before += result.get("exits", 0)
+        slot.result = result
+        result["epoch"] = slot.epoch
+        if slot.stop_requested:
+            slot.state = "stopped"
+            return
+        if result.get("status") == status.ERROR:  # the VM cannot start: retrying would not help
+            slot.state = "exited"
+            return
+        failed = result.get("exit_code", status.EXIT_VM_ERROR) != 0
+        quick = ran < slot.policy.startsecs
+        slot.failed_starts = slot.failed_starts + 1 if quick else 0
+        if not slot.policy.wants_restart(failed):
+            slot.state = "exited"
+        elif quick and slot.failed_starts > slot.policy.retries:
+            slot.state = "fatal"
+            slot.detail = (f"gave up after {slot.failed_starts} starts in a row that ended within "
+                           f"{slot.policy.startsecs:g} s; last: {result.get('status')}")
+            self._record(slot, "give-up", status="fatal", detail=slot.detail)
+        else:
+            slot.state = "backoff"
+            delay = slot.policy.delay(max(1, slot.failed_starts))
+            slot.next_start = time.monotonic() + delay
+            slot.restarts += 1
+            slot.detail = f"restarting in {delay:.2f} s"
+
+    def stop_slot(self, slot: VmSlot, kill: bool = False) -> None:
+        """Stop a VM for good: TERM (the worker ends its VM and flushes), KILL after STOP_TIMEOUT."""
+        slot.stop_requested = True
+        if slot.state == "backoff":
+            slot.state = "stopped"
+            self._record(slot, "stop", status="stopped")
+            return
+        if slot.worker is not None and not slot.worker.done:
+            self._record(slot, "kill" if kill else "stop")
+            if slot.state == "paused":
+                slot.worker.signal(RESUME_SIGNAL)
+            slot.worker.signal(signal.SIGKILL if kill else signal.SIGTERM)
+            slot.state = "stopping"
+            slot.stop_deadline = time.monotonic() + self.STOP_TIMEOUT
+
+    def pause_slot(self, slot: VmSlot, pause: bool) -> bool:
+        if slot.worker is None or slot.worker.done or slot.state not in (("starting", "running") if pause else ("paused",)):
+            return False
+        slot.worker.signal(PAUSE_SIGNAL if pause else RESUME_SIGNAL)
+        slot.state = "paused" if pause else "running"
+        self._record(slot, "pause" if pause else "resume")
+        return True
+
+    def _tick(self, now: float, check_rss: bool) -> None:
+        for slot in self.slots:
+            worker = slot.worker
+            if worker is not None and worker.done and not slot.terminal and slot.state != "backoff":
+                self._ended(slot)
+            elif slot.state == "backoff" and now >= slot.next_start:
+                slot.detail = ""
+                self._spawn(slot)
+            elif worker is not None and not worker.done:
+                if slot.state == "starting" and now - worker.started >= slot.policy.startsecs:
+                    slot.state = "running"
+                if slot.state == "stopping" and slot.stop_deadline is not None and now > slot.stop_deadline:
+                    worker.signal(signal.SIGKILL)
+                    slot.stop_deadline = None
+                worker.enforce_timeout()
+                if check_rss and slot.rss_limit and slot.limit_hit is None:
+                    rss = _rss_bytes(worker.proc.pid)
+                    if rss is not None and rss > slot.rss_limit:
+                        slot.limit_hit = "rss-limit"
+                        slot.detail = f"worker RSS {rss >> 20} MiB over the limit of {slot.rss_limit >> 20} MiB"
+                        worker.signal(signal.SIGKILL)
+
     def _on_signal(self, signum, _frame) -> None:
-        # Ctrl-C reaches workers from the terminal too; forwarding makes `kill -INT/-TERM` on the
-        # supervisor alone work the same. A worker stops its VM and reports (first reason wins).
+        # Ctrl-C reaches workers from the terminal too; handling it here as well makes `kill -TERM`
+        # on the supervisor alone stop everything the same way.
         self._signalled = signum
-        for w in self.workers:
-            w.signal(signum)
+
+    def _stop_all(self) -> None:
+        for slot in self.slots:
+            if not slot.terminal:
+                self.stop_slot(slot)
 
     def wait(self, on_tick=None, tick: float = 0.5) -> LaunchOutcome:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            next_tick = time.monotonic()
-            while not all(w.done for w in self.workers):
-                time.sleep(0.05)
-                for w in self.workers:
-                    w.enforce_timeout()
-                if on_tick is not None and time.monotonic() >= next_tick:
+            next_tick = next_rss = time.monotonic()
+            stopping_all = False
+            while not all(slot.terminal for slot in self.slots):
+                if self._signalled is not None and not stopping_all:
+                    stopping_all = True
+                    self._stop_all()
+                if self._control.poll(50):
+                    self._serve_control()
+                now = time.monotonic()
+                self._tick(now, check_rss=now >= next_rss)
+                if now >= next_rss:
+                    next_rss = now + self.RSS_CHECK_SECONDS
+                if on_tick is not None and now >= next_tick:
                     on_tick(self)
-                    next_tick = time.monotonic() + tick
-            results = [w.join() for w in self.workers]
+                    next_tick = now + tick
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        results = [self._final_result(slot) for slot in self.slots]
         outcome = LaunchOutcome(results=results, run_id=self.run_dir.run_id, trace=self.trace_path)
+        if self._lifecycle is not None:
+            self._lifecycle.close()
         if self.recorder_proc is not None:
             outcome.recorder = self._finish_recorder(results)
+        self._control.close(linger=0)
+        self._context.term()
         self.run_dir.remove()
         return outcome
+
+    def _final_result(self, slot: VmSlot) -> dict:
+        result = dict(slot.result or {"name": slot.spec.name, "status": status.WORKER_DIED})
+        result["restarts"] = slot.restarts
+        result["exits_all_epochs"] = slot.exits_before
+        if slot.state == "fatal":
+            result["status"], result["detail"] = "fatal", slot.detail
+            result["exit_code"] = status.EXIT_VM_ERROR
+        elif slot.state == "stopped" and result.get("status") != status.ERROR:
+            # Stopped on request (vmsup stop, Ctrl-C, SIGTERM): the VM did what it was asked.
+            result["detail"] = f"on request, after {result.get('status', 'no start')}"
+            result["status"] = "stopped"
+            result["exit_code"] = status.EXIT_OK
+        return result
+
+    def _serve_control(self) -> None:
+        from .commands import handle_request
+        try:
+            raw = self._control.recv(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        self._control.send(msgpack.packb(handle_request(self, raw), use_bin_type=True))
 
     def recorder_stats(self) -> dict | None:
         if self.recorder_proc is None or self.recorder_proc.poll() is not None:
@@ -221,9 +435,9 @@ class Launch:
             client.close()
 
     def _finish_recorder(self, results: list[dict]) -> dict | None:
-        ended = [{"vm": spec.vm_id, "epoch": spec.epoch, "name": spec.name, "status": r["status"],
+        ended = [{"vm": slot.spec.vm_id, "epoch": max(slot.epoch, 0), "name": slot.spec.name, "status": r["status"],
                   "detail": r.get("detail", ""), "final_seq": None}
-                 for spec, r in zip(self.specs, results) if r.get("no_record") or r.get("status") == status.ERROR]
+                 for slot, r in zip(self.slots, results) if r.get("no_record") or r.get("status") == status.ERROR]
         client = RecorderClient(self.run_dir, timeout=30.0)
         try:
             stats = client.call("finish", ended_without_record=ended)

@@ -126,6 +126,8 @@ class Recorder:
                 self._vm_start(msg)
             elif kind == schema.MSG_VM_END:
                 self._vm_end(msg)
+            elif kind == schema.MSG_LIFECYCLE:
+                self._lifecycle(msg)
             else:
                 raise BadMessage(f"unknown type {kind!r}")
         except BadMessage as e:
@@ -214,9 +216,29 @@ class Recorder:
         self._vm(vm).state = str(msg.get("status", "ended"))[:64]
         self._write(lambda w: w.write_record(schema.MSG_VM_END, msg))
 
-    def _gap(self, vm: int, vcpu: int, epoch: int, first_missing: int, count: int, cause: str) -> None:
+    def _lifecycle(self, msg: dict) -> None:
+        vm, epoch = _int_field(msg, "vm", 1 << 31), _int_field(msg, "epoch", 1 << 31)
+        event = msg.get("event")
+        if not isinstance(event, str) or len(event) > 32:
+            raise BadMessage("lifecycle without an event")
+        stats = self._vm(vm)
+        if isinstance(msg.get("name"), str):
+            stats.name = msg["name"][:200]
+        if event in ("exit", "give-up", "stop"):
+            stats.state = str(msg.get("status", event))[:64]
+        self._write(lambda w: w.write_record(schema.MSG_LIFECYCLE, msg))
+        if event == "exit" and msg.get("no_record") and (vm, epoch) not in self.final_seq:
+            # The worker died without saying how far it got: whatever it had not yet flushed is
+            # lost, and only the kernel knew how much. Say so explicitly, per stream.
+            for (svm, vcpu, sepoch), next_seq in sorted(self.next_seq.items()):
+                if (svm, sepoch) == (vm, epoch):
+                    self._gap(vm, vcpu, epoch, next_seq, 0, f"worker died ({msg.get('detail', 'no result')}): "
+                              "events after this point were lost, count unknown", count_known=False)
+
+    def _gap(self, vm: int, vcpu: int, epoch: int, first_missing: int, count: int, cause: str,
+             count_known: bool = True) -> None:
         record = {"v": schema.SCHEMA_VERSION, "type": schema.MSG_GAP, "vm": vm, "vcpu": vcpu, "epoch": epoch,
-                  "first_missing": first_missing, "count": count, "cause": cause}
+                  "first_missing": first_missing, "count": count, "cause": cause, "count_known": count_known}
         self.gaps.append(record)
         self._write(lambda w: w.write_record(schema.MSG_GAP, record))
         self.live.send(msgpack.packb(record), flags=zmq.NOBLOCK)

@@ -92,3 +92,23 @@ def summary_table(outcome, console) -> None:
         table.add_row(r.get("name", "?"), what, str(exits), f"{run_s:.3f}",
                       f"{exits / run_s:,.0f}" if run_s else "-", str(r.get("exit_code", "?")))
     console.print(table)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def ps_table(replies: list[dict], console) -> None:
+    from rich.table import Table
+
+    table = Table(title_justify="left")
+    for col in ("run", "vm", "state", "pid", "uptime", "exits", "restarts", "detail"):
+        table.add_column(col, justify="right" if col in ("pid", "exits", "restarts") else "left")
+    for reply in replies:
+        if "error" in reply:
+            table.add_row(reply["run"], "", "unreachable", "", "", "", "", reply["error"])
+        for vm in reply.get("vms", []):
+            table.add_row(reply["run"], vm["name"], vm["state"], str(vm["pid"] or "-"), _duration(vm["uptime"]),
+                          str(vm["exits"]), str(vm["restarts"]), vm.get("detail") or "")
+    console.print(table)

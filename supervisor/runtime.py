@@ -5,6 +5,7 @@
         events.sock     ZeroMQ PULL: workers push event batches to the recorder (lossless)
         live.sock       ZeroMQ PUB: the recorder republishes them for tail/top (best effort)
         recorder.sock   ZeroMQ REP: the recorder's control socket (stats, finish)
+        control.sock    ZeroMQ REP: the supervisor's control socket (vmsup ps/stop/pause/resume/kill)
 
 Directories are created 0700 and checked to be ours, so no other user can reach the sockets
 (ipc sockets are files: the directory's permissions are the access control).
@@ -76,6 +77,10 @@ class RunDir:
     @property
     def recorder_endpoint(self) -> str:
         return f"ipc://{self.path / 'recorder.sock'}"
+
+    @property
+    def control_endpoint(self) -> str:
+        return f"ipc://{self.path / 'control.sock'}"
 
     @property
     def info_path(self) -> Path:

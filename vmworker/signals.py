@@ -1,0 +1,12 @@
+"""Signals a worker understands, named once for the worker and the supervisor.
+
+SIGUSR1 kicks a vCPU thread out of KVM_RUN (with kvm_run.immediate_exit, DESIGN.md); the
+real-time pair pauses and resumes the VM (queued, and never confused with job control).
+SIGTERM / SIGINT stop the VM (status terminated / interrupted).
+"""
+
+import signal
+
+KICK_SIGNAL = signal.SIGUSR1
+PAUSE_SIGNAL = signal.SIGRTMIN + 1
+RESUME_SIGNAL = signal.SIGRTMIN + 2
