@@ -333,6 +333,8 @@ def _info(message: str) -> None:
 
 
 def _report(outcome, foreground: bool) -> int:
+    for note in outcome.notes:
+        _info(note)
     rec = outcome.recorder
     if outcome.trace:
         if rec is None:

@@ -203,6 +203,8 @@ class Launch:
             slot_policy = RestartPolicy(**spec.extra["policy"]) if "policy" in spec.extra else (policy or RestartPolicy())
             self.slots.append(VmSlot(spec, slot_policy, spec.extra.get("rss_limit", rss_limit), console))
         self._signalled = None
+        self.recorder_restarts = 0
+        self.notes: list[str] = []
         self._context: zmq.Context | None = None
         self._lifecycle: EventPublisher | None = None
         self._control = None
@@ -228,7 +230,7 @@ class Launch:
         for slot in self.slots:
             self._spawn(slot)
 
-    def _start_recorder(self) -> None:
+    def _start_recorder(self, resume: bool = False) -> None:
         meta = {"run_id": self.run_dir.run_id, "argv": sys.argv, "host": os.uname().nodename,
                 "started_wall_ns": time.time_ns(), "vms": [s.to_json() for s in self.specs]}
         cmd = [sys.executable, "-m", "supervisor.recorder", "--run-dir", str(self.run_dir.path),
@@ -237,11 +239,16 @@ class Launch:
             cmd += ["--trace", self.trace_path]
         if self.listen:
             cmd += ["--listen", self.listen, "--keys-dir", str(self.keys_dir)]
+        if resume:
+            cmd.append("--resume")
         self.recorder_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         line = self._read_line(self.recorder_proc.stdout, RECORDER_START_TIMEOUT)
         if line.strip() != b"ready":
             self.recorder_proc.kill()
             self.recorder_proc.wait()
+            if resume:
+                raise LaunchError("the recorder died and could not be restarted: " +
+                                  (line.decode(errors="replace").strip() or "no answer"))
             self.run_dir.remove()
             why = line.decode(errors="replace").strip().removeprefix("error: ") or "the recorder did not start"
             raise LaunchError(why)
@@ -339,7 +346,26 @@ class Launch:
         self._record(slot, "pause" if pause else "resume")
         return True
 
+    def _check_recorder(self) -> None:
+        """A recorder that died (kill -9, a crash) is restarted on the same trace; workers' PUSH
+        sockets reconnect by themselves, and what died with it shows up as gap records."""
+        if self.recorder_proc is None or self.recorder_proc.poll() is None:
+            return
+        self.recorder_restarts += 1
+        self.notes.append(f"the recorder died ({self.recorder_proc.returncode}) and was restarted")
+        for name in ("events.sock", "live.sock", "recorder.sock"):
+            try:
+                os.unlink(self.run_dir.path / name)  # a stale ipc file would make the new bind fail
+            except FileNotFoundError:
+                pass
+        try:
+            self._start_recorder(resume=True)
+        except LaunchError as e:
+            self.notes.append(str(e))
+            self.recorder_proc = None
+
     def _tick(self, now: float, check_rss: bool) -> None:
+        self._check_recorder()
         for slot in self.slots:
             worker = slot.worker
             if worker is not None and worker.done and not slot.terminal and slot.state != "backoff":
@@ -393,7 +419,7 @@ class Launch:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         results = [self._final_result(slot) for slot in self.slots]
-        outcome = LaunchOutcome(results=results, run_id=self.run_dir.run_id, trace=self.trace_path)
+        outcome = LaunchOutcome(results=results, run_id=self.run_dir.run_id, trace=self.trace_path, notes=self.notes)
         if self._lifecycle is not None:
             self._lifecycle.close()
         if self.recorder_proc is not None:

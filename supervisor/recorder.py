@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import signal
 import sys
 import time
@@ -72,7 +73,7 @@ class VmStats:
 
 class Recorder:
     def __init__(self, run_dir: RunDir, trace_path: str | None, run_meta: dict, writer_factory=None,
-                 listen: str | None = None, keys_dir: str | None = None) -> None:
+                 listen: str | None = None, keys_dir: str | None = None, resume: bool = False) -> None:
         self.context = zmq.Context()
         self.events = self.context.socket(zmq.PULL)
         self.events.setsockopt(zmq.RCVHWM, EVENTS_RCVHWM)
@@ -92,10 +93,16 @@ class Recorder:
         self.trace_path = trace_path
         self.writer = None
         if trace_path:
-            if writer_factory is None:
-                from tracetool.trace_file import TraceWriter as writer_factory
-            self.writer = writer_factory(trace_path, run_meta)
-        self.next_seq: dict[tuple[int, int, int], int] = {}
+            from tracetool.trace_file import TraceWriter
+            if resume and os.path.exists(trace_path):
+                # A restarted recorder continues the file its predecessor left; sequence numbers
+                # pick up where the file ends, so whatever died with it becomes a gap record.
+                self.writer, resumed_seq = TraceWriter.resume(trace_path)
+            else:
+                self.writer, resumed_seq = (writer_factory or TraceWriter)(trace_path, run_meta), {}
+        else:
+            resumed_seq = {}
+        self.next_seq: dict[tuple[int, int, int], int] = dict(resumed_seq)
         self.final_seq: dict[tuple[int, int], list[int]] = {}  # (vm, epoch) -> per-vCPU final seq
         self.vms: dict[int, VmStats] = {}
         self.events_recorded = 0
@@ -391,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-meta", default="{}")
     parser.add_argument("--listen", default=None, help="also take events on this tcp endpoint (CURVE)")
     parser.add_argument("--keys-dir", default=None, help="CURVE keys for --listen (supervisor/keys.py)")
+    parser.add_argument("--resume", action="store_true", help="continue an existing trace (a restarted recorder)")
     args = parser.parse_args(argv)
     # Ctrl-C belongs to the supervisor, which asks us to finish; if the supervisor dies, the
     # kernel sends SIGTERM (PR_SET_PDEATHSIG) and we close the file cleanly.
@@ -400,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
     run_dir = RunDir(Path(args.run_dir).name, Path(args.run_dir))
     try:
-        recorder = Recorder(run_dir, args.trace, json.loads(args.run_meta), listen=args.listen, keys_dir=args.keys_dir)
+        recorder = Recorder(run_dir, args.trace, json.loads(args.run_meta), listen=args.listen, keys_dir=args.keys_dir,
+                            resume=args.resume)
     except VmsupError as e:  # --listen: keys or the tcp endpoint
         print(f"error: {e}", flush=True)
         return 2

@@ -486,6 +486,40 @@ class TraceWriter:
             os.close(self._fd)
             raise
 
+    @classmethod
+    def resume(cls, path, *, block_events: int = DEFAULT_BLOCK_EVENTS) -> tuple["TraceWriter", dict]:
+        """Continue a trace whose writer died (a restarted recorder): keep every whole block, cut
+        a torn tail (or the index footer of a clean close), append after it.
+
+        Returns the writer and {(vm, vcpu, epoch): next sequence number} of what the file holds.
+        A resumed file gets no index footer (its block list would miss the earlier session); the
+        reader scans such a file in full, as after a crash.
+        """
+        with TraceReader(path) as reader:
+            ends = [e.offset + _BLOCK_HEAD.size + e.length for e in reader._entries if e.type != BlockType.INDEX]
+            end = max(ends) if ends else reader._data_start
+            next_seq = {(st.vm, st.vcpu, st.epoch): st.last_seq + 1 for st in reader.streams()}
+        self = cls.__new__(cls)
+        self.path = os.fspath(path)
+        self.block_events = block_events
+        self._cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        self._pending = {}
+        self._index = None
+        self._totals = {}
+        self._failed = None
+        self._closed = False
+        self._resumed = True
+        self.events = 0
+        self.blocks = 0
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            os.ftruncate(self._fd, end)
+            os.lseek(self._fd, end, os.SEEK_SET)
+        except OSError as e:
+            raise TraceWriteError(self.path, f"cannot reopen the trace file: {e.strerror}", e.errno) from None
+        self._offset = end
+        return self, next_seq
+
     @property
     def offset(self) -> int:
         """Bytes written so far: the file is readable up to here."""
@@ -650,7 +684,9 @@ class TraceWriter:
         if self._closed:
             return
         try:
-            if self._failed is None:
+            if self._failed is None and getattr(self, "_resumed", False):
+                self.flush()
+            elif self._failed is None:
                 self.flush()
                 index_at = self._offset
                 blocks = None if self._index is None else {
