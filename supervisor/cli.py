@@ -78,8 +78,10 @@ def launch(
     rss_limit: Optional[str] = typer.Option(None, "--rss-limit", help="Kill a VM whose worker's RSS exceeds this (e.g. 256M)."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; print the run id and return."),
 ) -> None:
-    """Run VMs, one worker process each, recording every exit. One VM runs in the foreground,
-    printing every exit; several show a live status table."""
+    """Run VMs, one worker process each, recording every exit.
+
+    One VM runs in the foreground and prints every exit; several show a live status table.
+    """
     try:
         if listen is not None:
             listen, keys_dir = check_listen(listen, keys_dir)
