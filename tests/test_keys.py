@@ -201,9 +201,13 @@ def test_only_clients_with_an_authorised_key_reach_the_recorder_over_tcp(keys_di
     context = zmq.Context()
     clients: list[Client] = []
     try:
-        first = stderr.get(timeout=DEADLINE)
-        assert first.startswith("vmsup: run "), first  # printed once the recorder is bound and ready
-        run_id = first.split()[2].rstrip(":")
+        until = time.monotonic() + DEADLINE
+        while True:  # "vmsup: run ID: …" is printed once the recorder is bound and ready
+            line = stderr.get(timeout=max(0.0, until - time.monotonic()))
+            assert "error" not in line, line
+            if line.startswith("vmsup: run "):
+                break
+        run_id = line.split()[2].rstrip(":")
         recorder = RecorderClient(RunDir(run_id, runtime / "vmsup" / run_id), timeout=5.0)
 
         def stats() -> dict:
