@@ -49,13 +49,16 @@ def worker_command(spec: VmSpec, result_fd: int) -> list[str]:
 class Worker:
     """One worker process and the thread that collects its result."""
 
-    def __init__(self, spec: VmSpec, stdout=None, stdin=None) -> None:
+    def __init__(self, spec: VmSpec, stdout=None, stdin=None, own_group: bool = False) -> None:
         self.spec = spec
         self.result: dict | None = None
         self.started = time.monotonic()
         read_fd, write_fd = os.pipe()
         try:
-            self.proc = subprocess.Popen(worker_command(spec, write_fd), pass_fds=(write_fd,), stdout=stdout, stdin=stdin)
+            # own_group: a background worker is out of the terminal's reach (Ctrl-C goes to the
+            # supervisor, which stops it in order); a foreground one shares the terminal for stdin.
+            self.proc = subprocess.Popen(worker_command(spec, write_fd), pass_fds=(write_fd,), stdout=stdout, stdin=stdin,
+                                         process_group=0 if own_group else None)
         finally:
             os.close(write_fd)
         self._thread = threading.Thread(target=self._collect, args=(read_fd,), name=f"collect-{spec.name}", daemon=True)
@@ -278,7 +281,7 @@ class Launch:
         else:
             out = open(slot.console, "ab") if slot.console else subprocess.DEVNULL
             try:
-                worker = Worker(spec, stdout=out, stdin=subprocess.DEVNULL)
+                worker = Worker(spec, stdout=out, stdin=subprocess.DEVNULL, own_group=True)
             finally:
                 if slot.console:
                     out.close()

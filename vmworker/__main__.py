@@ -6,7 +6,13 @@ Runs exactly one VM. Guest console text and (unless quiet) one line per exit go 
 
 from __future__ import annotations
 
-import argparse
+import signal
+
+# Ctrl-C in the terminal reaches a foreground worker too; until the VM's own handler is in place
+# (run_spec), ignore it, so an early one cannot kill the interpreter mid-import.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+import argparse  # noqa: E402
 import ctypes
 import json
 import os
@@ -15,6 +21,7 @@ import sys
 
 from . import status
 from .devices.console import Console
+from .devices.keyboard import KeyFeeder, parse_key_script
 from .devices.serial_input import SerialInput
 from .devices.standard import standard_devices
 from .errors import GuestImageError, KvmError, SpecError, VmsupError
@@ -22,13 +29,10 @@ from .exit_log import ExitLog
 from .loader import load_image
 from .machine import Machine
 from .recording import Recording
+from .signals import PAUSE_SIGNAL, RESUME_SIGNAL
 from .spec import VmSpec
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-# The supervisor pauses and resumes a worker's VM with these (real-time signals: queued, never
-# confused with the kick signal SIGUSR1 or job control).
-PAUSE_SIGNAL = signal.SIGRTMIN + 1
-RESUME_SIGNAL = signal.SIGRTMIN + 2
 
 
 def _die_with_parent() -> None:
@@ -57,12 +61,27 @@ def _serial_input(source: str | None) -> SerialInput:
         raise SpecError(f"serial input {source}: {e.strerror or e}") from None
 
 
+def _wire_keyboard(machine: Machine, i8042, key_steps) -> KeyFeeder | None:
+    """IRQ 1 from the i8042 into the in-kernel irqchip (if any); a thread typing the key script."""
+    if machine.irqchip:
+        vm = machine.vm
+        i8042.connect_irq(lambda level: vm.irq_line(1, level))
+    if not key_steps:
+        return None
+    feeder = KeyFeeder(i8042, key_steps)
+    feeder.start()
+    return feeder
+
+
 def run_spec(spec: VmSpec) -> dict:
     """Build and run the VM of `spec`; a JSON-able result, errors included."""
     recording = None
     try:
         spec.validate()
         image = load_image(spec.guest, load_addr=spec.load_addr, entry=spec.entry, mode=spec.mode)
+        key_steps = parse_key_script(spec.keys) if spec.keys else None
+        # In-kernel PIC/IOAPIC/LAPIC + PIT: asked for, or by default for a multiboot kernel.
+        irqchip = spec.irqchip if spec.irqchip is not None else image.multiboot is not None
         out = sys.stdout.buffer
         console = Console(out, line_buffered=not spec.quiet)
         port_bus, mmio_bus, _devices = standard_devices(console, _serial_input(spec.serial_input))
@@ -71,7 +90,8 @@ def run_spec(spec: VmSpec) -> dict:
             recording = Recording(spec, image)
         with Machine(spec.name, image, spec.mem_size, spec.vcpus, port_bus, mmio_bus, exit_log=exit_log,
                      max_exits=spec.max_exits, timeout=spec.timeout,
-                     batchers=recording.batchers if recording else None) as machine:
+                     batchers=recording.batchers if recording else None, irqchip=irqchip,
+                     cmdline=spec.cmdline) as machine:
             if recording:
                 # Once the VM is stopping, a recorder that takes nothing may not hold it forever.
                 recording.set_stopping_check(lambda: machine.ctx.stopping)
@@ -81,7 +101,10 @@ def run_spec(spec: VmSpec) -> dict:
             signal.signal(RESUME_SIGNAL, lambda *_: machine.resume())
             if recording:
                 recording.start()
+            feeder = _wire_keyboard(machine, _devices["i8042"], key_steps)
             result = machine.run()
+            if feeder is not None:
+                feeder.stop()
             if recording:
                 recording.set_stopping_check(lambda: True)
         console.flush()
@@ -90,6 +113,7 @@ def run_spec(spec: VmSpec) -> dict:
         out.flush()
         data = result.to_json()
         data.update(format=image.format, mode=image.mode, sha256=image.sha256)
+        data["irqchip"] = irqchip
         if recording:
             data["recording"] = recording.end(data)
         return data
