@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Optional
 
@@ -250,6 +251,117 @@ def _json_lines(chunk: dict, t0: int) -> list[str]:
             event["port"] = addr
         lines.append(json.dumps(event, separators=(",", ":")) + "\n")
     return lines
+
+
+# --- shared helpers -------------------------------------------------------------------------------
+def _event_filter(vm=None, vcpu=None, epoch=None, reason=None, port=None, addr=None, where=None) -> EventFilter | None:
+    """The command's filter flags as one EventFilter (None: everything); bad text ends the command."""
+    try:
+        event_filter = EventFilter.from_options(vm=vm, vcpu=vcpu, epoch=epoch, reason=reason, port=port, addr=addr)
+        event_filter &= parse_filter(where)
+    except FilterError as e:
+        _err(str(e))
+        raise typer.Exit(EXIT_BAD_INPUT)
+    return None if event_filter.matches_everything else event_filter
+
+
+@contextmanager
+def _reading(trace: str, *, warn: bool = True, **kwargs):
+    """Open a trace for a command: its warnings on stderr; a TraceError anywhere inside ends the
+    command with one line and exit code 2."""
+    try:
+        with TraceReader(trace, **kwargs) as reader:
+            if warn:
+                _warn_reader(trace, reader.torn_tail, reader.warnings)
+            yield reader
+    except TraceError as e:
+        sys.stdout.flush()
+        _err(str(e))
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _console(file=None):
+    from rich.console import Console
+    out = file or sys.stdout
+    # Piped into a file or grep, cells wrapped at 80 columns would split words; use wide lines.
+    return Console(file=out, highlight=False, width=None if out.isatty() else 200)
+
+
+def _dump_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+_VM_OPT = typer.Option(None, "--vm", help="VM id(s): 0 or 0|2.")
+_VCPU_OPT = typer.Option(None, "--vcpu", help="vCPU id(s).")
+_EPOCH_OPT = typer.Option(None, "--epoch", help="Epoch(s) (a VM's restarts).")
+_REASON_OPT = typer.Option(None, "--reason", help="Exit reason(s) by name or number: io|mmio.")
+_PORT_OPT = typer.Option(None, "--port", help="I/O port(s), decimal or 0x-hex (implies io).")
+_ADDR_OPT = typer.Option(None, "--addr", help="MMIO address(es) (implies mmio).")
+_FILTER_OPT = typer.Option(None, "--filter", "-f", help="A filter expression: vm=0,reason=io|mmio,port=0x10.")
+
+
+# --- summary --------------------------------------------------------------------------------------
+@app.command()
+def summary(
+    trace: str = typer.Argument(..., help="A trace file written by the vmsup recorder."),
+    by: str = typer.Option("reason", "--by", help="Group by reason, ioport (port:direction), mmio (address:R/W), vcpu or vm."),
+    sort: str = typer.Option("count", "--sort", help="Order groups by count, time (total handling time) or max (longest handling)."),
+    vm: Optional[str] = _VM_OPT, vcpu: Optional[str] = _VCPU_OPT, epoch: Optional[str] = _EPOCH_OPT,
+    reason: Optional[str] = _REASON_OPT, port: Optional[str] = _PORT_OPT, addr: Optional[str] = _ADDR_OPT,
+    where: Optional[str] = _FILTER_OPT,
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
+) -> None:
+    """Exits per group with count, %, time% and min/max/mean/stddev/p50/p99 of guest and handling time."""
+    from . import summary as summary_mod
+    if by not in summary_mod.GROUPINGS:
+        _err(f"unknown --by {by!r} (choose from {', '.join(summary_mod.GROUPINGS)})")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if sort not in summary_mod.SORTS:
+        _err(f"unknown --sort {sort!r} (choose from {', '.join(summary_mod.SORTS)})")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    event_filter = _event_filter(vm, vcpu, epoch, reason, port, addr, where)
+    with _reading(trace) as reader:
+        data = summary_mod.summarize(reader, by=by, sort=sort, where=event_filter)
+    if as_json:
+        _dump_json(data)
+    else:
+        _render_summary(data)
+
+
+def _usec(ns) -> str:
+    return "-" if ns is None else f"{ns / 1000:.2f}"
+
+
+def _render_summary(data: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    console = _console()
+    by = data["by"]
+    title = {"reason": "Exits by reason", "ioport": "I/O exits by port:direction", "mmio": "MMIO exits by address:R/W",
+             "vcpu": "Exits by vCPU", "vm": "Exits by VM"}[by]
+    if data["filter"]:
+        title += f" ({data['filter']})"
+    t = Table(title=title + " — times in µs", title_justify="left", title_style="bold")
+    head = ["key", "count", "%", "time%"]
+    for metric in ("guest", "handle"):
+        head += [f"{metric} mean", "±sd", "min", "p50", "p99", "max"]
+    for i, name in enumerate(head):
+        t.add_column(name, justify="left" if i == 0 else "right")
+    for g in data["groups"]:
+        key = g["key"] + (f" ({g['name']})" if g.get("name") else "")
+        cells = [key, str(g["count"]), f"{g['pct']:.2f}", f"{g['time_pct']:.2f}"]
+        for metric in ("guest", "handle"):
+            m = g[metric]
+            cells += [_usec(m["mean_ns"]), _usec(m["stddev_ns"]), _usec(m["min_ns"]), _usec(m["p50_ns"]),
+                      _usec(m["p99_ns"]), _usec(m["max_ns"])]
+        t.add_row(*(Text(c) for c in cells))
+    console.print(t)
+    note = (f"{data['events']} events; guest time {data['guest_total_ns'] / 1e9:.6f} s, "
+            f"handling time {data['handle_total_ns'] / 1e9:.6f} s (time% is each group's share of it)")
+    if not data["percentiles_exact"]:
+        note += "; percentiles approximate (too many outliers to keep: log histogram, <0.4% error)"
+    console.print(Text(note))
 
 
 @app.callback()
