@@ -364,6 +364,43 @@ def _render_summary(data: dict) -> None:
     console.print(Text(note))
 
 
+# --- console --------------------------------------------------------------------------------------
+@app.command()
+def console(
+    trace: str = typer.Argument(..., help="A trace file written by the vmsup recorder."),
+    vm: Optional[int] = typer.Option(None, "--vm", min=0, help="Only this VM's console."),
+    source: str = typer.Option("all", "--source", help="all, uart (COM1 at 0x3f8) or debugcon (port 0xe9)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document: text and byte counts per VM."),
+) -> None:
+    """The guest's serial and debug-port output, rebuilt from its recorded port writes."""
+    from . import console as console_mod
+    if source not in console_mod.SOURCES:
+        _err(f"unknown --source {source!r} (choose from {', '.join(console_mod.SOURCES)})")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    with _reading(trace) as reader:
+        if vm is not None and vm not in {s.vm for s in reader.streams()}:
+            _err(f"{trace}: no events of vm {vm} in this trace")
+            raise typer.Exit(EXIT_BAD_INPUT)
+        texts = console_mod.rebuild(reader, vm=vm, source=source)
+    for t in texts:
+        for note in t.notes:
+            _warn(note)
+    if as_json:
+        _dump_json({"vms": [t.as_json() for t in texts]})
+        return
+    out = sys.stdout.buffer
+    if len(texts) == 1:
+        out.write(texts[0].text)  # exactly what the guest wrote
+    else:
+        for t in texts:
+            if not t.text:
+                continue
+            name = f" ({t.name})" if t.name else ""
+            out.write(f"--- vm {t.vm}{name} ---\n".encode())
+            out.write(t.text if t.text.endswith(b"\n") else t.text + b"\n")
+    out.flush()
+
+
 @app.callback()
 def _root() -> None:
     """Analyse vmsup exit traces."""
