@@ -23,6 +23,7 @@ from .trace_file import TraceError, TraceReader
 
 EXIT_BAD_INPUT = 2  # as vmsup: bad input, an unreadable trace (typer uses 2 for usage errors too)
 EXIT_INTERRUPTED = 130
+EXIT_PROBLEMS = 1  # verify found problems; diff found differences (as diff(1))
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Analyse vmsup exit traces.")
@@ -399,6 +400,124 @@ def console(
             out.write(f"--- vm {t.vm}{name} ---\n".encode())
             out.write(t.text if t.text.endswith(b"\n") else t.text + b"\n")
     out.flush()
+
+
+# --- verify ---------------------------------------------------------------------------------------
+@app.command()
+def verify(
+    trace: str = typer.Argument(..., help="A trace file written by the vmsup recorder."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of lines."),
+) -> None:
+    """Check every block's checksum, the schema and sequence continuity; exit 1 on any problem."""
+    from . import verify as verify_mod
+    try:
+        data = verify_mod.verify(trace)
+    except TraceError as e:
+        _err(str(e))
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if as_json:
+        _dump_json(data)
+    else:
+        out = sys.stdout
+        for p in data["problems"]:
+            where = "" if p["offset"] is None else f"offset {p['offset']}: "
+            out.write(f"{trace}: {where}{p['reason']}\n")
+        if data["more_problems"]:
+            out.write(f"{trace}: … and {data['more_problems']} more problems\n")
+        c = data["checked"]
+        if data["ok"]:
+            state = "closed cleanly" if c["closed_cleanly"] else "no index footer (the recorder did not finish)"
+            out.write(f"{trace}: ok: {c['blocks']} blocks, {c['events']} events in {c['streams']} streams; "
+                      f"checksums, schema and sequence numbers verified; {state}\n")
+    raise typer.Exit(0 if data["ok"] else EXIT_PROBLEMS)
+
+
+# --- diff -----------------------------------------------------------------------------------------
+@app.command()
+def diff(
+    trace_a: str = typer.Argument(..., metavar="A", help="The first trace."),
+    trace_b: str = typer.Argument(..., metavar="B", help="The trace to compare with it."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of tables."),
+) -> None:
+    """Compare two traces of the same guest: first divergence and count differences per reason.
+    Exit 0 when they match, 1 when they differ (timing alone is not a difference)."""
+    from . import diff as diff_mod
+    try:
+        data = diff_mod.diff(trace_a, trace_b)
+    except TraceError as e:
+        _err(str(e))
+        raise typer.Exit(EXIT_BAD_INPUT)
+    for w in data["warnings"]:
+        _warn(w)
+    if as_json:
+        _dump_json(data)
+    else:
+        _render_diff(data)
+    raise typer.Exit(0 if data["same"] else EXIT_PROBLEMS)
+
+
+def _stream_name(d: dict) -> str:
+    return f"vm {d['vm']} vcpu {d['vcpu']}" + (f" epoch {d['epoch']}" if d["epoch"] else "")
+
+
+def _divergence_line(d: dict) -> str:
+    when = "" if d.get("t_rel_ns") is None else f" (t=+{d['t_rel_ns'] / 1e9:.6f} s)"
+    head = f"{_stream_name(d)} seq {d['seq']}{when}: "
+    if d["field"] == "stream":
+        return head + f"stream only in {'A' if d['a'] else 'B'} ({d['a'] or d['b']})"
+    if d["field"] == "event":
+        if d["a"] is None:
+            return head + f"A has no such event (its stream ends or skips it); B: {d['b']}"
+        return head + f"B has no such event (its stream ends or skips it); A: {d['a']}"
+    others = ", ".join(f"{f} {v[0]} vs {v[1]}" for f, v in d["fields"].items())
+    return head + f"{d['field']} differs: A {d['a']}, B {d['b']} [{others}] — A: {d['a_event']}; B: {d['b_event']}"
+
+
+def _render_diff(data: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    console = _console()
+    console.print(Text(f"A: {data['a']} ({data['events']['a']} events)\nB: {data['b']} ({data['events']['b']} events)"))
+    for g in data["guests"]:
+        a, b = g["a"] or {}, g["b"] or {}
+        if g["same"]:
+            console.print(Text(f"vm {g['vm']}: {a.get('name')} ({str(a.get('sha256'))[:16]}) in both"))
+        else:
+            console.print(Text(f"vm {g['vm']}: A {a.get('name')} ({str(a.get('sha256'))[:16]}), "
+                               f"B {b.get('name')} ({str(b.get('sha256'))[:16]}) — different guests"))
+    first = data["first_divergence"]
+    if first is None:
+        console.print(Text(f"no divergence: every event matches in {', '.join(data['compared_fields'])}"))
+    else:
+        console.print(Text("first divergence: " + _divergence_line(first)))
+        others = [d for d in data["stream_divergences"] if d is not first]
+        for d in others[:10]:
+            console.print(Text("  also: " + _divergence_line(d)))
+        if len(others) > 10:
+            console.print(Text(f"  … and {len(others) - 10} more streams diverge"))
+    t = Table(title="Exits per reason", title_justify="left", title_style="bold")
+    for name in ("reason", "A", "B", "B − A"):
+        t.add_column(name, justify="left" if name == "reason" else "right")
+    for c in data["counts"]:
+        t.add_row(c["reason"], str(c["a"]), str(c["b"]), f"{c['delta']:+d}" if c["delta"] else "0")
+    console.print(t)
+    t = Table(title="Timing per reason (µs; not a divergence: runs never repeat their timing)", title_justify="left",
+              title_style="bold")
+    t.add_column("reason")
+    cols = [("guest", "mean_ns"), ("guest", "p99_ns"), ("handle", "mean_ns"), ("handle", "p99_ns")]
+    for metric, stat in cols:
+        label = f"{metric} {stat[:-3]}"
+        for side in ("A", "B"):
+            t.add_column(f"{label} {side}", justify="right")
+        t.add_column("Δ%", justify="right")
+    for entry in data["timing"]:
+        cells = [entry["reason"]]
+        for metric, stat in cols:
+            v = entry[f"{metric}_{stat}"]
+            cells += [_usec(v["a"]), _usec(v["b"]), "-" if v["change_pct"] is None else f"{v['change_pct']:+.1f}"]
+        t.add_row(*cells)
+    console.print(t)
 
 
 @app.callback()

@@ -1,0 +1,179 @@
+"""`vmtrace diff A B`: what changed between two traces of the same guest.
+
+Behaviour and timing are kept apart. Two runs of a deterministic guest make the same exits in
+the same order, but never at the same times (host noise, preemption). So a *divergence* is an
+event that differs in what the guest did — reason, direction, address or port, size, count or
+data — compared stream by stream ((vm, vcpu, epoch)) and sequence number by sequence number;
+a stream that ends earlier, or one that only one trace has, diverges too. The first divergence
+of each stream is reported (seq, field, both values), and the earliest of them in time is
+"the" first divergence. Timing is reported next to it, not as a divergence: per exit reason,
+counts and mean / p50 / p99 of guest and handling time in both traces.
+
+Streams are compared block by block with numpy (one decoded block of each side at a time).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from . import analysis, schema
+from .summary import summarize
+from .trace_file import TraceReader
+
+FIELDS = ("reason", "flags", "addr", "size", "count", "data")  # what the guest did; not timing
+_SEQ = schema.SEQ_COLUMN[0]
+_COLS = (*FIELDS, _SEQ, "t_exit")
+
+
+def describe(ev: dict) -> str:
+    """One event's behaviour as show prints it: `io out port=0x10 size=2 data=0x5`."""
+    reason, write = ev["reason"], ev["flags"] & schema.FLAG_WRITE
+    if reason == schema.REASON_IO:
+        text = f"io {'out' if write else 'in'} port={ev['addr']:#x} size={ev['size']} data={ev['data']:#x}"
+        return text + (f" count={ev['count']}" if ev["count"] != 1 else "")
+    if reason == schema.REASON_MMIO:
+        return f"mmio {'write' if write else 'read'} addr={ev['addr']:#x} size={ev['size']} data={ev['data']:#x}"
+    return schema.reason_name(reason) + (f" data={ev['data']:#x}" if ev["data"] else "")
+
+
+def _chunks(reader: TraceReader, key: tuple[int, int, int]) -> Iterator[dict[str, np.ndarray]]:
+    for batch in reader.exit_batches(*key):
+        if batch.n_rows:
+            yield {name: batch.columns[name] for name in _COLS}
+
+
+def _row(cols: dict, i: int) -> dict:
+    return {name: int(cols[name][i]) for name in _COLS}
+
+
+def _value(field: str, v: int):
+    if field == "reason":
+        return schema.reason_name(v)
+    if field == "flags":
+        return "write" if v & schema.FLAG_WRITE else "read"
+    if field in ("addr", "data"):
+        return f"{v:#x}"
+    return v
+
+
+def _divergence(key, seq: int, a: dict | None, b: dict | None, t0: int | None) -> dict:
+    out = {"vm": key[0], "vcpu": key[1], "epoch": key[2], "seq": seq}
+    if a is None or b is None:
+        present = a if b is None else b
+        out.update(field="event", a=describe(a) if a else None, b=describe(b) if b else None,
+                   fields={}, t_ns=present["t_exit"])
+    else:
+        fields = {f: [_value(f, a[f]), _value(f, b[f])] for f in FIELDS if a[f] != b[f]}
+        first = next(iter(fields))
+        out.update(field=first, a=fields[first][0], b=fields[first][1], fields=fields,
+                   a_event=describe(a), b_event=describe(b), t_ns=min(a["t_exit"], b["t_exit"]))
+    out["t_rel_ns"] = None if t0 is None else out["t_ns"] - t0
+    return out
+
+
+def _first_divergence(ra: TraceReader, rb: TraceReader, key, t0: int | None) -> dict | None:
+    """The first event of stream `key` where A and B differ, or None when they are the same."""
+    ia, ib = _chunks(ra, key), _chunks(rb, key)
+    a = b = None
+    while True:
+        if a is None or not len(a[_SEQ]):
+            a = next(ia, None)
+        if b is None or not len(b[_SEQ]):
+            b = next(ib, None)
+        if a is None and b is None:
+            return None
+        if a is None or b is None:
+            side = b if a is None else a
+            row = _row(side, 0)
+            return _divergence(key, row[_SEQ], None if a is None else row, None if b is None else row, t0)
+        m = min(len(a[_SEQ]), len(b[_SEQ]))
+        differ = a[_SEQ][:m] != b[_SEQ][:m]
+        for name in FIELDS:
+            differ |= a[name][:m] != b[name][:m]
+        hits = np.flatnonzero(differ)
+        if len(hits):
+            j = int(hits[0])
+            ra_, rb_ = _row(a, j), _row(b, j)
+            if ra_[_SEQ] != rb_[_SEQ]:  # one side has an event the other lacks
+                seq = min(ra_[_SEQ], rb_[_SEQ])
+                return _divergence(key, seq, ra_ if ra_[_SEQ] == seq else None,
+                                   rb_ if rb_[_SEQ] == seq else None, t0)
+            return _divergence(key, ra_[_SEQ], ra_, rb_, t0)
+        a = {name: col[m:] for name, col in a.items()}
+        b = {name: col[m:] for name, col in b.items()}
+
+
+def _guests(reader: TraceReader) -> dict[int, dict]:
+    out = {}
+    for rec in reader.records(schema.MSG_VM_START):
+        if isinstance(rec.get("vm"), int):
+            out.setdefault(rec["vm"], {"name": rec.get("name"), "sha256": rec.get("sha256")})
+    return out
+
+
+def diff(path_a, path_b) -> dict:
+    """Everything `vmtrace diff` reports, as data. Raises TraceError for an unreadable trace."""
+    with TraceReader(path_a) as ra, TraceReader(path_b) as rb:
+        warnings = [f"{r.path}: torn tail at offset {r.torn_tail[0]} ({r.torn_tail[1]}); using the blocks before it"
+                    for r in (ra, rb) if r.torn_tail is not None]
+        warnings += [f"{r.path}: {w}" for r in (ra, rb) for w in r.warnings]
+        sa = {(s.vm, s.vcpu, s.epoch): s for s in ra.streams() if s.events}
+        sb = {(s.vm, s.vcpu, s.epoch): s for s in rb.streams() if s.events}
+        t0 = analysis.trace_start(ra)
+        streams = []
+        for key in sorted(set(sa) | set(sb)):
+            if key not in sb or key not in sa:
+                present = sa.get(key) or sb.get(key)
+                d = {"vm": key[0], "vcpu": key[1], "epoch": key[2], "seq": present.first_seq, "field": "stream",
+                     "a": f"{sa[key].events} events" if key in sa else None,
+                     "b": f"{sb[key].events} events" if key in sb else None, "fields": {},
+                     "t_ns": present.t_first, "t_rel_ns": None if t0 is None or present.t_first is None
+                     else present.t_first - t0}
+            else:
+                d = _first_divergence(ra, rb, key, t0)
+            if d is not None:
+                streams.append(d)
+        first = min(streams, key=lambda d: (d["t_ns"] if d["t_ns"] is not None else 1 << 63, d["vm"], d["vcpu"],
+                                            d["epoch"])) if streams else None
+        counts = _counts(ra, rb)
+        timing = _timing(ra, rb)
+        guests_a, guests_b = _guests(ra), _guests(rb)
+        guests = [{"vm": vm, "a": guests_a.get(vm), "b": guests_b.get(vm),
+                   "same": guests_a.get(vm) == guests_b.get(vm)} for vm in sorted(set(guests_a) | set(guests_b))]
+        events = (ra.event_count, rb.event_count)
+    count_diffs = [c for c in counts if c["delta"]]
+    return {"a": str(path_a), "b": str(path_b), "events": {"a": events[0], "b": events[1]},
+            "same": first is None and not count_diffs, "first_divergence": first, "stream_divergences": streams,
+            "compared_fields": list(FIELDS), "counts": counts, "count_differences": count_diffs,
+            "timing": timing, "guests": guests, "warnings": warnings}
+
+
+def _counts(ra: TraceReader, rb: TraceReader) -> list[dict]:
+    def by_reason(r: TraceReader) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for counts in analysis._events_by_vm_and_reason(r).values():
+            for code, n in counts.items():
+                out[code] = out.get(code, 0) + n
+        return out
+
+    a, b = by_reason(ra), by_reason(rb)
+    return [{"reason": schema.reason_name(code), "a": a.get(code, 0), "b": b.get(code, 0),
+             "delta": b.get(code, 0) - a.get(code, 0)} for code in sorted(set(a) | set(b))]
+
+
+def _timing(ra: TraceReader, rb: TraceReader) -> list[dict]:
+    sa = {g["key"]: g for g in summarize(ra)["groups"]}
+    sb = {g["key"]: g for g in summarize(rb)["groups"]}
+    out = []
+    for key in sorted(set(sa) | set(sb)):
+        entry = {"reason": key}
+        for metric in ("guest", "handle"):
+            for stat in ("mean_ns", "p50_ns", "p99_ns"):
+                va = sa[key][metric][stat] if key in sa else None
+                vb = sb[key][metric][stat] if key in sb else None
+                entry[f"{metric}_{stat}"] = {"a": va, "b": vb,
+                                             "change_pct": None if not va or vb is None else 100 * (vb - va) / va}
+        out.append(entry)
+    return out
