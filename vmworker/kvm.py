@@ -67,10 +67,17 @@ class Kvm:
         return self.check_extension(abi.KVM_CAP_MAX_VCPUS) or self.check_extension(abi.KVM_CAP_NR_VCPUS) or 4
 
     def supported_cpuid(self, max_entries: int = 256):
-        cpuid = abi.cpuid2_with_entries(max_entries)()
-        cpuid.nent = max_entries
-        _ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID, cpuid)
-        return cpuid
+        """KVM_GET_SUPPORTED_CPUID, retried with a larger array while the kernel says E2BIG."""
+        while True:
+            cpuid = abi.cpuid2_with_entries(max_entries)()
+            cpuid.nent = max_entries
+            try:
+                _ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID, cpuid)
+                return cpuid
+            except KvmError as e:
+                if e.errno != errno.E2BIG or max_entries >= 4096:
+                    raise
+                max_entries *= 2
 
     def create_vm(self) -> "Vm":
         return Vm(self, _ioctl(self.fd, abi.KVM_CREATE_VM, 0))
@@ -173,6 +180,19 @@ class Vcpu:
     def set_cpuid2(self, cpuid) -> None:
         _ioctl(self.fd, abi.KVM_SET_CPUID2, cpuid)
 
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE (a KVM_MP_STATE_* value). Blocks while another thread is in KVM_RUN."""
+        state = abi.kvm_mp_state()
+        _ioctl(self.fd, abi.KVM_GET_MP_STATE, state)
+        return state.mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        _ioctl(self.fd, abi.KVM_SET_MP_STATE, abi.kvm_mp_state(mp_state=mp_state))
+
+    def stats(self) -> "KvmStats":
+        """This vCPU's binary statistics (KVM_GET_STATS_FD), readable from any thread."""
+        return KvmStats(_ioctl(self.fd, abi.KVM_GET_STATS_FD))
+
     def set_guest_debug(self, control: int, debugreg: tuple[int, ...] = ()) -> None:
         dbg = abi.kvm_guest_debug(control=control)
         for i, value in enumerate(debugreg):
@@ -202,3 +222,37 @@ class Vcpu:
 
 
 _IMMEDIATE_EXIT = abi.run_offset("immediate_exit")
+
+
+class KvmStats:
+    """A KVM_GET_STATS_FD file (api.rst, "KVM_GET_STATS_FD"): a header, descriptors, then u64 data.
+
+    Owns its fd. Descriptors are read once; `read(name)` is one pread of the value, which needs no
+    lock on the vCPU, so another thread may sample a vCPU blocked in KVM_RUN.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        try:
+            head = abi.kvm_stats_header.from_buffer_copy(os.pread(fd, ctypes.sizeof(abi.kvm_stats_header), 0))
+            desc_size = ctypes.sizeof(abi.kvm_stats_desc) + head.name_size
+            raw = os.pread(fd, desc_size * head.num_desc, head.desc_offset)
+        except OSError as e:
+            os.close(fd)
+            raise KvmError("read(stats fd)", e.errno or 0) from None
+        self._offsets: dict[str, int] = {}
+        for i in range(head.num_desc):
+            at = i * desc_size
+            desc = abi.kvm_stats_desc.from_buffer_copy(raw, at)
+            name = raw[at + ctypes.sizeof(abi.kvm_stats_desc):at + desc_size].split(b"\0", 1)[0].decode()
+            self._offsets[name] = head.data_offset + desc.offset
+        self.names = frozenset(self._offsets)
+
+    def read(self, name: str) -> int:
+        """The (first) u64 of statistic `name`; KeyError if this kernel has no such statistic."""
+        return int.from_bytes(os.pread(self.fd, 8, self._offsets[name]), "little")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

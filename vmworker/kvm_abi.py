@@ -133,6 +133,32 @@ class kvm_pit_config(Structure):
 KVM_PIT_SPEAKER_DUMMY = 1
 
 
+class kvm_mp_state(Structure):
+    _fields_ = [("mp_state", c_uint32)]
+
+
+# kvm_mp_state.mp_state values (KVM_GET_MP_STATE / KVM_SET_MP_STATE).
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_UNINITIALIZED = 1  # an AP waiting for INIT (in-kernel LAPIC only)
+KVM_MP_STATE_INIT_RECEIVED = 2  # an AP waiting for SIPI
+KVM_MP_STATE_HALTED = 3  # executed HLT, waiting for an interrupt (in-kernel LAPIC only)
+KVM_MP_STATE_SIPI_RECEIVED = 4
+
+
+class kvm_stats_header(Structure):
+    """The head of a KVM_GET_STATS_FD file (Documentation/virt/kvm/api.rst, "KVM_GET_STATS_FD")."""
+
+    _fields_ = [("flags", c_uint32), ("name_size", c_uint32), ("num_desc", c_uint32), ("id_offset", c_uint32),
+                ("desc_offset", c_uint32), ("data_offset", c_uint32)]
+
+
+class kvm_stats_desc(Structure):
+    """One statistic's descriptor; `name_size` bytes of name follow (the header's flexible array)."""
+
+    _fields_ = [("flags", c_uint32), ("exponent", ctypes.c_int16), ("size", c_uint16), ("offset", c_uint32),
+                ("bucket_size", c_uint32)]
+
+
 class kvm_guest_debug(Structure):
     _fields_ = [("control", c_uint32), ("pad", c_uint32), ("arch", kvm_guest_debug_arch)]
 
@@ -298,6 +324,8 @@ KVM_SET_REGS = _IOW(KVMIO, 0x82, kvm_regs)
 KVM_GET_SREGS = _IOR(KVMIO, 0x83, kvm_sregs)
 KVM_SET_SREGS = _IOW(KVMIO, 0x84, kvm_sregs)
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
+KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, kvm_mp_state)
+KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
 KVM_SET_GUEST_DEBUG = _IOW(KVMIO, 0x9B, kvm_guest_debug)
 
 # Every structure the oracle test compares with the C header (name → ctypes type).
@@ -308,7 +336,8 @@ ABI_STRUCTS: dict[str, type] = {
     "kvm_userspace_memory_region": kvm_userspace_memory_region, "kvm_irq_level": kvm_irq_level,
     "kvm_pit_config": kvm_pit_config, "kvm_guest_debug": kvm_guest_debug,
     "kvm_coalesced_mmio_zone": kvm_coalesced_mmio_zone, "kvm_coalesced_mmio": kvm_coalesced_mmio,
-    "kvm_run": kvm_run,
+    "kvm_run": kvm_run, "kvm_mp_state": kvm_mp_state, "kvm_stats_header": kvm_stats_header,
+    "kvm_stats_desc": kvm_stats_desc,
 }
 
 # Every ioctl number, by header name, for the oracle test.
@@ -317,7 +346,8 @@ IOCTLS: dict[str, int] = {name: globals()[name] for name in (
     "KVM_GET_SUPPORTED_CPUID", "KVM_CREATE_VCPU", "KVM_SET_USER_MEMORY_REGION", "KVM_SET_TSS_ADDR",
     "KVM_SET_IDENTITY_MAP_ADDR", "KVM_CREATE_IRQCHIP", "KVM_IRQ_LINE", "KVM_REGISTER_COALESCED_MMIO",
     "KVM_UNREGISTER_COALESCED_MMIO", "KVM_CREATE_PIT2", "KVM_GET_STATS_FD", "KVM_RUN", "KVM_GET_REGS",
-    "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_SET_CPUID2", "KVM_SET_GUEST_DEBUG")}
+    "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_SET_CPUID2", "KVM_SET_GUEST_DEBUG",
+    "KVM_GET_MP_STATE", "KVM_SET_MP_STATE")}
 
 # Prevent a silent struct drift: the union must be exactly the header's 256 bytes.
 assert sizeof(_kvm_run_exit) == 256, sizeof(_kvm_run_exit)
