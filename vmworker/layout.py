@@ -5,6 +5,8 @@
     0x0000_2000  BOOT_PML4     long-mode page tables: PML4, one PDPT, four PDs
     0x0000_3000  BOOT_PDPT       (identity map of the first 4 GiB in 2 MiB pages)
     0x0000_4000  BOOT_PD         .. 0x7fff
+    0x0000_8000  MULTIBOOT_INFO  multiboot kernels: the info structure, memory map, loader name and
+                                 command line the VMM writes for them (.. 0x9fff)
     0x0001_0000  DEFAULT_LOAD_ADDR  flat guests (the seed guest is linked here)
     ...          RAM up to the VM's --mem size (at most MEM_CAP)
     0xC000_0000  MMIO hole: never RAM, so device windows cannot collide with it
@@ -22,6 +24,23 @@ BOOT_PML4 = 0x2000
 BOOT_PDPT = 0x3000
 BOOT_PD = 0x4000  # four consecutive PDs: 4 x 512 x 2 MiB = 4 GiB
 BOOT_TABLES_END = 0x8000
+
+# What the VMM hands a multiboot kernel (Multiboot 0.6.96 §3.3: the info structure, and what its
+# pointers point to, may sit anywhere the OS can read). Right after the boot tables and below
+# DEFAULT_LOAD_ADDR, so it never meets a flat guest, nor a kernel loaded at 1 MiB as they usually
+# are; an image that would overlap it is refused (MULTIBOOT_AREA_END). The memory map reports all of
+# low RAM as available: the kernel may reuse these pages once it has read them, as with GRUB.
+MULTIBOOT_INFO = 0x8000  # struct multiboot_info, 88 bytes
+MULTIBOOT_MMAP = 0x8100  # memory map entries, 24 bytes each (3 used)
+MULTIBOOT_LOADER_NAME = 0x8200  # "vmsup\0"
+MULTIBOOT_CMDLINE = 0x8400  # --cmdline, NUL-terminated, up to MULTIBOOT_AREA_END
+MULTIBOOT_AREA_END = 0xA000
+MULTIBOOT_CMDLINE_MAX = MULTIBOOT_AREA_END - MULTIBOOT_CMDLINE - 1  # bytes, without the NUL
+
+# The PC's low-memory map as a multiboot memory map describes it: conventional RAM below 640 KiB,
+# the VGA/ROM hole up to 1 MiB (reserved: the VGA text buffer lives at 0xB8000), RAM from 1 MiB.
+LOW_RAM_END = 0xA0000
+HIGH_RAM_START = 0x100000
 
 # KVM_SET_TSS_ADDR needs three pages the guest never uses (Intel VMX real-mode emulation);
 # put them at the very top of the 32-bit space, inside the MMIO hole, as QEMU/kvmtool do.

@@ -1,4 +1,5 @@
-"""Guest images: flat binaries and ELF32/ELF64 executables, parsed and checked before any VM exists.
+"""Guest images: multiboot kernels, ELF32/ELF64 executables and flat binaries, parsed and checked
+before any VM exists.
 
 A loader only reads the file and describes what goes where (`GuestImage`); placing it in RAM is
 `GuestImage.load_into`. Every malformed or misfitting image fails with GuestImageError(path, reason).
@@ -10,9 +11,13 @@ import hashlib
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import layout
 from .errors import GuestImageError
+
+if TYPE_CHECKING:
+    from .multiboot import MultibootHeader
 
 MODES = ("real", "protected", "long")
 
@@ -44,21 +49,34 @@ class Segment:
 @dataclass(frozen=True)
 class GuestImage:
     path: str
-    format: str  # "flat" | "elf32" | "elf64"
+    format: str  # "flat" | "elf32" | "elf64" | "multiboot"
     mode: str  # CPU mode to enter in
     entry: int
     segments: tuple[Segment, ...]
     sha256: str
     size: int = field(default=0)
+    multiboot: "MultibootHeader | None" = None  # the header of a multiboot kernel
+
+    def describe(self) -> str:
+        """One line for people: the format chosen and where it enters, e.g. for `vmsup launch`."""
+        if self.multiboot is not None:
+            return f"multiboot {self.multiboot.kind} kernel, entry {self.entry:#x}"
+        if self.format == "flat":
+            return (f"flat binary, {self.size} bytes at {self.segments[0].gpa:#x}, entry {self.entry:#x}, "
+                    f"{self.mode} mode")
+        return f"{self.format.upper()} executable, entry {self.entry:#x}, {self.mode} mode"
 
     def check_fits(self, mem_size: int) -> None:
+        # A multiboot kernel also keeps clear of the boot information the VMM writes for it.
+        low_end, what = ((layout.MULTIBOOT_AREA_END, "boot tables and multiboot information")
+                         if self.multiboot is not None else (layout.BOOT_TABLES_END, "boot tables"))
         for seg in self.segments:
             if seg.gpa + seg.memsz > mem_size:
                 raise GuestImageError(self.path, f"image ({seg.gpa:#x}..{seg.gpa + seg.memsz:#x}) does not fit in "
                                                  f"{mem_size >> 20} MiB of guest memory")
-            if seg.gpa < layout.BOOT_TABLES_END and self.mode != "real":
-                raise GuestImageError(self.path, f"segment at {seg.gpa:#x} overlaps the VMM's boot tables below "
-                                                 f"{layout.BOOT_TABLES_END:#x}")
+            if seg.gpa < low_end and self.mode != "real":
+                raise GuestImageError(self.path, f"segment at {seg.gpa:#x} overlaps the VMM's {what} below "
+                                                 f"{low_end:#x}")
 
     def load_into(self, memory) -> None:
         for seg in self.segments:
@@ -88,8 +106,18 @@ def read_image_file(path: str) -> bytes:
 
 def load_image(path: str, *, load_addr: int | None = None, entry: int | None = None,
                mode: str | None = None) -> GuestImage:
-    """Parse `path` as ELF (by its magic) or as a flat binary placed at `load_addr`."""
+    """Parse `path` as a multiboot kernel (a header in its first 8 KiB), else as ELF (by its
+    magic), else as a flat binary placed at `load_addr`."""
+    from . import multiboot
+
     data = read_image_file(path)
+    header_at = multiboot.find_header(data)
+    if header_at is not None:
+        if load_addr is not None:
+            raise GuestImageError(path, "--load-addr applies to flat binaries; a multiboot kernel says where it loads")
+        if mode is not None and mode != "protected":
+            raise GuestImageError(path, f"a multiboot kernel is entered in protected mode, not {mode}")
+        return multiboot.parse_multiboot(path, data, header_at, entry=entry)
     if data[:4] == ELF_MAGIC:
         if load_addr is not None:
             raise GuestImageError(path, "--load-addr applies to flat binaries; an ELF says where it loads")
