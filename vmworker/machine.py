@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from . import kvm_abi as abi
 from . import layout, status, x86
 from .devices.bus import Bus
+from . import multiboot
 from .errors import SpecError
+from .halt_watch import HaltWatch
 from .kvm import Kvm
 from .loader import GuestImage
 from .memory import GuestMemory
@@ -89,6 +91,7 @@ class VcpuContext:
         # atomic under the GIL: an exact total across threads.
         self.exit_budget = itertools.count() if max_exits is not None and vcpus > 1 else None
         self.stopping = False
+        self.halt_probe = None  # set by halt_watch while it asks the vCPU threads whether they sleep for good
         self.paused = False
         self._resumed = threading.Event()
         self._resumed.set()
@@ -115,9 +118,11 @@ def check_vm_shape(image: GuestImage, mem_size: int, vcpus: int, max_vcpus: int)
 class Machine:
     def __init__(self, name: str, image: GuestImage, mem_size: int, vcpus: int, port_bus: Bus, mmio_bus: Bus,
                  exit_log=None, max_exits: int | None = None, timeout: float | None = None,
-                 kvm_path: str = "/dev/kvm", batchers: list | None = None) -> None:
+                 kvm_path: str = "/dev/kvm", batchers: list | None = None, irqchip: bool = False,
+                 cmdline: str = "") -> None:
         self.name = name
         self.image = image
+        self.irqchip = irqchip
         self.timeout = timeout
         self.batchers = batchers or [None] * vcpus
         self._lock = threading.Lock()
@@ -134,14 +139,30 @@ class Machine:
             self.vm = self.kvm.create_vm()
             self.memory = GuestMemory.with_ram(mem_size)
             self.vm.set_tss_addr(layout.TSS_ADDR)
+            if irqchip:
+                # Before any vCPU exists (api.rst, KVM_CREATE_IRQCHIP): PIC, IOAPIC and a LAPIC per vCPU,
+                # then the PIT. KVM_PIT_SPEAKER_DUMMY makes the kernel answer port 0x61 too (refresh
+                # toggle in bit 4, PIT channel 2 output in bit 5), so no userspace device sits there.
+                self.vm.create_irqchip()
+                self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
             self.memory.register(self.vm)
             image.load_into(self.memory)
             x86.write_boot_tables(self.memory, image.mode)
+            boot_info = multiboot.write_boot_info(self.memory, mem_size, cmdline) if image.multiboot else None
+            cpuid = self.kvm.supported_cpuid()
             load_addr = image.segments[0].gpa
             for i in range(vcpus):
                 vcpu = self.vm.create_vcpu(i)
+                vcpu.set_cpuid2(x86.cpuid_for_vcpu(cpuid, i))  # first: other state is checked against it
                 vcpu.set_sregs(x86.initial_sregs(vcpu.get_sregs(), image.mode, load_addr))
-                vcpu.set_regs(x86.initial_regs(image.mode, image.entry, load_addr, i, mem_size))
+                regs = x86.initial_regs(image.mode, image.entry, load_addr, i, mem_size)
+                if boot_info is not None:  # Multiboot 0.6.96 §3.2: EAX = loader magic, EBX = the info
+                    regs.rax, regs.rbx = multiboot.BOOTLOADER_MAGIC, boot_info
+                vcpu.set_regs(regs)
+                if irqchip and i > 0 and boot_info is None:
+                    # An in-kernel LAPIC parks APs until INIT/SIPI. Flat and ELF guests start every
+                    # vCPU at the entry (guest/README.md); a multiboot kernel gets the BSP only.
+                    vcpu.set_mp_state(abi.KVM_MP_STATE_RUNNABLE)
         except BaseException:
             self.close()
             raise
@@ -176,6 +197,10 @@ class Machine:
             self.ctx.paused = False
             self.ctx._resumed.set()
 
+    def kick_vcpus(self) -> None:
+        """Make every vCPU thread return from KVM_RUN once; each goes back in unless stopping or paused."""
+        self._kick_all()
+
     def _kick_all(self) -> None:
         for vcpu in self.vm.vcpus:
             vcpu.set_immediate_exit(True)
@@ -202,6 +227,9 @@ class Machine:
     # Running ------------------------------------------------------------------------------------
     def run(self) -> RunResult:
         signal.signal(KICK_SIGNAL, lambda *_: None)  # a handler (not SIG_IGN) so KVM_RUN sees EINTR
+        # With an irqchip KVM sleeps through HLT itself; halt_watch ends a VM halted for good. Made
+        # before the vCPU threads start: opening a vCPU's stats fd waits while it is in KVM_RUN.
+        watch = HaltWatch(self) if self.irqchip else None
         stats = [VcpuStats() for _ in self.vm.vcpus]
         remaining = [len(self.vm.vcpus)]
         count_lock = threading.Lock()
@@ -231,8 +259,12 @@ class Machine:
                 break
             self._done.wait(wait)
             self._kick_quiet_vcpus()
+            if watch is not None:
+                watch.tick()
         for t in self._threads:
             t.join()
+        if watch is not None:
+            watch.close()
         return self._result(stats)
 
     def _result(self, stats: list[VcpuStats]) -> RunResult:

@@ -54,6 +54,11 @@ class VmSpec:
     vm_id: int = 0
     epoch: int = 0
     record_filter: str | None = None
+    # Real kernels: the in-kernel PIC/IOAPIC/LAPIC and PIT (None = on for multiboot kernels only),
+    # the multiboot command line, and a key script (vmworker.devices.keyboard) typed into the i8042.
+    irqchip: bool | None = None
+    cmdline: str = ""
+    keys: str | None = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "VmSpec":
@@ -63,6 +68,11 @@ class VmSpec:
             raise SpecError(f"--max-exits must be at least 1, not {self.max_exits}")
         if self.timeout is not None and not self.timeout > 0:
             raise SpecError(f"--timeout must be a positive number of seconds, not {self.timeout}")
+        from .multiboot import check_cmdline
+        try:
+            check_cmdline(self.cmdline)
+        except ValueError as e:
+            raise SpecError(str(e)) from None
         return self
 
     def to_json(self) -> dict:

@@ -107,6 +107,8 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
                         flush_at = t1 + flush_ns
                 if _after_kick(vcpu, ctx):
                     break
+                if ctx.halt_probe is not None:  # halt_watch asks whether this vCPU sleeps for good
+                    stats.halted = ctx.halt_probe.answer(vcpu)
                 continue
             t1 = now_ns()
             n += 1

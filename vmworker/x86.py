@@ -148,3 +148,19 @@ def min_mem_for_stacks(mode: str, vcpus: int) -> int:
 
 def max_real_mode_vcpus() -> int:
     return 0x10000 // layout.REAL_MODE_STACK_SLOT
+
+
+def cpuid_for_vcpu(supported, vcpu_id: int):
+    """KVM_GET_SUPPORTED_CPUID's table with the per-CPU fields made this vCPU's (a copy).
+
+    The supported table describes the host's view; what differs per logical processor is its APIC ID
+    (SDM Vol. 2A, CPUID: leaf 01H EBX[31:24] "Initial APIC ID", leaves 0BH/1FH EDX "x2APIC ID"), which
+    must match the vCPU id KVM gave the in-kernel LAPIC.
+    """
+    cpuid = type(supported).from_buffer_copy(supported)
+    for entry in cpuid.entries[:cpuid.nent]:
+        if entry.function == 0x1:
+            entry.ebx = (entry.ebx & 0x00FF_FFFF) | ((vcpu_id & 0xFF) << 24)
+        elif entry.function in (0xB, 0x1F):
+            entry.edx = vcpu_id
+    return cpuid
