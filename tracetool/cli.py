@@ -520,6 +520,43 @@ def _render_diff(data: dict) -> None:
     console.print(t)
 
 
+# --- export ---------------------------------------------------------------------------------------
+@app.command()
+def export(
+    trace: str = typer.Argument(..., help="A trace file written by the vmsup recorder."),
+    fmt: str = typer.Option(..., "--format", help="perfetto (Chrome/Perfetto JSON timeline), csv or parquet."),
+    out: str = typer.Option(..., "--output", "-o", help="The file to write."),
+    vm: Optional[str] = _VM_OPT, vcpu: Optional[str] = _VCPU_OPT, epoch: Optional[str] = _EPOCH_OPT,
+    reason: Optional[str] = _REASON_OPT, port: Optional[str] = _PORT_OPT, addr: Optional[str] = _ADDR_OPT,
+    where: Optional[str] = _FILTER_OPT,
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                            help="A progress bar on stderr [default: when stderr is a terminal]."),
+) -> None:
+    """Write the events as a Perfetto timeline (open it in ui.perfetto.dev), CSV or Parquet."""
+    from . import export as export_mod
+    if fmt not in export_mod.FORMATS:
+        _err(f"unknown --format {fmt!r} (choose from {', '.join(export_mod.FORMATS)})")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    event_filter = _event_filter(vm, vcpu, epoch, reason, port, addr, where)
+    with _reading(trace) as reader:
+        show_bar = sys.stderr.isatty() if progress is None else progress
+        try:
+            if show_bar:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+                from rich.console import Console
+                total = reader.event_count if event_filter is None else None
+                with Progress(TextColumn(f"export {fmt}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                              console=Console(stderr=True), transient=True) as bar:
+                    task = bar.add_task("export", total=total)
+                    result = export_mod.export(reader, fmt, out, event_filter, lambda n: bar.advance(task, n))
+            else:
+                result = export_mod.export(reader, fmt, out, event_filter)
+        except export_mod.ExportError as e:
+            _err(str(e))
+            raise typer.Exit(EXIT_BAD_INPUT)
+    typer.echo(f"vmtrace: wrote {result['events']} events to {out} ({fmt}, {result['bytes']} bytes)", err=True)
+
+
 @app.callback()
 def _root() -> None:
     """Analyse vmsup exit traces."""

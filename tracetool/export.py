@@ -1,0 +1,287 @@
+"""`vmtrace export`: a trace as a Perfetto/Chrome timeline (JSON), CSV or Parquet.
+
+Events go out in time order (the order `vmtrace show` prints), in chunks of numpy columns;
+text formats are built with tracetool._text (no Python object per event).
+
+Perfetto/Chrome JSON trace event format: one process per VM ("vm 0 seed16"), one thread per
+vCPU ("vcpu 0"), named by metadata ("M") events; each exit is a complete ("X") slice that starts
+when KVM_RUN returned and lasts its handling time (until the vCPU entered the guest again), so
+the gaps between slices are guest time; its args hold seq, epoch, address or port, size, count,
+data, guest_ns and handle_ns. Times are µs with ns precision, from the trace's first exit.
+VM start and end, gap and lifecycle records become instant ("i") events. Thread ids are unique
+across VMs (Perfetto keys threads by tid alone).
+
+CSV: one header line, one row per event; `handle_ns` is empty where unknown.
+Parquet: the same columns with types (reason as a dictionary-encoded string, handle_ns null
+where unknown), the run metadata in the file's key-value metadata; needs pyarrow
+(`pip install 'vmsup[parquet]'`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import _text as T
+from . import analysis, schema
+from .filters import EventFilter
+from .trace_file import TraceReader
+
+FORMATS = ("perfetto", "csv", "parquet")
+CSV_COLUMNS = ("vm", "vcpu", "epoch", "seq", "t_exit_ns", "guest_ns", "handle_ns", "reason", "reason_code", "write",
+               "addr", "size", "count", "data")
+_PARQUET_ROWS = 1 << 20  # rows per Parquet row group
+_RECORD_WINDOW_NS = 3600 * 10**9  # records further before the first exit are not on the timeline
+_TID_STRIDE = 1 << 16  # tid = (vm + 1) * stride + vcpu: unique across VMs
+
+
+class ExportError(Exception):
+    """An export that cannot run (a missing optional dependency, an unwritable output)."""
+
+
+Progress = Callable[[int], None]
+
+
+def _chunks(reader: TraceReader, where: EventFilter | None) -> Iterator[dict[str, np.ndarray]]:
+    return analysis.events_in_time_order(reader, where)
+
+
+def export(reader: TraceReader, fmt: str, out_path: str, where: EventFilter | None = None,
+           progress: Progress | None = None) -> dict:
+    """Write the export to out_path (through a temporary file renamed at the end, so a failed
+    export leaves nothing half-written). Returns {"events": n, "path": out_path, "bytes": size}."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
+    writer = {"perfetto": _perfetto, "csv": _csv, "parquet": _parquet}[fmt]
+    if fmt == "parquet":
+        _need_pyarrow()
+    tmp = f"{out_path}.part-{os.getpid()}"
+    try:
+        n = writer(reader, tmp, where, progress or (lambda k: None))
+        os.replace(tmp, out_path)
+    except OSError as e:
+        raise ExportError(f"{out_path}: cannot write: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {"events": n, "path": out_path, "bytes": os.path.getsize(out_path), "format": fmt}
+
+
+# --- CSV ------------------------------------------------------------------------------------------
+def _reason_table() -> list[bytes]:
+    return [schema.reason_name(code).encode() for code in range(256)]
+
+
+def _csv(reader: TraceReader, path: str, where, progress: Progress) -> int:
+    reasons = _reason_table()
+    n_total = 0
+    with open(path, "wb") as f:
+        f.write((",".join(CSV_COLUMNS) + "\n").encode())
+        for c in _chunks(reader, where):
+            n = len(c["t_exit"])
+            comma = T.const(b",", n)
+            handle = c["handle_ns"]
+            no_handle = handle == analysis.NO_HANDLE
+            pieces = [T.decimal(c["vm"]), comma, T.decimal(c["vcpu"]), comma, T.decimal(c["epoch"]), comma,
+                      T.decimal(c["seq"]), comma, T.decimal(c["t_exit"]), comma, T.decimal(c["guest_ns"]), comma,
+                      T.blank(T.decimal(np.where(no_handle, 0, handle)), no_handle), comma,
+                      T.lookup(reasons, c["reason"]), comma, T.decimal(c["reason"]), comma,
+                      T.decimal(c["flags"] & schema.FLAG_WRITE), comma, T.decimal(c["addr"]), comma,
+                      T.decimal(c["size"]), comma, T.decimal(c["count"]), comma, T.decimal(c["data"]),
+                      T.const(b"\n", n)]
+            f.write(T.join_rows(pieces))
+            n_total += n
+            progress(n)
+    return n_total
+
+
+# --- Perfetto -------------------------------------------------------------------------------------
+def _tid(vm: int, vcpu: int) -> int:
+    return (vm + 1) * _TID_STRIDE + vcpu
+
+
+def _names(reader: TraceReader) -> dict[int, str]:
+    names = {}
+    for rec in reader.records(schema.MSG_VM_START):
+        if isinstance(rec.get("vm"), int) and isinstance(rec.get("name"), str):
+            names.setdefault(rec["vm"], rec["name"])
+    return names
+
+
+def _metadata(reader: TraceReader) -> list[dict]:
+    names = _names(reader)
+    events = []
+    vcpus = sorted({(s.vm, s.vcpu) for s in reader.streams()})
+    for vm in sorted({vm for vm, _ in vcpus}):
+        label = f"vm {vm}" + (f" {names[vm]}" if vm in names else "")
+        events.append({"ph": "M", "name": "process_name", "pid": vm + 1, "args": {"name": label}})
+        events.append({"ph": "M", "name": "process_sort_index", "pid": vm + 1, "args": {"sort_index": vm}})
+    for vm, vcpu in vcpus:
+        events.append({"ph": "M", "name": "thread_name", "pid": vm + 1, "tid": _tid(vm, vcpu),
+                       "args": {"name": f"vcpu {vcpu}"}})
+        events.append({"ph": "M", "name": "thread_sort_index", "pid": vm + 1, "tid": _tid(vm, vcpu),
+                       "args": {"sort_index": vcpu}})
+    return events
+
+
+def _us(ns: int) -> float:
+    return round(ns / 1000, 3)
+
+
+def _record_events(reader: TraceReader, t0: int) -> list[dict]:
+    """Instant events for VM start / end, gap and lifecycle records that carry a time."""
+    out = []
+    for kind in (schema.MSG_VM_START, schema.MSG_VM_END, schema.MSG_LIFECYCLE, schema.MSG_GAP):
+        for rec in reader.records(kind):
+            vm = rec.get("vm")
+            if not isinstance(vm, int) or not 0 <= vm < 1 << 32:
+                continue
+            t = rec.get("t")
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t - t0 <= 1 << 62:
+                if kind != schema.MSG_GAP:
+                    continue
+                t = None
+            args = {k: v for k, v in rec.items() if isinstance(v, (int, str, float, bool))}
+            name = kind if kind != schema.MSG_LIFECYCLE else f"lifecycle {rec.get('event')}"
+            if kind == schema.MSG_GAP:
+                vcpu = rec.get("vcpu")
+                ev = {"ph": "i", "s": "t", "name": f"gap: {rec.get('count')} events lost", "pid": vm + 1,
+                      "tid": _tid(vm, vcpu) if isinstance(vcpu, int) and 0 <= vcpu < _TID_STRIDE else vm + 1,
+                      "ts": 0.0 if t is None else _us(t - t0), "args": args}
+            else:
+                ev = {"ph": "i", "s": "p", "name": name, "pid": vm + 1, "ts": _us(t - t0), "args": args}
+            out.append(ev)
+    return out
+
+
+def _timeline_start(reader: TraceReader) -> int:
+    """The zero of the timeline: the first exit, or an earlier record (a VM's start) within
+    _RECORD_WINDOW_NS of it — Perfetto drops events at negative times."""
+    t0 = analysis.trace_start(reader)
+    times = [rec["t"] for rec in reader.records() if isinstance(rec.get("t"), int) and not isinstance(rec["t"], bool)]
+    if t0 is None:
+        return min(times, default=0)
+    return min([t for t in times if t0 - _RECORD_WINDOW_NS <= t] + [t0])
+
+
+def _perfetto(reader: TraceReader, path: str, where, progress: Progress) -> int:
+    t0 = _timeline_start(reader)
+    reasons = _reason_table()
+    # name: "io out 0x3f8" / "mmio W 0xd0000000" / "hlt": the reason, a direction for io and mmio
+    direction = [b""] * 512
+    for w, text in ((0, b" in"), (1, b" out")):
+        direction[schema.REASON_IO * 2 + w] = text
+    for w, text in ((0, b" R"), (1, b" W")):
+        direction[schema.REASON_MMIO * 2 + w] = text
+    n_total = 0
+    with open(path, "wb") as f:
+        head = {"displayTimeUnit": "ns",
+                "otherData": {"source": "vmtrace export", "trace": os.path.basename(reader.path),
+                              "run_id": str(reader.run.get("run_id", "")), "t0_ns": t0}}
+        f.write(b'{"displayTimeUnit":"ns","otherData":' + json.dumps(head["otherData"]).encode()
+                + b',"traceEvents":[\n')
+        first = True
+        for ev in _metadata(reader):
+            f.write((b"" if first else b",\n") + json.dumps(ev, separators=(",", ":")).encode())
+            first = False
+        for c in _chunks(reader, where):
+            n = len(c["t_exit"])
+            rel = c["t_exit"] - np.int64(t0)
+            handle = c["handle_ns"]
+            known = handle != analysis.NO_HANDLE
+            dur = np.where(known, np.maximum(handle, 0), 0)
+            io_or_mmio = (c["reason"] == schema.REASON_IO) | (c["reason"] == schema.REASON_MMIO)
+            w = (c["flags"] & schema.FLAG_WRITE).astype(np.intp)
+            addr_hex = T.hexadecimal(c["addr"])
+            pieces = [
+                T.const(b",\n", n),
+                T.const(b'{"ph":"X","name":"', n), T.lookup(reasons, c["reason"]),
+                T.lookup(direction, c["reason"].astype(np.intp) * 2 + w),
+                T.blank(np.concatenate([T.const(b" ", n), addr_hex], axis=1), ~io_or_mmio),
+                T.const(b'","cat":"', n), T.lookup(reasons, c["reason"]),
+                T.const(b'","pid":', n), T.decimal(c["vm"].astype(np.uint64) + np.uint64(1)),
+                T.const(b',"tid":', n), T.decimal((c["vm"].astype(np.uint64) + np.uint64(1)) * np.uint64(_TID_STRIDE)
+                                                   + c["vcpu"].astype(np.uint64)),
+                T.const(b',"ts":', n), T.decimal(rel // 1000), T.const(b".", n), T.decimal(rel % 1000, width=3),
+                T.const(b',"dur":', n), T.decimal(dur // 1000), T.const(b".", n), T.decimal(dur % 1000, width=3),
+                T.const(b',"args":{"seq":', n), T.decimal(c["seq"]),
+                T.const(b',"epoch":', n), T.decimal(c["epoch"]),
+                T.const(b',"addr":"', n), addr_hex,
+                T.const(b'","size":', n), T.decimal(c["size"]),
+                T.const(b',"count":', n), T.decimal(c["count"]),
+                T.const(b',"data":"', n), T.hexadecimal(c["data"]),
+                T.const(b'","write":', n), T.lookup([b"false", b"true"], w),
+                T.const(b',"guest_ns":', n), T.decimal(c["guest_ns"]),
+                T.const(b',"handle_ns":', n),
+                T.lookup([b"null", b""], known.astype(np.intp)),
+                T.blank(T.decimal(np.where(known, handle, 0)), ~known),
+                T.const(b"}}", n),
+            ]
+            text = T.join_rows(pieces)
+            if first:  # only when there was no metadata (cannot happen: events come with streams)
+                text, first = text[1:], False
+            f.write(text)
+            n_total += n
+            progress(n)
+        for ev in _record_events(reader, t0):
+            f.write((b"" if first else b",\n") + json.dumps(ev, separators=(",", ":"), default=str).encode())
+            first = False
+        f.write(b"\n]}\n")
+    return n_total
+
+
+# --- Parquet --------------------------------------------------------------------------------------
+def _need_pyarrow():
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ExportError("parquet export needs pyarrow: pip install 'vmsup[parquet]'") from None
+
+
+def _parquet(reader: TraceReader, path: str, where, progress: Progress) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    reason_names = pa.array([schema.reason_name(code) for code in range(256)], pa.string())
+    fields = [("vm", pa.uint32()), ("vcpu", pa.uint32()), ("epoch", pa.uint32()), ("seq", pa.uint64()),
+              ("t_exit_ns", pa.int64()), ("guest_ns", pa.int64()), ("handle_ns", pa.int64()),
+              ("reason", pa.dictionary(pa.uint8(), pa.string())), ("reason_code", pa.uint8()), ("write", pa.bool_()),
+              ("addr", pa.uint64()), ("size", pa.uint8()), ("count", pa.uint32()), ("data", pa.uint64())]
+    meta = {b"vmsup.source": b"vmtrace export", b"vmsup.schema_version": str(schema.SCHEMA_VERSION).encode(),
+            b"vmsup.run": json.dumps(reader.run, default=str).encode()}
+    pa_schema = pa.schema(fields, metadata=meta)
+    n_total = 0
+    pending: list[dict[str, np.ndarray]] = []
+    rows = 0
+
+    def flush(writer) -> None:
+        nonlocal pending, rows
+        if not pending:
+            return
+        c = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+        known = c["handle_ns"] != analysis.NO_HANDLE
+        table = pa.Table.from_arrays([
+            pa.array(c["vm"]), pa.array(c["vcpu"]), pa.array(c["epoch"]), pa.array(c["seq"]),
+            pa.array(c["t_exit"]), pa.array(c["guest_ns"]), pa.array(c["handle_ns"], mask=~known),
+            pa.DictionaryArray.from_arrays(pa.array(c["reason"]), reason_names), pa.array(c["reason"]),
+            pa.array((c["flags"] & schema.FLAG_WRITE).astype(bool)), pa.array(c["addr"]), pa.array(c["size"]),
+            pa.array(c["count"]), pa.array(c["data"]),
+        ], schema=pa_schema)
+        writer.write_table(table, row_group_size=_PARQUET_ROWS)
+        pending, rows = [], 0
+
+    with pq.ParquetWriter(path, pa_schema, compression="zstd") as writer:
+        for c in _chunks(reader, where):
+            n = len(c["t_exit"])
+            pending.append(c)
+            rows += n
+            n_total += n
+            if rows >= _PARQUET_ROWS:
+                flush(writer)
+            progress(n)
+        flush(writer)
+    return n_total
