@@ -9,6 +9,7 @@ writing) is a warning, and the readable part is shown.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -555,6 +556,62 @@ def export(
             _err(str(e))
             raise typer.Exit(EXIT_BAD_INPUT)
     typer.echo(f"vmtrace: wrote {result['events']} events to {out} ({fmt}, {result['bytes']} bytes)", err=True)
+
+
+# --- replay ---------------------------------------------------------------------------------------
+@app.command()
+def replay(
+    trace: str = typer.Argument(..., help="A trace file written by the vmsup recorder."),
+    speed: float = typer.Option(1.0, "--speed", help="Replay X times faster than recorded (inf: no waiting)."),
+    max_sleep: Optional[float] = typer.Option(None, "--max-sleep", min=0,
+                                              help="Never wait longer than this many seconds between events."),
+    vm: Optional[str] = _VM_OPT, vcpu: Optional[str] = _VCPU_OPT, epoch: Optional[str] = _EPOCH_OPT,
+    reason: Optional[str] = _REASON_OPT, port: Optional[str] = _PORT_OPT, addr: Optional[str] = _ADDR_OPT,
+    where: Optional[str] = _FILTER_OPT,
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per event, one per line."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=0, help="Stop after N events."),
+) -> None:
+    """Print events at their recorded pace (or X times faster), one line each as `show` does."""
+    from .replay import paced
+    if not speed > 0:
+        _err(f"--speed must be greater than 0, not {speed}")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    event_filter = _event_filter(vm, vcpu, epoch, reason, port, addr, where)
+    with _reading(trace) as reader:
+        t0 = analysis.trace_start(reader)
+        render = _json_lines if as_json else _text_lines
+        out = sys.stdout
+        for chunk in paced(analysis.events_in_time_order(reader, event_filter, limit), speed, max_sleep):
+            out.write("".join(render(chunk, t0)))
+            out.flush()  # each event as it comes due
+
+
+# --- plot -----------------------------------------------------------------------------------------
+@app.command()
+def plot(
+    trace: str = typer.Argument(..., help="A trace file written by the vmsup recorder."),
+    out: str = typer.Option(..., "--output", "-o", help="FILE.png or FILE.html (self-contained, inline SVG)."),
+    vm: Optional[str] = _VM_OPT, vcpu: Optional[str] = _VCPU_OPT, epoch: Optional[str] = _EPOCH_OPT,
+    reason: Optional[str] = _REASON_OPT, port: Optional[str] = _PORT_OPT, addr: Optional[str] = _ADDR_OPT,
+    where: Optional[str] = _FILTER_OPT,
+) -> None:
+    """Exit rate over time per VM and a histogram of handling time, as a picture."""
+    from . import plot as plot_mod
+    try:
+        plot_mod.output_kind(out)
+    except plot_mod.PlotError as e:
+        _err(str(e))
+        raise typer.Exit(EXIT_BAD_INPUT)
+    event_filter = _event_filter(vm, vcpu, epoch, reason, port, addr, where)
+    with _reading(trace) as reader:
+        data = plot_mod.plot_data(reader, event_filter)
+    title = f"{os.path.basename(trace)}: {data['events']} exits over {data['span_ns'] / 1e9:.3f} s"
+    try:
+        size = plot_mod.render(data, out, title)
+    except plot_mod.PlotError as e:
+        _err(str(e))
+        raise typer.Exit(EXIT_BAD_INPUT)
+    typer.echo(f"vmtrace: wrote {out} ({size} bytes)", err=True)
 
 
 @app.callback()

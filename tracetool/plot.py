@@ -1,0 +1,151 @@
+"""`vmtrace plot`: two pictures of a trace — exit rate over time per VM, and a histogram of
+handling time (log-spaced bins: the tail is where the interesting time goes).
+
+The numbers come from numpy over one decoded block at a time (bin counts only); drawing uses
+matplotlib (optional extra `vmsup[plot]`) with its Agg canvas, no display or pyplot state. PNG
+is Agg's raster; HTML is a small self-contained page with the figure inline as SVG.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import os
+
+import numpy as np
+
+from . import schema
+from .filters import EventFilter
+from .trace_file import TraceReader
+
+FORMATS = {".png": "png", ".html": "html", ".htm": "html"}
+RATE_BINS = 200
+# handling time histogram: 20 bins per decade from 100 ns to 10 s
+_HANDLE_EDGES = np.logspace(2, 10, 8 * 20 + 1)
+_SEQ = schema.SEQ_COLUMN[0]
+
+
+class PlotError(Exception):
+    """A plot that cannot be made (no matplotlib, an unknown output type, an unwritable file)."""
+
+
+def plot_data(reader: TraceReader, where: EventFilter | None = None, bins: int = RATE_BINS) -> dict:
+    """Exit rate per VM over time and the handling-time histogram, as arrays."""
+    span = reader.time_range
+    t0, t1 = (span if span is not None else (0, 0))
+    width = max(t1 - t0, 1)
+    bins = max(1, min(bins, width))  # no bin shorter than 1 ns
+    rate: dict[int, np.ndarray] = {}
+    handle_counts = np.zeros(len(_HANDLE_EDGES) + 1, np.int64)  # [under, bins…, over]
+    pending: dict[tuple[int, int, int], tuple[int, int, bool]] = {}  # stream → (seq, t_exit, kept) of last event
+    with np.errstate(all="ignore"):
+        for batch in reader.exit_batches(where=where):
+            cols = batch.columns
+            if not batch.n_rows:
+                continue
+            t, g, seq = cols["t_exit"], cols["guest_ns"], cols[_SEQ]
+            keep = np.ones(batch.n_rows, bool) if where is None else where.mask(cols, vm=batch.vm, vcpu=batch.vcpu,
+                                                                                 epoch=batch.epoch)
+            stream = (batch.vm, batch.vcpu, batch.epoch)
+            before = pending.pop(stream, None)
+            handles = []
+            if before is not None and before[2] and before[0] + 1 == int(seq[0]):
+                handles.append(np.array([int(t[0]) - int(g[0]) - before[1]], np.int64))
+            h = (t[1:] - g[1:]) - t[:-1]
+            known = keep[:-1] & (seq[1:] == seq[:-1] + np.uint64(1))
+            handles.append(h[known])
+            for part in handles:
+                handle_counts += np.bincount(np.searchsorted(_HANDLE_EDGES, part, "right"),
+                                             minlength=len(handle_counts))[:len(handle_counts)]
+            pending[stream] = (int(seq[-1]), int(t[-1]), bool(keep[-1]))
+            tk = t[keep]
+            if len(tk):
+                idx = np.clip(((tk - t0).astype(np.float64) * bins / width).astype(np.int64), 0, bins - 1)
+                acc = rate.setdefault(batch.vm, np.zeros(bins, np.int64))
+                acc += np.bincount(idx, minlength=bins)[:bins]
+    bin_s = width / bins / 1e9
+    names = {}
+    for rec in reader.records(schema.MSG_VM_START):
+        if isinstance(rec.get("vm"), int) and isinstance(rec.get("name"), str):
+            names.setdefault(rec["vm"], rec["name"])
+    return {"t0_ns": t0, "span_ns": t1 - t0, "bins": bins, "bin_s": bin_s,
+            "rate": {vm: counts / bin_s for vm, counts in sorted(rate.items())},
+            "names": names, "handle_edges_ns": _HANDLE_EDGES, "handle_counts": handle_counts,
+            "events": int(sum(c.sum() for c in rate.values()))}
+
+
+def output_kind(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FORMATS:
+        raise PlotError(f"{path}: unknown picture type {ext or '(none)'!r}; use .png or .html")
+    return FORMATS[ext]
+
+
+def _figure(data: dict, title: str):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PlotError("plot needs matplotlib: pip install 'vmsup[plot]'") from None
+    fig = Figure(figsize=(10, 7.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1)
+    x = (np.arange(data["bins"]) + 0.5) * data["bin_s"]
+    for vm, rate in data["rate"].items():
+        name = data["names"].get(vm)
+        top.plot(x, rate, label=f"vm {vm}" + (f" {name}" if name else ""), linewidth=1.2)
+    top.set_title("Exit rate over time")
+    top.set_xlabel("time since the first exit (s)")
+    top.set_ylabel("exits/s")
+    top.grid(True, alpha=0.3)
+    if data["rate"]:
+        top.legend(loc="best", fontsize="small")
+    else:
+        top.text(0.5, 0.5, "no events", ha="center", va="center", transform=top.transAxes)
+    edges = data["handle_edges_ns"] / 1000  # µs
+    counts = data["handle_counts"]
+    inner = counts[1:-1]
+    bottom.bar(edges[:-1], inner, width=np.diff(edges), align="edge", color="tab:orange", edgecolor="none",
+               log=True)  # a log count axis: the rare slow exits stay visible
+    bottom.set_xscale("log")
+    bottom.set_title("Handling time (exit → next KVM_RUN entry)")
+    bottom.set_xlabel("handling time (µs, log scale)")
+    bottom.set_ylabel("exits (log scale)")
+    bottom.grid(True, alpha=0.3)
+    notes = []
+    if counts[0]:
+        notes.append(f"{counts[0]} under {edges[0]:g} µs")
+    if counts[-1]:
+        notes.append(f"{counts[-1]} over {edges[-1]:g} µs")
+    if notes:
+        bottom.text(0.99, 0.95, "; ".join(notes), ha="right", va="top", transform=bottom.transAxes, fontsize="small")
+    nz = np.flatnonzero(inner)
+    if len(nz):
+        bottom.set_xlim(edges[max(nz[0] - 1, 0)], edges[min(nz[-1] + 2, len(edges) - 1)])
+    fig.suptitle(title)
+    return fig
+
+
+def render(data: dict, out_path: str, title: str) -> int:
+    """Draw the figure into out_path (.png or .html); returns the bytes written."""
+    kind = output_kind(out_path)
+    fig = _figure(data, title)
+    buf = io.BytesIO()
+    if kind == "png":
+        fig.savefig(buf, format="png", dpi=100)
+        payload = buf.getvalue()
+    else:
+        fig.savefig(buf, format="svg")
+        svg = buf.getvalue().decode("utf-8")
+        svg = svg[svg.index("<svg"):]  # drop the XML prolog and doctype: inline SVG in HTML5
+        payload = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                   f"<title>{html.escape(title)}</title></head>\n<body>\n{svg}\n</body></html>\n").encode()
+    tmp = f"{out_path}.part-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, out_path)
+    except OSError as e:
+        raise PlotError(f"{out_path}: cannot write: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return len(payload)
