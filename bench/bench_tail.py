@@ -85,6 +85,36 @@ def trace_timing(path: Path) -> tuple[float, float]:
     return float(g.mean()) / 1e3, float(handle.mean()) / 1e3
 
 
+def process_tree(root: int) -> list[str]:
+    """One line per thread of `root` and its descendants: pid/tid, state, wchan, command. For
+    the report when a launch does not end."""
+    procs = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                procs[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(p for p, parent in procs.items() if parent == pid)
+    lines = []
+    for pid in tree:
+        try:
+            cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            for task in sorted((Path("/proc") / str(pid) / "task").iterdir(), key=lambda t: int(t.name)):
+                state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                wchan = (task / "wchan").read_text() or "-"
+                comm = (task / "comm").read_text().strip()
+                lines.append(f"{pid}/{task.name} {state} {wchan:<24} {comm:<16} {cmd[:100]}")
+        except OSError:
+            continue
+    return lines
+
+
 def wait_for_run_dir(base: Path, launch: subprocess.Popen) -> Path:
     """The launch's run directory under `base`, once its live socket is there."""
     deadline = time.monotonic() + RUN_DIR_TIMEOUT
@@ -121,9 +151,18 @@ def one_run(exits: int, with_tail: bool) -> TailRun:
                     tail = subprocess.Popen(tail_cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=tail_err)
                 attached = time.perf_counter() - t0
-            code, launch_cpu = reap(launch, exits / 20_000 + LAUNCH_GRACE)
+            limit = exits / 20_000 + LAUNCH_GRACE
+            code, launch_cpu = reap(launch, limit)
             if code is None:
-                raise BenchError(f"`{' '.join(cmd)}` did not end in time")
+                err.seek(0)
+                tail_note = ""
+                if tail is not None:
+                    tail_note = (f"\n`{' '.join(tail_cmd)}` is {'running' if tail.poll() is None else 'gone'}; its "
+                                 f"stderr:\n{tail_of(tail_err_path.read_text()) or '(empty)'}")
+                raise BenchError(
+                    f"`{' '.join(cmd)}`{' with a tail' if with_tail else ''} did not end within {limit:.0f} s; its "
+                    f"stderr so far:\n{tail_of(err.read()) or '(empty)'}{tail_note}\nprocesses (pid/tid state wchan):\n"
+                    + "\n".join(process_tree(launch.pid) + (process_tree(tail.pid) if tail is not None else [])))
             wall = time.perf_counter() - t0
             err.seek(0)
             out.seek(0)
