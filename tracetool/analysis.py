@@ -139,9 +139,11 @@ def trace_start(reader: TraceReader) -> int | None:
 
 
 def events_in_time_order(reader: TraceReader, where: EventFilter | None = None,
-                         limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                         limit: int | None = None, t_from: int | None = None,
+                         t_to: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Matching events of every stream merged by t_exit (ties: vm, vcpu, seq), in chunks of numpy
-    columns: the schema's, seq, vm, vcpu, epoch and handle_ns.
+    columns: the schema's, seq, vm, vcpu, epoch and handle_ns. `t_from` / `t_to`: only events
+    with t_from <= t_exit <= t_to (absolute ns); blocks outside are not decoded.
 
     Blocks are loaded in order of their first t_exit (known from the heads); after loading one,
     every waiting event earlier than the next block's first t_exit is final and goes out.
@@ -157,6 +159,13 @@ def events_in_time_order(reader: TraceReader, where: EventFilter | None = None,
         if key in last_of:
             following[last_of[key].offset] = ref
         last_of[key] = ref
+    if t_from is not None or t_to is not None:
+        lo = -(1 << 63) if t_from is None else t_from
+        hi = (1 << 63) - 1 if t_to is None else t_to
+        refs = [r for r in refs if r.t_last >= lo and r.t_first <= hi]
+        time_mask = lambda t: (t >= np.int64(max(lo, -(1 << 63)))) & (t <= np.int64(min(hi, (1 << 63) - 1)))  # noqa: E731
+    else:
+        time_mask = None
     order = sorted(refs, key=lambda r: (r.t_first, r.offset))
     cache: dict[int, ExitBatch] = {}  # a stream's next block, decoded early for its first event
     waiting: list[dict[str, np.ndarray]] = []
@@ -170,8 +179,11 @@ def events_in_time_order(reader: TraceReader, where: EventFilter | None = None,
             cache[nxt_ref.offset] = nxt
         cols = dict(batch.columns)
         cols["handle_ns"] = _handles(batch, nxt)
-        if where is not None:
-            keep = where.mask(cols, vm=batch.vm, vcpu=batch.vcpu, epoch=batch.epoch)
+        if where is not None or time_mask is not None:
+            keep = np.ones(batch.n_rows, bool) if where is None else where.mask(
+                cols, vm=batch.vm, vcpu=batch.vcpu, epoch=batch.epoch)
+            if time_mask is not None:
+                keep &= time_mask(cols["t_exit"])
             cols = {name: col[keep] for name, col in cols.items()}
         n = len(cols["t_exit"])
         for name, value in (("vm", batch.vm), ("vcpu", batch.vcpu), ("epoch", batch.epoch)):

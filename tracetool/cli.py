@@ -184,6 +184,9 @@ def show(
     where: Optional[str] = typer.Option(None, "--filter", "-f", help="A filter expression: vm=0,reason=io|mmio,port=0x10."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per event, one per line."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=0, help="Show at most N events."),
+    t_from: Optional[str] = typer.Option(None, "--from", help="Only events at or after this time since the trace's "
+                                         "first event: seconds, or with a unit (250ms, 40us, 1500ns)."),
+    t_to: Optional[str] = typer.Option(None, "--to", help="Only events at or before this time (as --from)."),
 ) -> None:
     """Events of every stream in time order, one line each."""
     try:
@@ -192,6 +195,7 @@ def show(
     except FilterError as e:
         _err(str(e))
         raise typer.Exit(EXIT_BAD_INPUT)
+    span = _time_window(t_from, t_to)
     try:
         with TraceReader(trace) as reader:
             _warn_reader(trace, reader.torn_tail, reader.warnings)
@@ -199,13 +203,49 @@ def show(
             render = _json_lines if as_json else _text_lines
             out = sys.stdout
             for chunk in analysis.events_in_time_order(reader, None if event_filter.matches_everything else event_filter,
-                                                       limit):
+                                                       limit, *_absolute(span, t0)):
                 out.write("".join(render(chunk, t0)))
             out.flush()
     except TraceError as e:
         sys.stdout.flush()
         _err(str(e))
         raise typer.Exit(EXIT_BAD_INPUT)
+
+
+_TIME_UNITS = (("ns", 1), ("us", 1_000), ("µs", 1_000), ("ms", 1_000_000), ("s", 1_000_000_000))
+
+
+def _parse_time(text: str, flag: str) -> int:
+    """`1.5`, `1.5s`, `250ms`, `40us`, `1500ns` (a leading + is allowed) → ns."""
+    s = text.strip().lower().lstrip("+")
+    scale = 1_000_000_000
+    for unit, factor in _TIME_UNITS:
+        if s.endswith(unit) and not (unit == "s" and s[-2:-1] in ("n", "u", "µ", "m")):
+            s, scale = s[:-len(unit)].strip(), factor
+            break
+    try:
+        from decimal import Decimal, InvalidOperation
+        value = Decimal(s)
+        if not value.is_finite() or value < 0:
+            raise InvalidOperation
+    except (InvalidOperation, ValueError):
+        _err(f"bad {flag} {text!r}: expected a time since the first event, e.g. 1.5, 250ms, 40us")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    return int(value * scale)
+
+
+def _time_window(t_from: str | None, t_to: str | None) -> tuple[int | None, int | None]:
+    lo = None if t_from is None else _parse_time(t_from, "--from")
+    hi = None if t_to is None else _parse_time(t_to, "--to")
+    if lo is not None and hi is not None and hi < lo:
+        _err(f"--to {t_to} is before --from {t_from}")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    return lo, hi
+
+
+def _absolute(span: tuple[int | None, int | None], t0: int | None) -> tuple[int | None, int | None]:
+    base = t0 or 0
+    return tuple(None if v is None else min(base + v, (1 << 63) - 1) for v in span)
 
 
 def _event_rows(chunk: dict):
@@ -570,6 +610,8 @@ def replay(
     where: Optional[str] = _FILTER_OPT,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per event, one per line."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=0, help="Stop after N events."),
+    t_from: Optional[str] = typer.Option(None, "--from", help="Start at this time since the first event (1.5, 250ms)."),
+    t_to: Optional[str] = typer.Option(None, "--to", help="Stop after this time since the first event."),
 ) -> None:
     """Print events at their recorded pace (or X times faster), one line each as `show` does."""
     from .replay import paced
@@ -577,11 +619,13 @@ def replay(
         _err(f"--speed must be greater than 0, not {speed}")
         raise typer.Exit(EXIT_BAD_INPUT)
     event_filter = _event_filter(vm, vcpu, epoch, reason, port, addr, where)
+    span = _time_window(t_from, t_to)
     with _reading(trace) as reader:
         t0 = analysis.trace_start(reader)
         render = _json_lines if as_json else _text_lines
         out = sys.stdout
-        for chunk in paced(analysis.events_in_time_order(reader, event_filter, limit), speed, max_sleep):
+        chunks = analysis.events_in_time_order(reader, event_filter, limit, *_absolute(span, t0))
+        for chunk in paced(chunks, speed, max_sleep):
             out.write("".join(render(chunk, t0)))
             out.flush()  # each event as it comes due
 
