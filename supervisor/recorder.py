@@ -104,6 +104,9 @@ class Recorder:
             resumed_seq = {}
         self.next_seq: dict[tuple[int, int, int], int] = dict(resumed_seq)
         self.final_seq: dict[tuple[int, int], list[int]] = {}  # (vm, epoch) -> per-vCPU final seq
+        # (vm, epoch) -> vCPUs, from vm-start: a worker killed before its first batch still had streams.
+        self.started: dict[tuple[int, int], int] = {}
+        self.cut: set[tuple[int, int]] = set()  # (vm, epoch) whose streams got a count-unknown gap
         self.vms: dict[int, VmStats] = {}
         self.events_recorded = 0
         self.batches = 0
@@ -213,6 +216,8 @@ class Recorder:
         stats.name = str(msg.get("name", stats.name))[:200]
         stats.state = "running"
         stats.epoch = _int_field(msg, "epoch", 1 << 31)
+        vcpus = msg.get("vcpus")
+        self.started[(vm, stats.epoch)] = vcpus if isinstance(vcpus, int) and 0 < vcpus <= 1 << 16 else 1
         self._write(lambda w: w.write_record(schema.MSG_VM_START, msg))
 
     def _vm_end(self, msg: dict) -> None:
@@ -237,10 +242,17 @@ class Recorder:
         if event == "exit" and msg.get("no_record") and (vm, epoch) not in self.final_seq:
             # The worker died without saying how far it got: whatever it had not yet flushed is
             # lost, and only the kernel knew how much. Say so explicitly, per stream.
-            for (svm, vcpu, sepoch), next_seq in sorted(self.next_seq.items()):
-                if (svm, sepoch) == (vm, epoch):
-                    self._gap(vm, vcpu, epoch, next_seq, 0, f"worker died ({msg.get('detail', 'no result')}): "
-                              "events after this point were lost, count unknown", count_known=False)
+            self._cut(vm, epoch, f"worker died ({msg.get('detail', 'no result')})")
+
+    def _cut(self, vm: int, epoch: int, why: str) -> None:
+        """A count-unknown gap at the end of each stream of (vm, epoch): every vCPU its vm-start
+        announced (even one whose first batch never came) and every stream seen."""
+        streams = {vcpu: 0 for vcpu in range(self.started.get((vm, epoch), 0))}
+        streams.update({vcpu: n for (svm, vcpu, sepoch), n in self.next_seq.items() if (svm, sepoch) == (vm, epoch)})
+        self.cut.add((vm, epoch))
+        for vcpu, next_seq in sorted(streams.items()):
+            self._gap(vm, vcpu, epoch, next_seq, 0, f"{why}: events after this point were lost, count unknown",
+                      count_known=False)
 
     def _gap(self, vm: int, vcpu: int, epoch: int, first_missing: int, count: int, cause: str,
              count_known: bool = True) -> None:
@@ -304,8 +316,14 @@ class Recorder:
                     return False
         return True
 
-    def finish(self, ended_without_record: list[dict]) -> dict:
+    def finish(self, ended_without_record: list[dict], cut_unended: str | None = None) -> dict:
+        """Drain, account for what never arrived, close the file. cut_unended: the run is ending
+        under VMs that have not (the supervisor died): each of their streams gets a gap saying why."""
         self._drain(time.monotonic() + FINISH_DEADLINE)
+        if cut_unended:
+            seen = {*self.started, *((vm, epoch) for vm, _, epoch in self.next_seq)}
+            for vm, epoch in sorted(seen - set(self.final_seq) - self.cut):
+                self._cut(vm, epoch, cut_unended)
         for (vm, epoch), finals in self.final_seq.items():
             for vcpu, final in enumerate(finals):
                 got = self.next_seq.get((vm, vcpu, epoch), 0)
@@ -329,8 +347,8 @@ class Recorder:
             poller.register(sock, zmq.POLLIN)
         next_flush = time.monotonic() + WRITER_FLUSH_SECONDS
         while not self.finished:
-            if self.terminate_requested:
-                self.finish([])
+            if self.terminate_requested:  # SIGTERM: from PR_SET_PDEATHSIG when the supervisor died
+                self.finish([], cut_unended="the recording ended before the VM did (the recorder was terminated)")
                 break
             if time.monotonic() >= next_flush:
                 # The writer gathers batches into large blocks (better compression); pushing them
