@@ -199,7 +199,11 @@ def _control(command_name: str, target: str | None, all_vms: bool, run: str | No
 def ps(run: Optional[str] = typer.Option(None, "--run", help="Only this run."),
        json_out: bool = typer.Option(False, "--json", help="JSON for scripts.")) -> None:
     """List running launches and their VMs: state, pid, uptime, exits, restarts."""
-    runs = [runtime.find_run(run)] if run else runtime.live_runs()
+    try:
+        runs = [runtime.find_run(run)] if run else runtime.live_runs()
+    except VmsupError as e:  # no such --run, or a runtime dir that is not ours
+        _err(str(e))
+        raise typer.Exit(status.EXIT_BAD_INPUT)
     replies = []
     for rd in runs:
         try:

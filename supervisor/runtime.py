@@ -131,13 +131,24 @@ def cleanup_stale(base: Path | None = None) -> list[str]:
     return removed
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # a run that ended while we listed the dir
+        return 0.0
+
+
 def live_runs() -> list[RunDir]:
     """Runs whose supervisor is alive, oldest first."""
     base = base_dir()
     if not base.is_dir():
         return []
+    try:
+        entries = sorted(base.iterdir(), key=_mtime)
+    except PermissionError:  # another user's runtime dir (XDG_RUNTIME_DIR pointing at theirs)
+        raise RuntimeDirError(f"cannot read runtime dir {base}: permission denied (not yours)") from None
     runs = []
-    for entry in sorted(base.iterdir(), key=lambda p: p.stat().st_mtime):
+    for entry in entries:
         rd = RunDir(entry.name, entry)
         pid = rd.read_info().get("pid")
         if entry.is_dir() and isinstance(pid, int) and _pid_alive(pid):
