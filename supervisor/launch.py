@@ -303,7 +303,9 @@ class Launch:
         slot.exits_before += result.get("exits", 0)
         slot.result = result
         result["epoch"] = slot.epoch
-        if slot.stop_requested:
+        # A foreground worker gets the terminal's Ctrl-C too and may end before the loop has
+        # acted on the supervisor's own signal: that is still a stop on request, not a failure.
+        if slot.stop_requested or self._signalled is not None:
             slot.state = "stopped"
             return
         if result.get("status") == status.ERROR:  # the VM cannot start: retrying would not help

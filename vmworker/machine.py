@@ -17,6 +17,7 @@ from . import layout, status, x86
 from .devices.bus import Bus
 from . import multiboot
 from .errors import SpecError
+from .emulate import InsnFallback
 from .halt_watch import HaltWatch
 from .kvm import Kvm
 from .loader import GuestImage
@@ -92,6 +93,7 @@ class VcpuContext:
         self.exit_budget = itertools.count() if max_exits is not None and vcpus > 1 else None
         self.stopping = False
         self.halt_probe = None  # set by halt_watch while it asks the vCPU threads whether they sleep for good
+        self.insn_fallback = None  # emulate.InsnFallback: IRETs the VMM does when KVM's emulator cannot
         self.paused = False
         self._resumed = threading.Event()
         self._resumed.set()
@@ -146,6 +148,7 @@ class Machine:
                 self.vm.create_irqchip()
                 self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
             self.memory.register(self.vm)
+            self.ctx.insn_fallback = InsnFallback(self.memory)
             image.load_into(self.memory)
             x86.write_boot_tables(self.memory, image.mode)
             boot_info = multiboot.write_boot_info(self.memory, mem_size, cmdline) if image.multiboot else None

@@ -240,9 +240,16 @@ def _slow_exit(vcpu, reason: int, ctx, log) -> tuple[bool, bytes]:
             ctx.stop("fail-entry", detail=f"hardware entry failure reason {hw:#x} on cpu {cpu}", vcpu=vcpu)
             return True, _u64(hw)
         case ex.InternalError(suberror=sub, data=data):
+            fallback = ctx.insn_fallback
+            refusal = ""
+            if sub == abi.KVM_INTERNAL_ERROR_EMULATION and fallback is not None:
+                if fallback.handle(vcpu, data):  # an IRET KVM's emulator could not do (emulate.py)
+                    return False, _u64(sub)
+                refusal = f"; not done by vmsup either: {fallback.last_refusal}"
             what = _INTERNAL_SUBERRORS.get(sub, "unknown suberror")
             words = " ".join(f"{d:#x}" for d in data)
-            ctx.stop("internal-error", detail=f"suberror {sub} ({what}){', data ' + words if words else ''}", vcpu=vcpu)
+            ctx.stop("internal-error", detail=f"suberror {sub} ({what}){', data ' + words if words else ''}{refusal}",
+                     vcpu=vcpu)
             return True, _u64(sub)
         case ex.SystemEvent(type=type_):
             if type_ == abi.KVM_SYSTEM_EVENT_SHUTDOWN:
