@@ -180,6 +180,12 @@ class Vcpu:
     def set_cpuid2(self, cpuid) -> None:
         _ioctl(self.fd, abi.KVM_SET_CPUID2, cpuid)
 
+    def translate(self, linear: int) -> int | None:
+        """KVM_TRANSLATE: the guest-physical address of a linear address now, or None if unmapped."""
+        tr = abi.kvm_translation(linear_address=linear)
+        _ioctl(self.fd, abi.KVM_TRANSLATE, tr)
+        return tr.physical_address if tr.valid else None
+
     def get_mp_state(self) -> int:
         """KVM_GET_MP_STATE (a KVM_MP_STATE_* value). Blocks while another thread is in KVM_RUN."""
         state = abi.kvm_mp_state()

@@ -133,6 +133,11 @@ class kvm_pit_config(Structure):
 KVM_PIT_SPEAKER_DUMMY = 1
 
 
+class kvm_translation(Structure):
+    _fields_ = [("linear_address", c_uint64), ("physical_address", c_uint64), ("valid", c_uint8),
+                ("writeable", c_uint8), ("usermode", c_uint8), ("pad", c_uint8 * 5)]
+
+
 class kvm_mp_state(Structure):
     _fields_ = [("mp_state", c_uint32)]
 
@@ -284,6 +289,8 @@ KVM_INTERNAL_ERROR_EMULATION = 1
 KVM_INTERNAL_ERROR_SIMUL_EX = 2
 KVM_INTERNAL_ERROR_DELIVERY_EV = 3
 KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
+# internal.data[0] of an emulation failure: data[1..2] hold insn_size (1 byte) + insn_bytes[15].
+KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1 << 0
 
 # Capabilities (KVM_CAP_*).
 KVM_CAP_IRQCHIP = 0
@@ -321,6 +328,7 @@ KVM_GET_STATS_FD = _IO(KVMIO, 0xCE)
 KVM_RUN = _IO(KVMIO, 0x80)
 KVM_GET_REGS = _IOR(KVMIO, 0x81, kvm_regs)
 KVM_SET_REGS = _IOW(KVMIO, 0x82, kvm_regs)
+KVM_TRANSLATE = _IOWR(KVMIO, 0x85, kvm_translation)
 KVM_GET_SREGS = _IOR(KVMIO, 0x83, kvm_sregs)
 KVM_SET_SREGS = _IOW(KVMIO, 0x84, kvm_sregs)
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
@@ -336,7 +344,7 @@ ABI_STRUCTS: dict[str, type] = {
     "kvm_userspace_memory_region": kvm_userspace_memory_region, "kvm_irq_level": kvm_irq_level,
     "kvm_pit_config": kvm_pit_config, "kvm_guest_debug": kvm_guest_debug,
     "kvm_coalesced_mmio_zone": kvm_coalesced_mmio_zone, "kvm_coalesced_mmio": kvm_coalesced_mmio,
-    "kvm_run": kvm_run, "kvm_mp_state": kvm_mp_state, "kvm_stats_header": kvm_stats_header,
+    "kvm_run": kvm_run, "kvm_mp_state": kvm_mp_state, "kvm_translation": kvm_translation, "kvm_stats_header": kvm_stats_header,
     "kvm_stats_desc": kvm_stats_desc,
 }
 
@@ -347,7 +355,7 @@ IOCTLS: dict[str, int] = {name: globals()[name] for name in (
     "KVM_SET_IDENTITY_MAP_ADDR", "KVM_CREATE_IRQCHIP", "KVM_IRQ_LINE", "KVM_REGISTER_COALESCED_MMIO",
     "KVM_UNREGISTER_COALESCED_MMIO", "KVM_CREATE_PIT2", "KVM_GET_STATS_FD", "KVM_RUN", "KVM_GET_REGS",
     "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_SET_CPUID2", "KVM_SET_GUEST_DEBUG",
-    "KVM_GET_MP_STATE", "KVM_SET_MP_STATE")}
+    "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_TRANSLATE")}
 
 # Prevent a silent struct drift: the union must be exactly the header's 256 bytes.
 assert sizeof(_kvm_run_exit) == 256, sizeof(_kvm_run_exit)
