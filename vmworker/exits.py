@@ -17,6 +17,8 @@ EXIT_REASON = struct.Struct("<I")
 EXIT_REASON_OFFSET = abi.run_offset("exit_reason")
 IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 IO_OFFSET = abi.run_offset("io")
+# exit_reason and the io member in one read, for the vCPU loop's hot path.
+REASON_AND_IO = struct.Struct(f"<I{IO_OFFSET - EXIT_REASON_OFFSET - 4}x" + IO.format.lstrip("<"))
 MMIO = struct.Struct("<Q8sIB")  # phys_addr, data[8], len, is_write
 MMIO_OFFSET = abi.run_offset("mmio")
 MMIO_DATA_OFFSET = abi.run_offset("mmio", "data")

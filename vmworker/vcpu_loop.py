@@ -60,10 +60,10 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
     ioctl = fcntl.ioctl
     clock = time.perf_counter
     now_ns = time.monotonic_ns
-    reason_at = ex.EXIT_REASON.unpack_from
-    io_at = ex.IO.unpack_from
+    # One read gives the exit reason and, for the common IO exit, its fields (meaningless for
+    # other reasons, and then not used).
+    exit_at = ex.REASON_AND_IO.unpack_from
     reason_off = ex.EXIT_REASON_OFFSET
-    io_off = ex.IO_OFFSET
     port_write = ctx.port_bus.write
     # The bus's cache of claimed ports, used directly so a port write costs one Python call
     # (the device's) instead of two; misses and unclaimed ports take the bus's own path.
@@ -112,12 +112,11 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
                 continue
             t1 = now_ns()
             n += 1
-            reason = reason_at(run, reason_off)[0]
+            reason, direction, size, addr, count, data_offset = exit_at(run, reason_off)
             stop = None
             done = False
             if reason == _EXIT_IO:
                 io_exits += 1
-                direction, size, addr, count, data_offset = io_at(run, io_off)
                 try:
                     if direction == _IO_OUT:
                         flags = 1
