@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 GUEST = REPO / "guest"
 SEED16_BYTES = bytes.fromhex("31c0e71040ebfb")
 
-TOOLS = ("as", "ld", "make")
+TOOLS = ("as", "ld", "make", "gcc")  # gcc: mbkernel is C
 missing = [tool for tool in TOOLS if shutil.which(tool) is None]
 needs_tools = pytest.mark.skipif(
     bool(missing), reason=f"guest build needs GNU {', '.join(missing)} on PATH"
@@ -42,7 +42,7 @@ def test_manifest_lists_existing_images():
     assert "seed16" in entries and entries["seed16"]["mode"] == "real"
     for name, entry in entries.items():
         assert (GUEST / entry["file"]).is_file(), name
-        assert entry["format"] in ("flat", "elf"), name
+        assert entry["format"] in ("flat", "elf", "multiboot"), name
         if entry["format"] == "flat":
             assert entry["mode"] in ("real", "protected", "long"), name
         assert isinstance(entry["vcpus"], int) and entry["vcpus"] >= 1, name
