@@ -18,6 +18,9 @@ from vmworker import status
 from vmworker.errors import VmsupError
 
 
+LIVE_VIEW_NICENESS = 10
+
+
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"vmsup: error: {message}", err=True)
     return typer.Exit(status.EXIT_BAD_INPUT)
@@ -30,6 +33,10 @@ def _attach(run: Optional[str]):
         run_dir = find_run(run)
     except VmsupError as e:
         raise _fail(str(e)) from None
+    # Live viewers are best effort: at a lower priority they only take CPU the VMs leave idle
+    # (on a 2-core machine a busy viewer would otherwise slow a VM); when they fall behind, the
+    # PUB socket drops for them and they say how much they missed.
+    os.nice(LIVE_VIEW_NICENESS)
     return run_dir, LiveSubscriber(run_dir)
 
 
