@@ -175,6 +175,12 @@ class LiveSubscriber:
                 result = self._on_vm_end(msg)
             elif kind == schema.MSG_GAP:
                 result = self._on_gap(msg)
+            elif kind == schema.MSG_SCREEN:
+                from tracetool.screen import validate_screen
+                result = dict(msg, snapshot=validate_screen(msg))
+            elif kind == schema.MSG_INPUT:
+                from tracetool.screen import validate_input
+                result = validate_input(msg)
             else:
                 raise schema.SchemaError(f"unknown message type {kind!r}")
         except schema.SchemaError as e:

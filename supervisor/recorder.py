@@ -138,6 +138,8 @@ class Recorder:
                 self._vm_end(msg)
             elif kind == schema.MSG_LIFECYCLE:
                 self._lifecycle(msg)
+            elif kind in (schema.MSG_SCREEN, schema.MSG_INPUT):
+                self._screen_or_input(kind, msg)
             else:
                 raise BadMessage(f"unknown type {kind!r}")
         except BadMessage as e:
@@ -243,6 +245,15 @@ class Recorder:
             # The worker died without saying how far it got: whatever it had not yet flushed is
             # lost, and only the kernel knew how much. Say so explicitly, per stream.
             self._cut(vm, epoch, f"worker died ({msg.get('detail', 'no result')})")
+
+    def _screen_or_input(self, kind: str, msg: dict) -> None:
+        """A VGA screen snapshot or a key press: bounded and checked (tracetool.screen), then stored."""
+        from tracetool.screen import validate_input, validate_screen
+        if kind == schema.MSG_SCREEN:
+            validate_screen(msg)
+        else:
+            validate_input(msg)
+        self._write(lambda w: w.write_record(kind, msg))
 
     def _cut(self, vm: int, epoch: int, why: str) -> None:
         """A count-unknown gap at the end of each stream of (vm, epoch): every vCPU its vm-start

@@ -458,11 +458,12 @@ def test_overlapping_attach_is_rejected():
 
 def test_standard_devices_are_named_and_placed():
     pio, mmio, devices, _, _ = machine()
-    assert set(devices) == {"seed", "debugcon", "com1", "i8042", "exit", "mmio-test"}
+    assert set(devices) == {"seed", "debugcon", "com1", "i8042", "exit", "mmio-test", "vga"}
     placed = {dev.name: (base, end - base) for base, end, dev in pio.devices() + mmio.devices()}
     assert placed == {
         "seed": (0x10, 1),
         "debugcon": (0xE9, 1),
+        "vga": (0x3D4, 2),
         "com1": (0x3F8, 8),
         "i8042": (0x60, 5),
         "exit": (0xF4, 1),

@@ -92,7 +92,12 @@ MSG_GAP = "gap"  # written by the recorder: vm, vcpu, epoch, first_missing, coun
 # Written by the supervisor: vm, epoch, event (spawn | exit | restart | give-up | stop | pause |
 # resume | kill), name, pid, status, code, signal, detail, t, wall.
 MSG_LIFECYCLE = "lifecycle"
-MESSAGE_TYPES = (MSG_EXITS, MSG_VM_START, MSG_VM_END, MSG_GAP, MSG_LIFECYCLE)
+# The VGA text screen, sampled by the worker when it changed (tracetool/screen.py): vm, epoch, t,
+# cols, rows, cursor ([row, col] or None), enc ("zlib"), cells (compressed (char, attribute) pairs).
+MSG_SCREEN = "screen"
+# A key pressed on the VM's keyboard (key script or typed): vm, epoch, t, key (name), scancodes (set 1).
+MSG_INPUT = "input"
+MESSAGE_TYPES = (MSG_EXITS, MSG_VM_START, MSG_VM_END, MSG_GAP, MSG_LIFECYCLE, MSG_SCREEN, MSG_INPUT)
 
 # Bounds for untrusted messages (bus or file): enough for real batches, small enough to be safe.
 MAX_MESSAGE_BYTES = 64 << 20

@@ -113,6 +113,8 @@ class BlockType(IntEnum):
     GAP = 4
     INDEX = 5
     LIFECYCLE = 6
+    SCREEN = 7
+    INPUT = 8
 
 
 RECORD_BLOCK_TYPES: dict[str, BlockType] = {
@@ -120,6 +122,8 @@ RECORD_BLOCK_TYPES: dict[str, BlockType] = {
     schema.MSG_VM_END: BlockType.VM_END,
     schema.MSG_GAP: BlockType.GAP,
     schema.MSG_LIFECYCLE: BlockType.LIFECYCLE,
+    schema.MSG_SCREEN: BlockType.SCREEN,
+    schema.MSG_INPUT: BlockType.INPUT,
 }
 _KIND_OF_TYPE = {int(t): k for k, t in RECORD_BLOCK_TYPES.items()}
 _KIND_OF_TYPE[BlockType.EXITS] = schema.MSG_EXITS

@@ -29,6 +29,7 @@ from .exit_log import ExitLog
 from .loader import load_image
 from .machine import Machine
 from .recording import Recording
+from .screen import ScreenServices
 from .signals import PAUSE_SIGNAL, RESUME_SIGNAL
 from .spec import VmSpec
 
@@ -61,14 +62,15 @@ def _serial_input(source: str | None) -> SerialInput:
         raise SpecError(f"serial input {source}: {e.strerror or e}") from None
 
 
-def _wire_keyboard(machine: Machine, i8042, key_steps) -> KeyFeeder | None:
-    """IRQ 1 from the i8042 into the in-kernel irqchip (if any); a thread typing the key script."""
+def _wire_keyboard(machine: Machine, i8042, key_steps, typed_on=None) -> KeyFeeder | None:
+    """IRQ 1 from the i8042 into the in-kernel irqchip (if any); a thread typing the key script
+    (on `typed_on`, which records each press, when given)."""
     if machine.irqchip:
         vm = machine.vm
         i8042.connect_irq(lambda level: vm.irq_line(1, level))
     if not key_steps:
         return None
-    feeder = KeyFeeder(i8042, key_steps)
+    feeder = KeyFeeder(typed_on or i8042, key_steps)
     feeder.start()
     return feeder
 
@@ -101,10 +103,17 @@ def run_spec(spec: VmSpec) -> dict:
             signal.signal(RESUME_SIGNAL, lambda *_: machine.resume())
             if recording:
                 recording.start()
-            feeder = _wire_keyboard(machine, _devices["i8042"], key_steps)
-            result = machine.run()
-            if feeder is not None:
-                feeder.stop()
+            # The VGA screen sampler and key input (vmworker/screen.py): threads of their own.
+            screen = ScreenServices(spec, machine.memory, _devices, recording, lambda: machine.ctx.stopping)
+            try:
+                screen.start()
+                feeder = _wire_keyboard(machine, _devices["i8042"], key_steps,
+                                        screen.keyboard_for_script(_devices["i8042"]))
+                result = machine.run()
+                if feeder is not None:
+                    feeder.stop()
+            finally:  # its sockets must close before the recording's context ends
+                screen_stats = screen.stop()
             if recording:
                 recording.set_stopping_check(lambda: True)
         console.flush()
@@ -114,6 +123,8 @@ def run_spec(spec: VmSpec) -> dict:
         data = result.to_json()
         data.update(format=image.format, mode=image.mode, sha256=image.sha256)
         data["irqchip"] = irqchip
+        if screen_stats:
+            data["screen"] = screen_stats
         if recording:
             data["recording"] = recording.end(data)
         return data

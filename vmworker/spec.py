@@ -59,6 +59,10 @@ class VmSpec:
     irqchip: bool | None = None
     cmdline: str = ""
     keys: str | None = None
+    # The VGA text screen: publish snapshots even while blank (`--screen`); where the worker binds
+    # its key input socket (a PULL in the private run dir; None = no typing).
+    screen: bool = False
+    input_endpoint: str | None = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "VmSpec":

@@ -14,6 +14,7 @@ from .seed_port import SeedPort
 from .serial_input import SerialInput
 from .uart8250 import NUM_REGS as UART_LENGTH
 from .uart8250 import Uart8250
+from .vga import CRTC_LENGTH, CRTC_PORT, VgaCrtc
 
 # The kvmsample seed guest writes its counter here (`out %ax, $0x10`).
 SEED_PORT = 0x10
@@ -40,6 +41,7 @@ def standard_devices(console: Console, serial_input: SerialInput) -> tuple[Bus, 
         (pio, COM1_PORT, UART_LENGTH, Uart8250(console, serial_input)),
         (pio, I8042_PORT, I8042_LENGTH, I8042()),
         (pio, EXIT_PORT, 1, ExitDevice()),
+        (pio, CRTC_PORT, CRTC_LENGTH, VgaCrtc()),  # the VGA cursor; the text buffer itself is RAM
         (mmio, MMIO_TEST_GPA, MMIO_TEST_LENGTH, MmioTestDevice()),
     ]
     by_name: dict[str, Device] = {}
