@@ -612,6 +612,7 @@ def replay(
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=0, help="Stop after N events."),
     t_from: Optional[str] = typer.Option(None, "--from", help="Start at this time since the first event (1.5, 250ms)."),
     t_to: Optional[str] = typer.Option(None, "--to", help="Stop after this time since the first event."),
+    show_screen: bool = typer.Option(False, "--screen", help="Print each VGA screen snapshot as it comes, beside the exits."),
 ) -> None:
     """Print events at their recorded pace (or X times faster), one line each as `show` does."""
     from .replay import paced
@@ -624,10 +625,35 @@ def replay(
         t0 = analysis.trace_start(reader)
         render = _json_lines if as_json else _text_lines
         out = sys.stdout
-        chunks = analysis.events_in_time_order(reader, event_filter, limit, *_absolute(span, t0))
+        lo, hi = _absolute(span, t0)
+        snaps = _replay_snapshots(reader, vm, lo, hi) if show_screen else []
+        chunks = analysis.events_in_time_order(reader, event_filter, limit, lo, hi)
         for chunk in paced(chunks, speed, max_sleep):
+            while snaps and snaps[0].t <= int(chunk["t_exit"][-1]):
+                out.write(_screen_block(snaps.pop(0), t0, as_json))
             out.write("".join(render(chunk, t0)))
             out.flush()  # each event as it comes due
+        for snap in snaps:  # drawn after the last matching exit
+            out.write(_screen_block(snap, t0, as_json))
+        out.flush()
+
+
+def _replay_snapshots(reader, vm: str | None, lo: int | None, hi: int | None) -> list:
+    from . import screen as screen_mod
+    want = None if vm is None else {int(v, 0) for v in vm.replace(",", "|").split("|") if v.strip()}
+    return [s for s in screen_mod.trace_snapshots(reader)
+            if (want is None or s.vm in want) and (lo is None or s.t >= lo) and (hi is None or s.t <= hi)]
+
+
+def _screen_block(snap, t0: int | None, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(dict(snap.to_json(t0), type="screen")) + "\n"
+    when = (snap.t - (t0 or snap.t)) / 1e9
+    head = f"--- screen vm {snap.vm} epoch {snap.epoch} at {when:.6f} s ---"
+    lines = snap.lines()
+    while lines and not lines[-1]:
+        lines.pop()
+    return "\n".join([head, *lines, "-" * len(head)]) + "\n"
 
 
 # --- plot -----------------------------------------------------------------------------------------
@@ -656,6 +682,45 @@ def plot(
         _err(str(e))
         raise typer.Exit(EXIT_BAD_INPUT)
     typer.echo(f"vmtrace: wrote {out} ({size} bytes)", err=True)
+
+
+# --- screen ---------------------------------------------------------------------------------------
+@app.command()
+def screen(
+    trace: str = typer.Argument(..., help="A trace file written by the vmsup recorder."),
+    vm: Optional[int] = typer.Option(None, "--vm", min=0, help="The VM (needed when several drew a screen)."),
+    at: Optional[str] = typer.Option(None, "--at", help="The moment, as time since the first event (1.5, 250ms) "
+                                     "[the end]: the last snapshot at or before it is shown."),
+    color: bool = typer.Option(False, "--color", help="VGA colours as ANSI escapes."),
+    as_json: bool = typer.Option(False, "--json", help="The snapshot as JSON: lines, cursor, attributes (hex)."),
+) -> None:
+    """The VGA text screen of a VM at a moment, from the trace's screen snapshots."""
+    from . import screen as screen_mod
+    t_rel = None if at is None else _parse_time(at, "--at")
+    with _reading(trace) as reader:
+        snaps = screen_mod.trace_snapshots(reader, vm)
+        t0 = analysis.trace_start(reader)
+    if not snaps:
+        _err(f"{trace}: no screen snapshots" + (f" of VM {vm}" if vm is not None else "") +
+             " (the guest never drew on the VGA text screen)")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    vms = sorted({s.vm for s in snaps})
+    if len(vms) > 1:
+        _err(f"{trace}: VMs {', '.join(map(str, vms))} drew screens: pick one with --vm")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    t0 = snaps[0].t if t0 is None else min(t0, snaps[0].t)
+    snap = screen_mod.snapshot_at(snaps, None if t_rel is None else t0 + t_rel)
+    if snap is None:
+        _err(f"no screen snapshot at or before {at}: the first is at {(snaps[0].t - t0) / 1e9:.3f} s")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if as_json:
+        _dump_json(dict(snap.to_json(t0), snapshots=len(snaps)))
+        return
+    cur = f"cursor row {snap.cursor[0]} col {snap.cursor[1]}" if snap.cursor else "cursor off"
+    typer.echo(f"vmtrace: VM {snap.vm} epoch {snap.epoch}, screen at {(snap.t - t0) / 1e9:.3f} s "
+               f"(snapshot {snaps.index(snap) + 1} of {len(snaps)}), {cur}", err=True)
+    lines = screen_mod.ansi_lines(snap.cells) if color else snap.lines()
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 @app.callback()

@@ -176,3 +176,29 @@ def rich_text(cells: bytes, cursor: tuple[int, int] | None = None):
         at = cursor[0] * (COLS + 1) + cursor[1]
         text.stylize(Style(reverse=True), at, at + 1)
     return text
+
+
+# --- snapshots in a trace ----------------------------------------------------------------------
+def trace_snapshots(reader, vm: int | None = None) -> list[Snapshot]:
+    """Every readable screen snapshot of the trace (of one VM), in time order. A record that does
+    not validate is skipped (the reader's other checks report a damaged file)."""
+    out = []
+    for rec in reader.records(schema.MSG_SCREEN):
+        try:
+            snap = validate_screen(rec)
+        except schema.SchemaError:
+            continue
+        if vm is None or snap.vm == vm:
+            out.append(snap)
+    out.sort(key=lambda s: s.t)
+    return out
+
+
+def snapshot_at(snaps: list[Snapshot], t: int | None) -> Snapshot | None:
+    """The last snapshot at or before absolute time t (the last of all when t is None)."""
+    best = None
+    for s in snaps:
+        if t is not None and s.t > t:
+            break
+        best = s
+    return best
