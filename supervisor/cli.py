@@ -77,6 +77,8 @@ def launch(
     backoff_max: float = typer.Option(30.0, "--backoff-max", help="Cap of the exponential restart backoff (seconds)."),
     rss_limit: Optional[str] = typer.Option(None, "--rss-limit", help="Kill a VM whose worker's RSS exceeds this (e.g. 256M)."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; print the run id and return."),
+    screen: bool = typer.Option(False, "--screen", help="Show the VM's VGA text screen live (one VM; implies --quiet); "
+                                "keys typed go to its keyboard."),
 ) -> None:
     """Run VMs, one worker process each, recording every exit.
 
@@ -85,9 +87,12 @@ def launch(
     try:
         if listen is not None:
             listen, keys_dir = check_listen(listen, keys_dir)
+        if screen and (detach or fleet is not None or vms > 1 or len(guests or []) > 1):
+            raise SpecError("--screen shows one foreground VM: not with --detach, --fleet, --vms or several guests")
         if guests and fleet is None:
             specs = _build_specs(guests, vms=vms, mem=mem, load_addr=load_addr, entry=entry, mode=mode, vcpus=vcpus,
-                                 max_exits=max_exits, timeout=timeout, quiet=quiet, serial_in=serial_in,
+                                 max_exits=max_exits, timeout=timeout, quiet=quiet or screen,
+                                 serial_in="none" if screen else serial_in,
                                  record_only=record_only, irqchip=irqchip, cmdline=cmdline, keys=keys)
         else:
             specs = fleet_specs(ctx, fleet, guests, quiet=quiet)
@@ -104,7 +109,9 @@ def launch(
         if detach:
             raise typer.Exit(_detach(trace_path))
         foreground = len(specs) == 1 and not os.environ.get(DETACHED_ENV)
-        consoles = None if foreground else [_console_path(trace_path, s.name) for s in specs]
+        for s in specs:
+            s.screen = screen  # the terminal belongs to the screen: guest console text goes to a file
+        consoles = None if foreground and not screen else [_console_path(trace_path, s.name) for s in specs]
         run = Launch(specs, trace_path, console_paths=consoles, foreground=foreground, listen=listen, keys_dir=keys_dir,
                      policy=policy, rss_limit=rss)
         run.start()
@@ -118,7 +125,10 @@ def launch(
     for line in _image_lines(specs):
         _info(line)
     _info(f"run {run.run_dir.run_id}: " + (f"recording to {trace_path}" if trace_path else "not recording (--no-trace)"))
-    if foreground:
+    if foreground and screen:
+        from .screen_cli import watch_launch
+        outcome = watch_launch(run, specs[0].vm_id, specs[0].name)
+    elif foreground:
         outcome = run.wait()
     else:
         outcome = render.watch_fleet(run, err_console())
@@ -402,3 +412,5 @@ from .live_cli import register as _register_live  # noqa: E402
 _register_live(app)
 from .keys import register as _register_keys  # noqa: E402
 _register_keys(app)
+from .screen_cli import register as _register_screen  # noqa: E402
+_register_screen(app)

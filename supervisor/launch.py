@@ -276,7 +276,9 @@ class Launch:
         spec = VmSpec.from_json(slot.spec.to_json())
         spec.epoch = slot.epoch
         spec.bus_endpoint = self.run_dir.events_endpoint if self.record else None
-        if self.foreground:
+        # Where the worker takes typed keys (vmsup screen): inside the private run dir.
+        spec.input_endpoint = f"ipc://{self.run_dir.path / f'vm-{spec.vm_id}-input.sock'}"
+        if self.foreground and not spec.screen:
             worker = Worker(spec)
         else:
             out = open(slot.console, "ab") if slot.console else subprocess.DEVNULL
