@@ -86,7 +86,8 @@ class I8042:
     Keyboard: `inject_scancodes` is what keys pressed on it send (scan code set 1: the controller's
     translation is always on); its 16-byte buffer makes a caller wait for room rather than drop.
     It answers the PS/2 commands a kernel sends (reset → FA AA, identify → FA AB 41, LEDs,
-    typematic, scancode set, enable/disable scanning → FA, echo → EE; anything else → FE).
+    typematic, scancode set, enable/disable scanning → FA, echo → EE; anything else → FE); reset,
+    disable and set-defaults also empty its buffer, as a real keyboard does.
     """
 
     def __init__(self, name: str = "i8042") -> None:
@@ -103,6 +104,7 @@ class I8042:
         self._kbd_pending: int | None = None  # keyboard command waiting for its data byte
         self._scanning = True
         self._irq: Callable[[int], None] | None = None
+        self._irq_lock = threading.Lock()
         self._edge = False  # a new byte became readable: IRQ 1 gets an edge once the lock is released
         self._closed = False
         self.touched = threading.Event()  # the guest has accessed the controller at least once
@@ -112,6 +114,7 @@ class I8042:
         self.keyboard_commands = 0
         self.scancodes_in = 0
         self.irqs = 0
+        self.cleared_scancodes = 0  # keys the guest discarded by resetting or disabling the keyboard
         self.dropped_output = 0
 
     # Wiring -------------------------------------------------------------------------------------
@@ -191,6 +194,7 @@ class I8042:
             "keyboard_commands": self.keyboard_commands,
             "scancodes_in": self.scancodes_in,
             "irqs": self.irqs,
+            "cleared_scancodes": self.cleared_scancodes,
             "dropped_output": self.dropped_output,
         }
 
@@ -204,10 +208,13 @@ class I8042:
         return False
 
     def _pulse(self, edge: bool) -> None:
-        # Outside the lock: KVM_IRQ_LINE is a VM ioctl, and the guest may take the interrupt at once.
+        # Outside the device lock (the guest may take the interrupt and read 0x60 at once), but one
+        # pulse at a time: the guest's read can make the next byte readable while the injector's
+        # line is still high, and a raise that overlaps another is no edge to the 8259 (lost IRQ).
         if edge:
-            self._irq(1)
-            self._irq(0)
+            with self._irq_lock:
+                self._irq(1)
+                self._irq(0)
 
     def _refill(self) -> None:
         """Move the keyboard's next byte into an empty output buffer, if the interface allows."""
@@ -291,9 +298,11 @@ class I8042:
             replies = (KBD_ACK,)
         elif value in (KBD_DISABLE, KBD_DEFAULTS):
             self._scanning = value == KBD_DEFAULTS
+            self._clear_keyboard_buffer()  # both restore power-on defaults, buffer included
             replies = (KBD_ACK,)
         elif value == KBD_RESET:
             self._scanning = True
+            self._clear_keyboard_buffer()
             replies = (KBD_ACK, KBD_BAT_OK)
         elif value == KBD_RESEND:
             replies = (KBD_ACK,)
@@ -303,6 +312,11 @@ class I8042:
             replies = (KBD_RESEND_REPLY,)
         self._kbd_replies.extend(replies)
         self._refill()
+
+    def _clear_keyboard_buffer(self) -> None:
+        self.cleared_scancodes += len(self._kbd)
+        self._kbd.clear()
+        self._room.notify_all()
 
     def _command(self, cmd: int) -> None:
         self.commands += 1
