@@ -192,6 +192,18 @@ def test_cli_hlt_guests_still_end_halted_with_an_irqchip(vmsup, guest, status):
     assert proc.returncode == 0
 
 
+@pytest.mark.kvm
+def test_multiboot_kernel_runs_on_the_bsp_only_and_halted_aps_do_not_keep_it_alive(vmsup, tmp_path):
+    # A PC boots the BSP; APs wait for INIT/SIPI. `cli; hlt` on the BSP then ends the VM.
+    path = tmp_path / "clihlt.bin"
+    path.write_bytes(aout_kernel(code=bytes.fromhex("b02ae6e9faf4")))  # print '*'; cli; hlt
+    proc = vmsup("launch", str(path), "--vcpus", "2", "--quiet", "--no-trace")
+    assert proc.stdout == "*"  # once: only vCPU 0 ran
+    assert status_of(proc.stderr) == ("halted (every vCPU halted with interrupts disabled; "
+                                      "1 never started, waiting for INIT/SIPI)")
+    assert proc.returncode == 0
+
+
 # --- bad input: one line each, exit code 2 ----------------------------------------------------
 
 BAD_KERNELS = {

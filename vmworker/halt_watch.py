@@ -38,19 +38,23 @@ class HaltProbe:
     def __init__(self, vcpus: int) -> None:
         self._lock = threading.Lock()
         self.answers: dict[int, bool] = {}
+        self.waiting_for_ipi = 0  # of the answers, vCPUs (APs) still waiting for INIT/SIPI
         self.vcpus = vcpus
         self.error = ""
 
     def answer(self, vcpu) -> bool:
         """Called by `vcpu`'s own thread, outside KVM_RUN: is this vCPU blocked for good?"""
+        waiting = False
         try:
             mp_state = vcpu.get_mp_state()
-            forever = mp_state in _WAITING_FOR_IPI or (
-                mp_state == abi.KVM_MP_STATE_HALTED and not vcpu.get_regs().rflags & RFLAGS_IF)
+            waiting = mp_state in _WAITING_FOR_IPI
+            forever = waiting or (mp_state == abi.KVM_MP_STATE_HALTED and not vcpu.get_regs().rflags & RFLAGS_IF)
         except KvmError as e:
             forever = False
             self.error = str(e)
         with self._lock:
+            if vcpu.id not in self.answers and waiting:
+                self.waiting_for_ipi += 1
             self.answers[vcpu.id] = forever
         return forever
 
@@ -99,7 +103,10 @@ class HaltWatch:
             self._probe = None
             settled = not self.usable or self._sample() == self._probe_sample
             if settled and all(probe.answers.values()):
-                self.machine.stop(status.HALTED, detail="every vCPU halted with interrupts disabled")
+                detail = "every vCPU halted with interrupts disabled"
+                if probe.waiting_for_ipi:
+                    detail += f"; {probe.waiting_for_ipi} never started, waiting for INIT/SIPI"
+                self.machine.stop(status.HALTED, detail=detail)
                 return
             self._probed = self._probe_sample
             return
