@@ -13,6 +13,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+_SLACK_S = 1e-6
+
 
 def paced(chunks: Iterable[dict[str, np.ndarray]], speed: float = 1.0, max_sleep: float | None = None,
           clock: Callable[[], float] = time.monotonic,
@@ -36,7 +38,9 @@ def paced(chunks: Iterable[dict[str, np.ndarray]], speed: float = 1.0, max_sleep
         i = 0
         while i < n:
             now = clock() - start + skipped
-            j = int(np.searchsorted(due_at, now, "right"))
+            # due within a microsecond counts as due: a clock that can't resolve the last wait
+            # (float rounding) must not leave the loop sleeping for nothing
+            j = int(np.searchsorted(due_at, now + _SLACK_S, "right"))
             if j > i:
                 yield {name: col[i:j] for name, col in chunk.items()}
                 i = j
