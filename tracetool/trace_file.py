@@ -366,17 +366,27 @@ def _read_exits_head(payload: memoryview) -> tuple[dict, int]:
     return head, _U32.size + n
 
 
-def _decode_exits_body(offset: int, head: dict, compressed, dctx) -> ExitBatch:
-    """Decompress and decode an EXITS block's columns; raises _Corrupt."""
+def _decode_exits_body(offset: int, head: dict, compressed, dctx, columns: Iterable[str] | None = None) -> ExitBatch:
+    """Decompress and decode an EXITS block's columns (with `columns`, only those, plus seq and
+    the columns they are delta-coded against); raises _Corrupt."""
     body = _decompress(dctx, compressed, head["body"], "exits block body")
     _need(len(body) == head["body"], "exits block body is shorter than its head says")
     rows = head["n_rows"]
+    wanted = None
+    if columns is not None:
+        wanted = {*columns, _SEQ}
+        for enc in reversed(head["encodings"]):  # a referenced column comes before its user
+            if enc["name"] in wanted and enc.get("ref") is not None:
+                wanted.add(enc["ref"])
     decoded: dict[str, np.ndarray] = {}
     u64: dict[str, np.ndarray] = {}
     pos = 0
     view = memoryview(body)
     for enc in head["encodings"]:
         size = _column_values(enc, rows) * enc["width"]
+        if wanted is not None and enc["name"] not in wanted:
+            pos += size
+            continue
         col = _decode_column(enc, view[pos:pos + size], rows, u64)
         decoded[enc["name"]] = col
         u64[enc["name"]] = _to_u64(col)
@@ -390,9 +400,9 @@ def _decode_exits_body(offset: int, head: dict, compressed, dctx) -> ExitBatch:
     else:
         _need(first + count <= _M64, "sequence range overflows")
         seq = np.arange(rows, dtype=_U64) + np.uint64(first)
-    columns = {name: decoded[name] for name in schema.COLUMN_NAMES}
+    columns = {name: decoded[name] for name in schema.COLUMN_NAMES if name in decoded}
     columns[_SEQ] = seq
-    if rows:
+    if rows and "t_exit" in columns:
         t = columns["t_exit"]
         _need([int(t.min()), int(t.max())] == head["t"], "t_exit values disagree with the block's time range")
     payloads: dict[int, bytes] = {}
@@ -1071,8 +1081,9 @@ class TraceReader:
         return self.records(schema.MSG_GAP)
 
     # Decoding -----------------------------------------------------------------------------------
-    def read_batch(self, ref: ExitBlockRef) -> ExitBatch:
-        """Decompress and decode one EXITS block. Raises TraceFormatError on a bad body."""
+    def read_batch(self, ref: ExitBlockRef, columns: Iterable[str] | None = None) -> ExitBatch:
+        """Decompress and decode one EXITS block (with `columns`, only those and seq: analyses
+        that need a few columns skip decoding the rest). Raises TraceFormatError on a bad body."""
         entry = self._by_offset().get(ref.offset)
         if entry is None or entry.ref is None:
             raise KeyError(f"no exits block at offset {ref.offset}")
@@ -1082,7 +1093,7 @@ class TraceReader:
             raise TraceFormatError(self.path, entry.offset, "block changed since the file was opened")
         try:
             head, body_at = _read_exits_head(memoryview(payload))
-            return _decode_exits_body(entry.offset, head, memoryview(payload)[body_at:], self._dctx)
+            return _decode_exits_body(entry.offset, head, memoryview(payload)[body_at:], self._dctx, columns)
         except _Corrupt as e:
             raise TraceFormatError(self.path, entry.offset, str(e)) from None
 
@@ -1102,9 +1113,9 @@ class TraceReader:
             else:
                 yield Block(e.offset, e.type, _KIND_OF_TYPE[e.type], record=e.record)
 
-    def _read_batch_or_skip(self, ref: ExitBlockRef) -> ExitBatch | None:
+    def _read_batch_or_skip(self, ref: ExitBlockRef, columns: Iterable[str] | None = None) -> ExitBatch | None:
         try:
-            return self.read_batch(ref)
+            return self.read_batch(ref, columns)
         except TraceFormatError as e:
             if not self.skip_corrupt:
                 raise
@@ -1112,14 +1123,15 @@ class TraceReader:
             return None
 
     def exit_batches(self, vm: int | None = None, vcpu: int | None = None, epoch: int | None = None,
-                     where: EventFilter | None = None) -> Iterator[ExitBatch]:
-        """Decoded EXITS blocks of the matching streams, in file order, unfiltered inside."""
+                     where: EventFilter | None = None, columns: Iterable[str] | None = None) -> Iterator[ExitBatch]:
+        """Decoded EXITS blocks of the matching streams, in file order, unfiltered inside
+        (`columns`: decode only these, as read_batch)."""
         for ref in self.exit_blocks():
             if ((vm is not None and ref.vm != vm) or (vcpu is not None and ref.vcpu != vcpu)
                     or (epoch is not None and ref.epoch != epoch)
                     or (where is not None and not where.matches_stream(ref.vm, ref.vcpu, ref.epoch))):
                 continue
-            batch = self._read_batch_or_skip(ref)
+            batch = self._read_batch_or_skip(ref, columns)
             if batch is not None:
                 yield batch
 
