@@ -730,6 +730,8 @@ def _root() -> None:
 
 def main() -> None:
     """Console-script entry: expected failures become one line and an exit code, never a traceback."""
+    from ._alloc import keep_freed_memory
+    keep_freed_memory()  # decoding block after block reuses memory instead of faulting in fresh pages
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)

@@ -39,7 +39,7 @@ def plot_data(reader: TraceReader, where: EventFilter | None = None, bins: int =
     handle_counts = np.zeros(len(_HANDLE_EDGES) + 1, np.int64)  # [under, bins…, over]
     pending: dict[tuple[int, int, int], tuple[int, int, bool]] = {}  # stream → (seq, t_exit, kept) of last event
     with np.errstate(all="ignore"):
-        for batch in reader.exit_batches(where=where):
+        for batch in reader.exit_batches(where=where, columns=("t_exit", "guest_ns", "reason", "addr")):
             cols = batch.columns
             if not batch.n_rows:
                 continue

@@ -325,8 +325,11 @@ def summarize(reader: TraceReader, by: str = "reason", sort: str = "count", wher
     acc = _Summary(by, exact_limit)
     only_reason = _REASON_OF.get(by)
     pending: dict[tuple[int, int, int], tuple] = {}  # stream → (seq, t_exit, group key) of its last event
+    columns = {"t_exit", "guest_ns", "reason"}
+    if by in ("ioport", "mmio") or where is not None:
+        columns |= {"addr", "flags"}
     with np.errstate(all="ignore"):  # a hostile file may overflow int64 arithmetic; no warnings
-        for batch in reader.exit_batches(where=where):
+        for batch in reader.exit_batches(where=where, columns=columns):
             _add_batch(acc, batch, by, only_reason, where, pending)
     return _result(reader, acc, by, sort, where)
 
@@ -397,7 +400,9 @@ def _add_batch(acc: _Summary, batch: ExitBatch, by: str, only_reason: int | None
                 g, full, known = g[order], full[order], known[order]
             acc.add(keys, starts, g, full, known)
     if keep is None or keep[-1]:
-        key = _event_key(by, batch, int(cols["reason"][-1]), int(cols["addr"][-1]), int(cols["flags"][-1]))
+        wide = by in ("ioport", "mmio")
+        key = _event_key(by, batch, int(cols["reason"][-1]), int(cols["addr"][-1]) if wide else 0,
+                         int(cols["flags"][-1]) if wide else 0)
         pending[stream] = (int(seq[-1]), int(t[-1]), key)
 
 
