@@ -8,7 +8,7 @@ vCPU ("vcpu 0"), named by metadata ("M") events; each exit is a complete ("X") s
 when KVM_RUN returned and lasts its handling time (until the vCPU entered the guest again), so
 the gaps between slices are guest time; its args hold seq, epoch, address or port, size, count,
 data, guest_ns and handle_ns. Times are µs with ns precision, from the trace's first exit.
-VM start and end, gap and lifecycle records become instant ("i") events. Thread ids are unique
+VM start and end, gap, lifecycle and key input records become instant ("i") events. Thread ids are unique
 across VMs (Perfetto keys threads by tid alone).
 
 CSV: one header line, one row per event; `handle_ns` is empty where unknown.
@@ -134,7 +134,7 @@ def _us(ns: int) -> float:
 def _record_events(reader: TraceReader, t0: int) -> list[dict]:
     """Instant events for VM start / end, gap and lifecycle records that carry a time."""
     out = []
-    for kind in (schema.MSG_VM_START, schema.MSG_VM_END, schema.MSG_LIFECYCLE, schema.MSG_GAP):
+    for kind in (schema.MSG_VM_START, schema.MSG_VM_END, schema.MSG_LIFECYCLE, schema.MSG_INPUT, schema.MSG_GAP):
         for rec in reader.records(kind):
             vm = rec.get("vm")
             if not isinstance(vm, int) or not 0 <= vm < 1 << 32:
@@ -145,7 +145,8 @@ def _record_events(reader: TraceReader, t0: int) -> list[dict]:
                     continue
                 t = None
             args = {k: v for k, v in rec.items() if isinstance(v, (int, str, float, bool))}
-            name = kind if kind != schema.MSG_LIFECYCLE else f"lifecycle {rec.get('event')}"
+            name = {schema.MSG_LIFECYCLE: f"lifecycle {rec.get('event')}", schema.MSG_INPUT: f"key {rec.get('key')}"}.get(
+                kind, kind)
             if kind == schema.MSG_GAP:
                 vcpu = rec.get("vcpu")
                 ev = {"ph": "i", "s": "t", "name": f"gap: {rec.get('count')} events lost", "pid": vm + 1,
