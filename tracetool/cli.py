@@ -566,7 +566,7 @@ def _render_diff(data: dict) -> None:
 def export(
     trace: str = typer.Argument(..., help="A trace file written by the vmsup recorder."),
     fmt: str = typer.Option(..., "--format", help="perfetto (Chrome/Perfetto JSON timeline), csv or parquet."),
-    out: str = typer.Option(..., "--output", "-o", help="The file to write."),
+    out: str = typer.Option(..., "--output", "-o", help="The file to write ('-': standard output)."),
     vm: Optional[str] = _VM_OPT, vcpu: Optional[str] = _VCPU_OPT, epoch: Optional[str] = _EPOCH_OPT,
     reason: Optional[str] = _REASON_OPT, port: Optional[str] = _PORT_OPT, addr: Optional[str] = _ADDR_OPT,
     where: Optional[str] = _FILTER_OPT,
@@ -595,7 +595,8 @@ def export(
         except export_mod.ExportError as e:
             _err(str(e))
             raise typer.Exit(EXIT_BAD_INPUT)
-    typer.echo(f"vmtrace: wrote {result['events']} events to {out} ({fmt}, {result['bytes']} bytes)", err=True)
+    size = "" if result["bytes"] is None else f", {result['bytes']} bytes"
+    typer.echo(f"vmtrace: wrote {result['events']} events to {out} ({fmt}{size})", err=True)
 
 
 # --- replay ---------------------------------------------------------------------------------------

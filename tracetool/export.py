@@ -27,6 +27,7 @@ import numpy as np
 
 from . import _text as T
 from . import analysis, schema
+from ._output import OutputError, output_path
 from .filters import EventFilter
 from .trace_file import TraceReader
 
@@ -51,23 +52,20 @@ def _chunks(reader: TraceReader, where: EventFilter | None) -> Iterator[dict[str
 
 def export(reader: TraceReader, fmt: str, out_path: str, where: EventFilter | None = None,
            progress: Progress | None = None) -> dict:
-    """Write the export to out_path (through a temporary file renamed at the end, so a failed
-    export leaves nothing half-written). Returns {"events": n, "path": out_path, "bytes": size}."""
+    """Write the export to out_path (see tracetool._output: whole or not at all; "-" is
+    standard output). Returns {"events": n, "path": out_path, "bytes": size or None}."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
     writer = {"perfetto": _perfetto, "csv": _csv, "parquet": _parquet}[fmt]
     if fmt == "parquet":
         _need_pyarrow()
-    tmp = f"{out_path}.part-{os.getpid()}"
     try:
-        n = writer(reader, tmp, where, progress or (lambda k: None))
-        os.replace(tmp, out_path)
-    except OSError as e:
-        raise ExportError(f"{out_path}: cannot write: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return {"events": n, "path": out_path, "bytes": os.path.getsize(out_path), "format": fmt}
+        with output_path(out_path) as path:
+            n = writer(reader, path, where, progress or (lambda k: None))
+            size = os.path.getsize(path) if os.path.isfile(path) else None
+    except OutputError as e:
+        raise ExportError(str(e)) from None
+    return {"events": n, "path": out_path, "bytes": size, "format": fmt}
 
 
 # --- CSV ------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from . import schema
+from ._output import OutputError, output_path
 from .filters import EventFilter
 from .trace_file import TraceReader
 
@@ -138,14 +139,9 @@ def render(data: dict, out_path: str, title: str) -> int:
         svg = svg[svg.index("<svg"):]  # drop the XML prolog and doctype: inline SVG in HTML5
         payload = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
                    f"<title>{html.escape(title)}</title></head>\n<body>\n{svg}\n</body></html>\n").encode()
-    tmp = f"{out_path}.part-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with output_path(out_path) as path, open(path, "wb") as f:
             f.write(payload)
-        os.replace(tmp, out_path)
-    except OSError as e:
-        raise PlotError(f"{out_path}: cannot write: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except OutputError as e:
+        raise PlotError(str(e)) from None
     return len(payload)
