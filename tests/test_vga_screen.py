@@ -183,3 +183,48 @@ def test_vmsup_screen_on_a_vm_without_vga_says_so_in_one_line(vmsup):
         assert proc.stderr.strip() == "vmsup: error: VM seed16 has no VGA screen (no snapshot within 1.5 s)"
     finally:
         vmsup("stop", "--all", "--run", run_id)
+
+
+@pytest.mark.kvm
+def test_launch_screen_in_a_terminal_types_keys_into_the_guest(tmp_path):
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import termios
+
+    trace = tmp_path / "pty.vmtrace"
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([*VMSUP, "launch", "mbkernel", "--screen", "--cmdline", "maxticks=0", "--timeout", "30",
+                             "--trace", str(trace)], stdin=slave, stdout=slave, stderr=slave, cwd=REPO,
+                            start_new_session=True)
+    os.close(slave)
+    out, typed = b"", 0  # 0: waiting for ready, 1: typed a line, 2: typed q
+    deadline = time.monotonic() + 40
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the other side closed
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            if not typed and b"ready:" in out:
+                os.write(master, b"hey\r")
+                typed = 1
+            elif typed == 1 and b"enter at tick" in out:  # the guest echoed; now quit it
+                os.write(master, b"q")
+                typed = 2
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    snaps, inputs, _, _ = _snapshots(trace)
+    assert [r["key"] for r in inputs] == ["h", "e", "y", "enter", "q"]
+    assert "enter at tick" in "\n".join(snaps[-1].lines())
