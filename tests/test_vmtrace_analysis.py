@@ -708,3 +708,16 @@ def test_reader_decodes_only_the_columns_asked_for(synthetic):
         assert set(b.columns) == {"t_exit", "reason", "seq", "guest_ns"}  # guest_ns: t_exit is coded against it
         for name in b.columns:
             np.testing.assert_array_equal(a.columns[name], b.columns[name])
+
+
+def test_export_to_stdout_and_through_a_symlink_leaves_the_link(synthetic, tmp_path):
+    path, _ = synthetic
+    proc = vmtrace("export", path, "--format", "csv", "-o", "-", "--vm", "0")
+    assert proc.returncode == 0 and proc.stderr.startswith("vmtrace: wrote 5000 events to - (csv)")
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 5001 and lines[0].startswith("vm,vcpu,epoch,seq,")
+    target, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    link.symlink_to(target)
+    assert vmtrace("export", path, "--format", "csv", "-o", link, "--vm", "0").returncode == 0
+    assert link.is_symlink() and target.read_text() == proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "real.csv"]  # no temporary left behind

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import io
 import os
+import warnings
 
 import numpy as np
 
@@ -128,8 +129,14 @@ def _figure(data: dict, title: str):
 def render(data: dict, out_path: str, title: str) -> int:
     """Draw the figure into out_path (.png or .html); returns the bytes written."""
     kind = output_kind(out_path)
-    fig = _figure(data, title)
     buf = io.BytesIO()
+    with warnings.catch_warnings():  # e.g. "no positive values" for an empty log axis: not the user's concern
+        warnings.simplefilter("ignore")
+        return _render(data, out_path, title, kind, buf)
+
+
+def _render(data: dict, out_path: str, title: str, kind: str, buf: io.BytesIO) -> int:
+    fig = _figure(data, title)
     if kind == "png":
         fig.savefig(buf, format="png", dpi=100)
         payload = buf.getvalue()
