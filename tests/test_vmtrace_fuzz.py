@@ -139,6 +139,7 @@ def commands(trace: Path, original: Path, out_dir: Path, with_plot: bool) -> lis
         (["export", trace, "--format", "perfetto", "-o", out_dir / "x.json"], ok),
         (["export", trace, "--format", "parquet", "-o", out_dir / "x.parquet"], ok),
         (["verify", trace], {0, 1, 2}), (["verify", trace, "--json"], {0, 1, 2}),
+        (["screen", trace], ok), (["replay", trace, "--screen", "--speed", "inf", "-n", "10"], ok),
     ]
     if with_plot:
         cmds.append((["plot", trace, "-o", out_dir / "x.png"], ok))
