@@ -67,50 +67,55 @@ class Ps(Command):
                 "uptime": time.time() - launch.started_wall, "trace": launch.trace_path, "vms": vms}
 
 
-class Stop(Command):
-    name = "stop"
+class _EachVm(Command):
+    """A command applied to each targeted VM; `apply` says whether it did something to it."""
+
+    takes_target = True
+    done_key = ""
+
+    def apply(self, launch, slot) -> bool:
+        raise NotImplementedError
+
+    def execute(self, launch, req: dict) -> dict:
+        return {self.done_key: [s.spec.name for s in self.targets(launch, req) if self.apply(launch, s)]}
+
+
+class Stop(_EachVm):
+    name, done_key = "stop", "stopped"
     help = "Stop a VM (or --all) for good: TERM, then KILL after a timeout; no restart."
-    takes_target = True
 
-    def execute(self, launch, req: dict) -> dict:
-        done = []
-        for slot in self.targets(launch, req):
-            if not slot.terminal:
-                launch.stop_slot(slot)
-                done.append(slot.spec.name)
-        return {"stopped": done}
+    def apply(self, launch, slot) -> bool:
+        if slot.terminal:
+            return False
+        launch.stop_slot(slot)
+        return True
 
 
-class Kill(Command):
-    name = "kill"
+class Kill(_EachVm):
+    name, done_key = "kill", "killed"
     help = "Kill a VM's worker at once (SIGKILL); no restart."
-    takes_target = True
 
-    def execute(self, launch, req: dict) -> dict:
-        done = []
-        for slot in self.targets(launch, req):
-            if not slot.terminal:
-                launch.stop_slot(slot, kill=True)
-                done.append(slot.spec.name)
-        return {"killed": done}
+    def apply(self, launch, slot) -> bool:
+        if slot.terminal:
+            return False
+        launch.stop_slot(slot, kill=True)
+        return True
 
 
-class Pause(Command):
-    name = "pause"
+class Pause(_EachVm):
+    name, done_key = "pause", "paused"
     help = "Pause a VM: its vCPUs are kicked out of KVM_RUN and parked."
-    takes_target = True
 
-    def execute(self, launch, req: dict) -> dict:
-        return {"paused": [s.spec.name for s in self.targets(launch, req) if launch.pause_slot(s, True)]}
+    def apply(self, launch, slot) -> bool:
+        return launch.pause_slot(slot, True)
 
 
-class Resume(Command):
-    name = "resume"
+class Resume(_EachVm):
+    name, done_key = "resume", "resumed"
     help = "Resume a paused VM."
-    takes_target = True
 
-    def execute(self, launch, req: dict) -> dict:
-        return {"resumed": [s.spec.name for s in self.targets(launch, req) if launch.pause_slot(s, False)]}
+    def apply(self, launch, slot) -> bool:
+        return launch.pause_slot(slot, False)
 
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (Ps(), Stop(), Kill(), Pause(), Resume())}
