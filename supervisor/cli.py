@@ -15,12 +15,10 @@ from typer.exceptions import TyperException
 
 from vmworker import status
 from vmworker.errors import KvmError, SpecError, VmsupError
-from vmworker.machine import check_vm_shape
-from vmworker.spec import VmSpec, parse_address, parse_size
+from vmworker.spec import VmSpec
 
 from . import render
-from .fleet import fleet_specs
-from .guests import resolve_guest
+from .fleet import cli_entry, fleet_specs, specs_from_entries
 from .keys import check_listen
 from . import runtime
 from .commands import COMMANDS, call
@@ -90,19 +88,17 @@ def launch(
         if screen and (detach or fleet is not None or vms > 1 or len(guests or []) > 1):
             raise SpecError("--screen shows one foreground VM: not with --detach, --fleet, --vms or several guests")
         if guests and fleet is None:
-            specs = _build_specs(guests, vms=vms, mem=mem, load_addr=load_addr, entry=entry, mode=mode, vcpus=vcpus,
-                                 max_exits=max_exits, timeout=timeout, quiet=quiet or screen,
-                                 serial_in="none" if screen else serial_in,
-                                 record_only=record_only, irqchip=irqchip, cmdline=cmdline, keys=keys)
+            # The flags describe one fleet entry per GUEST: one validation path for both.
+            backoff = {"max": backoff_max, "initial": min(RestartPolicy.backoff_initial, backoff_max)}
+            entries = [cli_entry(g, vms=vms, mem=mem, load_addr=load_addr, entry=entry,
+                                 mode=mode.value if mode is not None else None, vcpus=vcpus, max_exits=max_exits,
+                                 timeout=timeout, serial_in=serial_in, record_only=record_only, restart=restart,
+                                 backoff=backoff, startsecs=startsecs, retries=retries, rss_limit=rss_limit,
+                                 irqchip=irqchip, cmdline=cmdline, keys=keys)
+                       for g in guests]
+            specs = specs_from_entries(entries, quiet=quiet)
         else:
             specs = fleet_specs(ctx, fleet, guests, quiet=quiet)
-        try:
-            policy = RestartPolicy(mode=restart, retries=retries, startsecs=startsecs,
-                                   backoff_max=backoff_max,
-                                   backoff_initial=min(RestartPolicy.backoff_initial, backoff_max)).validate()
-        except ValueError as e:
-            raise SpecError(f"--restart: {e}") from None
-        rss = None if rss_limit is None else parse_size(rss_limit, "--rss-limit")
         trace_path = None if no_trace else (trace or _default_trace_path(specs[0].name))
         if trace_path:
             check_trace_path(trace_path)
@@ -112,8 +108,7 @@ def launch(
         for s in specs:
             s.screen = screen  # the terminal belongs to the screen: guest console text goes to a file
         consoles = None if foreground and not screen else [_console_path(trace_path, s.name) for s in specs]
-        run = Launch(specs, trace_path, console_paths=consoles, foreground=foreground, listen=listen, keys_dir=keys_dir,
-                     policy=policy, rss_limit=rss)
+        run = Launch(specs, trace_path, console_paths=consoles, foreground=foreground, listen=listen, keys_dir=keys_dir)
         run.start()
         _tell_detaching_parent(run.run_dir.run_id)
     except KvmError as e:
@@ -242,78 +237,6 @@ def _target_command(name: str):
 
 for _name in ("stop", "pause", "resume", "kill"):
     app.command(name=_name)(_target_command(_name))
-
-
-def _build_specs(guests: list[str], *, vms: int, mem: str, load_addr, entry, mode, vcpus, max_exits, timeout,
-                 quiet: bool, serial_in: str, record_only: str | None, irqchip: bool | None = None,
-                 cmdline: str = "", keys: str | None = None) -> list[VmSpec]:
-    from vmworker.loader import load_image
-    from vmworker.memory import validate_mem_size
-
-    if vms < 1:
-        raise SpecError(f"--vms must be at least 1, not {vms}")
-    if record_only is not None:
-        from tracetool.filters import FilterError, parse_filter
-        try:
-            parse_filter(record_only)
-        except FilterError as e:
-            raise SpecError(f"--record-only: {e}") from None
-    mem_size = validate_mem_size(parse_size(mem, "--mem"))
-    specs: list[VmSpec] = []
-    several = len(guests) * vms > 1
-    for guest in guests:
-        found = resolve_guest(guest)
-        base = VmSpec(
-            guest=found.path, name=found.name, mem_size=mem_size,
-            vcpus=found.vcpus if vcpus is None else vcpus,
-            mode=mode.value if mode is not None else found.mode,
-            load_addr=None if load_addr is None else parse_address(load_addr, "--load-addr"),
-            entry=None if entry is None else parse_address(entry, "--entry"),
-            max_exits=max_exits, timeout=timeout,
-            # Several VMs share one terminal: no per-exit lines, and no shared stdin.
-            quiet=quiet or several, serial_input=None if serial_in == "none" or (several and serial_in == "-") else serial_in,
-            record_filter=record_only, irqchip=irqchip, cmdline=cmdline,
-            keys=None if keys is None else os.path.abspath(keys),
-        ).validate()
-        # Check everything here, so bad input fails in one line before any process or VM exists.
-        image = load_image(base.guest, load_addr=base.load_addr, entry=base.entry, mode=base.mode)
-        if keys is not None:
-            from vmworker.devices.keyboard import parse_key_script
-            parse_key_script(keys)  # unknown key names: one line with file:line, before any VM
-        check_vm_shape(image, mem_size, base.vcpus, host_max_vcpus())
-        if base.serial_input not in (None, "-"):
-            _check_readable(base.serial_input, "serial input")
-        for copy in range(vms):
-            spec = VmSpec.from_json(base.to_json())
-            spec.vm_id = len(specs)
-            if several:
-                spec.name = f"{base.name}-{copy}" if vms > 1 else base.name
-            specs.append(spec)
-    names = [s.name for s in specs]
-    for i, s in enumerate(specs):  # the same guest named twice: keep names unique
-        if names.count(s.name) > 1:
-            s.name = f"{s.name}#{i}"
-    return specs
-
-
-def _check_readable(path: str, what: str) -> None:
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise SpecError(f"{what} {path}: {e.strerror or e}") from None
-
-
-_max_vcpus: list[int] = []
-
-
-def host_max_vcpus() -> int:
-    """KVM's vCPU limit, asked once; opening /dev/kvm here also reports a missing KVM early."""
-    if not _max_vcpus:
-        from vmworker.kvm import Kvm
-        with Kvm() as kvm:
-            _max_vcpus.append(kvm.max_vcpus())
-    return _max_vcpus[0]
 
 
 def _image_lines(specs: list[VmSpec]) -> list[str]:

@@ -39,13 +39,15 @@ MODES = ("real", "protected", "long")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # names become file names (consoles): no '/', no leading '.'
 
 VM_KEYS = ("name", "guest", "count", "mem", "vcpus", "mode", "load_addr", "entry", "max_exits", "timeout",
-           "rss_limit", "restart", "backoff", "startsecs", "retries", "serial_in", "record_only")
+           "rss_limit", "restart", "backoff", "startsecs", "retries", "serial_in", "record_only",
+           "irqchip", "cmdline", "keys")
 BACKOFF_KEYS = ("initial", "max", "jitter")
 # The `vmsup launch` flag for each key, for messages from the CLI path.
 FLAGS = {"guest": "GUESTS", "count": "--vms", "mem": "--mem", "vcpus": "--vcpus", "mode": "--mode",
          "load_addr": "--load-addr", "entry": "--entry", "max_exits": "--max-exits", "timeout": "--timeout",
          "rss_limit": "--rss-limit", "restart": "--restart", "backoff": "--backoff", "startsecs": "--startsecs",
-         "retries": "--retries", "serial_in": "--serial-in", "record_only": "--record-only", "name": "--name"}
+         "retries": "--retries", "serial_in": "--serial-in", "record_only": "--record-only", "name": "--name",
+         "irqchip": "--irqchip", "cmdline": "--cmdline", "keys": "--keys"}
 
 
 class FleetError(VmsupError):
@@ -76,6 +78,9 @@ class FleetEntry:
     policy: RestartPolicy = dataclasses.field(default_factory=RestartPolicy)
     serial_in: str = "-"  # "-" = stdin, "none", or a path
     record_only: str | None = None
+    irqchip: bool | None = None  # None: the loader decides (on for multiboot kernels)
+    cmdline: str = ""  # multiboot kernels' command line
+    keys: str | None = None  # a key script (absolute path)
     line: int | None = None  # the [[vm]] header's line; None for an entry built from flags
 
 
@@ -290,6 +295,20 @@ def _resolve(values: dict, label: Callable[[str], str], base_dir: Path | None, l
     policy = _policy(v, label)
     serial_in = _serial_in(label("serial_in"), v.get("serial_in", "-"), base_dir)
     record_only = _record_only(label("record_only"), v["record_only"]) if "record_only" in v else None
+    irqchip = None
+    if "irqchip" in v:
+        if not isinstance(v["irqchip"], bool):
+            raise _Invalid("irqchip", f"{label('irqchip')} must be true or false, not {_kind(v['irqchip'])}")
+        irqchip = v["irqchip"]
+    cmdline = _string("cmdline", label("cmdline"), v["cmdline"]) if "cmdline" in v else ""
+    keys = None
+    if "keys" in v:
+        keys = str(_relative(_string("keys", label("keys"), v["keys"]), base_dir).resolve())
+        from vmworker.devices.keyboard import parse_key_script
+        try:
+            parse_key_script(keys)  # unknown key names: one line with file:line, before any VM
+        except VmsupError as e:
+            raise _Invalid("keys", str(e)) from None
     try:
         # The image is checked here, so bad input fails before any process or VM exists.
         image = load_image(found.path, load_addr=load_addr, entry=entry, mode=mode)
@@ -305,7 +324,8 @@ def _resolve(values: dict, label: Callable[[str], str], base_dir: Path | None, l
         raise _Invalid("vcpus" if "vcpus" in v else "mem" if "mem" in v else "guest", message) from None
     return FleetEntry(name=name, guest=found.path, count=count, mem_size=mem_size, vcpus=vcpus, mode=mode,
                       load_addr=load_addr, entry=entry, max_exits=max_exits, timeout=timeout, rss_limit=rss_limit,
-                      policy=policy, serial_in=serial_in, record_only=record_only, line=line)
+                      policy=policy, serial_in=serial_in, record_only=record_only, irqchip=irqchip,
+                      cmdline=cmdline, keys=keys, line=line)
 
 
 # The flags' entry ------------------------------------------------------------------------------
@@ -315,12 +335,14 @@ def cli_entry(guest: str, *, vms: int = 1, mem: str = "16M", load_addr: str | No
               max_exits: int | None = None, timeout: float | None = None, serial_in: str = "-",
               record_only: str | None = None, restart: str | None = None, backoff: dict | None = None,
               startsecs: float | None = None, retries: int | None = None,
-              rss_limit: str | None = None) -> FleetEntry:
+              rss_limit: str | None = None, irqchip: bool | None = None, cmdline: str | None = None,
+              keys: str | None = None) -> FleetEntry:
     """The entry `vmsup launch GUEST --flags…` means; bad values raise SpecError naming the flag."""
     values = {"guest": guest, "count": vms, "mem": mem, "load_addr": load_addr, "entry": entry, "mode": mode,
               "vcpus": vcpus, "max_exits": max_exits, "timeout": timeout, "serial_in": serial_in,
               "record_only": record_only, "restart": restart, "backoff": backoff, "startsecs": startsecs,
-              "retries": retries, "rss_limit": rss_limit}
+              "retries": retries, "rss_limit": rss_limit, "irqchip": irqchip, "cmdline": cmdline or None,
+              "keys": keys}
     try:
         return _resolve(values, FLAGS.__getitem__, None, None)
     except _Invalid as e:
@@ -515,7 +537,7 @@ def specs_from_entries(entries: list[FleetEntry], *, quiet: bool = False) -> lis
                 # Several VMs share one terminal: no per-exit lines, and no shared stdin.
                 quiet=quiet or several,
                 serial_input=None if e.serial_in == "none" or (several and e.serial_in == "-") else e.serial_in,
-                record_filter=e.record_only,
+                record_filter=e.record_only, irqchip=e.irqchip, cmdline=e.cmdline, keys=e.keys,
                 extra={"policy": dataclasses.asdict(e.policy), "rss_limit": e.rss_limit},
             ).validate()
             spec.vm_id = len(specs)

@@ -16,7 +16,6 @@ import argparse  # noqa: E402
 import ctypes
 import json
 import os
-import signal
 import sys
 
 from . import status
