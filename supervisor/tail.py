@@ -37,17 +37,7 @@ def format_duration(ns: int) -> str:
 def event_text(vm: int, vcpu: int, seq: int, t_exit: int, guest_ns: int, addr: int, data: int, count: int,
                reason: int, size: int, flags: int) -> str:
     """`vm=0 vcpu=0 seq=17 t=12.345678901 io out port=0x10 size=2 data=0x11 guest=5.1us`"""
-    write = flags & schema.FLAG_WRITE
-    if reason == schema.REASON_IO:
-        what = f"io {'out' if write else 'in'} port={addr:#x} size={size} data={data:#x}"
-        if count != 1:
-            what += f" count={count}"
-    elif reason == schema.REASON_MMIO:
-        what = f"mmio {'write' if write else 'read'} addr={addr:#x} size={size} data={data:#x}"
-    else:
-        what = schema.reason_name(reason)
-        if data:
-            what += f" data={data:#x}"
+    what = schema.describe_exit(reason, flags, addr, size, data, count)
     secs, ns = divmod(t_exit, 1_000_000_000)
     return f"vm={vm} vcpu={vcpu} seq={seq} t={secs}.{ns:09d} {what} guest={format_duration(guest_ns)}"
 

@@ -268,15 +268,7 @@ def _text_lines(chunk: dict, t0: int) -> list[str]:
         head = f"t={sign}{rel // 1_000_000_000}.{rel % 1_000_000_000:09d} vm={vm} vcpu={vcpu} "
         if epoch:
             head += f"epoch={epoch} "
-        write = flags & schema.FLAG_WRITE
-        if reason == schema.REASON_IO:
-            what = f"io {'out' if write else 'in'} port={addr:#x} size={size} data={data:#x}"
-            if count != 1:
-                what += f" count={count}"
-        elif reason == schema.REASON_MMIO:
-            what = f"mmio {'write' if write else 'read'} addr={addr:#x} size={size} data={data:#x}"
-        else:
-            what = schema.reason_name(reason) + (f" data={data:#x}" if data else "")
+        what = schema.describe_exit(reason, flags, addr, size, data, count)
         tail = f" guest={_us(guest)} handle={'-' if handle == analysis.NO_HANDLE else _us(handle)}\n"
         lines.append(f"{head}seq={seq} {what}{tail}")
     return lines

@@ -84,6 +84,17 @@ def reason_name(code: int) -> str:
     return REASONS.get(int(code), f"reason-{int(code)}")
 
 
+def describe_exit(reason: int, flags: int, addr: int, size: int, data: int, count: int) -> str:
+    """One exit in words, as tail, show and replay print it: `io out port=0x10 size=2 data=0x11`."""
+    write = flags & FLAG_WRITE
+    if reason == REASON_IO:
+        what = f"io {'out' if write else 'in'} port={addr:#x} size={size} data={data:#x}"
+        return what + (f" count={count}" if count != 1 else "")
+    if reason == REASON_MMIO:
+        return f"mmio {'write' if write else 'read'} addr={addr:#x} size={size} data={data:#x}"
+    return reason_name(reason) + (f" data={data:#x}" if data else "")
+
+
 # --- Bus messages (msgpack maps). Every message has "v" (SCHEMA_VERSION) and "type". ----------
 MSG_EXITS = "exits"  # vm, vcpu, epoch, first_seq, count, cols{name: bytes}, [payloads]
 MSG_VM_START = "vm-start"  # vm, epoch, name, spec{}, sha256, mem_size, mode, vcpus, pid, t
