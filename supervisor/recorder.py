@@ -115,6 +115,13 @@ class Recorder:
         self.recording_error: str | None = None
         self.finished = False
         self.terminate_requested = False  # set from a SIGTERM handler; serve() then finishes
+        for (vm, _vcpu, epoch), covered in resumed_seq.items():
+            # A restarted recorder counts what its predecessor wrote, so `ps` and the end line
+            # go on from there (sequence numbers covered: exact unless --record-only filtered).
+            stats = self._vm(vm)
+            stats.events += covered
+            stats.epoch = max(stats.epoch, epoch)
+            self.events_recorded += covered
 
     # Messages ------------------------------------------------------------------------------------
     def handle(self, raw: bytes) -> None:
