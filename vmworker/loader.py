@@ -7,7 +7,6 @@ A loader only reads the file and describes what goes where (`GuestImage`); placi
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from dataclasses import dataclass, field
@@ -20,6 +19,19 @@ if TYPE_CHECKING:
     from .multiboot import MultibootHeader
 
 MODES = ("real", "protected", "long")
+
+
+def sha256_hex(data: bytes) -> str:
+    """The image's SHA-256 for the trace. CPython's built-in SHA-256 module rather than hashlib:
+    hashlib loads OpenSSL's libcrypto, ~3.7 MiB of resident memory in every worker for one hash."""
+    try:
+        from _sha256 import sha256  # CPython ≤ 3.11
+    except ImportError:
+        try:
+            from _sha2 import sha256  # CPython ≥ 3.12
+        except ImportError:
+            from hashlib import sha256
+    return sha256(data).hexdigest()
 
 # Upper bound on what we read: guests here are tiny, and the cap is RAM's anyway.
 MAX_IMAGE_BYTES = layout.MEM_CAP
@@ -144,7 +156,7 @@ def flat_image(path: str, data: bytes, *, load_addr: int, entry: int | None, mod
     elif load_addr < layout.BOOT_TABLES_END:
         raise GuestImageError(path, f"load address {load_addr:#x} overlaps the VMM's boot tables below {layout.BOOT_TABLES_END:#x}")
     return GuestImage(path, "flat", mode, entry, (Segment(load_addr, data, len(data)),),
-                      hashlib.sha256(data).hexdigest(), len(data))
+                      sha256_hex(data), len(data))
 
 
 def parse_elf(path: str, data: bytes, *, entry: int | None = None, mode: str | None = None) -> GuestImage:
@@ -203,4 +215,4 @@ def parse_elf(path: str, data: bytes, *, entry: int | None = None, mode: str | N
     if mode is not None and mode != native_mode:
         raise GuestImageError(path, f"an {'ELF64' if is64 else 'ELF32'} image runs in {native_mode} mode, not {mode}")
     return GuestImage(path, "elf64" if is64 else "elf32", native_mode, entry, tuple(segments),
-                      hashlib.sha256(data).hexdigest(), len(data))
+                      sha256_hex(data), len(data))

@@ -8,7 +8,6 @@ information is written into RAM by `write_boot_info` once the VM exists.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass, replace
 
@@ -101,7 +100,8 @@ def parse_multiboot(path: str, data: bytes, offset: int, *, entry: int | None = 
     from .loader import ELF_MAGIC, GuestImage, Segment, parse_elf
 
     header = parse_header(path, data, offset)
-    digest = hashlib.sha256(data).hexdigest()
+    from .loader import sha256_hex  # loader imports this module: import at use
+    digest = sha256_hex(data)
     if header.aout is None:
         # §3.1.3: without flag 16 the loader takes the addresses from the executable's own header,
         # which must then be ELF.
