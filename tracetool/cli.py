@@ -53,6 +53,15 @@ def version() -> None:
     typer.echo(dist_version("vmsup"))
 
 
+def _or_exit(analyse, *args):
+    """Run one analysis over trace files; a bad file becomes one error line and exit 2."""
+    try:
+        return analyse(*args)
+    except TraceError as e:
+        _err(str(e))
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
 # --- info -----------------------------------------------------------------------------------------
 @app.command()
 def info(
@@ -60,11 +69,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="One JSON document instead of tables."),
 ) -> None:
     """Runs, VMs, streams, events per VM and reason, gaps, time span and size of a trace."""
-    try:
-        data = analysis.trace_info(trace)
-    except TraceError as e:
-        _err(str(e))
-        raise typer.Exit(EXIT_BAD_INPUT)
+    data = _or_exit(analysis.trace_info, trace)
     torn = data["file"]["torn_tail"]
     _warn_reader(trace, None if torn is None else (torn["offset"], torn["reason"]), data["file"]["warnings"])
     if as_json:
@@ -443,11 +448,7 @@ def verify(
 ) -> None:
     """Check every block's checksum, the schema and sequence continuity; exit 1 on any problem."""
     from . import verify as verify_mod
-    try:
-        data = verify_mod.verify(trace)
-    except TraceError as e:
-        _err(str(e))
-        raise typer.Exit(EXIT_BAD_INPUT)
+    data = _or_exit(verify_mod.verify, trace)
     if as_json:
         _dump_json(data)
     else:
@@ -475,11 +476,7 @@ def diff(
     """Compare two traces of the same guest: first divergence and count differences per reason.
     Exit 0 when they match, 1 when they differ (timing alone is not a difference)."""
     from . import diff as diff_mod
-    try:
-        data = diff_mod.diff(trace_a, trace_b)
-    except TraceError as e:
-        _err(str(e))
-        raise typer.Exit(EXIT_BAD_INPUT)
+    data = _or_exit(diff_mod.diff, trace_a, trace_b)
     for w in data["warnings"]:
         _warn(w)
     if as_json:
