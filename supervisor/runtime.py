@@ -35,13 +35,21 @@ def base_dir() -> Path:
     return Path("/tmp") / f"vmsup-{os.getuid()}"
 
 
+def _denied(path: Path) -> RuntimeDirError:
+    return RuntimeDirError(f"cannot use runtime dir {path}: permission denied (not yours; "
+                           "check XDG_RUNTIME_DIR)")
+
+
 def _private_dir(path: Path) -> Path:
     try:
-        path.mkdir(mode=0o700, parents=False, exist_ok=True)
-    except FileNotFoundError:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.mkdir(mode=0o700, exist_ok=True)
-    st = os.lstat(path)
+        try:
+            path.mkdir(mode=0o700, parents=False, exist_ok=True)
+        except FileNotFoundError:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except PermissionError:
+        raise _denied(path) from None
     if not stat.S_ISDIR(st.st_mode):
         raise RuntimeDirError(f"runtime dir {path} is not a directory")
     if st.st_uid != os.getuid():
@@ -115,11 +123,7 @@ def cleanup_stale(base: Path | None = None) -> list[str]:
     """Remove run dirs whose supervisor is gone (a killed run leaves one behind); their ids."""
     base = base or base_dir()
     removed = []
-    if not base.is_dir():
-        return removed
-    for entry in base.iterdir():
-        if not entry.is_dir():
-            continue
+    for entry in _run_entries(base):
         info = RunDir(entry.name, entry).read_info()
         pid = info.get("pid")
         if isinstance(pid, int) and _pid_alive(pid):
@@ -131,6 +135,18 @@ def cleanup_stale(base: Path | None = None) -> list[str]:
     return removed
 
 
+def _run_entries(base: Path) -> list[Path]:
+    """The run directories under `base` (none if it does not exist yet). Raises RuntimeDirError
+    when `base` is another user's (XDG_RUNTIME_DIR pointing at theirs): Path.is_dir() lets
+    EACCES through, and no caller should meet a PermissionError."""
+    try:
+        if not base.is_dir():
+            return []
+        return [entry for entry in base.iterdir() if entry.is_dir()]
+    except PermissionError:
+        raise _denied(base) from None
+
+
 def _mtime(path: Path) -> float:
     try:
         return path.stat().st_mtime
@@ -140,18 +156,11 @@ def _mtime(path: Path) -> float:
 
 def live_runs() -> list[RunDir]:
     """Runs whose supervisor is alive, oldest first."""
-    base = base_dir()
-    if not base.is_dir():
-        return []
-    try:
-        entries = sorted(base.iterdir(), key=_mtime)
-    except PermissionError:  # another user's runtime dir (XDG_RUNTIME_DIR pointing at theirs)
-        raise RuntimeDirError(f"cannot read runtime dir {base}: permission denied (not yours)") from None
     runs = []
-    for entry in entries:
+    for entry in sorted(_run_entries(base_dir()), key=_mtime):
         rd = RunDir(entry.name, entry)
         pid = rd.read_info().get("pid")
-        if entry.is_dir() and isinstance(pid, int) and _pid_alive(pid):
+        if isinstance(pid, int) and _pid_alive(pid):
             runs.append(rd)
     return runs
 

@@ -697,3 +697,20 @@ def test_another_user_can_neither_see_nor_reach_a_run(shared_xdg, launches, vmsu
     proc = vmsup("stop", "--all")
     assert proc.returncode == 0, proc.stderr
     assert launch.wait() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+def test_another_users_runtime_dir_is_one_error_line(monkeypatch):
+    """XDG_RUNTIME_DIR pointing at another user's private dir (like /run/user/UID): every command
+    that looks for runs says so in one line, exit 2, instead of a PermissionError traceback."""
+    theirs = tempfile.mkdtemp(prefix="vmsup-theirs-")  # 0700, root's: nobody cannot even stat inside
+    try:
+        (Path(theirs) / "vmsup").mkdir(mode=0o700)
+        monkeypatch.setenv("XDG_RUNTIME_DIR", theirs)
+        for args in (("ps",), ("ps", "--json"), ("stop", "--all"), ("tail", "-n", "1")):
+            proc = as_nobody(*args)
+            assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+            [line] = proc.stderr.strip().splitlines()
+            assert line.startswith("vmsup: error: ") and "permission denied" in line, (args, line)
+    finally:
+        shutil.rmtree(theirs, ignore_errors=True)
