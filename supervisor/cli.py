@@ -14,6 +14,7 @@ import typer
 from typer.exceptions import TyperException
 
 from vmworker import status
+from vmworker.status import End
 from vmworker.errors import KvmError, SpecError, VmsupError
 from vmworker.spec import VmSpec
 
@@ -284,7 +285,7 @@ def _report(outcome, foreground: bool) -> int:
                 _err(rec["recording_error"])
     codes = []
     for result in outcome.results:
-        if result.get("status") == status.ERROR:
+        if result.get("status") == End.ERROR:
             _err(f"{result.get('name', 'vm')}: {result.get('error', 'the VM could not start')}")
             codes.append(int(result.get("exit_code", status.EXIT_BAD_INPUT)))
             continue

@@ -23,6 +23,7 @@ import zmq
 
 from tracetool import schema
 from vmworker import status
+from vmworker.status import End
 from vmworker.errors import VmsupError
 from vmworker.publisher import EventPublisher
 from vmworker.signals import PAUSE_SIGNAL, RESUME_SIGNAL
@@ -78,7 +79,7 @@ class Worker:
             result = None
         if not isinstance(result, dict):
             how = f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
-            result = {"name": self.spec.name, "status": status.WORKER_DIED,
+            result = {"name": self.spec.name, "status": End.WORKER_DIED,
                       "detail": f"worker ended without a result ({how})", "exit_code": status.EXIT_VM_ERROR,
                       "no_record": True}
         result["wall_seconds"] = time.monotonic() - self.started
@@ -150,7 +151,7 @@ class VmSlot:
         self.detail = ""
         self.stop_requested = False
         self.stop_deadline: float | None = None
-        self.limit_hit: str | None = None  # a supervisor-enforced limit that ended this epoch
+        self.limit_hit: End | None = None  # a supervisor-enforced limit that ended this epoch
         self.exits_before = 0  # exits of earlier epochs
 
     @property
@@ -310,7 +311,7 @@ class Launch:
         if slot.stop_requested or self._signalled is not None:
             slot.state = "stopped"
             return
-        if result.get("status") == status.ERROR:  # the VM cannot start: retrying would not help
+        if result.get("status") == End.ERROR:  # the VM cannot start: retrying would not help
             slot.state = "exited"
             return
         failed = result.get("exit_code", status.EXIT_VM_ERROR) != 0
@@ -322,7 +323,7 @@ class Launch:
             slot.state = "fatal"
             slot.detail = (f"gave up after {slot.failed_starts} starts in a row that ended within "
                            f"{slot.policy.startsecs:g} s; last: {result.get('status')}")
-            self._record(slot, "give-up", status="fatal", detail=slot.detail)
+            self._record(slot, "give-up", status=End.FATAL, detail=slot.detail)
         else:
             slot.state = "backoff"
             delay = slot.policy.delay(max(1, slot.failed_starts))
@@ -335,7 +336,7 @@ class Launch:
         slot.stop_requested = True
         if slot.state == "backoff":
             slot.state = "stopped"
-            self._record(slot, "stop", status="stopped")
+            self._record(slot, "stop", status=End.STOPPED)
             return
         if slot.worker is not None and not slot.worker.done:
             self._record(slot, "kill" if kill else "stop")
@@ -390,7 +391,7 @@ class Launch:
                 if check_rss and slot.rss_limit and slot.limit_hit is None:
                     rss = _rss_bytes(worker.proc.pid)
                     if rss is not None and rss > slot.rss_limit:
-                        slot.limit_hit = "rss-limit"
+                        slot.limit_hit = End.RSS_LIMIT
                         slot.detail = f"worker RSS {rss >> 20} MiB over the limit of {slot.rss_limit >> 20} MiB"
                         worker.signal(signal.SIGKILL)
 
@@ -437,16 +438,16 @@ class Launch:
         return outcome
 
     def _final_result(self, slot: VmSlot) -> dict:
-        result = dict(slot.result or {"name": slot.spec.name, "status": status.WORKER_DIED})
+        result = dict(slot.result or {"name": slot.spec.name, "status": End.WORKER_DIED})
         result["restarts"] = slot.restarts
         result["exits_all_epochs"] = slot.exits_before
         if slot.state == "fatal":
-            result["status"], result["detail"] = "fatal", slot.detail
+            result["status"], result["detail"] = End.FATAL, slot.detail
             result["exit_code"] = status.EXIT_VM_ERROR
-        elif slot.state == "stopped" and result.get("status") != status.ERROR:
+        elif slot.state == "stopped" and result.get("status") != End.ERROR:
             # Stopped on request (vmsup stop, Ctrl-C, SIGTERM): the VM did what it was asked.
             result["detail"] = f"on request, after {result.get('status', 'no start')}"
-            result["status"] = "stopped"
+            result["status"] = End.STOPPED
             result["exit_code"] = status.EXIT_OK
         return result
 
@@ -470,7 +471,7 @@ class Launch:
     def _finish_recorder(self, results: list[dict]) -> dict | None:
         ended = [{"vm": slot.spec.vm_id, "epoch": max(slot.epoch, 0), "name": slot.spec.name, "status": r["status"],
                   "detail": r.get("detail", ""), "final_seq": None}
-                 for slot, r in zip(self.slots, results) if r.get("no_record") or r.get("status") == status.ERROR]
+                 for slot, r in zip(self.slots, results) if r.get("no_record") or r.get("status") == End.ERROR]
         client = RecorderClient(self.run_dir, timeout=30.0)
         try:
             stats = client.call("finish", ended_without_record=ended)

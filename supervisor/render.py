@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from vmworker.status import End
+
 
 def status_line(result: dict) -> str:
     name = result.get("name", "vm")
     what = result["status"]
-    if what == "guest-exit":
+    if what == End.GUEST_EXIT:
         what = f"guest exit code {result.get('guest_code')}"
     elif result.get("detail"):
         what += f" ({result['detail']})"
@@ -83,9 +85,9 @@ def summary_table(outcome, console) -> None:
         table.add_column(col, justify="left" if col in ("vm", "status") else "right")
     for r in outcome.results:
         what = r.get("status", "?")
-        if what == "guest-exit":
+        if what == End.GUEST_EXIT:
             what = f"guest exit {r.get('guest_code')}"
-        elif what == "error":
+        elif what == End.ERROR:
             what = f"error: {r.get('error', '')}"
         run_s = r.get("run_seconds", 0.0)
         exits = r.get("exits", 0)

@@ -19,6 +19,7 @@ import os
 import sys
 
 from . import status
+from .status import End
 from .devices.console import Console
 from .devices.keyboard import KeyFeeder, parse_key_script
 from .devices.serial_input import SerialInput
@@ -96,8 +97,8 @@ def run_spec(spec: VmSpec) -> dict:
             if recording:
                 # Once the VM is stopping, a recorder that takes nothing may not hold it forever.
                 recording.set_stopping_check(lambda: machine.ctx.stopping)
-            signal.signal(signal.SIGTERM, lambda *_: machine.stop(status.TERMINATED))
-            signal.signal(signal.SIGINT, lambda *_: machine.stop(status.INTERRUPTED))
+            signal.signal(signal.SIGTERM, lambda *_: machine.stop(End.TERMINATED))
+            signal.signal(signal.SIGINT, lambda *_: machine.stop(End.INTERRUPTED))
             signal.signal(PAUSE_SIGNAL, lambda *_: machine.pause())
             signal.signal(RESUME_SIGNAL, lambda *_: machine.resume())
             if recording:
@@ -129,12 +130,12 @@ def run_spec(spec: VmSpec) -> dict:
         return data
     except KvmError as e:
         no_kvm = e.ioctl.startswith("open ")
-        return {"status": status.ERROR, "error": str(e),
+        return {"status": End.ERROR, "error": str(e),
                 "exit_code": status.EXIT_NO_KVM if no_kvm else status.EXIT_VM_ERROR}
     except (GuestImageError, SpecError) as e:
-        return {"status": status.ERROR, "error": str(e), "exit_code": status.EXIT_BAD_INPUT}
+        return {"status": End.ERROR, "error": str(e), "exit_code": status.EXIT_BAD_INPUT}
     except VmsupError as e:
-        return {"status": status.ERROR, "error": str(e), "exit_code": status.EXIT_VM_ERROR}
+        return {"status": End.ERROR, "error": str(e), "exit_code": status.EXIT_VM_ERROR}
     finally:
         if recording:
             recording.close()

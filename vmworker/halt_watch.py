@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 
 from . import kvm_abi as abi
-from . import status
+from .status import End
 from .errors import KvmError
 
 RFLAGS_IF = 1 << 9  # SDM Vol. 1 §3.4.3.3: interrupt enable flag
@@ -106,7 +106,7 @@ class HaltWatch:
                 detail = "every vCPU halted with interrupts disabled"
                 if probe.waiting_for_ipi:
                     detail += f"; {probe.waiting_for_ipi} never started, waiting for INIT/SIPI"
-                self.machine.stop(status.HALTED, detail=detail)
+                self.machine.stop(End.HALTED, detail=detail)
                 return
             self._probed = self._probe_sample
             return

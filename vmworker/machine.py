@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 
 from . import kvm_abi as abi
-from . import layout, status, x86
+from . import layout, x86
+from .status import End, exit_code_for
 from .devices.bus import Bus
 from . import multiboot
 from .errors import SpecError
@@ -65,7 +66,7 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        return status.exit_code_for(self.status, self.guest_code)
+        return exit_code_for(self.status, self.guest_code)
 
     @property
     def exits_per_second(self) -> float:
@@ -102,7 +103,7 @@ class VcpuContext:
         """Block a vCPU thread (outside KVM_RUN, without the GIL) until resumed or stopping."""
         self._resumed.wait()
 
-    def stop(self, reason: str, code: int | None = None, detail: str = "", vcpu=None) -> None:
+    def stop(self, reason: End, code: int | None = None, detail: str = "", vcpu=None) -> None:
         self._machine.stop(reason, code=code, detail=detail, vcpu=vcpu)
 
 
@@ -171,7 +172,7 @@ class Machine:
             raise
 
     # Stopping -----------------------------------------------------------------------------------
-    def stop(self, reason: str, code: int | None = None, detail: str = "", vcpu=None) -> None:
+    def stop(self, reason: End, code: int | None = None, detail: str = "", vcpu=None) -> None:
         """End the VM; the first reason wins. Safe from any thread, vCPU threads included."""
         with self._lock:
             if self._end is not None:
@@ -241,7 +242,7 @@ class Machine:
             try:
                 run_vcpu(vcpu, self.ctx, st, batcher)
             except Exception as e:  # a VMM bug must still end the VM with a status, not hang it
-                self.stop(status.VMM_ERROR, detail=f"vcpu {vcpu.id}: {type(e).__name__}: {e}")
+                self.stop(End.VMM_ERROR, detail=f"vcpu {vcpu.id}: {type(e).__name__}: {e}")
             finally:
                 with count_lock:
                     remaining[0] -= 1
@@ -258,7 +259,7 @@ class Machine:
         while not self._done.is_set():
             wait = IDLE_CHECK_SECONDS if deadline is None else min(IDLE_CHECK_SECONDS, deadline - time.monotonic())
             if wait <= 0:
-                self.stop(status.TIMEOUT, detail=f"no end after {self.timeout:g} s")
+                self.stop(End.TIMEOUT, detail=f"no end after {self.timeout:g} s")
                 break
             self._done.wait(wait)
             self._kick_quiet_vcpus()
@@ -272,7 +273,7 @@ class Machine:
 
     def _result(self, stats: list[VcpuStats]) -> RunResult:
         if self._end is None:
-            reason, code, detail = status.HALTED, None, ""
+            reason, code, detail = End.HALTED, None, ""
         else:
             reason, code, detail = self._end
         by_reason: dict[str, int] = {}

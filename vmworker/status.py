@@ -1,24 +1,14 @@
-"""Why a VM ended, and the process exit code each ending maps to (documented in README.md)."""
+"""Why a VM ended (`End`), and the process exit code each ending maps to.
+
+`End` is the one list of end statuses: the worker's result, the vm-end trace record, the lifecycle
+log and the CLI's exit code all use its members, whose values are the strings on the wire and in
+traces ("max-exits", "guest-exit", ...). README.md's "How a VM ends, and exit codes" table is held
+against it by tests/test_status.py.
+"""
 
 from __future__ import annotations
 
-# End reasons, as printed in the status line and stored in results.
-HALTED = "halted"  # every vCPU executed HLT
-MAX_EXITS = "max-exits"  # --max-exits reached
-GUEST_EXIT = "guest-exit"  # the guest wrote a code to the exit port (0xf4)
-RESET = "reset"  # the guest pulsed the reset line (i8042 0xFE)
-POWEROFF = "poweroff"  # KVM_SYSTEM_EVENT_SHUTDOWN
-SHUTDOWN = "shutdown"  # triple fault
-TIMEOUT = "timeout"  # --timeout elapsed
-FAIL_ENTRY = "fail-entry"
-INTERNAL_ERROR = "internal-error"
-SYSTEM_EVENT = "system-event"
-UNSUPPORTED_EXIT = "unsupported-exit"
-VMM_ERROR = "vmm-error"
-INTERRUPTED = "interrupted"  # SIGINT (Ctrl-C)
-TERMINATED = "terminated"  # SIGTERM
-ERROR = "error"  # the VM never started: bad input or KVM unavailable
-WORKER_DIED = "worker-died"  # the worker process ended without a result
+import enum
 
 # Process exit codes.
 EXIT_OK = 0
@@ -28,19 +18,58 @@ EXIT_SHUTDOWN = 3
 EXIT_TIMEOUT = 4
 EXIT_VM_ERROR = 5  # fail-entry, internal error, unsupported exit, VMM error, dead worker
 EXIT_NO_KVM = 6  # /dev/kvm missing or not permitted
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
-_CODES = {
-    HALTED: EXIT_OK, MAX_EXITS: EXIT_OK, RESET: EXIT_OK, POWEROFF: EXIT_OK,
-    SHUTDOWN: EXIT_SHUTDOWN, TIMEOUT: EXIT_TIMEOUT,
-    FAIL_ENTRY: EXIT_VM_ERROR, INTERNAL_ERROR: EXIT_VM_ERROR, SYSTEM_EVENT: EXIT_VM_ERROR,
-    UNSUPPORTED_EXIT: EXIT_VM_ERROR, VMM_ERROR: EXIT_VM_ERROR, WORKER_DIED: EXIT_VM_ERROR,
-    INTERRUPTED: EXIT_INTERRUPTED, TERMINATED: EXIT_TERMINATED, ERROR: EXIT_BAD_INPUT,
-}
+
+class End(enum.StrEnum):
+    """An end status: its wire string, the exit code(s) it maps to, and what it means.
+
+    A member is a str (`End.HALTED == "halted"`), so results, msgpack and JSON carry the plain
+    string. `codes[0]` is the usual exit code; the others are the ones `exit_code` may also give.
+    """
+
+    def __new__(cls, value: str, codes: tuple[int, ...], meaning: str):
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.codes = codes
+        member.meaning = meaning
+        return member
+
+    # Ended by the guest or by its limits.
+    HALTED = "halted", (EXIT_OK,), "every vCPU executed HLT"
+    MAX_EXITS = "max-exits", (EXIT_OK,), "--max-exits reached"
+    GUEST_EXIT = "guest-exit", (EXIT_OK, EXIT_GUEST_FAILURE), "the guest wrote a code to the exit port (0 → 0, else 1)"
+    RESET = "reset", (EXIT_OK,), "the guest pulsed the reset line (i8042 0xFE)"
+    POWEROFF = "poweroff", (EXIT_OK,), "KVM system event: shutdown"
+    SHUTDOWN = "shutdown", (EXIT_SHUTDOWN,), "triple fault"
+    TIMEOUT = "timeout", (EXIT_TIMEOUT,), "--timeout elapsed"
+    # The VM could not go on.
+    FAIL_ENTRY = "fail-entry", (EXIT_VM_ERROR,), "KVM could not enter the guest"
+    INTERNAL_ERROR = "internal-error", (EXIT_VM_ERROR,), "KVM internal error (e.g. emulation failure)"
+    SYSTEM_EVENT = "system-event", (EXIT_VM_ERROR,), "a KVM system event other than shutdown"
+    UNSUPPORTED_EXIT = "unsupported-exit", (EXIT_VM_ERROR,), "an exit reason vmsup does not handle"
+    VMM_ERROR = "vmm-error", (EXIT_VM_ERROR,), "vmsup itself failed (a failed ioctl, a bug)"
+    WORKER_DIED = "worker-died", (EXIT_VM_ERROR,), "the worker process ended without a result"
+    # Signals to a worker alone.
+    INTERRUPTED = "interrupted", (EXIT_INTERRUPTED,), "SIGINT (Ctrl-C)"
+    TERMINATED = "terminated", (EXIT_TERMINATED,), "SIGTERM"
+    # The VM never started: bad input (2), /dev/kvm unavailable (6), or KVM refused the set-up (5).
+    ERROR = "error", (EXIT_BAD_INPUT, EXIT_NO_KVM, EXIT_VM_ERROR), "the VM never started"
+    # Set by the supervisor, not the worker.
+    STOPPED = "stopped", (EXIT_OK,), "stopped on request (vmsup stop, or a signal to vmsup launch)"
+    RSS_LIMIT = "rss-limit", (EXIT_VM_ERROR,), "the worker's RSS went over --rss-limit"
+    FATAL = "fatal", (EXIT_VM_ERROR,), "the restart policy gave up"
+
+    def exit_code(self, guest_code: int | None = None) -> int:
+        if self is End.GUEST_EXIT:
+            return EXIT_OK if guest_code == 0 else EXIT_GUEST_FAILURE
+        return self.codes[0]
 
 
 def exit_code_for(status: str, guest_code: int | None = None) -> int:
-    if status == GUEST_EXIT:
-        return EXIT_OK if guest_code == 0 else EXIT_GUEST_FAILURE
-    return _CODES.get(status, EXIT_VM_ERROR)
+    """The exit code of a status read back from a result or trace; unknown ones are VM errors."""
+    try:
+        return End(status).exit_code(guest_code)
+    except ValueError:
+        return EXIT_VM_ERROR

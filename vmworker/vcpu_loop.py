@@ -15,6 +15,7 @@ from . import kvm_abi as abi
 from . import exits as ex
 from .devices.bus import StopVm
 from .event_batch import ROW
+from .status import End
 
 _KVM_RUN = abi.KVM_RUN
 _EXIT_IO = abi.KVM_EXIT_IO
@@ -181,10 +182,10 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
             if done:
                 break
             if n >= check_at and (budget is None or next(budget) + 1 >= limit):
-                ctx.stop("max-exits")
+                ctx.stop(End.MAX_EXITS)
                 break
     except OSError as e:
-        ctx.stop("vmm-error", detail=f"KVM_RUN on vcpu {vcpu_id} failed: {e.strerror or e}", vcpu=vcpu)
+        ctx.stop(End.VMM_ERROR, detail=f"KVM_RUN on vcpu {vcpu_id} failed: {e.strerror or e}", vcpu=vcpu)
     finally:
         stats.last_exit = clock()
         stats.exits = n
@@ -233,10 +234,10 @@ def _slow_exit(vcpu, reason: int, ctx, log) -> tuple[bool, bytes]:
     exit_ = ex.decode_exit(vcpu.run_page)
     match exit_:
         case ex.Shutdown():
-            ctx.stop("shutdown", detail="triple fault", vcpu=vcpu)
+            ctx.stop(End.SHUTDOWN, detail="triple fault", vcpu=vcpu)
             return True, b""
         case ex.FailEntry(hardware_entry_failure_reason=hw, cpu=cpu):
-            ctx.stop("fail-entry", detail=f"hardware entry failure reason {hw:#x} on cpu {cpu}", vcpu=vcpu)
+            ctx.stop(End.FAIL_ENTRY, detail=f"hardware entry failure reason {hw:#x} on cpu {cpu}", vcpu=vcpu)
             return True, _u64(hw)
         case ex.InternalError(suberror=sub, data=data):
             fallback = ctx.insn_fallback
@@ -247,14 +248,14 @@ def _slow_exit(vcpu, reason: int, ctx, log) -> tuple[bool, bytes]:
                 refusal = f"; not done by vmsup either: {fallback.last_refusal}"
             what = _INTERNAL_SUBERRORS.get(sub, "unknown suberror")
             words = " ".join(f"{d:#x}" for d in data)
-            ctx.stop("internal-error", detail=f"suberror {sub} ({what}){', data ' + words if words else ''}{refusal}",
+            ctx.stop(End.INTERNAL_ERROR, detail=f"suberror {sub} ({what}){', data ' + words if words else ''}{refusal}",
                      vcpu=vcpu)
             return True, _u64(sub)
         case ex.SystemEvent(type=type_):
             if type_ == abi.KVM_SYSTEM_EVENT_SHUTDOWN:
-                ctx.stop("poweroff", detail="system event: shutdown", vcpu=vcpu)
+                ctx.stop(End.POWEROFF, detail="system event: shutdown", vcpu=vcpu)
             else:
-                ctx.stop("system-event", detail=_SYSTEM_EVENTS.get(type_, f"type {type_}"), vcpu=vcpu)
+                ctx.stop(End.SYSTEM_EVENT, detail=_SYSTEM_EVENTS.get(type_, f"type {type_}"), vcpu=vcpu)
             return True, _u64(type_)
         case ex.Debug(exception=exc, pc=pc):
             if log is not None:
@@ -262,8 +263,8 @@ def _slow_exit(vcpu, reason: int, ctx, log) -> tuple[bool, bytes]:
             return False, _u64(pc)
         case ex.Unsupported(hardware_exit_reason=hw):
             name = abi.EXIT_REASON_NAMES.get(reason, "unknown")
-            ctx.stop("unsupported-exit", detail=f"exit reason {reason} ({name})", vcpu=vcpu)
+            ctx.stop(End.UNSUPPORTED_EXIT, detail=f"exit reason {reason} ({name})", vcpu=vcpu)
             return True, _u64(hw)
         case _:
-            ctx.stop("unsupported-exit", detail=f"exit reason {reason}", vcpu=vcpu)
+            ctx.stop(End.UNSUPPORTED_EXIT, detail=f"exit reason {reason}", vcpu=vcpu)
             return True, b""

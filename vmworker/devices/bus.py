@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import bisect
 import threading
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..status import End
 
 
 class Device(Protocol):
@@ -29,7 +32,7 @@ class StopVm(Exception):
     The vCPU loop catches it and ends the VM with ``reason`` (and ``code`` for a guest exit code).
     """
 
-    def __init__(self, reason: str, code: int | None = None, detail: str = "") -> None:
+    def __init__(self, reason: End, code: int | None = None, detail: str = "") -> None:
         super().__init__(reason, code, detail)
         self.reason = reason
         self.code = code

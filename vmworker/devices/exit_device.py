@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from ..status import End
 from .bus import StopVm
 
 
 class ExitDevice:
-    """A write of 1, 2 or 4 bytes ends the VM: ``StopVm("guest-exit", code=value)``.
+    """A write of 1, 2 or 4 bytes ends the VM: ``StopVm(End.GUEST_EXIT, code=value)``.
 
     The code is exactly the value written, not QEMU isa-debug-exit's ``(value << 1) | 1``: QEMU
     shifts so that no guest value can look like its own clean exit 0; here the worker reports the
@@ -22,4 +23,4 @@ class ExitDevice:
 
     def write(self, offset: int, data: bytes) -> None:
         value = int.from_bytes(data, "little")
-        raise StopVm("guest-exit", code=value, detail=f"guest wrote {value:#x} ({len(data)} bytes) to the exit port")
+        raise StopVm(End.GUEST_EXIT, code=value, detail=f"guest wrote {value:#x} ({len(data)} bytes) to the exit port")

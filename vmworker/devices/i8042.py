@@ -6,6 +6,7 @@ import threading
 from collections import deque
 from typing import Callable
 
+from ..status import End
 from .bus import StopVm
 
 # Offsets within the device, which spans ports 0x60-0x64 as one range.
@@ -73,7 +74,7 @@ class I8042:
 
     Controller: commands 0x20, 0x60, 0xAA, 0xAB, 0xAD, 0xAE, 0xD0, 0xD1 and the output-line pulses
     0xF0-0xFF; a pulse with bit 0 clear (0xFE in practice) pulses the CPU reset line, as does
-    writing an output port with bit 0 clear: both raise ``StopVm("reset")``. Unknown commands are
+    writing an output port with bit 0 clear: both raise ``StopVm(End.RESET)``. Unknown commands are
     counted and ignored. Offsets 1-3 (ports 0x61-0x63) read 0xFF; with an in-kernel PIT, KVM
     answers 0x61 before it gets here.
 
@@ -275,7 +276,7 @@ class I8042:
         elif pending == CMD_WRITE_OUTPUT_PORT:
             self.output_port = value
             if not value & OUTPUT_PORT_RESET:
-                raise StopVm("reset", detail=f"i8042 reset (output port 0x{value:02X})")
+                raise StopVm(End.RESET, detail=f"i8042 reset (output port 0x{value:02X})")
         else:
             self.keyboard_bytes += 1
             self._keyboard_command(value)
@@ -340,6 +341,6 @@ class I8042:
         elif cmd >= 0xF0:
             # 0xF0-0xFF pulse output-port bits 3:0 low for each clear bit of the low nibble.
             if not cmd & OUTPUT_PORT_RESET:
-                raise StopVm("reset", detail=f"i8042 reset (0x{cmd:02X})")
+                raise StopVm(End.RESET, detail=f"i8042 reset (0x{cmd:02X})")
         else:
             self.unknown_commands += 1
