@@ -67,3 +67,49 @@ def test_make_check_reproduces_every_committed_image(tmp_path):
             f"{name} differs from its rebuild"
         )
     assert (out / "seed16.bin").read_bytes() == SEED16_BYTES
+
+
+def flat_guest_names():
+    """Guests shipped as flat bytes (format flat, or a multiboot a.out-kludge .bin)."""
+    return sorted(Path(entry["file"]).stem for entry in manifest().values() if entry["file"].endswith(".bin"))
+
+
+def test_every_flat_guest_keeps_its_elf_with_symbols_beside_the_bin():
+    from elftools.elf.elffile import ELFFile
+
+    for name in flat_guest_names():
+        elf_path = GUEST / f"{name}.elf"
+        assert elf_path.is_file(), f"{name}.bin has no {name}.elf beside it"
+        with open(elf_path, "rb") as f:
+            elf = ELFFile(f)
+            assert elf.get_section_by_name(".symtab") is not None, f"{name}.elf is stripped"
+            assert elf.has_dwarf_info(), f"{name}.elf has no debug info"
+            # The .bin is the ELF's loadable bytes (objcopy -O binary): one segment, same bytes.
+            loads = [seg for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD" and seg["p_filesz"]]
+            first = min(loads, key=lambda seg: seg["p_paddr"])
+            assert (GUEST / f"{name}.bin").read_bytes().startswith(first.data()), name
+
+
+def test_elf_guests_keep_symbols_and_debug_info():
+    from elftools.elf.elffile import ELFFile
+
+    for entry in manifest().values():
+        if entry["file"].endswith(".elf"):
+            with open(GUEST / entry["file"], "rb") as f:
+                elf = ELFFile(f)
+                assert elf.get_section_by_name(".symtab") is not None, entry["file"]
+                assert elf.has_dwarf_info(), entry["file"]
+
+
+@needs_tools
+def test_guests_rebuild_identically_from_another_directory(tmp_path):
+    # Debug info must not record where the checkout lives: build a copy elsewhere.
+    elsewhere = tmp_path / "some" / "other" / "checkout" / "guest"
+    shutil.copytree(GUEST, elsewhere, ignore=shutil.ignore_patterns("build"))
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-C", str(elsewhere), "check", f"CHECK_DIR={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, f"make check from a copy failed:\n{result.stdout}\n{result.stderr}"
+    for name in committed_images() + [f"{n}.elf" for n in flat_guest_names()]:
+        assert (tmp_path / "out" / name).read_bytes() == (GUEST / name).read_bytes(), name
