@@ -22,7 +22,7 @@ import msgpack
 import zmq
 
 from tracetool import schema
-from vmworker import status
+from vmworker import insn_counter, status
 from vmworker.status import End
 from vmworker.errors import VmsupError
 from vmworker.publisher import EventPublisher
@@ -236,7 +236,8 @@ class Launch:
 
     def _start_recorder(self, resume: bool = False) -> None:
         meta = {"run_id": self.run_dir.run_id, "argv": sys.argv, "host": os.uname().nodename,
-                "started_wall_ns": time.time_ns(), "vms": [s.to_json() for s in self.specs]}
+                "started_wall_ns": time.time_ns(), "vms": [s.to_json() for s in self.specs],
+                insn_counter.TRACE_HEADER_KEY: insn_counter.counts_exactly()}
         cmd = [sys.executable, "-m", "supervisor.recorder", "--run-dir", str(self.run_dir.path),
                "--run-meta", json.dumps(meta)]
         if self.trace_path:
