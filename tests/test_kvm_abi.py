@@ -28,7 +28,7 @@ pytestmark = [
 
 # Members of kvm_run that vmworker reads; the generator must reach each of them.
 KVM_RUN_MEMBERS_READ = [
-    "exit_reason", "immediate_exit", "kvm_valid_regs", "s",
+    "exit_reason", "immediate_exit", "kvm_valid_regs", "s", "s.regs.regs.rip", "s.regs.sregs.cs.base",
     "io.direction", "io.size", "io.port", "io.count", "io.data_offset",
     "mmio.phys_addr", "mmio.data", "mmio.len", "mmio.is_write",
     "fail_entry.hardware_entry_failure_reason", "fail_entry.cpu",

@@ -76,6 +76,47 @@ class kvm_sregs(Structure):
     ]
 
 
+class _kvm_vcpu_events_exception(Structure):
+    _fields_ = [("injected", c_uint8), ("nr", c_uint8), ("has_error_code", c_uint8), ("pending", c_uint8),
+                ("error_code", c_uint32)]
+
+
+class _kvm_vcpu_events_interrupt(Structure):
+    _fields_ = [("injected", c_uint8), ("nr", c_uint8), ("soft", c_uint8), ("shadow", c_uint8)]
+
+
+class _kvm_vcpu_events_nmi(Structure):
+    _fields_ = [("injected", c_uint8), ("pending", c_uint8), ("masked", c_uint8), ("pad", c_uint8)]
+
+
+class _kvm_vcpu_events_smi(Structure):
+    _fields_ = [("smm", c_uint8), ("pending", c_uint8), ("smm_inside_nmi", c_uint8), ("latched_init", c_uint8)]
+
+
+class _kvm_vcpu_events_triple_fault(Structure):
+    _fields_ = [("pending", c_uint8)]
+
+
+class kvm_vcpu_events(Structure):
+    _fields_ = [
+        ("exception", _kvm_vcpu_events_exception), ("interrupt", _kvm_vcpu_events_interrupt),
+        ("nmi", _kvm_vcpu_events_nmi), ("sipi_vector", c_uint32), ("flags", c_uint32),
+        ("smi", _kvm_vcpu_events_smi), ("triple_fault", _kvm_vcpu_events_triple_fault),
+        ("reserved", c_uint8 * 26), ("exception_has_payload", c_uint8), ("exception_payload", c_uint64),
+    ]
+
+
+# kvm_run.s.regs (KVM_CAP_SYNC_REGS): with kvm_run.kvm_valid_regs = KVM_SYNC_X86_REGS |
+# KVM_SYNC_X86_SREGS the kernel fills regs and sregs at every exit, at no ioctl's cost.
+KVM_SYNC_X86_REGS = 1 << 0
+KVM_SYNC_X86_SREGS = 1 << 1
+KVM_SYNC_X86_EVENTS = 1 << 2
+
+
+class kvm_sync_regs(Structure):
+    _fields_ = [("regs", kvm_regs), ("sregs", kvm_sregs), ("events", kvm_vcpu_events)]
+
+
 class kvm_cpuid_entry2(Structure):
     _fields_ = [
         ("function", c_uint32), ("index", c_uint32), ("flags", c_uint32), ("eax", c_uint32),
@@ -232,6 +273,10 @@ class _kvm_run_exit(Union):
 SYNC_REGS_SIZE_BYTES = 2048
 
 
+class _kvm_run_sync(Union):
+    _fields_ = [("regs", kvm_sync_regs), ("padding", c_char * SYNC_REGS_SIZE_BYTES)]
+
+
 class kvm_run(Structure):
     _anonymous_ = ("u",)
     _fields_ = [
@@ -240,7 +285,7 @@ class kvm_run(Structure):
         ("flags", c_uint16), ("cr8", c_uint64), ("apic_base", c_uint64),
         ("u", _kvm_run_exit),
         ("kvm_valid_regs", c_uint64), ("kvm_dirty_regs", c_uint64),
-        ("s", c_char * SYNC_REGS_SIZE_BYTES),
+        ("s", _kvm_run_sync),
     ]
 
 
@@ -345,7 +390,7 @@ ABI_STRUCTS: dict[str, type] = {
     "kvm_pit_config": kvm_pit_config, "kvm_guest_debug": kvm_guest_debug,
     "kvm_coalesced_mmio_zone": kvm_coalesced_mmio_zone, "kvm_coalesced_mmio": kvm_coalesced_mmio,
     "kvm_run": kvm_run, "kvm_mp_state": kvm_mp_state, "kvm_translation": kvm_translation, "kvm_stats_header": kvm_stats_header,
-    "kvm_stats_desc": kvm_stats_desc,
+    "kvm_stats_desc": kvm_stats_desc, "kvm_vcpu_events": kvm_vcpu_events, "kvm_sync_regs": kvm_sync_regs,
 }
 
 # Every ioctl number, by header name, for the oracle test.
