@@ -226,3 +226,12 @@ def test_bulk_lookup_agrees_with_one_at_a_time_and_with_binary_search():
     assert dense._dense is not None
     probe = np.array([0, 0xFFF, 0x1000, 0x1FFF, 0x2000, 0x3000, 0x300F, 0x3010, 2**64 - 1], np.uint64)
     assert dense.lookup(probe).tolist() == [NO_ID, NO_ID, 0, 0, NO_ID, 1, 1, NO_ID, NO_ID]
+
+
+def test_a_symbol_nested_in_a_sized_one_never_makes_ranges_overlap(tmp_path):
+    path = tmp_path / "nested.map"
+    path.write_text("00001000 00000040 T outer\n00001010 00000008 t inner\n00001100 T after\n")
+    table = SymbolTable.from_file(path)
+    probe = [0x1000, 0x100F, 0x1010, 0x1017, 0x1018, 0x1040, 0x1100]
+    assert [table.resolve(a).symbol for a in probe] == ["outer", "outer", "inner", "inner", None, None, "after"]
+    assert np.all(np.diff(table.starts.astype(np.int64)) > 0) and np.all(table.ends[:-1] <= table.starts[1:])

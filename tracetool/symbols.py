@@ -172,7 +172,8 @@ class SymbolTable:
     @classmethod
     def _build(cls, source: str, candidates: list[_Candidate], bias: int) -> "SymbolTable":
         # One name per start address (the best-ranked), then each range ends at its size, or, unsized,
-        # at the next symbol's start or its limit. Empty ranges (linker marks past a section) go.
+        # at its limit, and always by the next symbol's start. Empty ranges (linker marks past a
+        # section) go.
         best: dict[int, _Candidate] = {}
         for c in candidates:
             held = best.get(c.start)
@@ -181,11 +182,9 @@ class SymbolTable:
         ordered = sorted(best.values(), key=lambda c: c.start)
         starts, ends, names = [], [], []
         for i, c in enumerate(ordered):
-            if c.size:
-                end = c.start + c.size
-            else:
-                following = ordered[i + 1].start if i + 1 < len(ordered) else c.limit
-                end = min(following, c.limit)
+            following = ordered[i + 1].start if i + 1 < len(ordered) else c.limit
+            # A symbol nested in a sized one (rare) takes over from its start: ranges never overlap.
+            end = min(c.start + c.size, following) if c.size else min(following, c.limit)
             if end > c.start:
                 starts.append(c.start + bias)
                 ends.append(end + bias)
