@@ -26,6 +26,7 @@ from .devices.serial_input import SerialInput
 from .devices.standard import standard_devices
 from .errors import GuestImageError, KvmError, SpecError, VmsupError
 from .exit_log import ExitLog
+from .gdb.server import GdbServer
 from .loader import load_image
 from .machine import Machine
 from .recording import Recording
@@ -78,6 +79,7 @@ def _wire_keyboard(machine: Machine, i8042, key_steps, typed_on=None) -> KeyFeed
 def run_spec(spec: VmSpec) -> dict:
     """Build and run the VM of `spec`; a JSON-able result, errors included."""
     recording = None
+    gdb_server = None
     try:
         spec.validate()
         image = load_image(spec.guest, load_addr=spec.load_addr, entry=spec.entry, mode=spec.mode)
@@ -88,6 +90,8 @@ def run_spec(spec: VmSpec) -> dict:
         console = Console(out, line_buffered=not spec.quiet)
         port_bus, mmio_bus, _devices = standard_devices(console, _serial_input(spec.serial_input))
         exit_log = None if spec.quiet else ExitLog(out, multi_vcpu=spec.vcpus > 1)
+        if spec.gdb:  # bound before the VM exists: a port in use is bad input, and no VM runs
+            gdb_server = GdbServer(spec.gdb, describe=lambda: f"VM {spec.name}: {spec.guest}, {spec.vcpus} vCPU(s)")
         if spec.bus_endpoint:
             recording = Recording(spec, image)
         with Machine(spec.name, image, spec.mem_size, spec.vcpus, port_bus, mmio_bus, exit_log=exit_log,
@@ -103,6 +107,8 @@ def run_spec(spec: VmSpec) -> dict:
             signal.signal(RESUME_SIGNAL, lambda *_: machine.resume())
             if recording:
                 recording.start()
+            if gdb_server:
+                gdb_server.start(machine, wait=spec.gdb_wait)
             # The VGA screen sampler and key input (vmworker/screen.py): threads of their own.
             screen = ScreenServices(spec, machine.memory, _devices, recording, lambda: machine.ctx.stopping)
             try:
@@ -110,6 +116,8 @@ def run_spec(spec: VmSpec) -> dict:
                 feeder = _wire_keyboard(machine, _devices["i8042"], key_steps,
                                         screen.keyboard_for_script(_devices["i8042"]))
                 result = machine.run()
+                if gdb_server:
+                    gdb_server.finish(result.exit_code)
                 if feeder is not None:
                     feeder.stop()
             finally:  # its sockets must close before the recording's context ends
@@ -137,6 +145,8 @@ def run_spec(spec: VmSpec) -> dict:
     except VmsupError as e:
         return {"status": End.ERROR, "error": str(e), "exit_code": status.EXIT_VM_ERROR}
     finally:
+        if gdb_server:
+            gdb_server.close()
         if recording:
             recording.close()
 

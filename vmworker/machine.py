@@ -95,6 +95,7 @@ class VcpuContext:
         self.stopping = False
         self.halt_probe = None  # set by halt_watch while it asks the vCPU threads whether they sleep for good
         self.insn_fallback = None  # emulate.InsnFallback: IRETs the VMM does when KVM's emulator cannot
+        self.debugger = None  # gdb.control.Debugger while a gdb stub serves this VM
         self.paused = False
         self._resumed = threading.Event()
         self._resumed.set()
@@ -204,6 +205,11 @@ class Machine:
     def kick_vcpus(self) -> None:
         """Make every vCPU thread return from KVM_RUN once; each goes back in unless stopping or paused."""
         self._kick_all()
+
+    def vcpu_ended(self, index: int) -> bool:
+        """Whether vCPU `index`'s thread has started and ended (it halted, or the VM stopped)."""
+        threads = self._threads
+        return index < len(threads) and threads[index].ident is not None and not threads[index].is_alive()
 
     def _kick_all(self) -> None:
         for vcpu in self.vm.vcpus:

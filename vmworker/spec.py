@@ -63,6 +63,10 @@ class VmSpec:
     # its key input socket (a PULL in the private run dir; None = no typing).
     screen: bool = False
     input_endpoint: str | None = None
+    # A gdb stub (vmworker/gdb/): listen on "[HOST:]PORT"; with gdb_wait, no instruction runs
+    # until gdb attaches.
+    gdb: str | None = None
+    gdb_wait: bool = False
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "VmSpec":
@@ -72,6 +76,11 @@ class VmSpec:
             raise SpecError(f"--max-exits must be at least 1, not {self.max_exits}")
         if self.timeout is not None and not self.timeout > 0:
             raise SpecError(f"--timeout must be a positive number of seconds, not {self.timeout}")
+        if self.gdb_wait and not self.gdb:
+            raise SpecError("--gdb-wait needs --gdb [HOST:]PORT")
+        if self.gdb:
+            from .gdb.server import parse_endpoint
+            parse_endpoint(self.gdb)
         from .multiboot import check_cmdline
         try:
             check_cmdline(self.cmdline)

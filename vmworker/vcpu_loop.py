@@ -203,10 +203,14 @@ def _after_kick(vcpu, ctx) -> bool:
         if ctx.paused:
             ctx.wait_while_paused()
             continue
+        debugger = ctx.debugger  # a gdb stub (vmworker/gdb/control.py) parks stopped vCPUs here
+        if debugger is not None and debugger.holds(vcpu.id):
+            debugger.park(vcpu)
+            continue
         vcpu.set_immediate_exit(False)
         # A stop or pause requested between the checks above and clearing immediate_exit would be
         # lost (its signal already came and went): re-arm and look again.
-        if ctx.stopping or ctx.paused:
+        if ctx.stopping or ctx.paused or (debugger is not None and debugger.holds(vcpu.id)):
             vcpu.set_immediate_exit(True)
             continue
         return False
@@ -240,6 +244,9 @@ def _slow_exit(vcpu, reason: int, ctx, log) -> tuple[bool, bytes]:
             ctx.stop(End.FAIL_ENTRY, detail=f"hardware entry failure reason {hw:#x} on cpu {cpu}", vcpu=vcpu)
             return True, _u64(hw)
         case ex.InternalError(suberror=sub, data=data):
+            # An int3 gdb planted: checked before any fallback, which must never swallow it.
+            if ctx.debugger is not None and ctx.debugger.breakpoint_hit(vcpu, sub):
+                return False, _u64(sub)
             fallback = ctx.insn_fallback
             refusal = ""
             if sub == abi.KVM_INTERNAL_ERROR_EMULATION and fallback is not None:
@@ -260,6 +267,8 @@ def _slow_exit(vcpu, reason: int, ctx, log) -> tuple[bool, bytes]:
         case ex.Debug(exception=exc, pc=pc):
             if log is not None:
                 log.event(vcpu.id, f"debug exception: {exc}, pc: {pc:#x}")
+            if ctx.debugger is not None:
+                ctx.debugger.debug_exit(vcpu, exit_)
             return False, _u64(pc)
         case ex.Unsupported(hardware_exit_reason=hw):
             name = abi.EXIT_REASON_NAMES.get(reason, "unknown")
