@@ -54,6 +54,7 @@ class End(enum.StrEnum):
     # Signals to a worker alone.
     INTERRUPTED = "interrupted", (EXIT_INTERRUPTED,), "SIGINT (Ctrl-C)"
     TERMINATED = "terminated", (EXIT_TERMINATED,), "SIGTERM"
+    GDB_KILL = "gdb-kill", (EXIT_TERMINATED,), "an attached gdb killed it (its `kill` command)"
     # The VM never started: bad input (2), /dev/kvm unavailable (6), or KVM refused the set-up (5).
     ERROR = "error", (EXIT_BAD_INPUT, EXIT_NO_KVM, EXIT_VM_ERROR), "the VM never started"
     # Set by the supervisor, not the worker.

@@ -12,7 +12,7 @@ import select
 import socket
 import threading
 
-from .. import status
+from ..status import End
 from . import packets as P
 from . import regs as R
 from .control import SIGINT, SIGTRAP, BreakpointError, Debugger, Stop
@@ -358,5 +358,5 @@ class Stub:
 
     def _kill(self) -> None:
         self.killed = True
-        self.dbg.machine.stop(status.TERMINATED, detail="killed from gdb")
+        self.dbg.machine.stop(End.GDB_KILL, detail="killed from gdb")
         log.info("gdb killed the VM")

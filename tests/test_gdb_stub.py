@@ -1,0 +1,244 @@
+"""The gdb stub against Debian's real gdb (`gdb -batch`), on bundled guests in real, protected and
+long mode: attach, registers, disassembly, breakpoints (int3 and debug registers), stepping,
+Ctrl-C, detach and kill. Each VM is a real worker process (`python -m vmworker`) with a real
+listening socket; nothing is mocked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import REPO
+from vmworker.gdb import packets as P
+
+pytestmark = [pytest.mark.kvm,
+              pytest.mark.skipif(shutil.which("gdb") is None, reason="no gdb on PATH (apt-get install gdb)")]
+
+GDB_TIMEOUT = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StubbedVm:
+    """A worker running one bundled guest with a gdb stub; its console is collected as it comes."""
+
+    def __init__(self, guest: str, mode: str, *, wait: bool = True, quiet: bool = True, vcpus: int = 1,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
+        spec = {"guest": str(REPO / "guest" / guest), "mode": mode, "quiet": quiet, "vcpus": vcpus,
+                "gdb": f"127.0.0.1:{self.port}", "gdb_wait": wait, "serial_input": None, "timeout": 120}
+        self.proc = subprocess.Popen([sys.executable, "-m", "vmworker", "--spec-json", json.dumps(spec)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        self.lines: list[bytes] = []
+        self.output_started = threading.Event()
+        self._drain = threading.Thread(target=self._read_stdout, daemon=True)
+        self._drain.start()
+
+    def _read_stdout(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if len(self.lines) >= 50:
+                self.output_started.set()
+
+    def gdb_command(self, *commands: str) -> list[str]:
+        argv = ["gdb", "-nx", "-batch", "-ex", f"target remote 127.0.0.1:{self.port}"]
+        for c in commands:
+            argv += ["-ex", c]
+        return argv
+
+    def gdb(self, *commands: str) -> str:
+        done = subprocess.run(self.gdb_command(*commands), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=GDB_TIMEOUT)
+        return done.stdout
+
+    def result(self) -> dict:
+        _, err = self.proc.communicate(timeout=GDB_TIMEOUT)
+        self._drain.join(GDB_TIMEOUT)
+        return json.loads(err.decode().strip().splitlines()[-1])
+
+    @property
+    def console(self) -> str:
+        return b"".join(self.lines).decode(errors="replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def stubbed():
+    vms: list[StubbedVm] = []
+
+    def start(*args, **kwargs) -> StubbedVm:
+        vm = StubbedVm(*args, **kwargs)
+        vms.append(vm)
+        return vm
+
+    yield start
+    for vm in vms:
+        vm.close()
+
+
+def printed(out: str, expr_values: list[str]) -> list[str]:
+    """The values of gdb's `$N = value` lines, in order."""
+    return [line.split(" = ", 1)[1] for line in out.splitlines() if line.startswith("$") and " = " in line]
+
+
+def test_gdb_attaches_before_the_first_instruction_and_reads_registers_and_code(stubbed):
+    vm = stubbed("protected32.bin", "protected")
+    out = vm.gdb("info registers rip cs cr0 efer", "x/4i $pc", "kill")
+    assert "rip            0x10000" in out
+    assert "cs             0x8" in out
+    assert "cr0            0x31" in out  # PE | ET | NE: protected mode, no paging
+    assert "=> 0x10000:\tcld" in out and "xor    %eax,%eax" in out
+    result = vm.result()
+    assert (result["status"], result["exit_code"], result["detail"]) == ("gdb-kill", 143, "killed from gdb")
+    assert vm.proc.returncode == 143
+
+
+def test_break_in_protected_mode_hits_every_pass_then_the_guest_finishes(stubbed):
+    vm = stubbed("protected32.bin", "protected")
+    # 0x10008 is the loop's `add %ecx,%eax`: ECX counts 1, 2, 3 at the planted int3.
+    out = vm.gdb("break *0x10008", "continue", "p $rcx", "continue", "p $rcx", "continue", "p $rcx",
+                 "delete", "continue")
+    assert printed(out, []) == ["1", "2", "3"], out
+    assert out.count("Breakpoint 1, 0x0000000000010008") == 3
+    assert "exited normally" in out
+    result = vm.result()
+    assert result["status"] == "halted"
+    assert "protected32: sum(1..1000) = 500500" in vm.console
+
+
+def test_hbreak_in_long_mode_takes_four_debug_registers_and_refuses_a_fifth(stubbed):
+    vm = stubbed("long64.bin", "long")
+    out = vm.gdb("hbreak *0x1000d", "hbreak *0x10011", "hbreak *0x10014", "hbreak *0x10017", "hbreak *0x10019",
+                 "continue", "delete 1-4", "continue", "p/x $rax", "delete", "continue")
+    assert "Cannot insert hardware breakpoint 5" in out
+    assert "Breakpoint 5, 0x0000000000010019" in out
+    assert printed(out, []) == ["0x27f80ddaa1ba7878"]  # fib(89): the loop's last RAX (long64.S)
+    assert "exited normally" in out
+    assert "long64: fib(90) = 2880067194370816120" in vm.console
+    assert vm.result()["status"] == "guest-exit"
+
+
+def test_break_in_real_mode_stops_before_the_guest_sees_an_int3(stubbed):
+    vm = stubbed("seed16.bin", "real")
+    # seed16: 0x10004 is `inc %ax` after `out %ax,$0x10`; CS base 0x10000, so $pc is linear.
+    out = vm.gdb("info registers cs", "break *0x10004", "continue", "p $rax", "continue", "p $rax",
+                 "info registers rip", "kill")
+    assert "cs             0x1000" in out
+    assert printed(out, []) == ["0", "1"]
+    assert "rip            0x10004" in out
+    assert vm.result()["status"] == "gdb-kill"
+
+
+def test_stepi_advances_one_instruction_at_a_time(stubbed):
+    vm = stubbed("protected32.bin", "protected")
+    out = vm.gdb("stepi", "p $pc", "stepi", "p $pc", "stepi", "p $pc", "stepi 4", "p $pc", "p $rcx", "kill")
+    # cld; xor %eax,%eax; mov $1,%ecx; then add, inc, cmp, jbe back to add (protected32.S).
+    values = printed(out, [])
+    assert [v.split()[-1] for v in values[:4]] == ["0x10001", "0x10003", "0x10008", "0x10008"], out
+    assert values[4] == "2"
+
+
+def test_ctrl_c_stops_a_spinning_guest_where_it_is(stubbed):
+    vm = stubbed("seed16.bin", "real", quiet=False)  # quiet=False: one output line per exit shows progress
+    gdb = subprocess.Popen(vm.gdb_command("continue", "p $rax > 0", "info registers rip", "kill"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert vm.output_started.wait(GDB_TIMEOUT), "the guest never ran"
+        gdb.send_signal(signal.SIGINT)  # what Ctrl-C at gdb's prompt does: gdb sends 0x03
+        out, _ = gdb.communicate(timeout=GDB_TIMEOUT)
+    finally:
+        if gdb.poll() is None:
+            gdb.kill()
+    assert "Program received signal SIGINT" in out
+    assert printed(out, []) == ["1"]
+    assert vm.result()["status"] == "gdb-kill"
+
+
+def test_detach_lets_the_guest_run_on_to_its_end(stubbed):
+    vm = stubbed("protected32.bin", "protected")
+    out = vm.gdb("break *0x10008", "continue", "detach")
+    assert "Breakpoint 1, 0x0000000000010008" in out and "(Remote target) detached" in out
+    result = vm.result()
+    assert result["status"] == "halted"
+    assert "protected32: sum(1..1000) = 500500" in vm.console
+
+
+def test_vcpus_are_gdb_threads(stubbed):
+    vm = stubbed("smp.bin", "protected", vcpus=2)
+    out = vm.gdb("info threads", "thread 2", "p $rdi", "kill")
+    assert "Thread 1" in out and "Thread 2" in out
+    assert printed(out, []) == ["1"]  # vCPU 1 starts with its index in RDI (guest/README.md)
+
+
+def _exchange(sock: socket.socket, reader: P.PacketReader, raw: bytes) -> tuple[str, bytes | None]:
+    sock.sendall(raw)
+    while True:
+        for kind, data in reader.feed(sock.recv(4096)):
+            if kind != "ack":
+                return kind, data
+            if raw.startswith(b"$") and kind == "ack" and data == b"-":
+                return "nack", None
+
+
+def _connect(port: int) -> socket.socket:
+    """Connect once the worker listens (it binds before the VM starts), within a deadline."""
+    deadline = time.monotonic() + GDB_TIMEOUT
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=GDB_TIMEOUT)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # a poll interval while waiting on the condition "port listens"
+
+
+def _packet(body: bytes) -> bytes:
+    return b"$" + body + b"#%02x" % P.checksum(body)
+
+
+def test_malformed_and_unknown_packets_get_error_or_empty_replies_and_the_stub_carries_on(stubbed):
+    vm = stubbed("protected32.bin", "protected")
+    with _connect(vm.port) as sock:
+        reader = P.PacketReader()
+        assert _exchange(sock, reader, b"$g#00") == ("nack", None)  # bad checksum: `-`
+        assert _exchange(sock, reader, _packet(b"qNoSuchQuery")) == ("packet", b"")
+        assert _exchange(sock, reader, _packet(b"mzz,4")) == ("packet", b"E01")
+        assert _exchange(sock, reader, _packet(b"p999")) == ("packet", b"E02")
+        assert _exchange(sock, reader, _packet(b"Z9,10000,1")) == ("packet", b"")
+        assert _exchange(sock, reader, _packet(b"mffffffff0,4")) == ("packet", b"E14")
+        assert _exchange(sock, reader, _packet(b"G00")) == ("packet", b"E01")
+        assert _exchange(sock, reader, _packet(b"Hg99")) == ("packet", b"E04")
+        assert _exchange(sock, reader, _packet(b"m10000,3")) == ("packet", b"fc31c0")
+        assert _exchange(sock, reader, _packet(b"D")) == ("packet", b"OK")
+    assert vm.result()["status"] == "halted"  # detached: the guest ran to its end
+
+
+def test_a_port_in_use_is_refused_before_the_vm_starts():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        vm = StubbedVm("protected32.bin", "protected", port=port)
+        try:
+            result = vm.result()
+        finally:
+            vm.close()
+    assert result["status"] == "error" and result["exit_code"] == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result["error"]
+    assert vm.console == ""
