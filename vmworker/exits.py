@@ -1,27 +1,37 @@
-"""Typed VM exits, decoded from the kvm_run page.
+"""Typed VM exits, decoded from the kvm_run page: the one decoder of kvm_run.
 
-`decode_exit` is the readable path (tests, the slow path of the vCPU loop). The hot path of the
-vCPU loop reads the same fields with the precompiled `struct.Struct`s below, so the kvm_run
-layout is known in exactly one place: here (offsets come from kvm_abi, the ctypes mirror).
+Decoding starts the same way on both paths: one precompiled read (`read_head`) gives the exit
+reason and, for the common IO exit, its fields. The vCPU loop's hot path stops there for IO, MMIO
+(`mmio_fields`) and HLT and handles them without building objects; every other exit, and every
+caller of `Vcpu.run()`, goes on through `decode_exit`, which dispatches on the reason through
+`_DECODERS` to a typed exit. Offsets come from kvm_abi, the ctypes mirror of linux/kvm.h.
+
+A typed exit also says what it means for the VM (`ending()`: the End status and detail, or None
+to carry on) and what the trace records in the event's data field (`event_data`), so the vCPU
+loop handles exits it has no special case for generically. Adding an exit reason: its KVM_EXIT_*
+constant in kvm_abi, and here a class, a decoder and a row of `_DECODERS`.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from . import kvm_abi as abi
+from .status import End
 
-# Precompiled readers of kvm_run, shared by decode_exit and the vCPU loop.
-EXIT_REASON = struct.Struct("<I")
+# Precompiled readers of kvm_run (field layouts: struct kvm_run's exit union in linux/kvm.h).
 EXIT_REASON_OFFSET = abi.run_offset("exit_reason")
 IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 IO_OFFSET = abi.run_offset("io")
-# exit_reason and the io member in one read, for the vCPU loop's hot path.
-REASON_AND_IO = struct.Struct(f"<I{IO_OFFSET - EXIT_REASON_OFFSET - 4}x" + IO.format.lstrip("<"))
+# exit_reason and the io member in one read: (reason, direction, size, port, count, data_offset);
+# the io fields are meaningless unless reason is KVM_EXIT_IO.
+HEAD = struct.Struct(f"<I{IO_OFFSET - EXIT_REASON_OFFSET - 4}x" + IO.format.lstrip("<"))
 MMIO = struct.Struct("<Q8sIB")  # phys_addr, data[8], len, is_write
 MMIO_OFFSET = abi.run_offset("mmio")
 MMIO_DATA_OFFSET = abi.run_offset("mmio", "data")
+MMIO_DATA_MAX = 8  # kvm_run.mmio.data is 8 bytes; never trust len beyond it
 FAIL_ENTRY = struct.Struct("<QI")
 FAIL_ENTRY_OFFSET = abi.run_offset("fail_entry")
 HW = struct.Struct("<Q")
@@ -32,11 +42,38 @@ SYSTEM_EVENT_HEAD = struct.Struct("<II")  # type, ndata; then data[16]
 SYSTEM_EVENT_OFFSET = abi.run_offset("system_event")
 DEBUG = struct.Struct("<IIQQQ")  # exception, pad, pc, dr6, dr7
 DEBUG_OFFSET = abi.run_offset("debug")
-_U64 = struct.Struct("<Q")
+
+
+def read_head(run) -> tuple[int, int, int, int, int, int]:
+    """(reason, io direction, io size, io port, io count, io data_offset) of the exit in `run`."""
+    return HEAD.unpack_from(run, EXIT_REASON_OFFSET)
+
+
+def mmio_fields(run) -> tuple[int, bytes, int, int]:
+    """(phys_addr, data, length, is_write) of an MMIO exit; data is all 8 bytes of the field."""
+    addr, data, length, is_write = MMIO.unpack_from(run, MMIO_OFFSET)
+    return addr, data, min(length, MMIO_DATA_MAX), is_write
+
+
+def _u64(value: int) -> bytes:
+    """An exit's number as the 8 little-endian bytes of the event's data field."""
+    return (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
+
+
+class _Exit:
+    """What every typed exit answers. `ending()` and `event_data` are consulted for the exits the
+    hot path leaves to the generic handling (all but IO, MMIO and HLT)."""
+
+    __slots__ = ()
+    event_data = b""  # what the trace's data field records for this exit
+
+    def ending(self) -> tuple[End, str] | None:
+        """(End status, detail) when this exit ends the VM; None when the vCPU carries on."""
+        return None
 
 
 @dataclass(frozen=True, slots=True)
-class IoOut:
+class IoOut(_Exit):
     port: int
     size: int
     count: int
@@ -44,7 +81,7 @@ class IoOut:
 
 
 @dataclass(frozen=True, slots=True)
-class IoIn:
+class IoIn(_Exit):
     port: int
     size: int
     count: int
@@ -52,101 +89,174 @@ class IoIn:
 
 
 @dataclass(frozen=True, slots=True)
-class MmioRead:
+class MmioRead(_Exit):
     addr: int
     length: int
 
 
 @dataclass(frozen=True, slots=True)
-class MmioWrite:
+class MmioWrite(_Exit):
     addr: int
     data: bytes
 
 
 @dataclass(frozen=True, slots=True)
-class Hlt:
-    pass
+class Hlt(_Exit):
+    """This vCPU stops (the vCPU loop's hot path handles it); the VM ends halted when all have."""
 
 
 @dataclass(frozen=True, slots=True)
-class Shutdown:
+class Shutdown(_Exit):
     """Triple fault (or an explicit shutdown): the CPU cannot continue."""
 
+    def ending(self) -> tuple[End, str] | None:
+        return End.SHUTDOWN, "triple fault"
+
 
 @dataclass(frozen=True, slots=True)
-class FailEntry:
+class FailEntry(_Exit):
     hardware_entry_failure_reason: int
     cpu: int
 
+    def ending(self) -> tuple[End, str] | None:
+        return End.FAIL_ENTRY, f"hardware entry failure reason {self.hardware_entry_failure_reason:#x} on cpu {self.cpu}"
+
+    @property
+    def event_data(self) -> bytes:
+        return _u64(self.hardware_entry_failure_reason)
+
+
+_INTERNAL_SUBERRORS = {
+    abi.KVM_INTERNAL_ERROR_EMULATION: "emulation failure",
+    abi.KVM_INTERNAL_ERROR_SIMUL_EX: "simultaneous exceptions",
+    abi.KVM_INTERNAL_ERROR_DELIVERY_EV: "unexpected exit while delivering an event",
+    abi.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason",
+}
+
 
 @dataclass(frozen=True, slots=True)
-class InternalError:
+class InternalError(_Exit):
     suberror: int
     data: tuple[int, ...]
 
+    def ending(self) -> tuple[End, str] | None:
+        what = _INTERNAL_SUBERRORS.get(self.suberror, "unknown suberror")
+        words = " ".join(f"{d:#x}" for d in self.data)
+        return End.INTERNAL_ERROR, f"suberror {self.suberror} ({what}){', data ' + words if words else ''}"
+
+    @property
+    def event_data(self) -> bytes:
+        return _u64(self.suberror)
+
+
+_SYSTEM_EVENTS = {abi.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown", abi.KVM_SYSTEM_EVENT_RESET: "reset",
+                  abi.KVM_SYSTEM_EVENT_CRASH: "crash"}
+
 
 @dataclass(frozen=True, slots=True)
-class SystemEvent:
+class SystemEvent(_Exit):
     type: int
     data: tuple[int, ...]
 
+    def ending(self) -> tuple[End, str] | None:
+        if self.type == abi.KVM_SYSTEM_EVENT_SHUTDOWN:
+            return End.POWEROFF, "system event: shutdown"
+        return End.SYSTEM_EVENT, _SYSTEM_EVENTS.get(self.type, f"type {self.type}")
+
+    @property
+    def event_data(self) -> bytes:
+        return _u64(self.type)
+
 
 @dataclass(frozen=True, slots=True)
-class Debug:
+class Debug(_Exit):
     exception: int
     pc: int
     dr6: int
     dr7: int
 
+    @property
+    def event_data(self) -> bytes:
+        return _u64(self.pc)
+
 
 @dataclass(frozen=True, slots=True)
-class Interrupted:
+class Interrupted(_Exit):
     """KVM_RUN returned EINTR: a signal (a kick) or immediate_exit, not a guest action."""
 
 
 @dataclass(frozen=True, slots=True)
-class Unsupported:
+class Unsupported(_Exit):
     code: int
     hardware_exit_reason: int = 0
+
+    def ending(self) -> tuple[End, str] | None:
+        return End.UNSUPPORTED_EXIT, f"exit reason {self.code} ({abi.EXIT_REASON_NAMES.get(self.code, 'unknown')})"
+
+    @property
+    def event_data(self) -> bytes:
+        return _u64(self.hardware_exit_reason)
 
 
 VcpuExit = (IoOut | IoIn | MmioRead | MmioWrite | Hlt | Shutdown | FailEntry | InternalError
             | SystemEvent | Debug | Interrupted | Unsupported)
 
 
+# Decoders: (kvm_run, the read_head tuple) -> typed exit, one per exit reason.
+
 def _u64s(run, offset: int, count: int) -> tuple[int, ...]:
     count = min(count, 16)  # the header's arrays hold 16; a larger ndata must not read past them
     return struct.unpack_from(f"<{count}Q", run, offset)
+
+
+def _io(run, head) -> VcpuExit:
+    _reason, direction, size, port, count, data_offset = head
+    if direction == abi.KVM_EXIT_IO_OUT:
+        return IoOut(port, size, count, bytes(run[data_offset:data_offset + size * count]))
+    return IoIn(port, size, count, data_offset)
+
+
+def _mmio(run, head) -> VcpuExit:
+    addr, data, length, is_write = mmio_fields(run)
+    return MmioWrite(addr, data[:length]) if is_write else MmioRead(addr, length)
+
+
+def _internal(run, head) -> VcpuExit:
+    suberror, ndata = INTERNAL_HEAD.unpack_from(run, INTERNAL_OFFSET)
+    return InternalError(suberror, _u64s(run, INTERNAL_OFFSET + INTERNAL_HEAD.size, ndata))
+
+
+def _system_event(run, head) -> VcpuExit:
+    type_, ndata = SYSTEM_EVENT_HEAD.unpack_from(run, SYSTEM_EVENT_OFFSET)
+    return SystemEvent(type_, _u64s(run, SYSTEM_EVENT_OFFSET + SYSTEM_EVENT_HEAD.size, ndata))
+
+
+def _debug(run, head) -> VcpuExit:
+    exception, _pad, pc, dr6, dr7 = DEBUG.unpack_from(run, DEBUG_OFFSET)
+    return Debug(exception, pc, dr6, dr7)
+
+
+def _unsupported(run, head) -> VcpuExit:
+    reason = head[0]
+    (hw_reason,) = HW.unpack_from(run, HW_OFFSET)  # kvm_run.hw: only KVM_EXIT_UNKNOWN fills it
+    return Unsupported(reason, hw_reason if reason == abi.KVM_EXIT_UNKNOWN else 0)
+
+
+_DECODERS: dict[int, Callable[[object, tuple], VcpuExit]] = {
+    abi.KVM_EXIT_IO: _io,
+    abi.KVM_EXIT_MMIO: _mmio,
+    abi.KVM_EXIT_HLT: lambda run, head: Hlt(),
+    abi.KVM_EXIT_SHUTDOWN: lambda run, head: Shutdown(),
+    abi.KVM_EXIT_FAIL_ENTRY: lambda run, head: FailEntry(*FAIL_ENTRY.unpack_from(run, FAIL_ENTRY_OFFSET)),
+    abi.KVM_EXIT_INTERNAL_ERROR: _internal,
+    abi.KVM_EXIT_SYSTEM_EVENT: _system_event,
+    abi.KVM_EXIT_DEBUG: _debug,
+}
 
 
 def decode_exit(run, interrupted: bool = False) -> VcpuExit:
     """The typed exit now described by the kvm_run page `run` (an mmap or bytes)."""
     if interrupted:
         return Interrupted()
-    (reason,) = EXIT_REASON.unpack_from(run, EXIT_REASON_OFFSET)
-    if reason == abi.KVM_EXIT_IO:
-        direction, size, port, count, data_offset = IO.unpack_from(run, IO_OFFSET)
-        if direction == abi.KVM_EXIT_IO_OUT:
-            return IoOut(port, size, count, bytes(run[data_offset:data_offset + size * count]))
-        return IoIn(port, size, count, data_offset)
-    if reason == abi.KVM_EXIT_MMIO:
-        addr, data, length, is_write = MMIO.unpack_from(run, MMIO_OFFSET)
-        length = min(length, 8)
-        return MmioWrite(addr, data[:length]) if is_write else MmioRead(addr, length)
-    if reason == abi.KVM_EXIT_HLT:
-        return Hlt()
-    if reason == abi.KVM_EXIT_SHUTDOWN:
-        return Shutdown()
-    if reason == abi.KVM_EXIT_FAIL_ENTRY:
-        return FailEntry(*FAIL_ENTRY.unpack_from(run, FAIL_ENTRY_OFFSET))
-    if reason == abi.KVM_EXIT_INTERNAL_ERROR:
-        suberror, ndata = INTERNAL_HEAD.unpack_from(run, INTERNAL_OFFSET)
-        return InternalError(suberror, _u64s(run, INTERNAL_OFFSET + INTERNAL_HEAD.size, ndata))
-    if reason == abi.KVM_EXIT_SYSTEM_EVENT:
-        type_, ndata = SYSTEM_EVENT_HEAD.unpack_from(run, SYSTEM_EVENT_OFFSET)
-        return SystemEvent(type_, _u64s(run, SYSTEM_EVENT_OFFSET + SYSTEM_EVENT_HEAD.size, ndata))
-    if reason == abi.KVM_EXIT_DEBUG:
-        exception, _pad, pc, dr6, dr7 = DEBUG.unpack_from(run, DEBUG_OFFSET)
-        return Debug(exception, pc, dr6, dr7)
-    (hw_reason,) = HW.unpack_from(run, HW_OFFSET)
-    return Unsupported(reason, hw_reason if reason == abi.KVM_EXIT_UNKNOWN else 0)
+    head = read_head(run)
+    return _DECODERS.get(head[0], _unsupported)(run, head)
