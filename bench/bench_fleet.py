@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         check_prerequisites()
         if shutil.which("perf") is None:
             raise BenchError("no `perf` on PATH (linux-perf)")
-        from tracetool.trace_file import TraceReader  # noqa: F401  (fail early if the reader is missing)
+        from tracetool.trace import TraceReader  # noqa: F401  (fail early if the reader is missing)
         BUILD_DIR.mkdir(parents=True, exist_ok=True)
         TRACE.unlink(missing_ok=True)  # vmsup refuses to overwrite a trace
         PERF_OUT.unlink(missing_ok=True)

@@ -42,7 +42,7 @@ def _clean(trace) -> None:
 def launch(vms: int, trace) -> dict:
     """Run the launch; per VM: name, spawn, vm-start and first-exit latencies (seconds)."""
     from tracetool import schema
-    from tracetool.trace_file import TraceReader
+    from tracetool.trace import TraceReader
 
     _clean(trace)
     cmd = [str(VMSUP), "launch", "seed16", "--max-exits", str(EXITS), "--quiet", "--trace", str(trace)]

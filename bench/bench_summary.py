@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from tracetool import schema  # noqa: E402
 from tracetool._alloc import keep_freed_memory  # noqa: E402
 from tracetool.summary import summarize  # noqa: E402
-from tracetool.trace_file import TraceReader, TraceWriter  # noqa: E402
+from tracetool.trace import TraceReader, TraceWriter  # noqa: E402
 
 GOAL = 20e6
 BATCH = 16384

@@ -74,7 +74,7 @@ def trace_timing(path: Path) -> tuple[float, float]:
     """Mean µs per exit inside KVM_RUN and between an exit and the next KVM_RUN, from the trace:
     tells a vCPU thread that waits for a CPU (both grow, KVM_RUN most: PVM runs the guest in the
     host kernel, where a preempted vCPU thread stays inside KVM_RUN) from a loop doing more work."""
-    from tracetool.trace_file import TraceReader
+    from tracetool.trace import TraceReader
 
     with TraceReader(path) as reader:
         cols = reader.exits()

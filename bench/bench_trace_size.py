@@ -7,7 +7,7 @@ Records N exits of the seed guest,
 then reads the file's size and event count from `python -m tracetool info --json` and prints
   - bytes/event of the whole file (what `vmtrace info` reports);
   - the same without the file header and the index footer + trailer, and for the EXITS blocks
-    alone (their sizes come from the layout documented in tracetool/trace_file.py: the header
+    alone (their sizes come from the layout documented in tracetool/trace/format.py: the header
     is 14 + n + 4 bytes, the trailer points at the index block, each block is 16 + length);
   - baselines on the same events, from TraceReader(...).exits(): the schema's columns
     uncompressed, and each event packed as a msgpack map with the schema's field names
@@ -31,7 +31,7 @@ from benchlib import BUILD_DIR, REPO, VMSUP, BenchError, check_prerequisites, ru
 
 GOAL_BYTES_PER_EVENT = 2.0
 TRACE = BUILD_DIR / "p4.vmtrace"
-# From tracetool/trace_file.py's documented layout.
+# From tracetool/trace/format.py's documented layout.
 FILE_HEAD = struct.Struct("<8sHI")  # "VMSUPTRC", format version, n; then n bytes, then a u32 crc32
 BLOCK_HEAD = struct.Struct("<4sIII")  # "BLK\x01", type, payload length, crc32
 TRAILER = struct.Struct("<Q8s")  # offset of the INDEX block, "VMSUPEND"
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_prerequisites()
         from tracetool import schema
-        from tracetool.trace_file import TraceReader
+        from tracetool.trace import TraceReader
 
         BUILD_DIR.mkdir(parents=True, exist_ok=True)
         TRACE.unlink(missing_ok=True)  # vmsup refuses to overwrite a trace

@@ -93,11 +93,12 @@ class Recorder:
         self.trace_path = trace_path
         self.writer = None
         if trace_path:
-            from tracetool.trace_file import TraceWriter
+            from tracetool.trace import TraceWriter
             if resume and os.path.exists(trace_path):
                 # A restarted recorder continues the file its predecessor left; sequence numbers
                 # pick up where the file ends, so whatever died with it becomes a gap record.
-                self.writer, resumed_seq = TraceWriter.resume(trace_path)
+                self.writer = TraceWriter(trace_path, resume=True)
+                resumed_seq = self.writer.resumed_seq
             else:
                 self.writer, resumed_seq = (writer_factory or TraceWriter)(trace_path, run_meta), {}
         else:
@@ -288,7 +289,7 @@ class Recorder:
         except OSError as e:  # disk full and friends: stop recording, keep serving live views
             self._stop_recording(f"{e.strerror or e}")
         except Exception as e:
-            from tracetool.trace_file import TraceWriteError
+            from tracetool.trace import TraceWriteError
             if not isinstance(e, TraceWriteError):
                 raise
             self._stop_recording(str(e))
@@ -453,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot start recording: {getattr(e, 'strerror', None) or e}", flush=True)
         return 2
     except Exception as e:
-        from tracetool.trace_file import TraceWriteError
+        from tracetool.trace import TraceWriteError
         if not isinstance(e, TraceWriteError):
             raise
         print(f"error: cannot start recording: {e}", flush=True)

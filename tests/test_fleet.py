@@ -12,7 +12,7 @@ import pytest
 
 from supervisor.fleet import FleetError, cli_entry, load_fleet, specs_from_entries
 from tracetool import schema
-from tracetool.trace_file import TraceReader
+from tracetool.trace import TraceReader
 from vmworker.errors import SpecError
 
 EXIT_BAD_INPUT = 2

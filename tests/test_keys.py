@@ -27,7 +27,7 @@ from supervisor.keys import ClientKeys, KeyPaths, configure_client, load_client
 from supervisor.recorder import RecorderClient
 from supervisor.runtime import RunDir
 from tracetool import schema
-from tracetool.trace_file import TraceReader
+from tracetool.trace import TraceReader
 
 from conftest import REPO, VMSUP
 

@@ -23,7 +23,7 @@ import zmq
 
 from tests.conftest import REPO, VMSUP
 from tracetool import schema
-from tracetool.trace_file import TraceReader
+from tracetool.trace import TraceReader
 
 pytestmark = pytest.mark.kvm
 

@@ -28,7 +28,7 @@ from supervisor import commands, runtime
 from supervisor.recorder import RecorderClient
 from conftest import REPO, VMSUP
 from tracetool import schema
-from tracetool.trace_file import TraceReader
+from tracetool.trace import TraceReader
 
 pytestmark = pytest.mark.kvm
 

@@ -27,7 +27,7 @@ import zstandard
 
 from tracetool import schema
 from tracetool.filters import parse_filter
-from tracetool.trace_file import (BLOCK_MAGIC, MAGIC, TRAILER_MAGIC, BlockType, TraceFormatError, TraceReader,
+from tracetool.trace import (BLOCK_MAGIC, MAGIC, TRAILER_MAGIC, BlockType, TraceFormatError, TraceReader,
                                   TraceWriteError, TraceWriter)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -362,7 +362,7 @@ def test_kill_9_of_a_writer_leaves_every_whole_block_readable(tmp_path):
     path = tmp_path / "killed.vmtrace"
     script = textwrap.dedent(f"""
         import numpy as np
-        from tracetool.trace_file import TraceWriter
+        from tracetool.trace import TraceWriter
         from tracetool import schema
         w = TraceWriter({str(path)!r}, {{"run_id": "kill"}}, block_events=500)
         n, i = 500, 0
@@ -438,7 +438,7 @@ def test_disk_full_raises_a_clear_error_and_leaves_the_file_readable(tmp_path):
     script = textwrap.dedent(f"""
         import json, resource, signal
         import numpy as np
-        from tracetool.trace_file import TraceWriter, TraceWriteError
+        from tracetool.trace import TraceWriter, TraceWriteError
         from tracetool import schema
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills us at the limit
         resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))

@@ -13,7 +13,7 @@ from conftest import REPO, VMSUP
 from tracetool import schema
 from tracetool.screen import (SCREEN_BYTES, ansi_lines, decode_cells, encode_cells, is_blank, text_lines,
                               validate_screen)
-from tracetool.trace_file import TraceReader
+from tracetool.trace import TraceReader
 from vmworker.devices.vga import TEXT_BUFFER_GPA, VgaCrtc, VgaTextScreen
 from vmworker.memory import GuestMemory
 from vmworker.screen import SAMPLE_INTERVAL, ScreenSampler

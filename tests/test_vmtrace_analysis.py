@@ -29,7 +29,7 @@ from tracetool import schema
 from tracetool.diff import diff as diff_traces
 from tracetool.replay import paced
 from tracetool.summary import summarize
-from tracetool.trace_file import TraceReader, TraceWriter
+from tracetool.trace import TraceReader, TraceWriter
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 7 * 10**12

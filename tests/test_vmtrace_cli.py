@@ -12,7 +12,7 @@ import pytest
 
 from test_trace_file import RUN, block_offsets, cut_footer, seed_like_columns
 from tracetool import schema
-from tracetool.trace_file import MAGIC, TraceReader, TraceWriter
+from tracetool.trace import MAGIC, TraceReader, TraceWriter
 
 REPO = Path(__file__).resolve().parent.parent
 VMTRACE = [sys.executable, "-m", "tracetool"]

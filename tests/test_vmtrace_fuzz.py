@@ -28,7 +28,7 @@ import pytest
 
 from conftest import VMSUP, kvm_unavailable_reason
 from tracetool import cli, schema
-from tracetool.trace_file import TraceWriter
+from tracetool.trace import TraceWriter
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = {"run_id": "fuzz"}

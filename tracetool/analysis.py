@@ -13,7 +13,7 @@ import numpy as np
 
 from . import schema
 from .filters import EventFilter
-from .trace_file import STREAM_DTYPES, ExitBatch, ExitBlockRef, TraceReader
+from .trace import STREAM_DTYPES, ExitBatch, ExitBlockRef, TraceReader
 
 # handle_ns of an event whose successor in its stream is not in the trace (the stream's last
 # event, or the next one was dropped by a record-time filter or lost).

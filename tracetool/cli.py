@@ -20,7 +20,7 @@ from typer.exceptions import TyperException
 
 from . import analysis, schema
 from .filters import EventFilter, FilterError, parse_filter
-from .trace_file import TraceError, TraceReader
+from .trace import TraceError, TraceReader
 
 EXIT_BAD_INPUT = 2  # as vmsup: bad input, an unreadable trace (typer uses 2 for usage errors too)
 EXIT_INTERRUPTED = 130

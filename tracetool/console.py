@@ -24,7 +24,7 @@ import numpy as np
 
 from . import schema
 from .filters import EventFilter
-from .trace_file import TraceReader
+from .trace import TraceReader
 
 UART_BASE = 0x3F8  # COM1 (vmworker.devices.standard.COM1_PORT)
 UART_THR = 0  # transmit holding register (DLL while DLAB is set)

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import analysis, schema
 from .summary import summarize
-from .trace_file import TraceReader
+from .trace import TraceReader
 
 FIELDS = ("reason", "flags", "addr", "size", "count", "data")  # what the guest did; not timing
 _SEQ = schema.SEQ_COLUMN[0]

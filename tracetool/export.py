@@ -29,11 +29,10 @@ from . import _text as T
 from . import analysis, schema
 from ._output import OutputError, output_path
 from .filters import EventFilter
-from .trace_file import TraceReader
+from .trace import TraceReader
 
 FORMATS = ("perfetto", "csv", "parquet")
-CSV_COLUMNS = ("vm", "vcpu", "epoch", "seq", "t_exit_ns", "guest_ns", "handle_ns", "reason", "reason_code", "write",
-               "addr", "size", "count", "data")
+CSV_COLUMNS = schema.EXPORT_COLUMNS  # CSV and Parquet: one column each, in this order
 _PARQUET_ROWS = 1 << 20  # rows per Parquet row group
 _RECORD_WINDOW_NS = 3600 * 10**9  # records further before the first exit are not on the timeline
 _TID_STRIDE = 1 << 16  # tid = (vm + 1) * stride + vcpu: unique across VMs
@@ -73,6 +72,31 @@ def _reason_table() -> list[bytes]:
     return [schema.reason_name(code).encode() for code in range(256)]
 
 
+def _missing_mask(c: dict[str, np.ndarray], name: str) -> np.ndarray | None:
+    """Where a column an older trace lacked reads as its `missing` value (None: never)."""
+    column = schema.COLUMNS.get(name)
+    if column is None or column.missing is None:
+        return None
+    return c[name] == c[name].dtype.type(column.missing)
+
+
+def _csv_field(c: dict[str, np.ndarray], name: str, reasons: list[bytes]) -> np.ndarray:
+    """One export column (schema.EXPORT_COLUMNS) as text cells."""
+    if name == "t_exit_ns":
+        return T.decimal(c["t_exit"])
+    if name == "handle_ns":
+        no_handle = c["handle_ns"] == analysis.NO_HANDLE
+        return T.blank(T.decimal(np.where(no_handle, 0, c["handle_ns"])), no_handle)
+    if name == "reason":
+        return T.lookup(reasons, c["reason"])
+    if name == "reason_code":
+        return T.decimal(c["reason"])
+    if name == "write":
+        return T.decimal(c["flags"] & schema.FLAG_WRITE)
+    unknown = _missing_mask(c, name)
+    return T.decimal(c[name]) if unknown is None else T.blank(T.decimal(c[name]), unknown)
+
+
 def _csv(reader: TraceReader, path: str, where, progress: Progress) -> int:
     reasons = _reason_table()
     n_total = 0
@@ -81,15 +105,10 @@ def _csv(reader: TraceReader, path: str, where, progress: Progress) -> int:
         for c in _chunks(reader, where):
             n = len(c["t_exit"])
             comma = T.const(b",", n)
-            handle = c["handle_ns"]
-            no_handle = handle == analysis.NO_HANDLE
-            pieces = [T.decimal(c["vm"]), comma, T.decimal(c["vcpu"]), comma, T.decimal(c["epoch"]), comma,
-                      T.decimal(c["seq"]), comma, T.decimal(c["t_exit"]), comma, T.decimal(c["guest_ns"]), comma,
-                      T.blank(T.decimal(np.where(no_handle, 0, handle)), no_handle), comma,
-                      T.lookup(reasons, c["reason"]), comma, T.decimal(c["reason"]), comma,
-                      T.decimal(c["flags"] & schema.FLAG_WRITE), comma, T.decimal(c["addr"]), comma,
-                      T.decimal(c["size"]), comma, T.decimal(c["count"]), comma, T.decimal(c["data"]),
-                      T.const(b"\n", n)]
+            pieces = []
+            for name in CSV_COLUMNS:
+                pieces += [_csv_field(c, name, reasons), comma]
+            pieces[-1] = T.const(b"\n", n)
             f.write(T.join_rows(pieces))
             n_total += n
             progress(n)
@@ -166,6 +185,25 @@ def _timeline_start(reader: TraceReader) -> int:
     return min([t for t in times if t0 - _RECORD_WINDOW_NS <= t] + [t0])
 
 
+# Table columns the slice shows in its own way (time, duration, name, category, the args above);
+# every other column of the schema goes into args under its own name, null where unknown.
+_PERFETTO_SHOWN = frozenset(("t_exit", "guest_ns", "addr", "data", "count", "reason", "size", "flags"))
+
+
+def _perfetto_other_args(c: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
+    pieces = []
+    for name in schema.COLUMN_NAMES:
+        if name in _PERFETTO_SHOWN:
+            continue
+        unknown = _missing_mask(c, name)
+        pieces.append(T.const(f',"{name}":'.encode(), n))
+        if unknown is None:
+            pieces.append(T.decimal(c[name]))
+        else:
+            pieces += [T.lookup([b"", b"null"], unknown.astype(np.intp)), T.blank(T.decimal(c[name]), unknown)]
+    return pieces
+
+
 def _perfetto(reader: TraceReader, path: str, where, progress: Progress) -> int:
     t0 = _timeline_start(reader)
     reasons = _reason_table()
@@ -214,6 +252,7 @@ def _perfetto(reader: TraceReader, path: str, where, progress: Progress) -> int:
                 T.const(b',"data":"', n), T.hexadecimal(c["data"]),
                 T.const(b'","write":', n), T.lookup([b"false", b"true"], w),
                 T.const(b',"guest_ns":', n), T.decimal(c["guest_ns"]),
+                *_perfetto_other_args(c, n),
                 T.const(b',"handle_ns":', n),
                 T.lookup([b"null", b""], known.astype(np.intp)),
                 T.blank(T.decimal(np.where(known, handle, 0)), ~known),
@@ -246,10 +285,10 @@ def _parquet(reader: TraceReader, path: str, where, progress: Progress) -> int:
     import pyarrow.parquet as pq
 
     reason_names = pa.array([schema.reason_name(code) for code in range(256)], pa.string())
-    fields = [("vm", pa.uint32()), ("vcpu", pa.uint32()), ("epoch", pa.uint32()), ("seq", pa.uint64()),
-              ("t_exit_ns", pa.int64()), ("guest_ns", pa.int64()), ("handle_ns", pa.int64()),
-              ("reason", pa.dictionary(pa.uint8(), pa.string())), ("reason_code", pa.uint8()), ("write", pa.bool_()),
-              ("addr", pa.uint64()), ("size", pa.uint8()), ("count", pa.uint32()), ("data", pa.uint64())]
+    types = {"t_exit_ns": pa.int64(), "handle_ns": pa.int64(), "reason": pa.dictionary(pa.uint8(), pa.string()),
+             "reason_code": pa.uint8(), "write": pa.bool_(),
+             **{name: pa.uint32() for name in schema.STREAM_COLUMNS}}
+    fields = [(name, types.get(name) or pa.from_numpy_dtype(schema.COLUMN_DTYPES[name])) for name in CSV_COLUMNS]
     meta = {b"vmsup.source": b"vmtrace export", b"vmsup.schema_version": str(schema.SCHEMA_VERSION).encode(),
             b"vmsup.run": json.dumps(reader.run, default=str).encode()}
     pa_schema = pa.schema(fields, metadata=meta)
@@ -257,19 +296,25 @@ def _parquet(reader: TraceReader, path: str, where, progress: Progress) -> int:
     pending: list[dict[str, np.ndarray]] = []
     rows = 0
 
+    def column(c: dict[str, np.ndarray], name: str):
+        if name == "t_exit_ns":
+            return pa.array(c["t_exit"])
+        if name == "handle_ns":
+            return pa.array(c["handle_ns"], mask=c["handle_ns"] == analysis.NO_HANDLE)
+        if name == "reason":
+            return pa.DictionaryArray.from_arrays(pa.array(c["reason"]), reason_names)
+        if name == "reason_code":
+            return pa.array(c["reason"])
+        if name == "write":
+            return pa.array((c["flags"] & schema.FLAG_WRITE).astype(bool))
+        return pa.array(c[name], mask=_missing_mask(c, name))  # null where an older trace lacked it
+
     def flush(writer) -> None:
         nonlocal pending, rows
         if not pending:
             return
         c = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-        known = c["handle_ns"] != analysis.NO_HANDLE
-        table = pa.Table.from_arrays([
-            pa.array(c["vm"]), pa.array(c["vcpu"]), pa.array(c["epoch"]), pa.array(c["seq"]),
-            pa.array(c["t_exit"]), pa.array(c["guest_ns"]), pa.array(c["handle_ns"], mask=~known),
-            pa.DictionaryArray.from_arrays(pa.array(c["reason"]), reason_names), pa.array(c["reason"]),
-            pa.array((c["flags"] & schema.FLAG_WRITE).astype(bool)), pa.array(c["addr"]), pa.array(c["size"]),
-            pa.array(c["count"]), pa.array(c["data"]),
-        ], schema=pa_schema)
+        table = pa.Table.from_arrays([column(c, name) for name in CSV_COLUMNS], schema=pa_schema)
         writer.write_table(table, row_group_size=_PARQUET_ROWS)
         pending, rows = [], 0
 

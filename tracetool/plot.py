@@ -18,7 +18,7 @@ import numpy as np
 from . import schema
 from ._output import OutputError, output_path
 from .filters import EventFilter
-from .trace_file import TraceReader
+from .trace import TraceReader
 
 FORMATS = {".png": "png", ".html": "html", ".htm": "html"}
 RATE_BINS = 200

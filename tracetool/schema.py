@@ -12,40 +12,109 @@ Timing fields (CLOCK_MONOTONIC nanoseconds, comparable across processes):
   t_exit    when KVM_RUN returned
   guest_ns  time inside KVM_RUN for this exit (t_exit - time KVM_RUN was entered)
 The handling time of event i is derived, not stored: (t_exit[i+1] - guest_ns[i+1]) - t_exit[i].
+
+EXIT_COLUMNS below is the one definition of an exit event's fields. Everything else is derived
+from it: the vCPU loop's packed row (ROW_STRUCT_FORMAT, ROW_SIZE), the row → column slices of a
+batch, the numpy dtypes of the bus and the trace file, the header's self-description and the
+export columns (EXPORT_COLUMNS).
+
+Adding a field (say `rip`, u64): one Column row in EXIT_COLUMNS with its `missing` value, a
+SCHEMA_VERSION bump, and the value passed at its place in the vCPU loop's pack_row calls
+(vmworker/vcpu_loop.py; tests/test_schema.py holds those calls against this table). Traces
+written before the field existed still read: their blocks lack the column, and the reader fills
+it with the column's `missing` value, which means "unknown" wherever the column is shown.
 """
 
 from __future__ import annotations
 
+import struct
+from typing import NamedTuple
+
+from vmworker import kvm_abi
+
 SCHEMA_VERSION = 1
 
-# Exit event columns, in order: (name, numpy dtype string, meaning).
-EXIT_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("t_exit", "<i8", "CLOCK_MONOTONIC ns when KVM_RUN returned"),
-    ("guest_ns", "<i8", "ns spent inside KVM_RUN for this exit"),
-    ("addr", "<u8", "io: port; mmio: guest-physical address; else 0"),
-    ("data", "<u8", "io/mmio: the first element's value (little-endian, up to 8 bytes); else reason-specific"),
-    ("count", "<u4", "io: element count (string I/O may be > 1); else 1"),
-    ("reason", "u1", "KVM_EXIT_* code (see REASONS)"),
-    ("size", "u1", "io: element size; mmio: length; else 0"),
-    ("flags", "u1", "bit 0: write/out"),
+
+class Column(NamedTuple):
+    """One field of an exit event (a tuple, so `SEQ_COLUMN[0]` is its name)."""
+
+    name: str
+    dtype: str  # numpy dtype string, little-endian (x86 is)
+    code: str  # its struct code in the vCPU loop's packed row (same width as dtype)
+    meaning: str
+    unit: str  # "ns", "port/gpa", "bytes", "count", "code", "bits", "value"
+    # None: every trace has this column (it is as old as schema 1). Otherwise the column was added
+    # later, and this value stands in for it in blocks written before (it reads as "unknown").
+    missing: int | None = None
+
+    @property
+    def itemsize(self) -> int:
+        return int(self.dtype[-1])
+
+
+# Exit event columns, in order. The row the vCPU loop packs follows this order (with padding so
+# each field sits at a multiple of its size, which lets a strided memoryview cut columns out).
+# `data` is packed as "8s": the guest's little-endian bytes, zero-padded, which *are* the u64
+# value — so the hot path never converts bytes to an int.
+EXIT_COLUMNS: tuple[Column, ...] = (
+    Column("t_exit", "<i8", "q", "CLOCK_MONOTONIC ns when KVM_RUN returned", "ns"),
+    Column("guest_ns", "<i8", "q", "ns spent inside KVM_RUN for this exit", "ns"),
+    Column("addr", "<u8", "Q", "io: port; mmio: guest-physical address; else 0", "port/gpa"),
+    Column("data", "<u8", "8s", "io/mmio: the first element's value (little-endian, up to 8 bytes); "
+           "else reason-specific", "value"),
+    Column("count", "<u4", "I", "io: element count (string I/O may be > 1); else 1", "count"),
+    Column("reason", "u1", "B", "KVM_EXIT_* code (see REASONS)", "code"),
+    Column("size", "u1", "B", "io: element size; mmio: length; else 0", "bytes"),
+    Column("flags", "u1", "B", "bit 0: write/out", "bits"),
 )
-SEQ_COLUMN = ("seq", "<u8", "sequence number; present only in filtered batches")
-COLUMN_NAMES = tuple(name for name, _, _ in EXIT_COLUMNS)
+# Not packed by the vCPU loop: present only in batches a record-time filter thinned out.
+SEQ_COLUMN = Column("seq", "<u8", "Q", "sequence number; present only in filtered batches", "count")
+COLUMNS: dict[str, Column] = {c.name: c for c in (*EXIT_COLUMNS, SEQ_COLUMN)}
+COLUMN_NAMES = tuple(c.name for c in EXIT_COLUMNS)
+# Columns every block and every bus batch must have; the others may be absent in older traces.
+REQUIRED_COLUMNS = tuple(c.name for c in EXIT_COLUMNS if c.missing is None)
 
 FLAG_WRITE = 1
 
-# One row as the vCPU loop packs it (struct format) and as numpy reads it back (a structured
-# dtype with the same layout); the worker turns rows into columns before sending. `data` is
-# packed as "8s": the guest's little-endian bytes, zero-padded, which *are* the u64 value —
-# so the hot path never converts bytes to an int.
-ROW_STRUCT_FORMAT = "<qqQ8sIBBBx"
-ROW_SIZE = 40
-# Where each column sits in a row, as (memoryview format, first item, step) over the row bytes:
-# a strided memoryview slice copies one column out in C, so the worker needs no numpy.
-_ROW_SLICES = {
-    "t_exit": ("q", 0, 5), "guest_ns": ("q", 1, 5), "addr": ("Q", 2, 5), "data": ("Q", 3, 5),
-    "count": ("I", 8, 10), "reason": ("B", 36, 40), "size": ("B", 37, 40), "flags": ("B", 38, 40),
-}
+
+# --- The packed row of the vCPU loop (derived) -------------------------------------------------
+_VIEW_FORMAT = {"i1": "b", "u1": "B", "i2": "h", "u2": "H", "i4": "i", "u4": "I", "i8": "q", "u8": "Q"}
+
+
+def _row_layout(columns: tuple[Column, ...]) -> tuple[str, int, dict[str, tuple[str, int, int]]]:
+    """(struct format, row size, {name: (memoryview format, first item, step)}): each field at a
+    multiple of its own size, the row a multiple of the widest, so that a strided memoryview
+    slice copies one column out in C and the worker needs no numpy."""
+    parts, offsets, pos = ["<"], {}, 0
+    for c in columns:
+        if struct.calcsize("<" + c.code) != c.itemsize:
+            raise ValueError(f"column {c.name}: struct code {c.code!r} is not {c.itemsize} bytes wide")
+        pad = -pos % c.itemsize
+        if pad:
+            parts.append(f"{pad}x")
+        pos += pad
+        offsets[c.name] = pos
+        parts.append(c.code)
+        pos += c.itemsize
+    widest = max(c.itemsize for c in columns)
+    if -pos % widest:
+        parts.append(f"{-pos % widest}x")
+        pos += -pos % widest
+    slices = {c.name: (_VIEW_FORMAT[c.dtype.lstrip("<|")], offsets[c.name] // c.itemsize, pos // c.itemsize)
+              for c in columns}
+    return "".join(parts), pos, slices
+
+
+ROW_STRUCT_FORMAT, ROW_SIZE, _ROW_SLICES = _row_layout(EXIT_COLUMNS)
+
+
+def columns_from_rows(rows: bytes | bytearray | memoryview, n: int) -> dict[str, bytes]:
+    """Packed rows (ROW_STRUCT_FORMAT) → {column: little-endian bytes} (x86 is little-endian)."""
+    view = memoryview(rows)[:n * ROW_SIZE]
+    cols = {}
+    for name, (fmt, first, step) in _ROW_SLICES.items():
+        cols[name] = view.cast(fmt)[first::step].tobytes()
+    return cols
 
 
 def column_dtypes() -> dict:
@@ -58,26 +127,29 @@ def __getattr__(name: str):
     # (numpy's import costs ~80 ms per worker, which adds up when launching many VMs).
     if name == "COLUMN_DTYPES":
         import numpy as np
-        value = {n: np.dtype(dt) for n, dt, _ in (*EXIT_COLUMNS, SEQ_COLUMN)}
-    elif name == "ROW_DTYPE":
-        import numpy as np
-        value = np.dtype({"names": list(COLUMN_NAMES),
-                          "formats": ["<i8", "<i8", "<u8", "<u8", "<u4", "u1", "u1", "u1"],
-                          "offsets": [0, 8, 16, 24, 32, 36, 37, 38], "itemsize": ROW_SIZE})
+        value = {c.name: np.dtype(c.dtype) for c in COLUMNS.values()}
     else:
         raise AttributeError(name)
     globals()[name] = value
     return value
 
-# KVM_EXIT_* codes (linux/kvm.h) and the short names users type and see.
-REASONS: dict[int, str] = {
-    0: "unknown", 1: "exception", 2: "io", 3: "hypercall", 4: "debug", 5: "hlt", 6: "mmio",
-    7: "irq_window_open", 8: "shutdown", 9: "fail_entry", 10: "intr", 11: "set_tpr", 12: "tpr_access",
-    16: "nmi", 17: "internal_error", 24: "system_event", 26: "ioapic_eoi", 29: "x86_rdmsr",
-    30: "x86_wrmsr", 33: "x86_bus_lock", 37: "notify",
-}
+
+def missing_column(name: str, n: int):
+    """The stand-in for a column an older trace lacks: n copies of its `missing` value."""
+    import numpy as np
+    column = COLUMNS[name]
+    if column.missing is None:
+        raise KeyError(f"column {name!r} is in every trace; it has no stand-in")
+    return np.full(n, column.missing, column_dtypes()[name])
+
+
+# --- Reason codes ------------------------------------------------------------------------------
+# KVM_EXIT_* codes of linux/kvm.h, named as the header names them (vmworker.kvm_abi mirrors it):
+# KVM_EXIT_IRQ_WINDOW_OPEN → "irq_window_open". The short names are what users type and see.
+REASONS: dict[int, str] = dict(sorted(kvm_abi.EXIT_REASON_NAMES.items()))
 REASON_CODES: dict[str, int] = {name: code for code, name in REASONS.items()}
-REASON_IO, REASON_HLT, REASON_MMIO, REASON_SHUTDOWN, REASON_INTR = 2, 5, 6, 8, 10
+REASON_IO, REASON_HLT, REASON_MMIO = kvm_abi.KVM_EXIT_IO, kvm_abi.KVM_EXIT_HLT, kvm_abi.KVM_EXIT_MMIO
+REASON_SHUTDOWN, REASON_INTR = kvm_abi.KVM_EXIT_SHUTDOWN, kvm_abi.KVM_EXIT_INTR
 
 
 def reason_name(code: int) -> str:
@@ -93,6 +165,24 @@ def describe_exit(reason: int, flags: int, addr: int, size: int, data: int, coun
     if reason == REASON_MMIO:
         return f"mmio {'write' if write else 'read'} addr={addr:#x} size={size} data={data:#x}"
     return reason_name(reason) + (f" data={data:#x}" if data else "")
+
+
+# --- Export (derived) ----------------------------------------------------------------------------
+# How `vmtrace export` (CSV header, Parquet fields) names an event's fields: the stream ids and the
+# sequence number, then each column in table order. Four are shown under another name or with a
+# companion: t_exit as t_exit_ns; guest_ns followed by the derived handle_ns; reason as its name
+# followed by reason_code; flags as the boolean `write` (its only bit). Every other column keeps
+# its name; where it equals the column's `missing` value the export leaves it empty (null).
+STREAM_COLUMNS = ("vm", "vcpu", "epoch")
+_EXPORTED_AS = {"t_exit": ("t_exit_ns",), "guest_ns": ("guest_ns", "handle_ns"),
+                "reason": ("reason", "reason_code"), "flags": ("write",)}
+EXPORT_COLUMNS: tuple[str, ...] = (*STREAM_COLUMNS, SEQ_COLUMN.name,
+                                   *(x for c in EXIT_COLUMNS for x in _EXPORTED_AS.get(c.name, (c.name,))))
+
+
+def exported_as(name: str) -> tuple[str, ...]:
+    """The export names of one event column."""
+    return _EXPORTED_AS.get(name, (name,))
 
 
 # --- Bus messages (msgpack maps). Every message has "v" (SCHEMA_VERSION) and "type". ----------
@@ -111,18 +201,12 @@ MSG_INPUT = "input"
 MESSAGE_TYPES = (MSG_EXITS, MSG_VM_START, MSG_VM_END, MSG_GAP, MSG_LIFECYCLE, MSG_SCREEN, MSG_INPUT)
 
 # Bounds for untrusted messages (bus or file): enough for real batches, small enough to be safe.
-MAX_MESSAGE_BYTES = 64 << 20
+MAX_MESSAGE_BYTES = 64 << 20  # one bus message; one trace block's payload
 MAX_BATCH_EVENTS = 1 << 20
 MAX_PAYLOADS = 4096  # count > 1 string I/O: full data of at most this many events per batch
-
-
-def columns_from_rows(rows: bytes | bytearray | memoryview, n: int) -> dict[str, bytes]:
-    """Packed rows (ROW_STRUCT_FORMAT) → {column: little-endian bytes} (x86 is little-endian)."""
-    view = memoryview(rows)[:n * ROW_SIZE]
-    cols = {}
-    for name, (fmt, first, step) in _ROW_SLICES.items():
-        cols[name] = view.cast(fmt)[first::step].tobytes()
-    return cols
+# One record (every message but exits: vm-start, vm-end, gap, lifecycle, screen, input) as msgpack
+# bytes: real ones are a few KiB. Also the longest string any message may hold.
+MAX_RECORD_BYTES = 1 << 20
 
 
 class SchemaError(ValueError):
@@ -136,7 +220,7 @@ def decode_columns(cols: dict, count: int, *, with_seq: bool = False) -> dict:
         raise SchemaError("columns are not a map")
     if not 0 <= count <= MAX_BATCH_EVENTS:
         raise SchemaError(f"batch of {count} events is out of range")
-    names = COLUMN_NAMES + (("seq",) if with_seq else ())
+    names = COLUMN_NAMES + ((SEQ_COLUMN.name,) if with_seq else ())
     out = {}
     for name in names:
         raw = cols.get(name)
@@ -153,7 +237,7 @@ def schema_description() -> dict:
     """What a trace header stores so the file describes itself."""
     return {
         "version": SCHEMA_VERSION,
-        "columns": [{"name": n, "dtype": d, "doc": doc} for n, d, doc in (*EXIT_COLUMNS, SEQ_COLUMN)],
+        "columns": [{"name": c.name, "dtype": c.dtype, "doc": c.meaning} for c in (*EXIT_COLUMNS, SEQ_COLUMN)],
         "reasons": {str(k): v for k, v in REASONS.items()},
         "flags": {"write": FLAG_WRITE},
         "messages": list(MESSAGE_TYPES),

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import schema
 from .filters import EventFilter
-from .trace_file import ExitBatch, TraceReader
+from .trace import ExitBatch, TraceReader
 
 GROUPINGS = ("reason", "ioport", "mmio", "vcpu", "vm")
 SORTS = ("count", "time", "max")

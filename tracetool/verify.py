@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import schema
-from .trace_file import TraceError, TraceReader
+from .trace import TraceError, TraceReader
 
 MAX_PROBLEMS = 1000  # lines; past that, one line says how many more there were
 _SEQ = schema.SEQ_COLUMN[0]
