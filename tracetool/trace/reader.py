@@ -81,7 +81,6 @@ class _Entry:
 _MAX_WARNINGS = 20
 
 
-
 class TraceReader:
     """Reads a trace file; safe on truncated, corrupt and hostile files.
 
