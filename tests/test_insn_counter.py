@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tracetool.trace_file import TraceReader
+from tracetool.trace import TraceReader
 from vmworker import insn_counter, layout, x86
 from vmworker.exits import Hlt, IoOut
 from vmworker.kvm import Kvm
