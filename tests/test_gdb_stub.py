@@ -37,7 +37,7 @@ class StubbedVm:
     def __init__(self, guest: str, mode: str, *, wait: bool = True, quiet: bool = True, vcpus: int = 1,
                  port: int | None = None) -> None:
         self.port = port or free_port()
-        spec = {"guest": str(REPO / "guest" / guest), "mode": mode, "quiet": quiet, "vcpus": vcpus,
+        spec = {"guest": str(REPO / "guest" / guest), "mode": mode or None, "quiet": quiet, "vcpus": vcpus,
                 "gdb": f"127.0.0.1:{self.port}", "gdb_wait": wait, "serial_input": None, "timeout": 120}
         self.proc = subprocess.Popen([sys.executable, "-m", "vmworker", "--spec-json", json.dumps(spec)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
@@ -52,14 +52,17 @@ class StubbedVm:
             if len(self.lines) >= 50:
                 self.output_started.set()
 
-    def gdb_command(self, *commands: str) -> list[str]:
-        argv = ["gdb", "-nx", "-batch", "-ex", f"target remote 127.0.0.1:{self.port}"]
+    def gdb_command(self, *commands: str, before: tuple[str, ...] = ()) -> list[str]:
+        argv = ["gdb", "-nx", "-batch"]
+        for c in before:  # commands before attaching (set architecture, file)
+            argv += ["-ex", c]
+        argv += ["-ex", f"target remote 127.0.0.1:{self.port}"]
         for c in commands:
             argv += ["-ex", c]
         return argv
 
-    def gdb(self, *commands: str) -> str:
-        done = subprocess.run(self.gdb_command(*commands), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    def gdb(self, *commands: str, before: tuple[str, ...] = ()) -> str:
+        done = subprocess.run(self.gdb_command(*commands, before=before), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, timeout=GDB_TIMEOUT)
         return done.stdout
 
@@ -142,6 +145,18 @@ def test_break_in_real_mode_stops_before_the_guest_sees_an_int3(stubbed):
     assert "cs             0x1000" in out
     assert printed(out, []) == ["0", "1"]
     assert "rip            0x10004" in out
+    assert vm.result()["status"] == "gdb-kill"
+
+
+def test_break_on_a_function_of_a_multiboot_kernel_with_symbols(stubbed):
+    vm = stubbed("mbkernel.elf", None)
+    elf = str(REPO / "guest" / "mbkernel.elf")
+    # A 32-bit ELF makes gdb pick i386; the stub's one description for every mode is x86-64.
+    out = vm.gdb("info registers rip", "break kmain", "continue", "info symbol $pc", "kill",
+                 before=("set architecture i386:x86-64", f"file {elf}"))
+    assert "<_start>" in out  # the multiboot entry, before the first instruction
+    assert "Breakpoint 1, kmain" in out
+    assert "kmain in section .text" in out
     assert vm.result()["status"] == "gdb-kill"
 
 

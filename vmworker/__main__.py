@@ -90,10 +90,11 @@ def run_spec(spec: VmSpec) -> dict:
         console = Console(out, line_buffered=not spec.quiet)
         port_bus, mmio_bus, _devices = standard_devices(console, _serial_input(spec.serial_input))
         exit_log = None if spec.quiet else ExitLog(out, multi_vcpu=spec.vcpus > 1)
-        if spec.gdb:  # bound before the VM exists: a port in use is bad input, and no VM runs
-            gdb_server = GdbServer(spec.gdb, describe=lambda: f"VM {spec.name}: {spec.guest}, {spec.vcpus} vCPU(s)")
         if spec.bus_endpoint:
             recording = Recording(spec, image)
+        if spec.gdb:  # bound before the VM exists: a port in use is bad input, and no VM runs
+            gdb_server = GdbServer(spec.gdb, describe=lambda: f"VM {spec.name}: {spec.guest}, {spec.vcpus} vCPU(s)",
+                                   record=recording.lifecycle if recording else None)
         with Machine(spec.name, image, spec.mem_size, spec.vcpus, port_bus, mmio_bus, exit_log=exit_log,
                      max_exits=spec.max_exits, timeout=spec.timeout,
                      batchers=recording.batchers if recording else None, irqchip=irqchip,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import zmq
@@ -28,6 +29,7 @@ class Recording:
         self.context = zmq.Context()
         # The VM-level publisher (lifecycle records) and one per vCPU thread (event batches).
         self.control = EventPublisher(self.context, spec.bus_endpoint)
+        self._control_lock = threading.Lock()
         self.publishers = [EventPublisher(self.context, spec.bus_endpoint) for _ in range(spec.vcpus)]
         self.batchers = [EventBatcher(p, spec.vm_id, i, spec.epoch, record_filter=record_filter)
                          for i, p in enumerate(self.publishers)]
@@ -36,9 +38,14 @@ class Recording:
         for p in (self.control, *self.publishers):
             p.stopping = stopping
 
+    def lifecycle(self, event: str, **fields) -> None:
+        """A lifecycle record from inside the worker (e.g. a gdb stop), from any thread."""
+        self._record(schema.MSG_LIFECYCLE, event=event, name=self.spec.name, **fields)
+
     def _record(self, kind: str, **fields) -> None:
-        self.control.send({"v": schema.SCHEMA_VERSION, "type": kind, "vm": self.spec.vm_id,
-                           "epoch": self.spec.epoch, "t": time.monotonic_ns(), "wall": time.time_ns(), **fields})
+        with self._control_lock:  # a zmq socket is not thread-safe: the gdb stub's thread sends too
+            self.control.send({"v": schema.SCHEMA_VERSION, "type": kind, "vm": self.spec.vm_id,
+                               "epoch": self.spec.epoch, "t": time.monotonic_ns(), "wall": time.time_ns(), **fields})
 
     def start(self) -> None:
         self._record(schema.MSG_VM_START, name=self.spec.name, spec=self.spec.to_json(), sha256=self.image.sha256,

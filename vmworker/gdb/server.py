@@ -51,10 +51,11 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 class GdbServer:
-    def __init__(self, endpoint: str, describe=lambda: "") -> None:
+    def __init__(self, endpoint: str, describe=lambda: "", record=None) -> None:
         self.host, self.port = parse_endpoint(endpoint)
         self.listener = bind_listener(self.host, self.port)
         self.describe = describe
+        self.record = record or (lambda event, **fields: None)  # lifecycle records (Recording.lifecycle)
         self.debugger: Debugger | None = None
         self._ended: int | None = None
         self._closing = threading.Event()
@@ -80,8 +81,9 @@ class GdbServer:
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             log.info("gdb attached from %s:%s", *peer[:2])
+            self.record("gdb-attach", peer=f"{peer[0]}:{peer[1]}")
             self._conn = conn
-            self._stub = Stub(conn, self.debugger, lambda: self._ended, self.describe)
+            self._stub = Stub(conn, self.debugger, lambda: self._ended, self.describe, self.record)
             try:
                 self._stub.serve()
             finally:

@@ -34,11 +34,13 @@ class Disconnected(Exception):
 class Stub:
     """Serves one connected gdb until it detaches, kills the VM or goes away."""
 
-    def __init__(self, sock: socket.socket, debugger: Debugger, vm_ended, describe=lambda: "") -> None:
+    def __init__(self, sock: socket.socket, debugger: Debugger, vm_ended, describe=lambda: "",
+                 record=lambda event, **fields: None) -> None:
         self.sock = sock
         self.dbg = debugger
         self.vm_ended = vm_ended  # () -> exit code of the ended VM, or None while it runs
         self.describe = describe  # () -> text for `monitor info`
+        self.record = record  # (event, **fields): a lifecycle record in the trace
         self.reader = P.PacketReader()
         self.ack = True
         self.g_thread = 0  # vCPU index for register and memory packets
@@ -51,6 +53,7 @@ class Stub:
     def serve(self) -> None:
         self.dbg.attach()
         stop = self.dbg.stop_all(SIGTRAP)
+        self.record("gdb-stop", vcpu=stop.vcpu, signal=stop.signal, why="attach")
         self.g_thread = stop.vcpu
         self.last_stop = stop
         try:
@@ -74,6 +77,7 @@ class Stub:
                     return
         except (Disconnected, OSError) as e:
             log.info("gdb went away without detaching (%s); the VM runs on", e or "connection closed")
+            self.record("gdb-gone", detail="gdb disconnected without detaching; the VM runs on")
         finally:
             if not self.killed:
                 self.dbg.detach()
@@ -155,6 +159,7 @@ class Stub:
             return b"OK" if index is not None and not self.dbg.vcpu_ended(index) else ERROR_THREAD
         if head == b"D":
             self.dbg.detach()
+            self.record("gdb-detach")
             log.info("gdb detached; the VM runs on")
             return b"OK"
         if head == b"k":
@@ -327,6 +332,7 @@ class Stub:
     # --- running ------------------------------------------------------------------------------
     def _resume(self, step: int | None) -> None:
         """Continue (or step one vCPU), wait for the next stop, a Ctrl-C or the VM's end, and say which."""
+        self.record("gdb-step" if step is not None else "gdb-continue", vcpu=step if step is not None else -1)
         self.dbg.resume(step)
         self.resuming_done.clear()
         try:
@@ -343,6 +349,7 @@ class Stub:
             if self.dbg.wake_fd in ready or not ready:
                 stop = self.dbg.take_stop()
                 if stop is not None:
+                    self.record("gdb-stop", vcpu=stop.vcpu, signal=stop.signal, why=stop.why)
                     self.last_stop = stop
                     self.g_thread = stop.vcpu
                     return self._stop_reply(stop)
