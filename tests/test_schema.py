@@ -215,37 +215,45 @@ def test_a_resumed_writer_continues_a_trace_written_by_main(tmp_path):
 
 def test_a_column_added_to_the_table_reads_as_missing_in_older_traces(tmp_path):
     """The worked example "add a trace field": a copy of tracetool whose schema.py has one more
-    Column row (and a version bump) reads main's trace (the column stands in as its `missing`
-    value, empty in CSV) and writes and reads the new column."""
+    Column row (and a version bump) packs it in the hot-path row, reads main's trace (the column
+    stands in as its `missing` value: empty in CSV, null in Perfetto args) and writes and reads
+    the new column."""
     copy = tmp_path / "pkg"
     shutil.copytree(REPO / "tracetool", copy / "tracetool", ignore=shutil.ignore_patterns("__pycache__"))
     schema_py = copy / "tracetool" / "schema.py"
     text = schema_py.read_text()
-    last = '    Column("flags", "u1", "B", "bit 0: write/out", "bits"),\n'
-    assert last in text and "SCHEMA_VERSION = 1\n" in text
-    text = text.replace(last, last + '    Column("rip", "<u8", "Q", "guest linear instruction address", "address",'
-                                     ' missing=0xFFFF_FFFF_FFFF_FFFF),\n')
-    schema_py.write_text(text.replace("SCHEMA_VERSION = 1\n", "SCHEMA_VERSION = 2\n"))
+    table_end = text.index("\n)\n", text.index("EXIT_COLUMNS: tuple[Column, ...] = ("))
+    text = (text[:table_end] + '\n    Column("added_later", "<u8", "Q", "a field added to the table later", "value",'
+            ' missing=0xFFFF_FFFF_FFFF_FFFF),' + text[table_end:])
+    version = f"SCHEMA_VERSION = {schema.SCHEMA_VERSION}\n"
+    assert version in text
+    schema_py.write_text(text.replace(version, f"SCHEMA_VERSION = {schema.SCHEMA_VERSION + 1}\n"))
     script = f"""
 import csv, io, subprocess, sys
 import numpy as np
 from tracetool import schema
 from tracetool.trace import TraceReader, TraceWriter
-assert schema.COLUMN_NAMES[-1] == "rip" and schema.ROW_SIZE == 48
+assert schema.COLUMN_NAMES[-1] == "added_later" and schema.ROW_SIZE % 8 == 0
 with TraceReader({str(DATA / 'schema1_main.vmtrace')!r}) as r:
     ex = r.exits()
-assert len(ex["rip"]) == 170 and set(ex["rip"].tolist()) == {{2**64 - 1}}
+assert len(ex["added_later"]) == 170 and set(ex["added_later"].tolist()) == {{2**64 - 1}}
 subprocess.run([sys.executable, "-m", "tracetool", "export", {str(DATA / 'schema1_main.vmtrace')!r}, "--format",
                 "csv", "-o", "old.csv"], check=True)
 rows = list(csv.DictReader(open("old.csv")))
-assert len(rows) == 170 and {{row["rip"] for row in rows}} == {{""}}
+assert len(rows) == 170 and {{row["added_later"] for row in rows}} == {{""}}
+subprocess.run([sys.executable, "-m", "tracetool", "export", {str(DATA / 'schema1_main.vmtrace')!r}, "--format",
+                "perfetto", "-o", "old.json"], check=True)
+import json
+slices = [e for e in json.load(open("old.json"))["traceEvents"] if e["ph"] == "X"]
+assert len(slices) == 170 and all(e["args"]["added_later"] is None for e in slices)
 cols = {{c.name: np.arange(1, 4).astype(c.dtype) for c in schema.EXIT_COLUMNS}}
 with TraceWriter("new.vmtrace", {{"run_id": "x"}}) as w:
     w.write_exits(0, 0, 0, 0, 3, cols)
 with TraceReader("new.vmtrace") as r:
-    assert r.exits()["rip"].tolist() == [1, 2, 3]
-row = bytes(schema.ROW_SIZE)
-assert list(schema.columns_from_rows(row, 1)) == list(schema.COLUMN_NAMES)
+    assert r.exits()["added_later"].tolist() == [1, 2, 3]
+import struct
+row = struct.pack(schema.ROW_STRUCT_FORMAT, *[b"\\0" * 8 if c.code == "8s" else 7 for c in schema.EXIT_COLUMNS])
+assert schema.columns_from_rows(row, 1)["added_later"] == (7).to_bytes(8, "little")
 print("ok")
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(copy), str(REPO)]))
