@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO))  # run from a checkout without relying on the venv
 from vmworker import kvm_abi as abi  # noqa: E402
 from vmworker.devices.console import Console  # noqa: E402
 from vmworker.devices.serial_input import SerialInput  # noqa: E402
-from vmworker.devices.standard import SEED_PORT, standard_devices  # noqa: E402
+from vmworker.devices.standard import StandardDevices  # noqa: E402
 from vmworker.exits import IoOut, decode_exit  # noqa: E402
-from vmworker.layout import DEFAULT_MEM  # noqa: E402
+from vmworker.layout import DEFAULT_MEM, SEED_PORT  # noqa: E402
 from vmworker.loader import load_image  # noqa: E402
 from vmworker.machine import Machine  # noqa: E402
 
@@ -54,8 +54,8 @@ def main(argv: list[str]) -> int:
         return 2
 
     image = load_image(guest)
-    port_bus, mmio_bus, _devices = standard_devices(Console(None, False), SerialInput.empty())
-    with Machine("bare", image, DEFAULT_MEM, 1, port_bus, mmio_bus) as machine:
+    devices = StandardDevices(Console(None, False), SerialInput.empty())
+    with Machine("bare", image, DEFAULT_MEM, 1, devices.port_bus, devices.mmio_bus) as machine:
         vcpu = machine.vm.vcpus[0]
         fd = vcpu.fd
         ioctl = fcntl.ioctl

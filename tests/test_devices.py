@@ -17,16 +17,9 @@ from vmworker.devices.i8042 import I8042
 from vmworker.devices.mmio_test import MmioTestDevice
 from vmworker.devices.seed_port import SeedPort
 from vmworker.devices.serial_input import BUFFER_LIMIT, CHUNK_SIZE, SerialInput
-from vmworker.devices.standard import (
-    COM1_PORT,
-    DEBUGCON_PORT,
-    EXIT_PORT,
-    I8042_PORT,
-    MMIO_TEST_GPA,
-    SEED_PORT,
-    standard_devices,
-)
+from vmworker.devices.standard import StandardDevices
 from vmworker.devices.uart8250 import Uart8250
+from vmworker.layout import COM1_PORT, DEBUGCON_PORT, EXIT_PORT, I8042_IRQ, I8042_PORT, MMIO_TEST_GPA, SEED_PORT
 
 COM1 = COM1_PORT
 THR, IER, IIR, LCR, MCR, LSR, MSR, SCR = (COM1 + i for i in range(8))
@@ -53,8 +46,8 @@ def machine(input_bytes: bytes | None = b"", line_buffered: bool = False):
     out = io.BytesIO()
     console = Console(out, line_buffered=line_buffered)
     serial = SerialInput.empty() if input_bytes is None else SerialInput.from_bytes(input_bytes)
-    pio, mmio, devices = standard_devices(console, serial)
-    return pio, mmio, devices, console, out
+    devices = StandardDevices(console, serial)
+    return devices.port_bus, devices.mmio_bus, devices.by_name(), console, out
 
 
 # --- Console ---------------------------------------------------------------------------------
@@ -472,3 +465,32 @@ def test_standard_devices_are_named_and_placed():
     assert isinstance(devices["mmio-test"], MmioTestDevice)
     assert isinstance(devices["com1"], Uart8250)
     assert isinstance(devices["i8042"], I8042)
+
+
+def test_standard_devices_are_attributes_wired_to_their_irq_line():
+    """The i8042's IRQ goes to the line layout names (ISA IRQ 1) once the set is connected to a VM."""
+    devices = StandardDevices(Console(io.BytesIO(), line_buffered=False), SerialInput.empty())
+    assert devices.by_name() == {"seed": devices.seed, "debugcon": devices.debugcon, "com1": devices.com1,
+                                 "i8042": devices.i8042, "exit": devices.exit, "vga": devices.vga,
+                                 "mmio-test": devices.mmio_test}
+
+    class IrqLines:  # the one call StandardDevices makes on a Vm: KVM_IRQ_LINE
+        def __init__(self) -> None:
+            self.levels: list[tuple[int, int]] = []
+
+        def irq_line(self, irq: int, level: int) -> None:
+            self.levels.append((irq, level))
+
+    lines = IrqLines()
+    devices.connect_irqs(lines)
+    outb(devices.port_bus, I8042_PORT + 4, 0x60)  # write command byte: keyboard interrupt on
+    outb(devices.port_bus, I8042_PORT, 0x01)
+    assert devices.i8042.inject_scancodes(b"\x1e", timeout=5)
+    assert lines.levels == [(I8042_IRQ, 1), (I8042_IRQ, 0)]
+
+
+def test_vmtrace_console_reads_the_ports_the_devices_sit_on():
+    from tracetool import console
+
+    assert (console.UART_BASE, console.DEBUGCON_PORT) == (COM1_PORT, DEBUGCON_PORT)
+    assert console.LCR_RESET == Uart8250(Console(io.BytesIO(), False), SerialInput.empty()).lcr

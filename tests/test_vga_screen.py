@@ -14,7 +14,8 @@ from tracetool import schema
 from tracetool.screen import (SCREEN_BYTES, ansi_lines, decode_cells, encode_cells, is_blank, text_lines,
                               validate_screen)
 from tracetool.trace import TraceReader
-from vmworker.devices.vga import TEXT_BUFFER_GPA, VgaCrtc, VgaTextScreen
+from vmworker.devices.vga import VgaCrtc, VgaTextScreen
+from vmworker.layout import VGA_TEXT_BUFFER as TEXT_BUFFER_GPA
 from vmworker.memory import GuestMemory
 from vmworker.screen import SAMPLE_INTERVAL, ScreenSampler
 

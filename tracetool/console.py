@@ -22,16 +22,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The ports and UART registers are the devices' own, defined once in vmworker.
+from vmworker.devices.uart8250 import LCR as UART_LCR
+from vmworker.devices.uart8250 import LCR_DLAB, LCR_RESET
+from vmworker.layout import COM1_PORT as UART_BASE
+from vmworker.layout import DEBUGCON_PORT
+
 from . import schema
 from .filters import EventFilter
 from .trace import TraceReader
 
-UART_BASE = 0x3F8  # COM1 (vmworker.devices.standard.COM1_PORT)
-UART_THR = 0  # transmit holding register (DLL while DLAB is set)
-UART_LCR = 3  # line control register
-LCR_DLAB = 0x80  # divisor latch access bit
-LCR_RESET = 0x03  # what the device starts with (8N1)
-DEBUGCON_PORT = 0xE9
 SOURCES = ("all", "uart", "debugcon")
 
 # The writes that can matter: those starting at THR..LCR of the UART (the port bus hands an

@@ -23,7 +23,7 @@ from .status import End
 from .devices.console import Console
 from .devices.keyboard import KeyFeeder, parse_key_script
 from .devices.serial_input import SerialInput
-from .devices.standard import standard_devices
+from .devices.standard import StandardDevices
 from .errors import GuestImageError, KvmError, SpecError, VmsupError
 from .exit_log import ExitLog
 from .gdb.server import GdbServer
@@ -63,12 +63,8 @@ def _serial_input(source: str | None) -> SerialInput:
         raise SpecError(f"serial input {source}: {e.strerror or e}") from None
 
 
-def _wire_keyboard(machine: Machine, i8042, key_steps, typed_on=None) -> KeyFeeder | None:
-    """IRQ 1 from the i8042 into the in-kernel irqchip (if any); a thread typing the key script
-    (on `typed_on`, which records each press, when given)."""
-    if machine.irqchip:
-        vm = machine.vm
-        i8042.connect_irq(lambda level: vm.irq_line(1, level))
+def _type_keys(i8042, key_steps, typed_on=None) -> KeyFeeder | None:
+    """A thread typing the key script (on `typed_on`, which records each press, when given)."""
     if not key_steps:
         return None
     feeder = KeyFeeder(typed_on or i8042, key_steps)
@@ -88,17 +84,19 @@ def run_spec(spec: VmSpec) -> dict:
         irqchip = spec.irqchip if spec.irqchip is not None else image.multiboot is not None
         out = sys.stdout.buffer
         console = Console(out, line_buffered=not spec.quiet)
-        port_bus, mmio_bus, _devices = standard_devices(console, _serial_input(spec.serial_input))
+        devices = StandardDevices(console, _serial_input(spec.serial_input))
         exit_log = None if spec.quiet else ExitLog(out, multi_vcpu=spec.vcpus > 1)
         if spec.bus_endpoint:
             recording = Recording(spec, image)
         if spec.gdb:  # bound before the VM exists: a port in use is bad input, and no VM runs
             gdb_server = GdbServer(spec.gdb, describe=lambda: f"VM {spec.name}: {spec.guest}, {spec.vcpus} vCPU(s)",
                                    record=recording.lifecycle if recording else None)
-        with Machine(spec.name, image, spec.mem_size, spec.vcpus, port_bus, mmio_bus, exit_log=exit_log,
-                     max_exits=spec.max_exits, timeout=spec.timeout,
+        with Machine(spec.name, image, spec.mem_size, spec.vcpus, devices.port_bus, devices.mmio_bus,
+                     exit_log=exit_log, max_exits=spec.max_exits, timeout=spec.timeout,
                      batchers=recording.batchers if recording else None, irqchip=irqchip,
                      cmdline=spec.cmdline) as machine:
+            if machine.irqchip:
+                devices.connect_irqs(machine.vm)
             if recording:
                 # Once the VM is stopping, a recorder that takes nothing may not hold it forever.
                 recording.set_stopping_check(lambda: machine.ctx.stopping)
@@ -111,11 +109,10 @@ def run_spec(spec: VmSpec) -> dict:
             if gdb_server:
                 gdb_server.start(machine, wait=spec.gdb_wait)
             # The VGA screen sampler and key input (vmworker/screen.py): threads of their own.
-            screen = ScreenServices(spec, machine.memory, _devices, recording, lambda: machine.ctx.stopping)
+            screen = ScreenServices(spec, machine.memory, devices, recording, lambda: machine.ctx.stopping)
             try:
                 screen.start()
-                feeder = _wire_keyboard(machine, _devices["i8042"], key_steps,
-                                        screen.keyboard_for_script(_devices["i8042"]))
+                feeder = _type_keys(devices.i8042, key_steps, screen.keyboard_for_script(devices.i8042))
                 result = machine.run()
                 if gdb_server:
                     gdb_server.finish(result.exit_code)

@@ -1,4 +1,5 @@
-"""Where things sit in guest-physical memory. Every fixed address of the VMM is named here, once.
+"""Where things sit in guest-physical memory and I/O port space. Every fixed address of the VMM is
+named here, once (the trace tools read the port numbers from here too).
 
     0x0000_0000  real-mode IVT / BIOS data area: left zeroed (no BIOS)
     0x0000_1000  BOOT_GDT      GDT the VMM writes for protected and long mode
@@ -8,9 +9,12 @@
     0x0000_8000  MULTIBOOT_INFO  multiboot kernels: the info structure, memory map, loader name and
                                  command line the VMM writes for them (.. 0x9fff)
     0x0001_0000  DEFAULT_LOAD_ADDR  flat guests (the seed guest is linked here)
+    0x000B_8000  VGA_TEXT_BUFFER  the colour text screen, plain RAM (sampled, never trapped)
     ...          RAM up to the VM's --mem size (at most MEM_CAP)
     0xC000_0000  MMIO hole: never RAM, so device windows cannot collide with it
-    0xD000_0000  MMIO test device (vmworker.devices.standard)
+    0xD000_0000  MMIO_TEST_GPA  MMIO test device (vmworker.devices.mmio_test)
+
+Ports (I/O space) of the standard devices, and the ISA IRQ lines they raise, are at the end.
 """
 
 PAGE_SIZE = 4096
@@ -55,3 +59,29 @@ DEFAULT_MEM = 16 << 20
 STACK_SLOT = 0x1000
 # Real mode: SP counts down from the top of the load segment, 1 KiB apart per vCPU.
 REAL_MODE_STACK_SLOT = 0x400
+
+# Colour text mode's buffer (mode 3, IBM VGA Technical Reference); monochrome adapters use
+# 0xB0000, which vmsup does not model.
+VGA_TEXT_BUFFER = 0xB8000
+
+# A free spot above guest RAM, which is capped at MEM_CAP: inside the 3-4 GiB hole where PCs put
+# device memory, so even a 32-bit guest without paging can reach it.
+MMIO_TEST_GPA = 0xD000_0000
+
+# I/O ports of the standard devices (vmworker.devices.standard), each the first port of its range.
+# The kvmsample seed guest writes its counter here (`out %ax, $0x10`).
+SEED_PORT = 0x10
+# The i8042 data (0x60) and status/command (0x64) ports of the PC/AT keyboard controller.
+I8042_PORT = 0x60
+# The Bochs/QEMU debug console port.
+DEBUGCON_PORT = 0xE9
+# QEMU isa-debug-exit's default iobase, so guests written for QEMU tests work unchanged.
+EXIT_PORT = 0xF4
+# The VGA CRT controller's index/data pair in colour mode (Miscellaneous Output bit 0 = 1, as
+# firmware leaves it).
+VGA_CRTC_PORT = 0x3D4
+# COM1, where every PC guest and firmware looks for the first serial port.
+COM1_PORT = 0x3F8
+
+# ISA IRQ lines (the PC/AT's 8259 wiring, kept by the in-kernel PIC/IOAPIC): the keyboard is IRQ 1.
+I8042_IRQ = 1

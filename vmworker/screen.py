@@ -234,12 +234,12 @@ class ScreenServices:
     """The screen sampler and key input of one VM, wired to its recording; `stop()` before the
     recording closes (their sockets live in its ZeroMQ context)."""
 
-    def __init__(self, spec, memory, devices: dict, recording, stopping) -> None:
+    def __init__(self, spec, memory, devices, recording, stopping) -> None:
         from .devices.vga import VgaTextScreen
         self.sampler: ScreenSampler | None = None
         self.keys: KeyInput | None = None
         self._publishers: list[EventPublisher] = []
-        i8042 = devices.get("i8042")
+        i8042 = devices.i8042  # `devices`: the machine's StandardDevices
         if recording is None:
             return
 
@@ -248,8 +248,8 @@ class ScreenServices:
             self._publishers.append(p)
             return p
 
-        if "vga" in devices and VgaTextScreen.available(memory):
-            self.sampler = ScreenSampler(VgaTextScreen(memory, devices["vga"]), publisher(), spec.vm_id, spec.epoch,
+        if VgaTextScreen.available(memory):
+            self.sampler = ScreenSampler(VgaTextScreen(memory, devices.vga), publisher(), spec.vm_id, spec.epoch,
                                          always=spec.screen)
         if i8042 is not None:
             self.keys = KeyInput(i8042, recording.context, spec.input_endpoint, publisher(), spec.vm_id, spec.epoch,

@@ -1,7 +1,13 @@
-"""The standard machine's devices and where they sit on the port and MMIO buses."""
+"""The standard machine's devices: one typed set, their place on the port and MMIO buses, and the
+IRQ lines they raise. Addresses and IRQ numbers come from vmworker.layout.
+
+Adding a device: its class in a module of its own, its address in layout.py, and one attribute
+plus one `_place` line here.
+"""
 
 from __future__ import annotations
 
+from .. import layout
 from .bus import Bus, Device
 from .console import Console
 from .debug_console import DebugConsole
@@ -14,38 +20,32 @@ from .seed_port import SeedPort
 from .serial_input import SerialInput
 from .uart8250 import NUM_REGS as UART_LENGTH
 from .uart8250 import Uart8250
-from .vga import CRTC_LENGTH, CRTC_PORT, VgaCrtc
-
-# The kvmsample seed guest writes its counter here (`out %ax, $0x10`).
-SEED_PORT = 0x10
-# The i8042 data (0x60) and status/command (0x64) ports of the PC/AT keyboard controller.
-I8042_PORT = 0x60
-# The Bochs/QEMU debug console port.
-DEBUGCON_PORT = 0xE9
-# QEMU isa-debug-exit's default iobase, so guests written for QEMU tests work unchanged.
-EXIT_PORT = 0xF4
-# COM1, where every PC guest and firmware looks for the first serial port.
-COM1_PORT = 0x3F8
-# A free spot above guest RAM, which is capped at 3 GiB: inside the 3-4 GiB hole where PCs put
-# device memory, so even a 32-bit guest without paging can reach it.
-MMIO_TEST_GPA = 0xD000_0000
+from .vga import CRTC_LENGTH, VgaCrtc
 
 
-def standard_devices(console: Console, serial_input: SerialInput) -> tuple[Bus, Bus, dict[str, Device]]:
-    """Build (port_bus, mmio_bus, devices_by_name) with every standard device attached."""
-    pio = Bus("pio")
-    mmio = Bus("mmio")
-    placed = [
-        (pio, SEED_PORT, 1, SeedPort()),
-        (pio, DEBUGCON_PORT, 1, DebugConsole(console)),
-        (pio, COM1_PORT, UART_LENGTH, Uart8250(console, serial_input)),
-        (pio, I8042_PORT, I8042_LENGTH, I8042()),
-        (pio, EXIT_PORT, 1, ExitDevice()),
-        (pio, CRTC_PORT, CRTC_LENGTH, VgaCrtc()),  # the VGA cursor; the text buffer itself is RAM
-        (mmio, MMIO_TEST_GPA, MMIO_TEST_LENGTH, MmioTestDevice()),
-    ]
-    by_name: dict[str, Device] = {}
-    for bus, base, length, device in placed:
+class StandardDevices:
+    """Every device of the standard machine, by name, attached to `port_bus` and `mmio_bus`."""
+
+    def __init__(self, console: Console, serial_input: SerialInput) -> None:
+        self.port_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        self.seed = self._place(self.port_bus, layout.SEED_PORT, 1, SeedPort())
+        self.debugcon = self._place(self.port_bus, layout.DEBUGCON_PORT, 1, DebugConsole(console))
+        self.com1 = self._place(self.port_bus, layout.COM1_PORT, UART_LENGTH, Uart8250(console, serial_input))
+        self.i8042 = self._place(self.port_bus, layout.I8042_PORT, I8042_LENGTH, I8042())
+        self.exit = self._place(self.port_bus, layout.EXIT_PORT, 1, ExitDevice())
+        # The VGA cursor; the text buffer itself is RAM.
+        self.vga = self._place(self.port_bus, layout.VGA_CRTC_PORT, CRTC_LENGTH, VgaCrtc())
+        self.mmio_test = self._place(self.mmio_bus, layout.MMIO_TEST_GPA, MMIO_TEST_LENGTH, MmioTestDevice())
+
+    def _place(self, bus: Bus, base: int, length: int, device):
         bus.attach(base, length, device)
-        by_name[device.name] = device
-    return pio, mmio, by_name
+        return device
+
+    def by_name(self) -> dict[str, Device]:
+        """{device.name: device} of every device on the buses."""
+        return {dev.name: dev for _base, _end, dev in self.port_bus.devices() + self.mmio_bus.devices()}
+
+    def connect_irqs(self, vm) -> None:
+        """Wire the devices' interrupt lines into the VM's in-kernel irqchip (KVM_IRQ_LINE)."""
+        self.i8042.connect_irq(lambda level: vm.irq_line(layout.I8042_IRQ, level))

@@ -19,6 +19,7 @@ SCR = 7
 NUM_REGS = 8
 
 LCR_DLAB = 0x80
+LCR_RESET = 0x03  # 8N1, what firmware leaves behind
 IER_RDA = 0x01  # received-data-available interrupt enable
 IER_THRE = 0x02  # transmitter-holding-register-empty interrupt enable
 IIR_NONE = 0x01  # bit 0 set = no interrupt pending
@@ -62,7 +63,7 @@ class Uart8250:
         self._input = serial_input
         self._lock = threading.Lock()
         self.ier = 0
-        self.lcr = 0x03  # 8N1, what firmware leaves behind
+        self.lcr = LCR_RESET
         self.mcr = 0
         self.fcr = 0
         self.scr = 0

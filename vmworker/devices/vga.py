@@ -10,13 +10,11 @@ first cell shown), 0x0E/0x0F cursor location (a cell index, high byte first).
 
 from __future__ import annotations
 
-# Colour text mode's buffer (mode 3); monochrome adapters use 0xB0000, which we do not model.
-TEXT_BUFFER_GPA = 0xB8000
+from ..layout import VGA_TEXT_BUFFER
+
 COLS, ROWS = 80, 25
 CELL_BYTES = 2
 SCREEN_BYTES = COLS * ROWS * CELL_BYTES  # 4000
-# The CRTC in colour mode (Miscellaneous Output register bit 0 = 1, as firmware leaves it).
-CRTC_PORT = 0x3D4
 CRTC_LENGTH = 2
 CRTC_REGISTERS = 0x19  # 0x00–0x18 on a VGA; the index register keeps only 5 bits
 
@@ -84,14 +82,14 @@ class VgaTextScreen:
     @staticmethod
     def available(memory) -> bool:
         """Whether guest RAM covers the text buffer (it does with --mem ≥ 1M)."""
-        return memory.contains(TEXT_BUFFER_GPA, SCREEN_BYTES)
+        return memory.contains(VGA_TEXT_BUFFER, SCREEN_BYTES)
 
     def cells(self) -> bytes:
         # The start address scrolls the view through the 32 KiB window (0xB8000–0xBFFFF); keep
         # the read inside it, and inside RAM.
-        gpa = TEXT_BUFFER_GPA + CELL_BYTES * self.crtc.start_address
-        if gpa + SCREEN_BYTES > TEXT_BUFFER_GPA + 0x8000 or not self.memory.contains(gpa, SCREEN_BYTES):
-            gpa = TEXT_BUFFER_GPA
+        gpa = VGA_TEXT_BUFFER + CELL_BYTES * self.crtc.start_address
+        if gpa + SCREEN_BYTES > VGA_TEXT_BUFFER + 0x8000 or not self.memory.contains(gpa, SCREEN_BYTES):
+            gpa = VGA_TEXT_BUFFER
         return self.memory.read(gpa, SCREEN_BYTES)
 
     def snapshot(self) -> tuple[bytes, tuple[int, int] | None]:
