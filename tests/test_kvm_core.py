@@ -313,3 +313,29 @@ def test_elf_format_decides_the_mode_and_entry(name, bits, fmt, mode):
     assert load_image(str(path), mode=mode).mode == mode  # naming its own mode is allowed
     with pytest.raises(GuestImageError, match="runs in"):
         load_image(str(path), mode="real")
+
+
+def _runtime_imports(module: str) -> set[str]:
+    """The sibling vmworker modules `module` imports when it runs (TYPE_CHECKING blocks aside)."""
+    import ast
+    from pathlib import Path
+
+    import vmworker
+
+    tree = ast.parse((Path(vmworker.__file__).parent / f"{module}.py").read_text())
+    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                 and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in type_only:
+            found.update([node.module] if node.module else [alias.name for alias in node.names])
+    return found
+
+
+def test_image_loading_modules_import_one_way():
+    """loader → multiboot → elf → image and loader → flat → image; never back up the chain."""
+    chain = ("image", "elf", "flat", "multiboot", "loader")
+    allowed = {"image": set(), "elf": {"image"}, "flat": {"image"}, "multiboot": {"image", "elf"},
+               "loader": {"image", "elf", "flat", "multiboot"}}
+    for module in chain:
+        assert _runtime_imports(module) & set(chain) == allowed[module], module

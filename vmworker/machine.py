@@ -21,7 +21,7 @@ from .errors import SpecError
 from .emulate import InsnFallback
 from .halt_watch import HaltWatch
 from .kvm import Kvm
-from .loader import GuestImage
+from .image import GuestImage
 from .memory import GuestMemory
 from .vcpu_loop import VcpuStats, run_vcpu
 

@@ -12,7 +12,9 @@ import struct
 from dataclasses import dataclass, replace
 
 from . import layout
+from .elf import ELF_MAGIC, ELFCLASS32, parse_elf
 from .errors import GuestImageError
+from .image import GuestImage, Segment, sha256_hex
 
 # §3.1.1: the header must lie completely within the first 8192 bytes, 32-bit aligned.
 HEADER_MAGIC = 0x1BADB002
@@ -95,12 +97,9 @@ def parse_header(path: str, data: bytes, offset: int) -> MultibootHeader:
     return MultibootHeader(offset, flags, aout)
 
 
-def parse_multiboot(path: str, data: bytes, offset: int, *, entry: int | None = None):
+def parse_multiboot(path: str, data: bytes, offset: int, *, entry: int | None = None) -> GuestImage:
     """A GuestImage for the multiboot kernel in `data`, whose header magic is at `offset`."""
-    from .loader import ELF_MAGIC, GuestImage, Segment, parse_elf
-
     header = parse_header(path, data, offset)
-    from .loader import sha256_hex  # loader imports this module: import at use
     digest = sha256_hex(data)
     if header.aout is None:
         # §3.1.3: without flag 16 the loader takes the addresses from the executable's own header,
@@ -108,7 +107,7 @@ def parse_multiboot(path: str, data: bytes, offset: int, *, entry: int | None = 
         if data[:4] != ELF_MAGIC:
             raise GuestImageError(path, "multiboot header without flag 16 (a.out kludge) and the file is not ELF: "
                                         "nothing says where to load it")
-        if data[4] != 1:  # EI_CLASS: Multiboot v1 kernels are 32-bit
+        if data[4] != ELFCLASS32:  # EI_CLASS: Multiboot v1 kernels are 32-bit
             raise GuestImageError(path, "multiboot kernel is ELF64; Multiboot v1 needs an ELF32 image "
                                         "(or the a.out-kludge fields)")
         elf = parse_elf(path, data, entry=entry)
