@@ -177,6 +177,14 @@ class Vcpu:
     def set_sregs(self, sregs: abi.kvm_sregs) -> None:
         _ioctl(self.fd, abi.KVM_SET_SREGS, sregs)
 
+    def get_fpu(self) -> abi.kvm_fpu:
+        fpu = abi.kvm_fpu()
+        _ioctl(self.fd, abi.KVM_GET_FPU, fpu)
+        return fpu
+
+    def set_fpu(self, fpu: abi.kvm_fpu) -> None:
+        _ioctl(self.fd, abi.KVM_SET_FPU, fpu)
+
     def set_cpuid2(self, cpuid) -> None:
         _ioctl(self.fd, abi.KVM_SET_CPUID2, cpuid)
 

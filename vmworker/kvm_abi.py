@@ -147,6 +147,17 @@ class kvm_guest_debug_arch(Structure):
     _fields_ = [("debugreg", c_uint64 * 8)]
 
 
+class kvm_fpu(Structure):
+    """x87/SSE state in FXSAVE layout: fpr[i] is ST(i) (stack order), ftwx the abridged tag byte
+    (bit n set = physical register n in use), as KVM_GET_FPU/KVM_SET_FPU exchange it."""
+
+    _fields_ = [
+        ("fpr", (c_uint8 * 16) * 8), ("fcw", c_uint16), ("fsw", c_uint16), ("ftwx", c_uint8),
+        ("pad1", c_uint8), ("last_opcode", c_uint16), ("last_ip", c_uint64), ("last_dp", c_uint64),
+        ("xmm", (c_uint8 * 16) * 16), ("mxcsr", c_uint32), ("pad2", c_uint32),
+    ]
+
+
 KVM_GUESTDBG_ENABLE = 0x00000001
 KVM_GUESTDBG_SINGLESTEP = 0x00000002
 KVM_GUESTDBG_USE_SW_BP = 0x00010000
@@ -376,6 +387,8 @@ KVM_SET_REGS = _IOW(KVMIO, 0x82, kvm_regs)
 KVM_TRANSLATE = _IOWR(KVMIO, 0x85, kvm_translation)
 KVM_GET_SREGS = _IOR(KVMIO, 0x83, kvm_sregs)
 KVM_SET_SREGS = _IOW(KVMIO, 0x84, kvm_sregs)
+KVM_GET_FPU = _IOR(KVMIO, 0x8C, kvm_fpu)
+KVM_SET_FPU = _IOW(KVMIO, 0x8D, kvm_fpu)
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
 KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
@@ -392,6 +405,7 @@ ABI_STRUCTS: dict[str, type] = {
     "kvm_run": kvm_run, "kvm_mp_state": kvm_mp_state, "kvm_translation": kvm_translation, "kvm_stats_header": kvm_stats_header,
     "kvm_stats_desc": kvm_stats_desc, "kvm_vcpu_events": kvm_vcpu_events, "kvm_sync_regs": kvm_sync_regs,
 }
+ABI_STRUCTS["kvm_fpu"] = kvm_fpu  # the x87 fallback's state (vmworker/emulate/x87.py)
 
 # Every ioctl number, by header name, for the oracle test.
 IOCTLS: dict[str, int] = {name: globals()[name] for name in (
@@ -401,6 +415,7 @@ IOCTLS: dict[str, int] = {name: globals()[name] for name in (
     "KVM_UNREGISTER_COALESCED_MMIO", "KVM_CREATE_PIT2", "KVM_GET_STATS_FD", "KVM_RUN", "KVM_GET_REGS",
     "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_SET_CPUID2", "KVM_SET_GUEST_DEBUG",
     "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_TRANSLATE")}
+IOCTLS.update(KVM_GET_FPU=KVM_GET_FPU, KVM_SET_FPU=KVM_SET_FPU)
 
 # Prevent a silent struct drift: the union must be exactly the header's 256 bytes.
 assert sizeof(_kvm_run_exit) == 256, sizeof(_kvm_run_exit)
