@@ -190,9 +190,14 @@ class Vcpu:
 
     def translate(self, linear: int) -> int | None:
         """KVM_TRANSLATE: the guest-physical address of a linear address now, or None if unmapped."""
+        tr = self.translation(linear)
+        return tr.physical_address if tr.valid else None
+
+    def translation(self, linear: int) -> abi.kvm_translation:
+        """KVM_TRANSLATE's whole answer: address, valid, and the page's writeable/usermode bits."""
         tr = abi.kvm_translation(linear_address=linear)
         _ioctl(self.fd, abi.KVM_TRANSLATE, tr)
-        return tr.physical_address if tr.valid else None
+        return tr
 
     def get_mp_state(self) -> int:
         """KVM_GET_MP_STATE (a KVM_MP_STATE_* value). Blocks while another thread is in KVM_RUN."""

@@ -94,7 +94,7 @@ class VcpuContext:
         self.exit_budget = itertools.count() if max_exits is not None and vcpus > 1 else None
         self.stopping = False
         self.halt_probe = None  # set by halt_watch while it asks the vCPU threads whether they sleep for good
-        self.insn_fallback = None  # emulate.InsnFallback: IRETs the VMM does when KVM's emulator cannot
+        self.insn_fallback = None  # emulate.InsnFallback: instructions the VMM does when KVM's emulator cannot
         self.debugger = None  # gdb.control.Debugger while a gdb stub serves this VM
         self.paused = False
         self._resumed = threading.Event()

@@ -234,7 +234,7 @@ def _slow_exit(vcpu, ctx, log) -> tuple[bool, bytes]:
                 return False, exit_.event_data
             fallback = ctx.insn_fallback
             if sub == abi.KVM_INTERNAL_ERROR_EMULATION and fallback is not None:
-                if fallback.handle(vcpu, data):  # an instruction KVM's emulator could not do (emulate.py)
+                if fallback.handle(vcpu, data):  # INT n, IRET, FWAIT, x87: vmworker/emulate/
                     return False, exit_.event_data
                 detail_suffix = f"; not done by vmsup either: {fallback.last_refusal}"
         case ex.Debug(exception=exc, pc=pc):
