@@ -222,12 +222,16 @@ def _mmio(run, ctx) -> tuple[int, bytes, int]:
 def _slow_exit(vcpu, ctx, log) -> tuple[bool, bytes]:
     """Rare exits, decoded to a typed exit: (whether this vCPU must stop, the event's data field).
 
-    Two exits have a special case here; every other one ends the VM or not as its type says
+    Three exits have a special case here; every other one ends the VM or not as its type says
     (exits.py), so a new exit reason needs no change in this file.
     """
     exit_ = ex.decode_exit(vcpu.run_page)
     detail_suffix = ""
     match exit_:
+        case ex.Shutdown():
+            # A ring-3 INT n, which this host reports as a shutdown (vmworker/emulate/fallback.py).
+            if ctx.insn_fallback is not None and ctx.insn_fallback.handle_shutdown(vcpu):
+                return False, exit_.event_data
         case ex.InternalError(suberror=sub, data=data):
             # An int3 gdb planted: checked before any fallback, which must never swallow it.
             if ctx.debugger is not None and ctx.debugger.breakpoint_hit(vcpu, sub):

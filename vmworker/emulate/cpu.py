@@ -2,17 +2,18 @@
 
 Registers are read once (KVM_GET_REGS/SREGS) when a fallback starts and written back once at the
 end (`commit`), so several instructions emulated in one exit cost two ioctls each way. Memory goes
-through the guest's own page tables where paging is on (KVM_TRANSLATE, per page), with the
-user/supervisor and write permissions the translation reports, so ring-3 code cannot make the VMM
-touch kernel-only or read-only pages on its behalf. Segment limits are not checked: the fallbacks
-serve flat-model kernels, and a limit violation is the guest's own business.
+through the guest's own page tables where paging is on (KVM_TRANSLATE, per page), and must be RAM.
+Page permissions are not checked: x86 KVM_TRANSLATE reports every page writeable and supervisor
+(arch/x86/kvm/x86.c fills `writeable = 1, usermode = 0`), and on this host ring-3 code runs natively
+(only its software interrupts reach the VMM, whose pushes are supervisor accesses anyway). Segment
+limits are not checked either: the fallbacks serve flat-model kernels.
 """
 
 from __future__ import annotations
 
 import struct
 
-CR0_PE, CR0_MP, CR0_EM, CR0_TS, CR0_NE, CR0_WP, CR0_PG = 1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 5, 1 << 16, 1 << 31
+CR0_PE, CR0_MP, CR0_EM, CR0_TS, CR0_PG = 1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 31
 EFER_LMA = 1 << 10
 
 # EFLAGS bits (SDM Vol. 1 §3.4.3).
@@ -97,47 +98,41 @@ class GuestCpu:
         self.vcpu.set_regs(self.regs)
 
     # Memory ---------------------------------------------------------------------------------------
-    def _gpa(self, linear: int, write: bool, what: str, user: bool) -> int:
+    def _gpa(self, linear: int, what: str) -> int:
         if not self.sregs.cr0 & CR0_PG:
             return linear & 0xFFFF_FFFF
-        tr = self.vcpu.translation(linear)
-        if not tr.valid:
+        gpa = self.vcpu.translate(linear)
+        if gpa is None:
             raise Unsupported(f"{what} at linear {linear:#x} is not mapped")
-        if user and not tr.usermode:
-            raise Unsupported(f"{what} at linear {linear:#x} is a supervisor page, accessed from ring 3")
-        if write and not tr.writeable and (user or self.sregs.cr0 & CR0_WP):
-            raise Unsupported(f"{what} at linear {linear:#x} is a read-only page")
-        return tr.physical_address
+        return gpa
 
-    def _pieces(self, linear: int, length: int, write: bool, what: str, user: bool | None):
-        user = self.cpl == 3 if user is None else user
+    def _pieces(self, linear: int, length: int, what: str):
         while length:
             chunk = min(length, _PAGE - (linear & (_PAGE - 1)))
-            gpa = self._gpa(linear, write, what, user)
+            gpa = self._gpa(linear, what)
             if not self.memory.contains(gpa, chunk):
                 raise Unsupported(f"{what} at {gpa:#x} is outside guest RAM")
             yield gpa, chunk
             linear += chunk
             length -= chunk
 
-    def read(self, linear: int, length: int, what: str, user: bool | None = None) -> bytes:
-        """`length` bytes at a linear address. `user` says whose access it is (default: the CPL's);
-        descriptor-table and TSS reads are the CPU's own (supervisor) accesses."""
-        return b"".join(self.memory.read(gpa, n) for gpa, n in self._pieces(linear, length, False, what, user))
+    def read(self, linear: int, length: int, what: str) -> bytes:
+        """`length` bytes at a linear address; `what` names them in a refusal."""
+        return b"".join(self.memory.read(gpa, n) for gpa, n in self._pieces(linear, length, what))
 
-    def write(self, linear: int, data: bytes, what: str, user: bool | None = None) -> None:
+    def write(self, linear: int, data: bytes, what: str) -> None:
         # Translate every page before writing any, so a refused write leaves memory untouched.
-        pieces = list(self._pieces(linear, len(data), True, what, user))
+        pieces = list(self._pieces(linear, len(data), what))
         at = 0
         for gpa, n in pieces:
             self.memory.write(gpa, data[at:at + n])
             at += n
 
-    def read_uint(self, linear: int, size: int, what: str, user: bool | None = None) -> int:
-        return int.from_bytes(self.read(linear, size, what, user), "little")
+    def read_uint(self, linear: int, size: int, what: str) -> int:
+        return int.from_bytes(self.read(linear, size, what), "little")
 
-    def write_uint(self, linear: int, value: int, size: int, what: str, user: bool | None = None) -> None:
-        self.write(linear, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"), what, user)
+    def write_uint(self, linear: int, value: int, size: int, what: str) -> None:
+        self.write(linear, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"), what)
 
     # The stack ----------------------------------------------------------------------------------
     def stack_mask(self) -> int:

@@ -30,14 +30,14 @@ def load_segment(cpu: GuestCpu, selector: int, what: str) -> abi.kvm_segment:
     if index == 0 or index + 7 > cpu.sregs.gdt.limit:
         raise Unsupported(f"{what} selector {selector:#x} is null or beyond the GDT limit {cpu.sregs.gdt.limit:#x}")
     at = cpu.linear(cpu.sregs.gdt.base, index)
-    low, high = struct.unpack("<II", cpu.read(at, 8, what=f"{what} descriptor", user=False))
+    low, high = struct.unpack("<II", cpu.read(at, 8, what=f"{what} descriptor"))
     if not high & (1 << 15):
         raise Unsupported(f"{what} segment {selector:#x} is not present")
     if not (high >> 12) & 1:
         raise Unsupported(f"{what} selector {selector:#x} names a system descriptor")
     if not high & (TYPE_ACCESSED << 8):
         high |= TYPE_ACCESSED << 8
-        cpu.write(at + 4, struct.pack("<I", high), what=f"{what} descriptor", user=False)
+        cpu.write(at + 4, struct.pack("<I", high), what=f"{what} descriptor")
     limit = (low & 0xFFFF) | (high & 0xF0000)
     g = (high >> 23) & 1
     return abi.kvm_segment(
@@ -95,7 +95,7 @@ def read_gate(cpu: GuestCpu, vector: int) -> Gate:
     size = 16 if cpu.long_mode else 8
     if vector * size + size - 1 > cpu.sregs.idt.limit:
         raise Unsupported(f"vector {vector:#x} is beyond the IDT limit {cpu.sregs.idt.limit:#x} (a #GP)")
-    raw = cpu.read(cpu.linear(cpu.sregs.idt.base, vector * size), size, what=f"IDT entry {vector:#x}", user=False)
+    raw = cpu.read(cpu.linear(cpu.sregs.idt.base, vector * size), size, what=f"IDT entry {vector:#x}")
     low, high = struct.unpack_from("<II", raw)
     offset = (low & 0xFFFF) | (high & 0xFFFF_0000)
     if size == 16:
@@ -108,7 +108,7 @@ def tss_stack(cpu: GuestCpu, cpl: int) -> tuple[int, int]:
     """(SSn, ESPn) from the 32-bit TSS for privilege level `cpl` (SDM Vol. 3A Figure 7-2)."""
     if cpu.sregs.tr.type != TSS32_BUSY:
         raise Unsupported(f"task register type {cpu.sregs.tr.type:#x} is not a busy 32-bit TSS")
-    raw = cpu.read(cpu.linear(cpu.sregs.tr.base, 4 + 8 * cpl), 8, what="TSS stack pointer", user=False)
+    raw = cpu.read(cpu.linear(cpu.sregs.tr.base, 4 + 8 * cpl), 8, what="TSS stack pointer")
     esp, ss = struct.unpack("<II", raw)
     return ss & 0xFFFF, esp
 
@@ -116,4 +116,4 @@ def tss_stack(cpu: GuestCpu, cpl: int) -> tuple[int, int]:
 def tss64_stack(cpu: GuestCpu, cpl: int, ist: int) -> int:
     """RSPn (ist = 0) or ISTn from the 64-bit TSS (SDM Vol. 3A Figure 7-11)."""
     at = 0x24 + 8 * (ist - 1) if ist else 4 + 8 * cpl
-    return struct.unpack("<Q", cpu.read(cpu.linear(cpu.sregs.tr.base, at), 8, what="TSS stack pointer", user=False))[0]
+    return struct.unpack("<Q", cpu.read(cpu.linear(cpu.sregs.tr.base, at), 8, what="TSS stack pointer"))[0]

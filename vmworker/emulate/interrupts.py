@@ -95,7 +95,7 @@ def deliver(cpu: GuestCpu, vector: int, return_rip: int) -> None:
         sp &= ~0xF
         frame = struct.pack("<5Q", return_rip, sregs.cs.selector, old_flags, regs.rsp, sregs.ss.selector)
         sp = (sp - len(frame)) & 0xFFFF_FFFF_FFFF_FFFF
-        cpu.write(sp, frame, what="interrupt frame", user=new_cpl == 3)
+        cpu.write(sp, frame, what="interrupt frame")
         new_sp = sp
     else:
         if new_cpl != cpl:
@@ -110,7 +110,7 @@ def deliver(cpu: GuestCpu, vector: int, return_rip: int) -> None:
             frame = struct.pack("<3I", return_rip, sregs.cs.selector, old_flags & 0xFFFF_FFFF)
         mask = 0xFFFF_FFFF if ss.db else 0xFFFF
         new_sp = (sp - len(frame)) & mask
-        cpu.write(cpu.linear(ss.base, new_sp), frame, what="interrupt frame", user=new_cpl == 3)
+        cpu.write(cpu.linear(ss.base, new_sp), frame, what="interrupt frame")
         new_sp |= regs.rsp & ~mask & 0xFFFF_FFFF if ss is sregs.ss else 0
 
     sregs.cs = cs
