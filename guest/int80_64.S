@@ -9,6 +9,7 @@
 # with IRETQ and runs:
 #   int $0x80  write(msg)     -- ring 3 -> 0: RSP0 from the TSS, SS null
 #   int3                      -- on the IST1 stack, IF kept (trap gate)
+#   int $0x80  x87()          -- the handler multiplies with RIP-relative x87 operands
 #   int $0x80  to_compat()    -- the handler's IRETQ lands in compatibility mode
 #   (32-bit code) int $0x80 write(msg), then exit(failures); the handler checks
 #   that the exit call's frame holds the 32-bit code selector
@@ -18,6 +19,7 @@
 #   "int80_64: ring 0 int 0x80 ok\n"
 #   "int80_64: ring 3 int 0x80 ok\n"
 #   "int80_64: int3 on IST1 ok\n"
+#   "int80_64: x87 with RIP-relative operands ok\n"
 #   "int80_64: compatibility mode int 0x80 ok\n"
 # then exit code 0 on port 0xF4 (N = number of failed checks otherwise).
 
@@ -38,6 +40,7 @@
         .equ    SYS_WRITE, 1
         .equ    SYS_EXIT, 2
         .equ    SYS_TO_COMPAT, 3
+        .equ    SYS_X87, 4
 
 _start:
         cld
@@ -122,6 +125,10 @@ user_main:
         movl    $msg_int3, %ebx
         movl    $msg_int3_len, %ecx
         int     $0x80
+        # x87 in 64-bit ring 0 code with RIP-relative operands: 1000 * 3 = 3000.
+        # (In ring 3 this host runs it natively; the handler checks the result.)
+        movl    $SYS_X87, %eax
+        int     $0x80
 1:      movl    $SYS_TO_COMPAT, %eax
         int     $0x80
         ud2                             # the call returns to compat_main instead
@@ -165,6 +172,8 @@ sys_entry:
         je      sys_exit
         cmpl    $SYS_TO_COMPAT, %eax
         je      sys_to_compat
+        cmpl    $SYS_X87, %eax
+        je      sys_x87
         pushq   %rsi
         pushq   %rdx
         movl    %ebx, %esi
@@ -178,6 +187,18 @@ sys_to_compat:
         movq    $compat_main, (%rsp)    # RIP
         movq    $UCODE32 | 3, 8(%rsp)   # CS: 32-bit code, so IRETQ enters compatibility mode
         iretq
+sys_x87:
+        fninit
+        fildl   x87_a(%rip)
+        fimull  x87_b(%rip)
+        fistpl  x87_r(%rip)
+        cmpl    $3000, x87_r(%rip)
+        je      1f
+        incl    failures
+1:      movl    $SYS_WRITE, %eax
+        movl    $msg_x87, %ebx
+        movl    $msg_x87_len, %ecx
+        jmp     sys_entry               # and print the line
 sys_exit:
         cmpq    $UCODE32 | 3, 8(%rsp)   # exit is called from compatibility mode
         je      1f
@@ -207,11 +228,16 @@ msg_ring3:      .ascii "int80_64: ring 3 int 0x80 ok\n"
         .equ    msg_ring3_len, . - msg_ring3
 msg_int3:       .ascii "int80_64: int3 on IST1 ok\n"
         .equ    msg_int3_len, . - msg_int3
+msg_x87:        .ascii "int80_64: x87 with RIP-relative operands ok\n"
+        .equ    msg_x87_len, . - msg_x87
 msg_compat:     .ascii "int80_64: compatibility mode int 0x80 ok\n"
         .equ    msg_compat_len, . - msg_compat
 
         .balign 4
 failures:       .long 0
+x87_a:          .long 1000
+x87_b:          .long 3
+x87_r:          .long 0
 bp_count:       .long 0
 
         .balign 8
