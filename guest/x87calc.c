@@ -62,7 +62,15 @@ static void put_d(double x)
 
 static void set_cw(u16 cw)
 {
-	__asm__ volatile("fldcw %0" : : "m"(cw));
+	__asm__ volatile("fldcw %0" : : "m"(cw) : "memory");
+}
+
+/* gcc's conversion to an integer saves the control word once per function (FNSTCW), sets
+ * truncation for FISTP, then restores what it saved: kept in a function of its own so that it
+ * saves the control word set_cw() loaded, not the one before it. */
+static __attribute__((noinline)) s64 to_s64(long double x)
+{
+	return (s64)x;
 }
 
 /* Unsigned 64-bit division for gcc's `a / b` on this freestanding target (there is no 32-bit
@@ -136,7 +144,7 @@ static void run_cw(u16 cw)
 		volatile double d = A[i] / B[i];
 		result("r ", cw, i, "ddiv"); put_d(d); puts_("\n");
 		if (a * b < 9e18L && a * b > -9e18L) {
-			result("r ", cw, i, "lmul"); puthex((u64)(s64)(a * b), 16); puts_("\n");
+			result("r ", cw, i, "lmul"); puthex((u64)to_s64(a * b), 16); puts_("\n");
 		}
 		result("r ", cw, i, "cmp"); puthex(a < b ? 1 : a == b ? 2 : 4, 1); puts_("\n");
 		result("r ", cw, i, "smul"); put_ld(a * S); puts_("\n");

@@ -185,6 +185,14 @@ class Vcpu:
     def set_fpu(self, fpu: abi.kvm_fpu) -> None:
         _ioctl(self.fd, abi.KVM_SET_FPU, fpu)
 
+    def get_xsave(self) -> abi.kvm_xsave:
+        xsave = abi.kvm_xsave()
+        _ioctl(self.fd, abi.KVM_GET_XSAVE, xsave)
+        return xsave
+
+    def set_xsave(self, xsave: abi.kvm_xsave) -> None:
+        _ioctl(self.fd, abi.KVM_SET_XSAVE, xsave)
+
     def set_cpuid2(self, cpuid) -> None:
         _ioctl(self.fd, abi.KVM_SET_CPUID2, cpuid)
 

@@ -158,6 +158,13 @@ class kvm_fpu(Structure):
     ]
 
 
+class kvm_xsave(Structure):
+    """The vCPU's XSAVE image: the legacy FXSAVE region at 0, the XSAVE header (XSTATE_BV first) at
+    512 (SDM Vol. 1 §13.4.1-2). 4096 bytes cover this host (KVM_CAP_XSAVE2 reports 4096)."""
+
+    _fields_ = [("region", c_uint32 * 1024)]
+
+
 KVM_GUESTDBG_ENABLE = 0x00000001
 KVM_GUESTDBG_SINGLESTEP = 0x00000002
 KVM_GUESTDBG_USE_SW_BP = 0x00010000
@@ -389,6 +396,8 @@ KVM_GET_SREGS = _IOR(KVMIO, 0x83, kvm_sregs)
 KVM_SET_SREGS = _IOW(KVMIO, 0x84, kvm_sregs)
 KVM_GET_FPU = _IOR(KVMIO, 0x8C, kvm_fpu)
 KVM_SET_FPU = _IOW(KVMIO, 0x8D, kvm_fpu)
+KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, kvm_xsave)
+KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, kvm_xsave)
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
 KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
@@ -405,7 +414,7 @@ ABI_STRUCTS: dict[str, type] = {
     "kvm_run": kvm_run, "kvm_mp_state": kvm_mp_state, "kvm_translation": kvm_translation, "kvm_stats_header": kvm_stats_header,
     "kvm_stats_desc": kvm_stats_desc, "kvm_vcpu_events": kvm_vcpu_events, "kvm_sync_regs": kvm_sync_regs,
 }
-ABI_STRUCTS["kvm_fpu"] = kvm_fpu  # the x87 fallback's state (vmworker/emulate/x87.py)
+ABI_STRUCTS.update(kvm_fpu=kvm_fpu, kvm_xsave=kvm_xsave)  # x87 state for vmworker/emulate/
 
 # Every ioctl number, by header name, for the oracle test.
 IOCTLS: dict[str, int] = {name: globals()[name] for name in (
@@ -415,7 +424,8 @@ IOCTLS: dict[str, int] = {name: globals()[name] for name in (
     "KVM_UNREGISTER_COALESCED_MMIO", "KVM_CREATE_PIT2", "KVM_GET_STATS_FD", "KVM_RUN", "KVM_GET_REGS",
     "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_SET_CPUID2", "KVM_SET_GUEST_DEBUG",
     "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_TRANSLATE")}
-IOCTLS.update(KVM_GET_FPU=KVM_GET_FPU, KVM_SET_FPU=KVM_SET_FPU)
+IOCTLS.update(KVM_GET_FPU=KVM_GET_FPU, KVM_SET_FPU=KVM_SET_FPU, KVM_GET_XSAVE=KVM_GET_XSAVE,
+              KVM_SET_XSAVE=KVM_SET_XSAVE)
 
 # Prevent a silent struct drift: the union must be exactly the header's 256 bytes.
 assert sizeof(_kvm_run_exit) == 256, sizeof(_kvm_run_exit)

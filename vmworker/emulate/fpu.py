@@ -1,4 +1,10 @@
-"""The guest's x87 state for one fallback (KVM_GET_FPU / KVM_SET_FPU): stack, tags, FSW, FCW.
+"""The guest's x87 state for one fallback (KVM_GET_XSAVE / KVM_SET_XSAVE): stack, tags, FSW, FCW.
+
+Why XSAVE and not KVM_GET_FPU/KVM_SET_FPU: measured on this host, KVM_SET_FPU writes the legacy
+FXSAVE area but leaves XSTATE_BV alone, so when the guest's x87 state was in its initial
+configuration (XSTATE_BV bit 0 clear, e.g. empty stack and FCW 0x037F) the CPU reloads the initial
+state and drops the write: a guest's FLDCW done here was lost. KVM_SET_XSAVE honours XSTATE_BV, so
+the VMM sets bit 0 with its write (SDM Vol. 1 §13.8.1, XRSTOR's use of XSTATE_BV).
 
 Registers are kept by physical number, as the x87 addresses its tag word; ST(i) is physical
 (TOP + i) mod 8 (SDM Vol. 1 §8.1.2). Exception flags go through `raise_flags`, which refuses an
@@ -6,6 +12,9 @@ unmasked one before anything changes (a CPU would report it as #MF, which is not
 """
 
 from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
 
 from . import float80 as f
 from .cpu import AF, CF, OF, PF, SF, ZF, Unsupported
@@ -17,30 +26,53 @@ TOP_SHIFT = 11
 EXCEPTIONS = 0x3F
 FCW_INIT = 0x037F  # FNINIT: all exceptions masked, extended precision, round to nearest
 
+# The legacy region of an XSAVE image (SDM Vol. 1 Table 10-2, FXSAVE layout): FCW, FSW, abridged
+# FTW, FOP, FPU IP, FPU DP, ...; ST0-ST7 from byte 32, 16 bytes apart (stack order). XSTATE_BV at
+# byte 512; bit 0 is the x87 state component.
+_LEGACY = struct.Struct("<HHBxHQQ")
+_ST_AT = 32
+_XSTATE_BV_AT = 512
+_XSTATE_X87 = 1 << 0
+
+
+@dataclass
+class X87State:
+    fcw: int
+    fsw: int
+    last_opcode: int
+    last_ip: int
+    last_dp: int
+
 
 class Fpu:
     """The x87 state of one vCPU for the length of one fallback: physical registers and tags."""
 
     def __init__(self, vcpu) -> None:
         self.vcpu = vcpu
-        self.state = vcpu.get_fpu()
-        top = (self.state.fsw >> TOP_SHIFT) & 7
+        self._xsave = vcpu.get_xsave()
+        image = bytes(self._xsave)
+        fcw, fsw, ftw, fop, fip, fdp = _LEGACY.unpack_from(image)
+        self.state = X87State(fcw, fsw, fop, fip, fdp)
+        top = (fsw >> TOP_SHIFT) & 7
         self.regs: list[bytes] = [b""] * 8
-        for i in range(8):  # kvm_fpu.fpr is in stack order: fpr[i] is ST(i) = physical (TOP + i) & 7
-            self.regs[(top + i) & 7] = bytes(self.state.fpr[i])[:10]
-        self.valid = [bool(self.state.ftwx >> p & 1) for p in range(8)]
+        for i in range(8):  # stack order: ST(i) is physical register (TOP + i) & 7
+            self.regs[(top + i) & 7] = image[_ST_AT + 16 * i:_ST_AT + 16 * i + 10]
+        self.valid = [bool(ftw >> p & 1) for p in range(8)]
         self.changed = False
 
     def save(self) -> None:
         if not self.changed:
             return
+        image = bytearray(bytes(self._xsave))
+        s = self.state
+        ftw = sum(1 << p for p in range(8) if self.valid[p])
+        _LEGACY.pack_into(image, 0, s.fcw, s.fsw, ftw, s.last_opcode, s.last_ip, s.last_dp)
         top = self.top
         for i in range(8):
-            raw = self.regs[(top + i) & 7]
-            for j in range(16):
-                self.state.fpr[i][j] = raw[j] if j < 10 else 0
-        self.state.ftwx = sum(1 << p for p in range(8) if self.valid[p])
-        self.vcpu.set_fpu(self.state)
+            image[_ST_AT + 16 * i:_ST_AT + 16 * i + 16] = self.regs[(top + i) & 7].ljust(16, b"\0")
+        bv = int.from_bytes(image[_XSTATE_BV_AT:_XSTATE_BV_AT + 8], "little") | _XSTATE_X87
+        image[_XSTATE_BV_AT:_XSTATE_BV_AT + 8] = bv.to_bytes(8, "little")
+        self.vcpu.set_xsave(type(self._xsave).from_buffer_copy(image))
 
     def snapshot(self):
         s = self.state
