@@ -16,6 +16,7 @@ import struct
 from typing import NamedTuple
 
 from .. import kvm_abi as abi
+from ..errors import KvmError
 from .cpu import GuestCpu, Unsupported
 from .decode import MAX_INSN, decode
 from .disasm import disassemble
@@ -56,6 +57,13 @@ class InsnFallback:
 
     def handle(self, vcpu, data: tuple[int, ...]) -> bool:
         """True if at least one instruction was performed and the vCPU may run on."""
+        try:
+            return self._handle(vcpu, data)
+        except KvmError as e:  # a register or FPU ioctl failed: the VM ends with the emulation failure
+            self.last_refusal = str(e)
+            return False
+
+    def _handle(self, vcpu, data: tuple[int, ...]) -> bool:
         cpu = GuestCpu(vcpu, self.memory)
         fpu = None
         self.performed = []
@@ -99,6 +107,13 @@ class InsnFallback:
         Only that case is taken: a real triple fault (anything else, or an INT the guest's IDT
         cannot deliver) stays a shutdown.
         """
+        try:
+            return self._handle_shutdown(vcpu)
+        except KvmError as e:
+            self.last_refusal = str(e)
+            return False
+
+    def _handle_shutdown(self, vcpu) -> bool:
         cpu = GuestCpu(vcpu, self.memory)
         if not cpu.protected or cpu.cpl != 3:
             return False
