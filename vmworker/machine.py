@@ -27,7 +27,7 @@ from .vcpu_loop import VcpuStats, run_vcpu
 
 # How often the machine's main thread checks the timeout and quiet vCPUs.
 IDLE_CHECK_SECONDS = 0.1
-# The signal that kicks a vCPU thread out of KVM_RUN (DESIGN.md: immediate_exit + a signal).
+# The signal that kicks a vCPU thread out of KVM_RUN (with kvm_run.immediate_exit set, see signals.py).
 KICK_SIGNAL = signal.SIGUSR1
 
 _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",

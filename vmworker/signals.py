@@ -1,7 +1,8 @@
 """Signals a worker understands, named once for the worker and the supervisor.
 
-SIGUSR1 kicks a vCPU thread out of KVM_RUN (with kvm_run.immediate_exit, DESIGN.md); the
-real-time pair pauses and resumes the VM (queued, and never confused with job control).
+SIGUSR1 kicks a vCPU thread out of KVM_RUN (with kvm_run.immediate_exit set, KVM_RUN fails with
+EINTR at once: api.rst, "immediate_exit"); the real-time pair pauses and resumes the VM (queued,
+and never confused with job control).
 SIGTERM / SIGINT stop the VM (status terminated / interrupted).
 """
 
