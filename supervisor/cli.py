@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
 import sys
 import time
-from enum import Enum
 from typing import Optional
 
 import typer
 from typer.exceptions import TyperException
 
-from vmworker import status
+from vmworker import settings, status
 from vmworker.status import End
 from vmworker.errors import KvmError, SpecError, VmsupError
+from vmworker.setting_values import Switch
 from vmworker.spec import VmSpec
 
 from . import render
@@ -24,16 +25,9 @@ from .keys import check_listen
 from . import runtime
 from .commands import COMMANDS, call
 from .launch import Launch, check_trace_path
-from .policy import RestartPolicy
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Run tiny KVM virtual machines and see every exit they make.")
-
-
-class Mode(str, Enum):
-    real = "real"
-    protected = "protected"
-    long = "long"
 
 
 @app.callback()
@@ -45,39 +39,36 @@ def _err(message: str) -> None:
     typer.echo(f"vmsup: error: {message}", err=True)
 
 
+def _with_vm_flags(func):
+    """Give `launch` one option per per-VM setting of the table (vmworker.settings), after its own
+    parameters; the function receives them in **vm_flags (None = not given). Flags arrive as text
+    (or a bool for a --x/--no-x switch) so the table's checks word every message."""
+    own = inspect.signature(func, eval_str=True)
+    params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    for setting in settings.FLAGGED:
+        switch = isinstance(setting.kind, Switch)
+        params.append(inspect.Parameter(
+            setting.param, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool] if switch else Optional[str],
+            default=typer.Option(None, *setting.flags, help=setting.help, show_default=False,
+                                 metavar=None if switch else setting.kind.metavar)))
+    func.__signature__ = own.replace(parameters=params)
+    return func
+
+
 @app.command()
+@_with_vm_flags
 def launch(
-    ctx: typer.Context,
     guests: Optional[list[str]] = typer.Argument(None, help="Guest images (flat binary or ELF) or bundled guest names, e.g. seed16."),
     fleet: Optional[str] = typer.Option(None, "--fleet", help="A fleet file (TOML) describing the VMs, instead of GUESTS and per-VM flags."),
-    mem: str = typer.Option("16M", "--mem", help="Guest RAM: bytes or K/M/G suffix (16M, 512000000, 1G)."),
-    load_addr: Optional[str] = typer.Option(None, "--load-addr", help="Flat binaries: guest-physical load address [0x10000]."),
-    entry: Optional[str] = typer.Option(None, "--entry", help="Entry address [the load address, or the ELF's]."),
-    mode: Optional[Mode] = typer.Option(None, "--mode", help="CPU mode for flat binaries [real, or the bundled guest's]."),
-    vcpus: Optional[int] = typer.Option(None, "--vcpus", help="Number of vCPUs, one thread each [1, or the bundled guest's]."),
-    vms: int = typer.Option(1, "--vms", help="Run this many copies of each guest, one worker process each."),
-    max_exits: Optional[int] = typer.Option(None, "--max-exits", help="Stop each VM after this many exits."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop each VM after this many seconds (status: timeout)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print a line per exit."),
-    serial_in: str = typer.Option("-", "--serial-in", help="UART input: a file, '-' for stdin, or 'none'."),
     trace: Optional[str] = typer.Option(None, "--trace", help="Trace file to record to [traces/NAME-TIME.vmtrace]."),
     no_trace: bool = typer.Option(False, "--no-trace", help="Do not write a trace file (live views still work)."),
-    record_only: Optional[str] = typer.Option(None, "--record-only",
-                                              help="Record only matching exits, e.g. reason=io,port=0x3f8."),
-    irqchip: Optional[bool] = typer.Option(None, "--irqchip/--no-irqchip",
-                                           help="In-kernel PIC, IOAPIC, LAPIC and PIT (default: on for multiboot kernels)."),
-    cmdline: str = typer.Option("", "--cmdline", help="Multiboot kernels: the command line they are given."),
-    keys: Optional[str] = typer.Option(None, "--keys", help="Type this key script on the VM's keyboard (i8042)."),
     listen: Optional[str] = typer.Option(None, "--listen", help="Also take events on tcp://HOST:PORT, CURVE-encrypted (needs 'vmsup keys')."),
     keys_dir: Optional[str] = typer.Option(None, "--keys-dir", help="CURVE keys for --listen [~/.config/vmsup/keys]."),
-    restart: str = typer.Option("no", "--restart", help="Restart policy: no, on-failure or always."),
-    retries: int = typer.Option(5, "--retries", help="Starts in a row that end within --startsecs before FATAL."),
-    startsecs: float = typer.Option(1.0, "--startsecs", help="A VM that ends sooner counts as a failed start."),
-    backoff_max: float = typer.Option(30.0, "--backoff-max", help="Cap of the exponential restart backoff (seconds)."),
-    rss_limit: Optional[str] = typer.Option(None, "--rss-limit", help="Kill a VM whose worker's RSS exceeds this (e.g. 256M)."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; print the run id and return."),
     screen: bool = typer.Option(False, "--screen", help="Show the VM's VGA text screen live (one VM; implies --quiet); "
                                 "keys typed go to its keyboard."),
+    **vm_flags,
 ) -> None:
     """Run VMs, one worker process each, recording every exit.
 
@@ -86,20 +77,20 @@ def launch(
     try:
         if listen is not None:
             listen, keys_dir = check_listen(listen, keys_dir)
-        if screen and (detach or fleet is not None or vms > 1 or len(guests or []) > 1):
+        if trace is not None and no_trace:
+            raise SpecError("--trace and --no-trace contradict each other: give one")
+        if screen and (detach or fleet is not None):
             raise SpecError("--screen shows one foreground VM: not with --detach, --fleet, --vms or several guests")
         if guests and fleet is None:
             # The flags describe one fleet entry per GUEST: one validation path for both.
-            backoff = {"max": backoff_max, "initial": min(RestartPolicy.backoff_initial, backoff_max)}
-            entries = [cli_entry(g, vms=vms, mem=mem, load_addr=load_addr, entry=entry,
-                                 mode=mode.value if mode is not None else None, vcpus=vcpus, max_exits=max_exits,
-                                 timeout=timeout, serial_in=serial_in, record_only=record_only, restart=restart,
-                                 backoff=backoff, startsecs=startsecs, retries=retries, rss_limit=rss_limit,
-                                 irqchip=irqchip, cmdline=cmdline, keys=keys)
-                       for g in guests]
-            specs = specs_from_entries(entries, quiet=quiet)
+            specs = specs_from_entries([cli_entry(g, **vm_flags) for g in guests], quiet=quiet)
         else:
-            specs = fleet_specs(ctx, fleet, guests, quiet=quiet)
+            notes: list[str] = []
+            specs = fleet_specs(fleet, guests, vm_flags, quiet=quiet, notes=notes)
+            for note in notes:
+                _info(f"warning: {note}")
+        if screen and len(specs) > 1:
+            raise SpecError("--screen shows one foreground VM: not with --detach, --fleet, --vms or several guests")
         trace_path = None if no_trace else (trace or _default_trace_path(specs[0].name))
         if trace_path:
             check_trace_path(trace_path)

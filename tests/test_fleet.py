@@ -54,7 +54,7 @@ def test_fleet_entries_carry_resolved_values_policy_and_rss_limit(fleet_dir):
     path = fleet_dir / "fleet.toml"
     path.write_text(VALID)
     counter, halter = load_fleet(str(path))
-    assert (counter.name, counter.count, counter.mem_size, counter.max_exits, counter.line) == ("counter", 2, 16 << 20, 40, 6)
+    assert (counter.name, counter.vms, counter.mem, counter.max_exits, counter.line) == ("counter", 2, 16 << 20, 40, 6)
     assert counter.guest.endswith("seed16.bin") and counter.mode == "real"
     assert (counter.policy.mode, counter.policy.backoff_initial, counter.policy.backoff_max,
             counter.policy.backoff_jitter, counter.policy.retries) == ("on-failure", 0.25, 8.0, 0.1, 3)
@@ -64,7 +64,7 @@ def test_fleet_entries_carry_resolved_values_policy_and_rss_limit(fleet_dir):
 
     specs = specs_from_entries([counter, halter])
     assert [(s.vm_id, s.name) for s in specs] == [(0, "counter-0"), (1, "counter-1"), (2, "halter")]
-    assert all(s.quiet and s.serial_input is None for s in specs)  # several VMs: no shared terminal
+    assert all(s.quiet and s.serial_in is None for s in specs)  # several VMs: no shared terminal
     assert specs[0].extra == {"policy": {"mode": "on-failure", "backoff_initial": 0.25, "backoff_max": 8.0,
                                          "backoff_jitter": 0.1, "startsecs": 1.0, "retries": 3}, "rss_limit": None}
     assert specs[2].extra["rss_limit"] == 256 << 20
@@ -76,7 +76,7 @@ def test_cli_flags_go_through_the_same_checks_and_name_the_flag():
     assert entry.policy.mode == "always"
     for kwargs, fragment in [({"mem": "lots"}, "--mem 'lots' is not a size"), ({"vcpus": 0}, "--vcpus must be at least 1"),
                              ({"vms": 0}, "--vms must be at least 1"), ({"restart": "maybe"}, "--restart 'maybe'"),
-                             ({"timeout": 0.0}, "--timeout must be a positive"),
+                             ({"timeout": -1.0}, "--timeout must be a positive"),
                              ({"record_only": "reason=nope"}, "--record-only: bad filter term")]:
         with pytest.raises(SpecError, match=fragment):
             cli_entry("seed16", **kwargs)

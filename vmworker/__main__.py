@@ -84,14 +84,14 @@ def run_spec(spec: VmSpec) -> dict:
         irqchip = spec.irqchip if spec.irqchip is not None else image.multiboot is not None
         out = sys.stdout.buffer
         console = Console(out, line_buffered=not spec.quiet)
-        devices = StandardDevices(console, _serial_input(spec.serial_input))
+        devices = StandardDevices(console, _serial_input(spec.serial_in))
         exit_log = None if spec.quiet else ExitLog(out, multi_vcpu=spec.vcpus > 1)
         if spec.bus_endpoint:
             recording = Recording(spec, image)
         if spec.gdb:  # bound before the VM exists: a port in use is bad input, and no VM runs
             gdb_server = GdbServer(spec.gdb, describe=lambda: f"VM {spec.name}: {spec.guest}, {spec.vcpus} vCPU(s)",
                                    record=recording.lifecycle if recording else None)
-        with Machine(spec.name, image, spec.mem_size, spec.vcpus, devices.port_bus, devices.mmio_bus,
+        with Machine(spec.name, image, spec.mem, spec.vcpus, devices.port_bus, devices.mmio_bus,
                      exit_log=exit_log, max_exits=spec.max_exits, timeout=spec.timeout,
                      batchers=recording.batchers if recording else None, irqchip=irqchip,
                      cmdline=spec.cmdline) as machine:

@@ -20,10 +20,10 @@ class Recording:
         self.spec = spec
         self.image = image
         record_filter = None
-        if spec.record_filter:
+        if spec.record_only:
             from tracetool.filters import FilterError, parse_filter
             try:
-                record_filter = parse_filter(spec.record_filter)
+                record_filter = parse_filter(spec.record_only)
             except FilterError as e:
                 raise SpecError(f"--record-only: {e}") from None
         self.context = zmq.Context()
@@ -49,7 +49,7 @@ class Recording:
 
     def start(self) -> None:
         self._record(schema.MSG_VM_START, name=self.spec.name, spec=self.spec.to_json(), sha256=self.image.sha256,
-                     mem_size=self.spec.mem_size, mode=self.image.mode, format=self.image.format,
+                     mem_size=self.spec.mem, mode=self.image.mode, format=self.image.format,
                      vcpus=self.spec.vcpus, pid=os.getpid())
 
     def end(self, result: dict) -> dict:

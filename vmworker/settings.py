@@ -1,0 +1,108 @@
+"""The one table of per-VM settings. Everything else is derived from it:
+
+- `VmSpec`'s fields (vmworker.spec): the rows whose `home` is "spec";
+- the fleet file's keys and their checks (supervisor.fleet): every row, by `name`;
+- `vmsup launch`'s per-VM flags (supervisor.cli): every row with a flag, `--name-with-dashes`;
+- the refusal of a per-VM flag given together with `--fleet`: the same rows.
+
+One name per setting: flag `--x-y` ↔ fleet key `x_y` ↔ attribute `x_y`. It lives in vmworker, not
+the supervisor, because `VmSpec` (the worker's input) is derived from it and the worker never
+imports the supervisor. Adding a setting = one row here, plus its use (the worker reading
+`spec.x`, or the supervisor reading `entry.x`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .setting_values import (Address, Choice, ExitFilter, InputFile, Integer, Kind, KeyScript, Limit, Number, Size,
+                             Switch, Table, Text)
+
+REQUIRED = object()  # the default of a setting every VM must give (its guest)
+MAX_VMS = 1024  # one worker process each: beyond this a typo (vms = 100000) is likelier than intent
+MODES = ("real", "protected", "long")
+RESTART_POLICIES = ("no", "on-failure", "always")  # supervisor.policy.RestartPolicy.mode
+BACKOFF_KEYS = ("initial", "max", "jitter")
+
+
+def _mem(size: int) -> int:
+    from .memory import validate_mem_size  # page-aligned, within the VMM's RAM limits
+    return validate_mem_size(size)
+
+
+def _cmdline(text: str) -> bytes:
+    from .multiboot import check_cmdline  # no NUL, within the boot information's room
+    return check_cmdline(text)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # the attribute and the fleet key; the flag is --name-with-dashes
+    type: Any  # the attribute's type (VmSpec's field, or the fleet entry's value)
+    kind: Kind  # how a value is read and checked (vmworker.setting_values)
+    default: Any
+    help: str  # the flag's help; the README's tables say the same
+    # Where the value goes: "spec" a VmSpec field the worker reads; "policy" the supervisor's
+    # RestartPolicy; "supervisor" the supervisor alone (spec.extra); "fleet" shapes the fleet itself.
+    home: str = "spec"
+    flag: str | None = ""  # "" = --name-with-dashes; None = no flag (a fleet key only); else this flag
+    old_keys: tuple[str, ...] = ()  # fleet keys it was once spelled as: still read, with a deprecation line
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The option's spellings for typer (a switch is a --x/--no-x pair)."""
+        if self.flag is None:
+            return ()
+        flag = self.flag or "--" + self.name.replace("_", "-")
+        return (f"{flag}/--no-{flag[2:]}",) if isinstance(self.kind, Switch) else (flag,)
+
+    @property
+    def flag_name(self) -> str | None:
+        """The flag as a user writes it (--load-addr), or None."""
+        return self.flags[0].split("/")[0] if self.flags else None
+
+    @property
+    def param(self) -> str | None:
+        """The launch function's parameter for the flag (--backoff-max → backoff_max)."""
+        return self.flag_name[2:].replace("-", "_") if self.flag_name else None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("guest", str, Text(), REQUIRED, "A bundled guest or a path (relative to the fleet file).", flag=None),
+    Setting("name", str, Text(), "vm0", "The VM's name (unique; default: the guest's name).", flag=None),
+    Setting("vms", int, Integer(1, MAX_VMS), 1, "Run this many copies of each guest, one worker process each.",
+            home="fleet", old_keys=("count",)),
+    Setting("mem", int, Size(also=_mem), 16 << 20, "Guest RAM: bytes or K/M/G suffix (16M, 512000000, 1G) (default: 16M)."),
+    Setting("vcpus", int, Integer(1), 1, "Number of vCPUs, one thread each (default: 1, or the bundled guest's)."),
+    Setting("mode", str | None, Choice(MODES), None,
+            "CPU mode for flat binaries: real, protected or long (default: real, or the bundled guest's)."),
+    Setting("load_addr", int | None, Address(), None, "Flat binaries: guest-physical load address (default: 0x10000)."),
+    Setting("entry", int | None, Address(), None, "Entry address (default: the load address, or the ELF's)."),
+    Setting("max_exits", int | None, Limit(Integer(1)), None,
+            "Stop each VM after this many exits; none, 0 or inf: no limit (the default)."),
+    Setting("timeout", float | None, Limit(Number(positive=True)), None,
+            "Stop each VM after this many seconds, status timeout; none, 0 or inf: no limit (the default)."),
+    Setting("rss_limit", int | None, Limit(Size()), None,
+            "Kill a VM whose worker's RSS exceeds this, e.g. 256M; none, 0 or inf: no limit (the default).",
+            home="supervisor"),
+    Setting("restart", str | None, Choice(RESTART_POLICIES), None, "Restart policy: no, on-failure or always (default: no).",
+            home="policy"),
+    Setting("backoff", dict | None, Table(BACKOFF_KEYS, "{ initial = 0.5, max = 30.0, jitter = 0.2 }", "max"), None,
+            "Cap of the exponential restart backoff in seconds (default: 30).", home="policy", flag="--backoff-max"),
+    Setting("startsecs", float | None, Number(), None, "A VM that ends sooner counts as a failed start (default: 1.0).",
+            home="policy"),
+    Setting("retries", int | None, Integer(0), None, "Starts in a row that end within --startsecs before FATAL (default: 5).",
+            home="policy"),
+    Setting("serial_in", str | None, InputFile(("-", "none"), "serial input"), "-",
+            "UART input: a file, '-' for stdin, or 'none' (default: -)."),
+    Setting("record_only", str | None, ExitFilter(), None, "Record only matching exits, e.g. reason=io,port=0x3f8."),
+    Setting("irqchip", bool | None, Switch(), None,
+            "In-kernel PIC, IOAPIC, LAPIC and PIT (default: on for multiboot kernels)."),
+    Setting("cmdline", str, Text(also=_cmdline), "", "Multiboot kernels: the command line they are given."),
+    Setting("keys", str | None, KeyScript(), None, "Type this key script on the VM's keyboard (i8042)."),
+)
+
+BY_NAME = {s.name: s for s in SETTINGS}
+FLAGGED = tuple(s for s in SETTINGS if s.flags)  # launch's per-VM flags
+OLD_KEYS = {old: s.name for s in SETTINGS for old in s.old_keys}  # deprecated fleet key → its setting
