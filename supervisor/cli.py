@@ -79,8 +79,6 @@ def launch(
             listen, keys_dir = check_listen(listen, keys_dir)
         if trace is not None and no_trace:
             raise SpecError("--trace and --no-trace contradict each other: give one")
-        if screen and (detach or fleet is not None):
-            raise SpecError("--screen shows one foreground VM: not with --detach, --fleet, --vms or several guests")
         if guests and fleet is None:
             # The flags describe one fleet entry per GUEST: one validation path for both.
             specs = specs_from_entries([cli_entry(g, **vm_flags) for g in guests], quiet=quiet)
@@ -89,7 +87,7 @@ def launch(
             specs = fleet_specs(fleet, guests, vm_flags, quiet=quiet, notes=notes)
             for note in notes:
                 _info(f"warning: {note}")
-        if screen and len(specs) > 1:
+        if screen and (detach or fleet is not None or len(specs) > 1):
             raise SpecError("--screen shows one foreground VM: not with --detach, --fleet, --vms or several guests")
         trace_path = None if no_trace else (trace or _default_trace_path(specs[0].name))
         if trace_path:

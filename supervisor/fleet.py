@@ -211,7 +211,7 @@ def cli_entry(guest: str, **flags: Any) -> FleetEntry:
     try:
         for param, value in flags.items():
             setting = by_param[param]
-            if value is not None and value != "":
+            if value is not None:
                 values[setting.name] = setting.kind.from_flag(value, _flag_label(setting.name))
         return _resolve(values, _flag_label, None, None)
     except Invalid as e:
@@ -427,8 +427,8 @@ def _names(entry: FleetEntry) -> list[str]:
 # Specs -----------------------------------------------------------------------------------------
 
 def specs_from_entries(entries: list[FleetEntry], *, quiet: bool = False) -> list[VmSpec]:
-    """One VmSpec per VM, vm_id 0.. in order. The restart policy and the RSS limit travel in
-    `spec.extra` ("policy": RestartPolicy as a dict, "rss_limit": bytes or None) for the supervisor."""
+    """One VmSpec per VM, vm_id 0.. in order. What only the supervisor reads travels in `spec.extra`:
+    "policy" (RestartPolicy as a dict) and each setting whose home is "supervisor" (rss_limit: bytes or None)."""
     total = sum(e.vms for e in entries)
     several = total > 1
     specs: list[VmSpec] = []
@@ -437,7 +437,8 @@ def specs_from_entries(entries: list[FleetEntry], *, quiet: bool = False) -> lis
             spec = VmSpec(**{s.name: e.values[s.name] for s in SETTINGS if s.home == "spec"},
                           # Several VMs share one terminal: no per-exit lines, and no shared stdin.
                           quiet=quiet or several,
-                          extra={"policy": dataclasses.asdict(e.policy), "rss_limit": e.rss_limit})
+                          extra={"policy": dataclasses.asdict(e.policy),
+                                 **{s.name: e.values[s.name] for s in SETTINGS if s.home == "supervisor"}})
             spec.name = name
             if e.serial_in == "none" or (several and e.serial_in == "-"):
                 spec.serial_in = None

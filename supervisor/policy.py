@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-POLICIES = ("no", "on-failure", "always")
+from vmworker.settings import RESTART_POLICIES as POLICIES  # the names are the restart setting's
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,12 @@ import pytest
 import typer
 
 from supervisor.cli import app
-from supervisor.fleet import VM_KEYS, cli_entry, load_fleet
+from supervisor.fleet import VM_KEYS, FleetEntry, cli_entry, load_fleet, specs_from_entries
+from supervisor.policy import RestartPolicy
 from conftest import REPO
 from test_bad_input import assert_one_error_line
 from vmworker.errors import SpecError
-from vmworker.settings import BY_NAME, FLAGGED, OLD_KEYS, SETTINGS
+from vmworker.settings import BY_NAME, FLAGGED, HOMES, OLD_KEYS, SETTINGS
 from vmworker.setting_values import Limit, Switch
 from vmworker.spec import RunWiring, VmSpec
 
@@ -50,6 +51,13 @@ def test_launch_options_are_the_tables_flags_plus_the_run_wide_ones():
         if isinstance(s.kind, Switch):
             assert params[s.param].secondary_opts == [f"--no-{s.flag_name[2:]}"]
     assert not RUN_WIDE & set(BY_NAME), "a run-wide option is spelled like a setting"
+
+
+def test_every_setting_goes_somewhere_known_and_the_supervisors_travel_in_extra():
+    assert all(s.home in HOMES for s in SETTINGS)
+    (spec,) = specs_from_entries([FleetEntry(values={s.name: s.default for s in SETTINGS} | {"guest": "g", "name": "g"},
+                                             policy=RestartPolicy())])
+    assert set(spec.extra) == {"policy"} | {s.name for s in SETTINGS if s.home == "supervisor"}
 
 
 def test_fleet_keys_are_the_setting_names():

@@ -3,12 +3,16 @@
 - `VmSpec`'s fields (vmworker.spec): the rows whose `home` is "spec";
 - the fleet file's keys and their checks (supervisor.fleet): every row, by `name`;
 - `vmsup launch`'s per-VM flags (supervisor.cli): every row with a flag, `--name-with-dashes`;
-- the refusal of a per-VM flag given together with `--fleet`: the same rows.
+- the refusal of a per-VM flag given together with `--fleet`: the same rows;
+- what travels to the supervisor in `spec.extra` (home "supervisor") and the restart policy
+  (home "policy").
 
 One name per setting: flag `--x-y` ↔ fleet key `x_y` ↔ attribute `x_y`. It lives in vmworker, not
 the supervisor, because `VmSpec` (the worker's input) is derived from it and the worker never
 imports the supervisor. Adding a setting = one row here, plus its use (the worker reading
-`spec.x`, or the supervisor reading `entry.x`).
+`spec.x`, or the supervisor reading `spec.extra["x"]`), plus its line in the README; a new kind
+of value is one class in vmworker.setting_values. tests/test_settings.py holds the derived
+things against this table.
 """
 
 from __future__ import annotations
@@ -16,14 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .loader import MODES
 from .setting_values import (Address, Choice, ExitFilter, InputFile, Integer, Kind, KeyScript, Limit, Number, Size,
                              Switch, Table, Text)
 
 REQUIRED = object()  # the default of a setting every VM must give (its guest)
 MAX_VMS = 1024  # one worker process each: beyond this a typo (vms = 100000) is likelier than intent
-MODES = ("real", "protected", "long")
-RESTART_POLICIES = ("no", "on-failure", "always")  # supervisor.policy.RestartPolicy.mode
+RESTART_POLICIES = ("no", "on-failure", "always")  # supervisor.policy.RestartPolicy.mode takes these
 BACKOFF_KEYS = ("initial", "max", "jitter")
+HOMES = ("spec", "policy", "supervisor", "fleet")
 
 
 def _mem(size: int) -> int:
@@ -45,7 +50,7 @@ class Setting:
     help: str  # the flag's help; the README's tables say the same
     # Where the value goes: "spec" a VmSpec field the worker reads; "policy" the supervisor's
     # RestartPolicy; "supervisor" the supervisor alone (spec.extra); "fleet" shapes the fleet itself.
-    home: str = "spec"
+    home: str = "spec"  # one of HOMES
     flag: str | None = ""  # "" = --name-with-dashes; None = no flag (a fleet key only); else this flag
     old_keys: tuple[str, ...] = ()  # fleet keys it was once spelled as: still read, with a deprecation line
 
