@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vmworker.errors import GuestImageError, SpecError, VmsupError
-from vmworker.settings import BY_NAME, FLAGGED, MAX_VMS, OLD_KEYS, SETTINGS
+from vmworker.settings import BY_NAME, FLAGGED, MAX_VMS, OLD_KEYS, SETTINGS, check_together
 from vmworker.setting_values import Invalid
 from vmworker.spec import VmSpec
 
@@ -174,6 +174,10 @@ def _resolve(values: dict, label: Callable[[str], str], base_dir: Path | None, l
         v["vcpus"] = found.vcpus  # a bundled guest says how many vCPUs it is built for
     if "mode" not in given:
         v["mode"] = found.mode
+    try:
+        check_together(v.get, label)
+    except Invalid as e:
+        raise _Invalid(e.key or "guest", str(e)) from None
     policy = _policy(v, label)
     try:
         # The image is checked here, so bad input fails before any process or VM exists.

@@ -42,10 +42,12 @@ def parse_address(text: str, what: str = "address") -> int:
 
 
 class Invalid(Exception):
-    """A bad value; str() is the message. `sub` names a key inside a table value (backoff.max)."""
+    """A bad value; str() is the message. `sub` names a key inside a table value (backoff.max);
+    `key` the setting a check across settings blames (a row's own check leaves it to the caller)."""
 
-    def __init__(self, message: str, sub: str | None = None) -> None:
+    def __init__(self, message: str, sub: str | None = None, key: str | None = None) -> None:
         self.sub = sub
+        self.key = key
         super().__init__(message)
 
 
@@ -74,9 +76,9 @@ class Kind:
 
 @dataclass(frozen=True)
 class Text(Kind):
-    """A non-empty string; `also` checks it further (raising ValueError with the message)."""
+    """A non-empty string; `also(value, label)` checks it further (raising SpecError with the message)."""
 
-    also: Callable[[str], Any] | None = None
+    also: Callable[[str, str], Any] | None = None
 
     def check(self, value, label, base_dir):
         if not isinstance(value, str):
@@ -85,9 +87,9 @@ class Text(Kind):
             raise Invalid(f"{label} must not be empty")
         if self.also is not None:
             try:
-                self.also(value)
-            except ValueError as e:
-                raise Invalid(str(e).replace("--cmdline", label)) from None
+                self.also(value, label)
+            except SpecError as e:
+                raise Invalid(str(e)) from None
         return value
 
 

@@ -18,11 +18,12 @@ things against this table.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
+from .errors import SpecError
 from .loader import MODES
-from .setting_values import (Address, Choice, ExitFilter, InputFile, Integer, Kind, KeyScript, Limit, Number, Size,
-                             Switch, Table, Text)
+from .setting_values import (Address, Choice, ExitFilter, InputFile, Integer, Invalid, Kind, KeyScript, Limit, Number,
+                             Size, Switch, Table, Text)
 
 REQUIRED = object()  # the default of a setting every VM must give (its guest)
 MAX_VMS = 1024  # one worker process each: beyond this a typo (vms = 100000) is likelier than intent
@@ -36,9 +37,24 @@ def _mem(size: int) -> int:
     return validate_mem_size(size)
 
 
-def _cmdline(text: str) -> bytes:
+def _cmdline(text: str, label: str) -> None:
     from .multiboot import check_cmdline  # no NUL, within the boot information's room
-    return check_cmdline(text)
+    try:
+        check_cmdline(text)
+    except ValueError as e:
+        raise SpecError(str(e).replace("--cmdline", label)) from None
+
+
+def _gdb_endpoint(text: str, label: str) -> None:
+    from .gdb.server import parse_endpoint  # [HOST:]PORT
+    parse_endpoint(text, label)
+
+
+def check_together(get: Callable[[str], Any], label: Callable[[str], str]) -> None:
+    """The checks across settings (a row's kind checks only its own value); raises Invalid.
+    `get(name)` is a setting's value, `label(name)` how the user spelled it."""
+    if get("gdb_wait") and not get("gdb"):
+        raise Invalid(f"{label('gdb_wait')} needs {label('gdb')} [HOST:]PORT", key="gdb_wait")
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,9 @@ SETTINGS: tuple[Setting, ...] = (
             "In-kernel PIC, IOAPIC, LAPIC and PIT (default: on for multiboot kernels)."),
     Setting("cmdline", str, Text(also=_cmdline), "", "Multiboot kernels: the command line they are given."),
     Setting("keys", str | None, KeyScript(), None, "Type this key script on the VM's keyboard (i8042)."),
+    Setting("gdb", str | None, Text(also=_gdb_endpoint), None,
+            "Serve gdb's remote protocol on [HOST:]PORT (vmworker/gdb/; host default 127.0.0.1)."),
+    Setting("gdb_wait", bool, Switch(), False, "With --gdb: run no instruction until gdb attaches."),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}
