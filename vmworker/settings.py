@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import SpecError
-from .loader import MODES
+from .image import MODES
 from .setting_values import (Address, Choice, ExitFilter, InputFile, Integer, Invalid, Kind, KeyScript, Limit, Number,
                              Size, Switch, Table, Text)
 
