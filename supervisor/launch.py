@@ -237,7 +237,7 @@ class Launch:
     def _start_recorder(self, resume: bool = False) -> None:
         meta = {"run_id": self.run_dir.run_id, "argv": sys.argv, "host": os.uname().nodename,
                 "started_wall_ns": time.time_ns(), "vms": [s.to_json() for s in self.specs],
-                insn_counter.TRACE_HEADER_KEY: insn_counter.counts_exactly()}
+                **insn_counter.host_check(self.run_dir.path.parent)}
         cmd = [sys.executable, "-m", "supervisor.recorder", "--run-dir", str(self.run_dir.path),
                "--run-meta", json.dumps(meta)]
         if self.trace_path:

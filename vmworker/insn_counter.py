@@ -14,6 +14,9 @@ checks it twice. One read is one pread (~1 µs): sample it per batch, not per ex
 from __future__ import annotations
 
 import functools
+import json
+import os
+from pathlib import Path
 
 from . import layout, x86
 from .errors import KvmError
@@ -81,6 +84,49 @@ def probe_instruction_count() -> int | None:
                 memory.close()
     except (KvmError, KeyError, OSError):
         return None
+
+
+PROBE_EXITS = 1  # the probe's HLT: one return of KVM_RUN, which the kernel counts as a userspace exit
+PROBE_HEADER_KEY = "insn_probe_exits"  # run metadata: KVM exits the probe made in this run (0: cached)
+CACHE_FILE = "insn-probe.json"
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def host_check(cache_dir: Path | None = None) -> dict:
+    """Run metadata: {TRACE_HEADER_KEY: exact?, PROBE_HEADER_KEY: exits the probe made now}.
+
+    The answer is a property of the running kernel, so it is kept per boot in `cache_dir` (the
+    user's private runtime dir): a launch probes once per boot, and a trace that was probed says
+    so, because the probe's one exit is a real KVM exit of the launch's process tree (perf
+    counts it) that is not a guest exit and is not in the trace.
+    """
+    key = {"boot_id": _boot_id(), "kernel": os.uname().release}
+    cache = cache_dir / CACHE_FILE if cache_dir is not None and key["boot_id"] else None
+    if cache is not None:
+        try:
+            cached = json.loads(cache.read_text())
+            if isinstance(cached, dict) and {k: cached.get(k) for k in key} == key \
+                    and isinstance(cached.get("exact"), bool):
+                return {TRACE_HEADER_KEY: cached["exact"], PROBE_HEADER_KEY: 0}
+        except (OSError, ValueError):
+            pass
+    count = probe_instruction_count()
+    exact = count == PROBE_INSTRUCTIONS
+    if cache is not None:
+        try:
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**key, "exact": exact}))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # no cache: the next launch probes again
+    return {TRACE_HEADER_KEY: exact, PROBE_HEADER_KEY: PROBE_EXITS if count is not None else 0}
 
 
 @functools.cache
