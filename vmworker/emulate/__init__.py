@@ -1,6 +1,6 @@
 """Instruction fallbacks: what the VMM performs when KVM's instruction emulator gives up.
 
-On this project's hosts KVM is PVM (docs/ARCHITECTURE.md): every guest instruction runs through
+On this project's hosts KVM is PVM (no VT-x/SVM): every guest kernel instruction runs through
 KVM's x86 emulator, which cannot do INT n/INT3/INTO or IRET outside real mode, FWAIT, or x87
 instructions; each ends KVM_RUN with KVM_EXIT_INTERNAL_ERROR (suberror
 KVM_INTERNAL_ERROR_EMULATION) at the instruction. The VMM performs those it knows, one class per

@@ -1,7 +1,8 @@
 """INT n / INT3 / INTO through the IDT, and the matching IRET/IRETD/IRETQ.
 
-KVM's emulator on this host delivers hardware interrupts and exceptions itself, and performs
-software interrupts and IRET only in real mode (DESIGN notes in docs/ARCHITECTURE.md). These
+KVM's emulator on this host delivers hardware interrupts and exceptions itself, but performs
+software interrupts and IRET only in real mode (elsewhere: an emulation failure at the
+instruction; from ring 3, which runs natively, a software interrupt is a shutdown exit). These
 classes do the protected- and IA-32e-mode operations of SDM Vol. 2A "INT n/INTO/INT3/INT1" and
 "IRET/IRETD/IRETQ", for the cases flat-model kernels use:
 
