@@ -106,3 +106,20 @@ def test_int_n_through_an_empty_idt_is_refused_with_the_reason():
         assert fallback.last_refusal == ("vector 0x21 is beyond the IDT limit 0x0 (a #GP): "
                                          "bytes cd 21 (int 21h) at 0x10000")
         assert vcpu.get_regs().rip == LOAD
+
+
+def test_fcmov_copies_only_when_its_condition_holds():
+    # fld1; fldz; stc; fcmovb st, st(1); fistp dword [0x3000]; fldz; clc; fcmovb st, st(1);
+    # fistp dword [0x3004]; hlt  -- the runs stop at STC/CLC, which KVM executes
+    code = bytes.fromhex("d9e8d9ee" "f9" "dac1db1d00300000" "d9ee" "f8" "dac1db1d04300000" "f4")
+    with one_vcpu_vm(code, "protected") as (vcpu, memory):
+        fallback = InsnFallback(memory)
+        assert fallback.handle(vcpu, ())  # fld1; fldz
+        regs = vcpu.get_regs()
+        for step in (1, 1):  # stc (or clc), done here as KVM would, then the next x87 run
+            regs.rflags = (regs.rflags & ~1) | (1 if regs.rip == LOAD + 4 else 0)
+            regs.rip += step
+            vcpu.set_regs(regs)
+            assert fallback.handle(vcpu, ())
+            regs = vcpu.get_regs()
+        assert memory.read(0x3000, 8) == struct.pack("<ii", 1, 0)  # taken with CF=1, not with CF=0

@@ -4,7 +4,7 @@ The subset is what compiled 32-bit code and startup code use (SDM Vol. 2A, opcod
 loads and stores of m32/m64/m80 reals and m16/m32/m64 integers (FISTTP too), FLD1/FLDZ and the
 other constants, FADD/FSUB/FSUBR/FMUL/FDIV/FDIVR in their real-memory, integer-memory, register
 and pop forms, FCOM/FCOMP/FCOMPP/FUCOM/FUCOMP/FUCOMPP/FCOMI/FUCOMI(P)/FTST/FXAM, FXCH, FLD/FST/FSTP
-ST(i), FCHS/FABS/FSQRT/FRNDINT, FLDCW/FNSTCW, FNSTSW AX/m16, FNINIT/FNCLEX, FFREE,
+ST(i), FCMOVcc, FCHS/FABS/FSQRT/FRNDINT, FLDCW/FNSTCW, FNSTSW AX/m16, FNINIT/FNCLEX, FFREE,
 FINCSTP/FDECSTP, FNOP. Results are rounded as the control word says (float80.py); masked
 exceptions get the x87's masked responses. Anything else (transcendentals, FPREM, environment
 saves, BCD) is refused, and the dispatcher names it.
@@ -199,6 +199,12 @@ def _register_form(insn: Insn, fpu: Fpu, cpu: GuestCpu) -> None:
         fpu.set_st(i, f.to_extended(x) if x is f.INDEFINITE else fpu.regs[fpu.top])
         if reg == 3:
             fpu.pop()
+    elif op in (0xDA, 0xDB) and reg <= 3:  # FCMOVcc ST(0), ST(i) (P6): copy if EFLAGS say so
+        flags = cpu.regs.rflags
+        taken = (bool(flags & CF), bool(flags & ZF), bool(flags & (CF | ZF)), bool(flags & PF))[reg]
+        x = fpu.st(i)
+        if taken != (op == 0xDB):  # DA: if the condition holds; DB: if it does not
+            fpu.set_st(0, f.to_extended(x) if x is f.INDEFINITE else fpu.regs[(fpu.top + i) & 7])
     elif op == 0xD9:
         _d9_register_form(fpu, reg, i, modrm)
     else:
