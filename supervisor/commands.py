@@ -1,6 +1,9 @@
-"""Control commands: one class per command, used by both the client (`vmsup ps` …) and the
-server (the running launch's control socket), so a command's name, arguments, validation and
-reply shape are defined once (the circus way).
+"""Control commands: one class per command, used by both the client and the server, so a
+command's name, arguments, validation and reply shape are defined once (the circus way).
+
+Two servers take commands, each from its own table: the running launch's control socket
+(COMMANDS: `vmsup ps`, stop, …) and the recorder's (RECORDER_COMMANDS: stats, finish; the
+supervisor is its client).
 
 Wire format: a msgpack map {"cmd": NAME, ...arguments} → a msgpack map reply; {"error": text}
 for a refusal the client prints as one line.
@@ -13,11 +16,11 @@ import time
 import msgpack
 import zmq
 
+from tracetool import messages
 from vmworker.errors import VmsupError
 
 from . import runtime
 
-_LIMITS = dict(max_bin_len=1 << 20, max_str_len=1 << 16, max_array_len=1 << 12, max_map_len=256)
 REQUEST_TIMEOUT = 5.0
 
 
@@ -35,7 +38,7 @@ class Command:
             raise ControlError(f"{self.name}: name a VM or use --all")
         return {"cmd": self.name, "vm": target, "all": all_vms}
 
-    def execute(self, launch, req: dict) -> dict:  # server side
+    def execute(self, server, req: dict) -> dict:  # server side: a Launch or a Recorder
         raise NotImplementedError
 
     @staticmethod
@@ -121,37 +124,92 @@ class Resume(_EachVm):
 COMMANDS: dict[str, Command] = {c.name: c for c in (Ps(), Stop(), Kill(), Pause(), Resume())}
 
 
-def handle_request(launch, raw: bytes) -> dict:
+# --- The recorder's commands (server: supervisor.recorder.Recorder) -----------------------------
+class RecorderStats(Command):
+    name = "stats"
+    help = "What the recorder has taken so far: events, batches, gaps, refused messages, per-VM state."
+
+    def request(self) -> dict:
+        return {"cmd": self.name}
+
+    def execute(self, recorder, req: dict) -> dict:
+        return recorder.stats()
+
+
+class RecorderFinish(Command):
+    name = "finish"
+    help = "Drain what is in flight, account for what never came, close the trace; reply with the stats."
+
+    def request(self, ended_without_record: list[messages.VmEnd] = ()) -> dict:
+        """ended_without_record: the vm-end the supervisor writes for workers that could not."""
+        return {"cmd": self.name, "ended_without_record": [e.to_msg() for e in ended_without_record]}
+
+    def execute(self, recorder, req: dict) -> dict:
+        ended = req.get("ended_without_record") or []
+        if not isinstance(ended, list):
+            raise ControlError("finish: ended_without_record is not a list")
+        try:
+            ends = [messages.VmEnd.from_msg(e) for e in ended]
+        except messages.MessageError as e:
+            raise ControlError(f"finish: {e}") from None
+        return recorder.finish(ends)
+
+
+RECORDER_COMMANDS: dict[str, Command] = {c.name: c for c in (RecorderStats(), RecorderFinish())}
+
+
+def handle_request(server, raw: bytes, commands: dict[str, Command] = COMMANDS) -> dict:
     """Server side: one request in, one reply out; never raises on bad input."""
     try:
-        req = msgpack.unpackb(raw, raw=False, **_LIMITS)
-    except Exception:
+        req = messages.CONTROL.unpack(raw)
+    except messages.MessageError:
         return {"error": "malformed request"}
-    if not isinstance(req, dict) or req.get("cmd") not in COMMANDS:
+    if not isinstance(req, dict) or req.get("cmd") not in commands:
         return {"error": f"unknown command {req.get('cmd') if isinstance(req, dict) else None!r}"}
     try:
-        return COMMANDS[req["cmd"]].execute(launch, req)
+        return commands[req["cmd"]].execute(server, req)
     except ControlError as e:
         return {"error": str(e)}
 
 
-def call(run_dir: runtime.RunDir, request: dict, timeout: float = REQUEST_TIMEOUT) -> dict:
-    """Client side: send one request to a run; ControlError when it cannot be reached or refuses."""
+def serve_one(server, sock: zmq.Socket, commands: dict[str, Command] = COMMANDS) -> None:
+    """Answer the request waiting on a REP socket (the caller polled it)."""
+    sock.send(msgpack.packb(handle_request(server, sock.recv(), commands), use_bin_type=True))
+
+
+def control_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
+    """A server's REP socket, bounded like every socket that takes untrusted bytes."""
+    sock = context.socket(zmq.REP)
+    messages.CONTROL.apply(sock)
+    sock.bind(endpoint)
+    return sock
+
+
+def call_endpoint(endpoint: str, request: dict, timeout: float = REQUEST_TIMEOUT, who: str = "the server") -> dict:
+    """Client side: send one request; ControlError when the server cannot be reached or refuses."""
     context = zmq.Context.instance()
     sock = context.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
     sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+    messages.CONTROL.apply(sock)
     try:
-        sock.connect(run_dir.control_endpoint)
+        sock.connect(endpoint)
         sock.send(msgpack.packb(request, use_bin_type=True))
-        reply = msgpack.unpackb(sock.recv(), raw=False, **_LIMITS)
+        reply = messages.CONTROL.unpack(sock.recv())
     except zmq.ZMQError as e:
-        raise ControlError(f"run {run_dir.run_id} does not answer ({e})") from None
+        raise ControlError(f"{who} does not answer ({e})") from None
+    except messages.MessageError:
+        reply = None
     finally:
         sock.close()
     if not isinstance(reply, dict):
-        raise ControlError(f"run {run_dir.run_id} sent a malformed reply")
+        raise ControlError(f"{who} sent a malformed reply")
     if "error" in reply:
         raise ControlError(str(reply["error"]))
     return reply
+
+
+def call(run_dir: runtime.RunDir, request: dict, timeout: float = REQUEST_TIMEOUT) -> dict:
+    """Client side of a run's control socket (vmsup ps, stop, …)."""
+    return call_endpoint(run_dir.control_endpoint, request, timeout, f"run {run_dir.run_id}")

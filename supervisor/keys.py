@@ -34,7 +34,7 @@ from vmworker.errors import VmsupError
 SERVER = "server"
 CLIENT = "client"
 CLIENTS_DIR = "authorized_clients"
-# A bus message is at most schema.MAX_MESSAGE_BYTES; a peer on the network that sends more is
+# A bus message is at most messages.BUS.max_bytes; a peer on the network that sends more is
 # disconnected by libzmq before the message is buffered (ZMQ_MAXMSGSIZE).
 _TCP = re.compile(r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.*-]+):(?P<port>[0-9]{1,5})$")
 
@@ -241,7 +241,7 @@ def check_listen(endpoint: str, keys_dir: Optional[str]) -> tuple[str, Path]:
 
 
 def curve_server(context: zmq.Context, socket_type: int, endpoint: str, keys_dir: Path,
-                 max_message_bytes: int):
+                 limits):
     """A CURVE server socket bound to `endpoint` that accepts only authorised clients, and the
     ZAP authenticator thread that decides (stop it before destroying the context)."""
     from zmq.auth.thread import ThreadAuthenticator
@@ -255,7 +255,7 @@ def curve_server(context: zmq.Context, socket_type: int, endpoint: str, keys_dir
         socket.curve_secretkey = keys.secret
         socket.curve_publickey = keys.public
         socket.curve_server = True
-        socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        limits.apply(socket)  # a tracetool.messages.WireLimits
         if "[" in endpoint:
             socket.setsockopt(zmq.IPV6, 1)
         try:

@@ -18,10 +18,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import msgpack
 import zmq
 
-from tracetool import schema
+from tracetool import messages
 from vmworker import insn_counter, status
 from vmworker.status import End
 from vmworker.errors import VmsupError
@@ -31,6 +30,7 @@ from vmworker.spec import VmSpec
 
 from . import runtime
 from .policy import RestartPolicy
+from .commands import control_socket, serve_one
 from .recorder import RecorderClient
 
 # A worker ends itself at --timeout; if it is wedged past this grace, the supervisor kills it.
@@ -229,8 +229,7 @@ class Launch:
         if self.record:
             self._start_recorder()
             self._lifecycle = EventPublisher(self._context, self.run_dir.events_endpoint, lambda: True)
-        self._control = self._context.socket(zmq.REP)
-        self._control.bind(self.run_dir.control_endpoint)
+        self._control = control_socket(self._context, self.run_dir.control_endpoint)
         for slot in self.slots:
             self._spawn(slot)
 
@@ -269,9 +268,9 @@ class Launch:
     # Lifecycle ------------------------------------------------------------------------------------
     def _record(self, slot: VmSlot, event: str, **fields) -> None:
         if self._lifecycle is not None:
-            self._lifecycle.send({"v": schema.SCHEMA_VERSION, "type": schema.MSG_LIFECYCLE, "vm": slot.spec.vm_id,
-                                  "epoch": max(slot.epoch, 0), "event": event, "name": slot.spec.name,
-                                  "t": time.monotonic_ns(), "wall": time.time_ns(), **fields})
+            self._lifecycle.send(messages.Lifecycle(vm=slot.spec.vm_id, epoch=max(slot.epoch, 0), event=event,
+                                                    name=slot.spec.name, t=time.monotonic_ns(), wall=time.time_ns(),
+                                                    **fields).to_msg())
 
     def _spawn(self, slot: VmSlot) -> None:
         slot.epoch += 1
@@ -453,12 +452,7 @@ class Launch:
         return result
 
     def _serve_control(self) -> None:
-        from .commands import handle_request
-        try:
-            raw = self._control.recv(flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        self._control.send(msgpack.packb(handle_request(self, raw), use_bin_type=True))
+        serve_one(self, self._control)
 
     def recorder_stats(self) -> dict | None:
         if self.recorder_proc is None or self.recorder_proc.poll() is not None:
@@ -470,8 +464,8 @@ class Launch:
             client.close()
 
     def _finish_recorder(self, results: list[dict]) -> dict | None:
-        ended = [{"vm": slot.spec.vm_id, "epoch": max(slot.epoch, 0), "name": slot.spec.name, "status": r["status"],
-                  "detail": r.get("detail", ""), "final_seq": None}
+        ended = [messages.VmEnd(vm=slot.spec.vm_id, epoch=max(slot.epoch, 0), name=slot.spec.name, status=r["status"],
+                                detail=r.get("detail", ""))
                  for slot, r in zip(self.slots, results) if r.get("no_record") or r.get("status") == End.ERROR]
         client = RecorderClient(self.run_dir, timeout=30.0)
         try:

@@ -16,11 +16,10 @@ import os
 import time
 from dataclasses import dataclass
 
-import msgpack
 import numpy as np
 import zmq
 
-from tracetool import schema
+from tracetool import messages, schema
 
 from .runtime import RunDir
 
@@ -36,19 +35,6 @@ RUN_CHECK_SECONDS = 0.5
 # Most messages taken per poll() call, so a flood cannot keep a caller from its other duties.
 MAX_MESSAGES_PER_POLL = 1024
 
-_MAX_INT = (1 << 63) - 1
-
-
-def _unpack(raw: bytes):
-    # Bounded like every reader of untrusted bytes: no container or string can claim more than
-    # the message itself could hold, no ext types (the schema uses none).
-    return msgpack.unpackb(
-        raw, raw=False, strict_map_key=False, use_list=True,
-        max_bin_len=schema.MAX_MESSAGE_BYTES, max_str_len=1 << 20,
-        max_array_len=schema.MAX_BATCH_EVENTS, max_map_len=1 << 16, max_ext_len=0,
-    )
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -57,13 +43,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
-
-
-def _int(msg: dict, key: str, lo: int = 0, hi: int = _MAX_INT) -> int:
-    value = msg.get(key)
-    if type(value) is not int or not lo <= value <= hi:
-        raise schema.SchemaError(f"field {key!r} is missing or out of range")
-    return value
 
 
 @dataclass
@@ -105,7 +84,7 @@ class LiveSubscriber:
         self.socket.setsockopt(zmq.RCVHWM, hwm)
         self.socket.setsockopt(zmq.LINGER, 0)
         # A peer sending more than this is disconnected by ZeroMQ before we ever buffer it.
-        self.socket.setsockopt(zmq.MAXMSGSIZE, schema.MAX_MESSAGE_BYTES)
+        messages.BUS.apply(self.socket)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"")
         # Connecting to an ipc path that does not exist yet is fine: ZeroMQ retries, so a viewer
         # may attach before the recorder has bound its socket.
@@ -150,39 +129,20 @@ class LiveSubscriber:
         if len(frames) != 1:
             self._reject(f"{len(frames)} frames, expected 1")
             return None
-        raw = frames[0]
-        if len(raw) > schema.MAX_MESSAGE_BYTES:
-            self._reject(f"message of {len(raw)} bytes is too large")
-            return None
         try:
-            msg = _unpack(raw)
-        except Exception as e:  # msgpack raises several types for bad bytes; all mean "malformed"
-            self._reject(f"not msgpack: {type(e).__name__}")
-            return None
-        if not isinstance(msg, dict):
-            self._reject("not a map")
-            return None
-        if msg.get("v") != schema.SCHEMA_VERSION:
-            self._reject(f"schema version {msg.get('v')!r}, expected {schema.SCHEMA_VERSION}")
-            return None
-        kind = msg.get("type")
-        try:
-            if kind == schema.MSG_EXITS:
+            msg = messages.unpack(frames[0])
+            if isinstance(msg, messages.ExitBatch):
                 result = self._on_exits(msg)
-            elif kind == schema.MSG_VM_START:
+            elif isinstance(msg, messages.VmStart):
                 result = self._on_vm_start(msg)
-            elif kind == schema.MSG_VM_END:
+            elif isinstance(msg, messages.VmEnd):
                 result = self._on_vm_end(msg)
-            elif kind == schema.MSG_GAP:
+            elif isinstance(msg, messages.Gap):
                 result = self._on_gap(msg)
-            elif kind == schema.MSG_SCREEN:
-                from tracetool.screen import validate_screen
-                result = dict(msg, snapshot=validate_screen(msg))
-            elif kind == schema.MSG_INPUT:
-                from tracetool.screen import validate_input
-                result = validate_input(msg)
+            elif isinstance(msg, messages.Screen):
+                result = dict(msg.to_msg(), snapshot=msg.snapshot())
             else:
-                raise schema.SchemaError(f"unknown message type {kind!r}")
+                result = msg.to_msg()
         except schema.SchemaError as e:
             self._reject(str(e))
             return None
@@ -197,39 +157,12 @@ class LiveSubscriber:
             state = self.vms[vm] = VmState(vm, epoch)
         return state
 
-    def _on_exits(self, msg: dict) -> dict:
-        vm, vcpu, epoch = _int(msg, "vm"), _int(msg, "vcpu"), _int(msg, "epoch")
-        first_seq = _int(msg, "first_seq")
-        count = _int(msg, "count", 0, schema.MAX_BATCH_EVENTS)
-        cols = msg.get("cols")
-        if not isinstance(cols, dict):
-            raise schema.SchemaError("cols is not a map")
-        seq_raw = cols.get("seq")
-        if seq_raw is None:
-            rows = count
-            columns = schema.decode_columns(cols, rows)
+    def _on_exits(self, batch: messages.ExitBatch) -> dict:
+        vm, vcpu, epoch, first_seq, count = batch.vm, batch.vcpu, batch.epoch, batch.first_seq, batch.count
+        rows, columns = batch.rows, dict(batch.cols)
+        if "seq" not in columns:
             columns["seq"] = np.arange(first_seq, first_seq + count, dtype=np.uint64)
-        else:
-            # A record-time filter dropped rows: the seq column says which sequence numbers remain.
-            if not isinstance(seq_raw, bytes) or len(seq_raw) % 8:
-                raise schema.SchemaError("seq column is not a whole number of u64")
-            rows = len(seq_raw) // 8
-            if rows > count:
-                raise schema.SchemaError(f"{rows} rows in a batch covering {count} sequence numbers")
-            columns = schema.decode_columns(cols, rows, with_seq=True)
-            seq = columns["seq"]
-            if rows and (int(seq[0]) < first_seq or int(seq[-1]) >= first_seq + count
-                         or (rows > 1 and not bool(np.all(seq[1:] > seq[:-1])))):
-                raise schema.SchemaError("seq column outside the batch's range or not increasing")
-        payloads = {}
-        raw_payloads = msg.get("payloads", [])
-        if not isinstance(raw_payloads, list) or len(raw_payloads) > schema.MAX_PAYLOADS:
-            raise schema.SchemaError("payloads is not a bounded list")
-        for item in raw_payloads:
-            if (not isinstance(item, list) or len(item) != 2 or type(item[0]) is not int
-                    or not 0 <= item[0] < rows or not isinstance(item[1], bytes)):
-                raise schema.SchemaError("a payload is not [row, bytes]")
-            payloads[item[0]] = item[1]
+        payloads = {row: data for row, data in batch.payloads or ()}
 
         state = self._vm(vm, epoch)
         key = (vm, vcpu, epoch)
@@ -248,41 +181,29 @@ class LiveSubscriber:
         return {"type": schema.MSG_EXITS, "vm": vm, "vcpu": vcpu, "epoch": epoch, "first_seq": first_seq,
                 "count": count, "rows": rows, "columns": columns, "payloads": payloads, "missed": missed}
 
-    def _on_vm_start(self, msg: dict) -> dict:
-        vm, epoch = _int(msg, "vm"), _int(msg, "epoch")
-        state = self._vm(vm, epoch)
-        if state.epoch == epoch:
+    def _on_vm_start(self, start: messages.VmStart) -> dict:
+        state = self._vm(start.vm, start.epoch)
+        if state.epoch == start.epoch:
             state.start_seen = True
-            if isinstance(msg.get("name"), str):
-                state.name = msg["name"]
-            if type(msg.get("vcpus")) is int:
-                state.vcpus = msg["vcpus"]
-        return msg
+            if start.name is not None:
+                state.name = start.name
+            if start.vcpus is not None:
+                state.vcpus = start.vcpus
+        return start.to_msg()
 
-    def _on_vm_end(self, msg: dict) -> dict:
-        vm, epoch = _int(msg, "vm"), _int(msg, "epoch")
-        final = msg.get("final_seq") or []  # None: the worker died before it could say
-        # final_seq: one count per vCPU, as a list (index = vcpu) or a map {vcpu: count}.
-        items = final.items() if isinstance(final, dict) else enumerate(final) if isinstance(final, list) else None
-        if items is None:
-            raise schema.SchemaError("final_seq is neither a list nor a map")
-        final_seq = {}
-        for vcpu, n in items:
-            if type(vcpu) is not int or type(n) is not int or vcpu < 0 or not 0 <= n <= _MAX_INT:
-                raise schema.SchemaError("final_seq has a bad entry")
-            final_seq[vcpu] = n
-        state = self._vm(vm, epoch)
-        msg = dict(msg, final_seq=final_seq)
-        if state.epoch == epoch:
+    def _on_vm_end(self, end: messages.VmEnd) -> dict:
+        # final_seq: one count per vCPU (absent: the worker died before it could say).
+        msg = dict(end.to_msg(), final_seq=end.final_seq_map())
+        state = self._vm(end.vm, end.epoch)
+        if state.epoch == end.epoch:
             state.end = msg
             state.ended_at = self.clock()
-            if isinstance(msg.get("name"), str) and not state.name:
-                state.name = msg["name"]
+            if end.name is not None and not state.name:
+                state.name = end.name
         return msg
 
-    def _on_gap(self, msg: dict) -> dict:
-        vm, vcpu, epoch = _int(msg, "vm"), _int(msg, "vcpu"), _int(msg, "epoch")
-        first, count = _int(msg, "first_missing"), _int(msg, "count")
+    def _on_gap(self, gap: messages.Gap) -> dict:
+        vm, vcpu, epoch, first, count = gap.vm, gap.vcpu, gap.epoch, gap.first_missing, gap.count
         key = (vm, vcpu, epoch)
         stream = self.streams.get(key)
         if stream is None:
@@ -301,7 +222,7 @@ class LiveSubscriber:
             stream.missed -= moved
             self.missed_total -= moved
             stream.recorded_gaps += count
-        return msg
+        return gap.to_msg()
 
     # --- the run's end --------------------------------------------------------------------
 

@@ -2,11 +2,12 @@
 
     python -m supervisor.recorder --run-dir DIR [--trace PATH] [--run-meta JSON]
 
-Workers PUSH msgpack messages (tracetool.schema) to the run's events socket. The recorder checks
-each one (bounded unpacking, schema validation), keeps per-stream sequence numbers, writes an
-explicit gap record for any sequence it never received, writes blocks to the trace file, and
-republishes every valid message on the live PUB socket, where slow viewers may drop but never
-slow anyone. A control REP socket answers `stats` and `finish` (drain, close the file, exit).
+Workers PUSH msgpack messages (tracetool.messages) to the run's events socket. The recorder
+checks each one (bounded by messages.BUS, then its message class's from_msg), keeps per-stream
+sequence numbers, writes an explicit gap record for any sequence it never received, writes blocks
+to the trace file, and republishes every valid message on the live PUB socket, where slow viewers
+may drop but never slow anyone. Refused messages are counted by cause in `stats`. A control REP
+socket answers supervisor.commands.RECORDER_COMMANDS (`stats`; `finish`: drain, close the file, exit).
 """
 
 from __future__ import annotations
@@ -19,39 +20,31 @@ import signal
 import sys
 import time
 
-import msgpack
 import numpy as np
 import zmq
 
-from tracetool import schema
+from tracetool import messages, schema
 from vmworker.errors import VmsupError
 
+from .commands import RECORDER_COMMANDS, ControlError, call_endpoint, control_socket, serve_one
 from .runtime import RunDir
 
 # Live PUB queue per subscriber before ZeroMQ drops for it (drops are silent by design: viewers
 # detect them from sequence numbers).
 LIVE_HWM = 1000
-# Batches a worker may have queued towards us before its sends block (backpressure).
-EVENTS_RCVHWM = 256
+# Messages queued on our side per connected sender before its sends block (backpressure; the
+# sender's own queue holds more). Bounds what one peer can make us hold: this × messages.BUS.
+EVENTS_RCVHWM = 32
+# Distinct causes of refused messages kept in stats; beyond, they are counted as "other".
+MAX_REFUSAL_CAUSES = 64
 # On `finish`: wait for announced events at most this long, and stop early after this much quiet.
 FINISH_DEADLINE = 5.0
 FINISH_QUIET = 0.2
 WRITER_FLUSH_SECONDS = 1.0
 
-_UNPACK_LIMITS = dict(max_bin_len=schema.MAX_MESSAGE_BYTES, max_str_len=1 << 20, max_array_len=1 << 16,
-                      max_map_len=1 << 12, max_ext_len=0)
-_INT_LIMIT = 1 << 62
-
 
 class BadMessage(ValueError):
-    pass
-
-
-def _int_field(msg: dict, key: str, limit: int = _INT_LIMIT) -> int:
-    value = msg.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
-        raise BadMessage(f"field {key!r} missing or out of range")
-    return value
+    """A well-formed message the recorder refuses in its context (e.g. a sequence overlap)."""
 
 
 class VmStats:
@@ -77,19 +70,19 @@ class Recorder:
         self.context = zmq.Context()
         self.events = self.context.socket(zmq.PULL)
         self.events.setsockopt(zmq.RCVHWM, EVENTS_RCVHWM)
+        messages.BUS.apply(self.events)
         self.events.bind(run_dir.events_endpoint)
         # --listen tcp://…: a second events socket for other hosts, CURVE-only (supervisor/keys.py).
         self.auth = self.remote = None
         if listen:
             from .keys import curve_server
-            self.auth, self.remote = curve_server(self.context, zmq.PULL, listen, keys_dir, schema.MAX_MESSAGE_BYTES)
+            self.auth, self.remote = curve_server(self.context, zmq.PULL, listen, keys_dir, messages.BUS)
             self.remote.setsockopt(zmq.RCVHWM, EVENTS_RCVHWM)
         self.event_sockets = [s for s in (self.events, self.remote) if s is not None]
         self.live = self.context.socket(zmq.PUB)
         self.live.setsockopt(zmq.SNDHWM, LIVE_HWM)
         self.live.bind(run_dir.live_endpoint)
-        self.control = self.context.socket(zmq.REP)
-        self.control.bind(run_dir.recorder_endpoint)
+        self.control = control_socket(self.context, run_dir.recorder_endpoint)
         self.trace_path = trace_path
         self.writer = None
         if trace_path:
@@ -112,7 +105,7 @@ class Recorder:
         self.events_recorded = 0
         self.batches = 0
         self.bad_messages: dict[str, int] = {}
-        self.gaps: list[dict] = []
+        self.gaps: list[messages.Gap] = []
         self.recording_error: str | None = None
         self.finished = False
         self.terminate_requested = False  # set from a SIGTERM handler; serve() then finishes
@@ -127,35 +120,21 @@ class Recorder:
     # Messages ------------------------------------------------------------------------------------
     def handle(self, raw: bytes) -> None:
         try:
-            if len(raw) > schema.MAX_MESSAGE_BYTES:
-                raise BadMessage("oversized")
-            try:
-                msg = msgpack.unpackb(raw, raw=False, **_UNPACK_LIMITS)
-            except Exception as e:  # msgpack raises several types for garbage; all mean "malformed"
-                raise BadMessage(f"not msgpack ({type(e).__name__})") from None
-            if not isinstance(msg, dict):
-                raise BadMessage("not a map")
-            if msg.get("v") != schema.SCHEMA_VERSION:
-                raise BadMessage(f"schema version {msg.get('v')!r}, expected {schema.SCHEMA_VERSION}")
-            kind = msg.get("type")
-            if kind == schema.MSG_EXITS:
+            msg = messages.unpack(raw)
+            if isinstance(msg, messages.ExitBatch):
                 self._exits(msg)
-            elif kind == schema.MSG_VM_START:
+            elif isinstance(msg, messages.VmStart):
                 self._vm_start(msg)
-            elif kind == schema.MSG_VM_END:
+            elif isinstance(msg, messages.VmEnd):
                 self._vm_end(msg)
-            elif kind == schema.MSG_LIFECYCLE:
+            elif isinstance(msg, messages.Lifecycle):
                 self._lifecycle(msg)
-            elif kind in (schema.MSG_SCREEN, schema.MSG_INPUT):
-                self._screen_or_input(kind, msg)
-            else:
-                raise BadMessage(f"unknown type {kind!r}")
-        except BadMessage as e:
-            cause = str(e).split(" (")[0]
-            self.bad_messages[cause] = self.bad_messages.get(cause, 0) + 1
-            return
-        except schema.SchemaError as e:
-            self.bad_messages[f"schema: {e}"] = self.bad_messages.get(f"schema: {e}", 0) + 1
+            elif isinstance(msg, (messages.Screen, messages.Input)):
+                self._write(lambda w: w.write_record(msg.TYPE, msg.to_msg()))
+            else:  # a gap is ours to write, never a sender's
+                raise BadMessage(f"{msg.TYPE} from a sender")
+        except (BadMessage, schema.SchemaError) as e:
+            self._refuse(str(e).split(" (")[0])
             return
         except Exception as e:
             # A message that trips the recorder itself (a bug, or a case no check foresaw) is
@@ -163,9 +142,14 @@ class Recorder:
             cause = f"recorder error: {type(e).__name__}: {e}"
             if cause not in self.bad_messages:
                 print(f"vmsup recorder: dropped a message: {cause}", file=sys.stderr, flush=True)
-            self.bad_messages[cause] = self.bad_messages.get(cause, 0) + 1
+            self._refuse(cause)
             return
         self.live.send(raw, flags=zmq.NOBLOCK, copy=False)
+
+    def _refuse(self, cause: str) -> None:
+        if cause not in self.bad_messages and len(self.bad_messages) >= MAX_REFUSAL_CAUSES:
+            cause = "other"
+        self.bad_messages[cause] = self.bad_messages.get(cause, 0) + 1
 
     def _vm(self, vm: int) -> VmStats:
         stats = self.vms.get(vm)
@@ -173,28 +157,9 @@ class Recorder:
             stats = self.vms[vm] = VmStats(vm)
         return stats
 
-    def _exits(self, msg: dict) -> None:
-        vm, vcpu, epoch = _int_field(msg, "vm", 1 << 31), _int_field(msg, "vcpu", 1 << 16), _int_field(msg, "epoch", 1 << 31)
-        first_seq = _int_field(msg, "first_seq")
-        count = _int_field(msg, "count", schema.MAX_BATCH_EVENTS + 1)
-        cols = msg.get("cols")
-        if not isinstance(cols, dict):
-            raise BadMessage("no columns")
-        has_seq = "seq" in cols
-        rows = count
-        if has_seq:
-            if not isinstance(cols["seq"], bytes) or len(cols["seq"]) % 8 or len(cols["seq"]) // 8 > count:
-                raise BadMessage("bad seq column")
-            rows = len(cols["seq"]) // 8
-        arrays = schema.decode_columns(cols, rows, with_seq=has_seq)
-        if has_seq and rows and (arrays["seq"].min() < first_seq or arrays["seq"].max() >= first_seq + count):
-            raise BadMessage("seq column outside the batch's range")
-        payloads = msg.get("payloads")
-        if payloads is not None:
-            if (not isinstance(payloads, list) or len(payloads) > schema.MAX_PAYLOADS
-                    or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and 0 <= p[0] < rows
-                               and isinstance(p[1], bytes) for p in payloads)):
-                raise BadMessage("bad payloads")
+    def _exits(self, batch: messages.ExitBatch) -> None:
+        vm, vcpu, epoch, first_seq, count = batch.vm, batch.vcpu, batch.epoch, batch.first_seq, batch.count
+        arrays, rows = batch.cols, batch.rows
         key = (vm, vcpu, epoch)
         expected = self.next_seq.get(key, 0)
         if first_seq < expected:
@@ -204,7 +169,7 @@ class Recorder:
         self.next_seq[key] = first_seq + count
         columns = {name: arrays[name] for name in schema.COLUMN_NAMES}
         self._write(lambda w: w.write_exits(vm, vcpu, epoch, first_seq, count, columns,
-                                            seq=arrays.get("seq"), payloads=payloads))
+                                            seq=arrays.get("seq"), payloads=batch.payloads))
         self.events_recorded += rows
         self.batches += 1
         stats = self._vm(vm)
@@ -220,48 +185,33 @@ class Recorder:
             stats.last = {"reason": schema.reason_name(arrays["reason"][-1]), "addr": int(arrays["addr"][-1]),
                           "vcpu": vcpu, "t_exit": int(arrays["t_exit"][-1])}
 
-    def _vm_start(self, msg: dict) -> None:
-        vm = _int_field(msg, "vm", 1 << 31)
-        stats = self._vm(vm)
-        stats.name = str(msg.get("name", stats.name))[:200]
+    def _vm_start(self, start: messages.VmStart) -> None:
+        stats = self._vm(start.vm)
+        stats.name = start.name or stats.name
         stats.state = "running"
-        stats.epoch = _int_field(msg, "epoch", 1 << 31)
-        vcpus = msg.get("vcpus")
-        self.started[(vm, stats.epoch)] = vcpus if isinstance(vcpus, int) and 0 < vcpus <= 1 << 16 else 1
-        self._write(lambda w: w.write_record(schema.MSG_VM_START, msg))
+        stats.epoch = start.epoch
+        self.started[(start.vm, start.epoch)] = start.vcpus or 1
+        self._write(lambda w: w.write_record(start.TYPE, start.to_msg()))
 
-    def _vm_end(self, msg: dict) -> None:
-        vm, epoch = _int_field(msg, "vm", 1 << 31), _int_field(msg, "epoch", 1 << 31)
-        final = msg.get("final_seq")
-        if isinstance(final, list) and len(final) <= 1 << 16 and all(isinstance(n, int) and n >= 0 for n in final):
-            self.final_seq[(vm, epoch)] = final
-        self._vm(vm).state = str(msg.get("status", "ended"))[:64]
-        self._write(lambda w: w.write_record(schema.MSG_VM_END, msg))
+    def _vm_end(self, end: messages.VmEnd) -> None:
+        if end.final_seq is not None:
+            finals = end.final_seq_map()
+            self.final_seq[(end.vm, end.epoch)] = [finals.get(vcpu, 0) for vcpu in range(max(finals, default=-1) + 1)]
+        self._vm(end.vm).state = end.status or "ended"
+        self._write(lambda w: w.write_record(end.TYPE, end.to_msg()))
 
-    def _lifecycle(self, msg: dict) -> None:
-        vm, epoch = _int_field(msg, "vm", 1 << 31), _int_field(msg, "epoch", 1 << 31)
-        event = msg.get("event")
-        if not isinstance(event, str) or len(event) > 32:
-            raise BadMessage("lifecycle without an event")
+    def _lifecycle(self, event: messages.Lifecycle) -> None:
+        vm, epoch = event.vm, event.epoch
         stats = self._vm(vm)
-        if isinstance(msg.get("name"), str):
-            stats.name = msg["name"][:200]
-        if event in ("exit", "give-up", "stop"):
-            stats.state = str(msg.get("status", event))[:64]
-        self._write(lambda w: w.write_record(schema.MSG_LIFECYCLE, msg))
-        if event == "exit" and msg.get("no_record") and (vm, epoch) not in self.final_seq:
+        if event.name:
+            stats.name = event.name
+        if event.event in ("exit", "give-up", "stop"):
+            stats.state = event.status or event.event
+        self._write(lambda w: w.write_record(event.TYPE, event.to_msg()))
+        if event.event == "exit" and event.no_record and (vm, epoch) not in self.final_seq:
             # The worker died without saying how far it got: whatever it had not yet flushed is
             # lost, and only the kernel knew how much. Say so explicitly, per stream.
-            self._cut(vm, epoch, f"worker died ({msg.get('detail', 'no result')})")
-
-    def _screen_or_input(self, kind: str, msg: dict) -> None:
-        """A VGA screen snapshot or a key press: bounded and checked (tracetool.screen), then stored."""
-        from tracetool.screen import validate_input, validate_screen
-        if kind == schema.MSG_SCREEN:
-            validate_screen(msg)
-        else:
-            validate_input(msg)
-        self._write(lambda w: w.write_record(kind, msg))
+            self._cut(vm, epoch, f"worker died ({event.detail or 'no result'})")
 
     def _cut(self, vm: int, epoch: int, why: str) -> None:
         """A count-unknown gap at the end of each stream of (vm, epoch): every vCPU its vm-start
@@ -275,11 +225,11 @@ class Recorder:
 
     def _gap(self, vm: int, vcpu: int, epoch: int, first_missing: int, count: int, cause: str,
              count_known: bool = True) -> None:
-        record = {"v": schema.SCHEMA_VERSION, "type": schema.MSG_GAP, "vm": vm, "vcpu": vcpu, "epoch": epoch,
-                  "first_missing": first_missing, "count": count, "cause": cause, "count_known": count_known}
-        self.gaps.append(record)
-        self._write(lambda w: w.write_record(schema.MSG_GAP, record))
-        self.live.send(msgpack.packb(record), flags=zmq.NOBLOCK)
+        gap = messages.Gap(vm=vm, vcpu=vcpu, epoch=epoch, first_missing=first_missing, count=count, cause=cause,
+                           count_known=count_known)
+        self.gaps.append(gap)
+        self._write(lambda w: w.write_record(gap.TYPE, gap.to_msg()))
+        self.live.send(messages.pack(gap), flags=zmq.NOBLOCK)
 
     def _write(self, action) -> None:
         if self.writer is None:
@@ -306,7 +256,8 @@ class Recorder:
     # Control -------------------------------------------------------------------------------------
     def stats(self) -> dict:
         return {"events": self.events_recorded, "batches": self.batches, "bad_messages": self.bad_messages,
-                "gaps": len(self.gaps), "gap_events": sum(g["count"] for g in self.gaps),
+                "refused": sum(self.bad_messages.values()),
+                "gaps": len(self.gaps), "gap_events": sum(g.count for g in self.gaps),
                 "trace": self.trace_path, "recording_error": self.recording_error,
                 "vms": {str(vm): s.to_json() for vm, s in self.vms.items()}}
 
@@ -335,7 +286,7 @@ class Recorder:
                     return False
         return True
 
-    def finish(self, ended_without_record: list[dict], cut_unended: str | None = None) -> dict:
+    def finish(self, ended_without_record: list[messages.VmEnd], cut_unended: str | None = None) -> dict:
         """Drain, account for what never arrived, close the file. cut_unended: the run is ending
         under VMs that have not (the supervisor died): each of their streams gets a gap saying why."""
         self._drain(time.monotonic() + FINISH_DEADLINE)
@@ -349,8 +300,7 @@ class Recorder:
                 if got < final:
                     self._gap(vm, vcpu, epoch, got, final - got, "not received before the recorder closed")
         for end in ended_without_record:  # workers that died without a vm-end record
-            record = {"v": schema.SCHEMA_VERSION, "type": schema.MSG_VM_END, **end}
-            self._vm_end(record)
+            self._vm_end(end)
         if self.writer is not None:
             try:
                 self.writer.close()
@@ -382,22 +332,7 @@ class Recorder:
                         except zmq.Again:
                             break
                 else:
-                    self._control(self.control.recv())
-
-    def _control(self, raw: bytes) -> None:
-        try:
-            req = msgpack.unpackb(raw, raw=False, **_UNPACK_LIMITS)
-            cmd = req.get("cmd") if isinstance(req, dict) else None
-        except Exception:
-            cmd = None
-        if cmd == "stats":
-            reply = self.stats()
-        elif cmd == "finish":
-            ended = req.get("ended_without_record") or []
-            reply = self.finish([e for e in ended if isinstance(e, dict)])
-        else:
-            reply = {"error": f"unknown command {cmd!r}"}
-        self.control.send(msgpack.packb(reply, use_bin_type=True))
+                    serve_one(self, self.control, RECORDER_COMMANDS)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -408,24 +343,21 @@ class Recorder:
 
 
 class RecorderClient:
-    """The supervisor's side of the recorder's control socket."""
+    """The supervisor's side of the recorder's control socket: RECORDER_COMMANDS by name."""
 
     def __init__(self, run_dir: RunDir, timeout: float = 10.0) -> None:
-        self.context = zmq.Context.instance()
-        self.socket = self.context.socket(zmq.REQ)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
-        self.socket.connect(run_dir.recorder_endpoint)
+        self.endpoint = run_dir.recorder_endpoint
+        self.timeout = timeout
 
     def call(self, cmd: str, **args) -> dict | None:
+        """The command's reply, or None when the recorder does not answer or refuses."""
         try:
-            self.socket.send(msgpack.packb({"cmd": cmd, **args}, use_bin_type=True))
-            return msgpack.unpackb(self.socket.recv(), raw=False, **_UNPACK_LIMITS)
-        except zmq.ZMQError:
+            return call_endpoint(self.endpoint, RECORDER_COMMANDS[cmd].request(**args), self.timeout, "the recorder")
+        except ControlError:
             return None
 
     def close(self) -> None:
-        self.socket.close()
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,8 +19,8 @@ import time
 import msgpack
 import zmq
 
-from tracetool import schema
-from tracetool.screen import COLS, ROWS, Snapshot, rich_text, validate_screen
+from tracetool import messages, schema
+from tracetool.screen import COLS, ROWS, Snapshot, rich_text
 
 REFRESH_HZ = 10
 NO_SCREEN_WAIT = 3.0  # `vmsup screen`: how long to wait for a first snapshot
@@ -80,7 +80,7 @@ class ScreenFeed:
         self.socket = self.context.socket(zmq.SUB)
         self.socket.setsockopt(zmq.RCVHWM, 256)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, schema.MAX_MESSAGE_BYTES)
+        messages.BUS.apply(self.socket)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"")
         self.socket.connect(run_dir.live_endpoint)
         self.keys = self.context.socket(zmq.PUSH)
@@ -107,19 +107,18 @@ class ScreenFeed:
             if not (is_screen or is_end):
                 continue
             try:
-                msg = msgpack.unpackb(raw, raw=False, max_bin_len=1 << 16, max_str_len=1 << 16,
-                                      max_array_len=1 << 12, max_map_len=1 << 12, max_ext_len=0)
-                if not isinstance(msg, dict) or msg.get("v") != schema.SCHEMA_VERSION or msg.get("vm") != self.vm:
-                    continue
-                if msg.get("type") == schema.MSG_VM_END:
-                    self.ended = True
-                    continue
-                if msg.get("type") != schema.MSG_SCREEN:
-                    continue
-                snap = validate_screen(msg)
-            except Exception:  # untrusted bytes: count and skip
+                msg = messages.unpack(raw)
+            except messages.MessageError:  # untrusted bytes: count and skip
                 self.malformed += 1
                 continue
+            if getattr(msg, "vm", None) != self.vm:
+                continue
+            if isinstance(msg, messages.VmEnd):
+                self.ended = True
+                continue
+            if not isinstance(msg, messages.Screen):
+                continue
+            snap = msg.snapshot()
             self.latest = snap
             self.snapshots += 1
             new = True

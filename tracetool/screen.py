@@ -83,39 +83,16 @@ class Snapshot:
                 "attributes": self.cells[1::2].hex(), "compressed_bytes": self.size}
 
 
-def _int(msg: dict, key: str, hi: int = (1 << 63) - 1) -> int:
-    value = msg.get(key)
-    if type(value) is not int or not 0 <= value <= hi:
-        raise schema.SchemaError(f"screen field {key!r} missing or out of range")
-    return value
-
-
 def validate_screen(msg: dict) -> Snapshot:
     """A screen message or record → Snapshot; SchemaError on anything out of shape."""
-    vm, epoch, t = _int(msg, "vm", 1 << 31), _int(msg, "epoch", 1 << 31), _int(msg, "t")
-    if msg.get("cols") != COLS or msg.get("rows") != ROWS:
-        raise schema.SchemaError(f"screen is not {COLS}x{ROWS}")
-    if msg.get("enc", ENCODING) != ENCODING:
-        raise schema.SchemaError(f"screen encoding {msg.get('enc')!r} is not {ENCODING}")
-    raw = msg.get("cells")
-    cells = decode_cells(raw)
-    cur = msg.get("cursor")
-    if cur is not None:
-        if (not isinstance(cur, (list, tuple)) or len(cur) != 2 or not all(type(v) is int for v in cur)
-                or not (0 <= cur[0] < ROWS and 0 <= cur[1] < COLS)):
-            raise schema.SchemaError("screen cursor is not [row, col] on the screen")
-        cur = (cur[0], cur[1])
-    return Snapshot(vm, epoch, t, cells, cur, len(raw))
+    from .messages import Screen  # the message class checks the fields
+    return Screen.from_msg(msg).snapshot()
 
 
 def validate_input(msg: dict) -> dict:
-    """An input message (one key press): vm, epoch, t, key (str), scancodes (bytes, bounded)."""
-    _int(msg, "vm", 1 << 31), _int(msg, "epoch", 1 << 31), _int(msg, "t")
-    key, codes = msg.get("key"), msg.get("scancodes")
-    if not isinstance(key, str) or len(key) > 64:
-        raise schema.SchemaError("input key is not a short string")
-    if not isinstance(codes, bytes) or not 0 < len(codes) <= 64:
-        raise schema.SchemaError("input scancodes are not 1–64 bytes")
+    """An input message (one key press), checked by its message class; SchemaError otherwise."""
+    from .messages import Input
+    Input.from_msg(msg)
     return msg
 
 

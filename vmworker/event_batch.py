@@ -2,14 +2,14 @@
 
 The vCPU loop packs one fixed-size row per exit into a preallocated bytearray (one
 `struct.pack_into`, no per-exit objects); `flush` turns the rows into columns with numpy,
-applies the record-time filter, and sends one msgpack batch (schema MSG_EXITS).
+applies the record-time filter, and sends one batch (messages.ExitBatch).
 """
 
 from __future__ import annotations
 
 import struct
 
-from tracetool import schema
+from tracetool import messages, schema
 
 ROW = struct.Struct(schema.ROW_STRUCT_FORMAT)
 DEFAULT_BATCH_EVENTS = 4096
@@ -26,14 +26,17 @@ class EventBatcher:
         self.flush_ns = flush_ns
         self.next_seq = 0  # sequence number of the first row not yet flushed
         self.payloads: list[list] = []  # [row index, bytes] for string I/O with count > 1
+        self.payload_bytes = 0
         self.filtered_out = 0
         # monotonic ns of the oldest unflushed row (0 = none): a vCPU that sits in KVM_RUN with
         # rows pending is kicked by the machine so live viewers are not kept waiting.
         self.pending_since = 0
 
     def add_payload(self, pos: int, data: bytes) -> None:
-        if len(self.payloads) < schema.MAX_PAYLOADS:
+        # Bounded so a batch stays within the bus's message size (messages.BUS).
+        if len(self.payloads) < schema.MAX_PAYLOADS and self.payload_bytes + len(data) <= messages.MAX_PAYLOAD_BYTES:
             self.payloads.append([pos // ROW.size, bytes(data)])
+            self.payload_bytes += len(data)
 
     def flush(self, pos: int) -> None:
         """Send rows [0, pos) as one batch; the caller resets its write position to 0."""
@@ -42,8 +45,6 @@ class EventBatcher:
         if n == 0:
             return
         cols = schema.columns_from_rows(memoryview(self.rows)[:pos], n)
-        message = {"v": schema.SCHEMA_VERSION, "type": schema.MSG_EXITS, "vm": self.vm, "vcpu": self.vcpu,
-                   "epoch": self.epoch, "first_seq": self.next_seq, "count": n}
         payloads = self.payloads
         if self.filter is not None:
             import numpy as np  # only filtered recording pays for numpy in the worker
@@ -56,9 +57,9 @@ class EventBatcher:
                 cols["seq"] = (index.astype(np.uint64) + np.uint64(self.next_seq)).tobytes()
                 remap = {int(old): new for new, old in enumerate(index)}
                 payloads = [[remap[i], data] for i, data in payloads if i in remap]
-        message["cols"] = cols
-        if payloads:
-            message["payloads"] = payloads
+        batch = messages.ExitBatch(vm=self.vm, vcpu=self.vcpu, epoch=self.epoch, first_seq=self.next_seq, count=n,
+                                   cols=cols, payloads=payloads or None)
         self.payloads = []
+        self.payload_bytes = 0
         self.next_seq += n
-        self.publisher.send(message)
+        self.publisher.send(batch.to_msg())

@@ -8,7 +8,7 @@ import time
 
 import zmq
 
-from tracetool import schema
+from tracetool import messages
 
 from .errors import SpecError
 from .event_batch import EventBatcher
@@ -40,15 +40,15 @@ class Recording:
 
     def lifecycle(self, event: str, **fields) -> None:
         """A lifecycle record from inside the worker (e.g. a gdb stop), from any thread."""
-        self._record(schema.MSG_LIFECYCLE, event=event, name=self.spec.name, **fields)
+        self._record(messages.Lifecycle, event=event, name=self.spec.name, **fields)
 
-    def _record(self, kind: str, **fields) -> None:
+    def _record(self, kind, **fields) -> None:
+        message = kind(vm=self.spec.vm_id, epoch=self.spec.epoch, t=time.monotonic_ns(), wall=time.time_ns(), **fields)
         with self._control_lock:  # a zmq socket is not thread-safe: the gdb stub's thread sends too
-            self.control.send({"v": schema.SCHEMA_VERSION, "type": kind, "vm": self.spec.vm_id,
-                               "epoch": self.spec.epoch, "t": time.monotonic_ns(), "wall": time.time_ns(), **fields})
+            self.control.send(message.to_msg())
 
     def start(self) -> None:
-        self._record(schema.MSG_VM_START, name=self.spec.name, spec=self.spec.to_json(), sha256=self.image.sha256,
+        self._record(messages.VmStart, name=self.spec.name, spec=self.spec.to_json(), sha256=self.image.sha256,
                      mem_size=self.spec.mem, mode=self.image.mode, format=self.image.format,
                      vcpus=self.spec.vcpus, pid=os.getpid())
 
@@ -59,7 +59,7 @@ class Recording:
             "dropped_batches": sum(p.dropped for p in self.publishers),
             "blocked_seconds": sum(p.blocked_seconds for p in self.publishers),
         }
-        self._record(schema.MSG_VM_END, name=self.spec.name, status=result["status"],
+        self._record(messages.VmEnd, name=self.spec.name, status=result["status"],
                      guest_code=result.get("guest_code"), detail=result.get("detail", ""),
                      registers=result.get("registers"), exits=result.get("exits", 0), kicks=result.get("kicks", 0),
                      by_reason=result.get("by_reason", {}), **stats)

@@ -19,11 +19,10 @@ import queue
 import threading
 import time
 
-import msgpack
 import zmq
 
-from tracetool import schema
-from tracetool.screen import COLS, ENCODING, ROWS, encode_cells, is_blank
+from tracetool import messages
+from tracetool.screen import encode_cells, is_blank
 
 from .devices import keyboard
 from .publisher import EventPublisher
@@ -32,8 +31,7 @@ from .publisher import EventPublisher
 # rewriting its screen constantly costs the recorder ~5 records/s (~1 KiB each at most).
 SAMPLE_INTERVAL = 0.2
 # Input messages are small maps of key names; anything larger is refused by ZeroMQ itself.
-MAX_INPUT_MESSAGE = 4096
-MAX_KEYS_PER_MESSAGE = 64
+MAX_KEYS_PER_MESSAGE = messages.KEY_INPUT.max_array
 KEY_TIMEOUT = 2.0  # seconds a key waits for room in a full keyboard buffer before it is dropped
 
 
@@ -83,9 +81,8 @@ class ScreenSampler:
         self._refresh.clear()
         self._last = (cells, cursor)
         data = encode_cells(cells)
-        msg = {"v": schema.SCHEMA_VERSION, "type": schema.MSG_SCREEN, "vm": self.vm, "epoch": self.epoch,
-               "t": time.monotonic_ns(), "cols": COLS, "rows": ROWS,
-               "cursor": list(cursor) if cursor else None, "enc": ENCODING, "cells": data}
+        msg = messages.Screen(vm=self.vm, epoch=self.epoch, t=time.monotonic_ns(),
+                              cursor=list(cursor) if cursor else None, cells=data).to_msg()
         if self.publisher is not None:
             self.publisher.send(msg)
         if self.on_snapshot is not None:
@@ -143,7 +140,7 @@ class KeyInput:
         self.error = ""
         if context is not None and endpoint is not None:
             self.socket = context.socket(zmq.PULL)
-            self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_INPUT_MESSAGE)
+            messages.KEY_INPUT.apply(self.socket)
             self.socket.setsockopt(zmq.RCVHWM, 256)
             self.socket.setsockopt(zmq.LINGER, 0)
             try:
@@ -190,8 +187,7 @@ class KeyInput:
         """{"keys": [name, …]} types keys (names or chords, as in key scripts); {"text": "…"}
         types text; {"cmd": "refresh"} asks for the current screen. Bad messages are counted."""
         try:
-            msg = msgpack.unpackb(raw, raw=False, max_str_len=MAX_INPUT_MESSAGE, max_bin_len=0,
-                                  max_array_len=MAX_KEYS_PER_MESSAGE, max_map_len=8, max_ext_len=0)
+            msg = messages.KEY_INPUT.unpack(raw)
             if not isinstance(msg, dict):
                 raise ValueError("not a map")
             if msg.get("cmd") == "refresh":
@@ -226,8 +222,8 @@ class KeyInput:
                     self._names = _stroke_names()
                 key = self._names.get(codes, "")
             if self.publisher is not None:
-                self.publisher.send({"v": schema.SCHEMA_VERSION, "type": schema.MSG_INPUT, "vm": self.vm,
-                                     "epoch": self.epoch, "t": t, "key": key, "scancodes": codes})
+                self.publisher.send(messages.Input(vm=self.vm, epoch=self.epoch, t=t, key=key,
+                                                   scancodes=codes).to_msg())
 
 
 class ScreenServices:

@@ -1,0 +1,464 @@
+"""Bus messages: one frozen dataclass per message, the one place their fields are checked.
+
+Every message on the bus (worker → recorder → live viewers) and every record in a trace is a
+msgpack map with "v" (schema.SCHEMA_VERSION), "type" (one of schema.MESSAGE_TYPES) and the
+fields of its class below. A sender builds the dataclass and sends `to_msg()`; a receiver calls
+`decode(msg)` (or `unpack(raw)` for bytes off a socket), which dispatches on "type" to the class's
+`from_msg`, the only code that checks the fields (type, range, size) and raises MessageError.
+
+Fields left None are optional and not sent: old traces and older senders that lack a field still
+decode. The wire format is the one of schema.py's MSG_* comments (unchanged by this module).
+
+Adding a message: a class here (its fields with their checks, `TYPE`), its name in
+schema.MESSAGE_TYPES, and, if the trace stores it, a block type in the trace writer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from . import schema
+from .screen import COLS, ENCODING, ROWS, Snapshot, decode_cells
+
+
+class MessageError(schema.SchemaError):
+    """A bus message or trace record that does not follow its message class."""
+
+
+# --- Bounds for untrusted bytes ---------------------------------------------------------------
+@dataclass(frozen=True)
+class WireLimits:
+    """How large one message of a socket may be: ZeroMQ drops a peer that sends more before it is
+    buffered (ZMQ_MAXMSGSIZE), and msgpack refuses containers and strings that claim more."""
+
+    max_bytes: int
+    max_str: int
+    max_array: int
+    max_map: int
+
+    def apply(self, socket) -> None:
+        """Set ZMQ_MAXMSGSIZE on a receiving socket (before bind/connect)."""
+        import zmq
+        socket.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)
+
+    def unpack(self, raw: bytes):
+        """Bytes → a msgpack object within these bounds; MessageError otherwise."""
+        if len(raw) > self.max_bytes:
+            raise MessageError(f"message of more than {self.max_bytes} bytes")
+        try:
+            # strict_map_key=False: final_seq may be a map keyed by vCPU number (an int).
+            return msgpack.unpackb(raw, raw=False, strict_map_key=False, max_bin_len=self.max_bytes,
+                                   max_str_len=self.max_str, max_array_len=self.max_array,
+                                   max_map_len=self.max_map, max_ext_len=0)
+        except Exception as e:  # msgpack raises several unrelated types for bad bytes
+            raise MessageError(f"not msgpack ({type(e).__name__})") from None
+
+
+# The bus (events.sock, the --listen tcp socket, the live stream). A real batch is at most
+# 4096 rows × 48 B plus MAX_PAYLOAD_BYTES of string-I/O data; 4 MiB leaves room and keeps what a
+# flood can queue in the recorder (EVENTS_RCVHWM messages per peer) small.
+MAX_PAYLOAD_BYTES = 2 << 20
+BUS = WireLimits(max_bytes=4 << 20, max_str=1 << 20, max_array=1 << 16, max_map=1 << 12)
+# Control sockets (vmsup ps/stop/…, the recorder's stats/finish): small requests and replies.
+CONTROL = WireLimits(max_bytes=1 << 20, max_str=1 << 16, max_array=1 << 12, max_map=1 << 12)
+
+# A VM's key input socket (vmsup screen → worker): {"keys": [name, …]} or {"text": …}.
+KEY_INPUT = WireLimits(max_bytes=4096, max_str=4096, max_array=64, max_map=8)
+
+_ID_LIMIT = 1 << 31  # vm and epoch numbers
+_VCPU_LIMIT = 1 << 16
+_U63 = (1 << 63) - 1
+_U64 = (1 << 64) - 1
+
+
+# --- Field checks -------------------------------------------------------------------------------
+def _is_int(value) -> bool:
+    return type(value) is int  # bool is a subclass of int, and is not a number here
+
+
+@dataclass(frozen=True)
+class _Check:
+    """One field's check: `required` fields must be present; None means absent otherwise."""
+
+    required: bool = False
+
+    def __call__(self, name: str, value):
+        if value is None:
+            if self.required:
+                raise MessageError(f"field {name!r} is missing")
+            return None
+        return self.check(name, value)
+
+    def check(self, name: str, value):
+        return value
+
+
+@dataclass(frozen=True)
+class Int(_Check):
+    lo: int = 0
+    hi: int = _U63  # inclusive
+
+    def check(self, name, value):
+        if not _is_int(value) or not self.lo <= value <= self.hi:
+            raise MessageError(f"field {name!r} is not an integer in {self.lo}..{self.hi}")
+        return value
+
+
+@dataclass(frozen=True)
+class Number(_Check):
+    def check(self, name, value):
+        if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value) or value < 0:
+            raise MessageError(f"field {name!r} is not a non-negative number")
+        return value
+
+
+@dataclass(frozen=True)
+class Bool(_Check):
+    def check(self, name, value):
+        if type(value) is not bool:
+            raise MessageError(f"field {name!r} is not true/false")
+        return value
+
+
+@dataclass(frozen=True)
+class Str(_Check):
+    max_len: int = 200
+    choices: tuple = ()
+
+    def check(self, name, value):
+        if not isinstance(value, str) or len(value) > self.max_len:
+            raise MessageError(f"field {name!r} is not a string of at most {self.max_len} characters")
+        if self.choices and value not in self.choices:
+            raise MessageError(f"field {name!r} is not one of {', '.join(self.choices)}")
+        return value
+
+
+@dataclass(frozen=True)
+class Bytes(_Check):
+    min_len: int = 0
+    max_len: int = BUS.max_bytes
+
+    def check(self, name, value):
+        if not isinstance(value, bytes) or not self.min_len <= len(value) <= self.max_len:
+            raise MessageError(f"field {name!r} is not {self.min_len}–{self.max_len} bytes")
+        return value
+
+
+@dataclass(frozen=True)
+class Map(_Check):
+    """A map whose content is the sender's (bounded by the unpack limits); `counts`: str → count."""
+
+    counts: bool = False
+
+    def check(self, name, value):
+        if not isinstance(value, dict):
+            raise MessageError(f"field {name!r} is not a map")
+        if self.counts and not all(isinstance(k, str) and len(k) <= 64 and _is_int(n) and 0 <= n <= _U63
+                                   for k, n in value.items()):
+            raise MessageError(f"field {name!r} is not a map of names to counts")
+        return value
+
+
+@dataclass(frozen=True)
+class PerVcpu(_Check):
+    """One count per vCPU: a list (index = vCPU) or a map {vCPU: count}."""
+
+    def check(self, name, value):
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
+        if items is None or len(value) > _VCPU_LIMIT or not all(
+                _is_int(k) and 0 <= k < _VCPU_LIMIT and _is_int(n) and 0 <= n <= _U64 for k, n in items):
+            raise MessageError(f"field {name!r} is not one sequence number per vCPU")
+        return value
+
+
+@dataclass(frozen=True)
+class Cursor(_Check):
+    def check(self, name, value):
+        if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_int(v) for v in value)
+                or not (0 <= value[0] < ROWS and 0 <= value[1] < COLS)):
+            raise MessageError("screen cursor is not [row, col] on the screen")
+        return [value[0], value[1]]
+
+
+@dataclass(frozen=True)
+class Equals(_Check):
+    value: Any = None
+
+    def check(self, name, value):
+        if value != self.value:
+            raise MessageError(f"field {name!r} is not {self.value!r}")
+        return value
+
+
+def checked(check: _Check, default=None):
+    """A message field with its check (the dataclass field's metadata)."""
+    return field(default=default, metadata={"check": check})
+
+
+def _vm():
+    return checked(Int(required=True, hi=_ID_LIMIT - 1))
+
+
+_epoch = _vm  # vm and epoch numbers share their range
+
+
+def _vcpu():
+    return checked(Int(required=True, hi=_VCPU_LIMIT - 1))
+
+
+# --- Messages -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Message:
+    """Base: `from_msg` checks every field through its `checked(...)` metadata."""
+
+    TYPE: ClassVar[str] = ""
+
+    @classmethod
+    def from_msg(cls, msg) -> "Message":
+        if not isinstance(msg, dict):
+            raise MessageError(f"{cls.TYPE} is not a map")
+        values = {}
+        for f in dataclasses.fields(cls):
+            try:
+                values[f.name] = f.metadata["check"](f.name, msg.get(f.name))
+            except MessageError as e:
+                raise MessageError(f"{cls.TYPE}: {e}") from None
+        return cls(**values)
+
+    def to_msg(self) -> dict:
+        """The wire map: "v", "type" and every field that is not None."""
+        out = {"v": schema.SCHEMA_VERSION, "type": self.TYPE}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class VmStart(Message):
+    """A worker's VM is about to run (written before its first batch)."""
+
+    TYPE: ClassVar[str] = schema.MSG_VM_START
+    vm: int = _vm()
+    epoch: int = _epoch()
+    name: str | None = checked(Str())
+    spec: dict | None = checked(Map())
+    sha256: str | None = checked(Str(max_len=64))
+    mem_size: int | None = checked(Int())
+    mode: str | None = checked(Str(max_len=32))
+    format: str | None = checked(Str(max_len=32))
+    vcpus: int | None = checked(Int(lo=1, hi=_VCPU_LIMIT))
+    pid: int | None = checked(Int(hi=1 << 32))
+    t: int | None = checked(Int())
+    wall: int | None = checked(Int())
+
+
+@dataclass(frozen=True)
+class VmEnd(Message):
+    """A worker's VM ended (from the worker; from the supervisor when the worker could not say:
+    then final_seq is absent)."""
+
+    TYPE: ClassVar[str] = schema.MSG_VM_END
+    vm: int = _vm()
+    epoch: int = _epoch()
+    name: str | None = checked(Str())
+    status: str | None = checked(Str(max_len=64))
+    guest_code: int | None = checked(Int(lo=-_U63, hi=_U64))
+    detail: str | None = checked(Str(max_len=1 << 16))
+    registers: dict | None = checked(Map())
+    exits: int | None = checked(Int())
+    kicks: int | None = checked(Int())
+    by_reason: dict | None = checked(Map(counts=True))
+    final_seq: list | dict | None = checked(PerVcpu())  # per vCPU: the next sequence number
+    filtered_out: int | None = checked(Int())
+    dropped_batches: int | None = checked(Int())
+    blocked_seconds: float | None = checked(Number())
+    t: int | None = checked(Int())
+    wall: int | None = checked(Int())
+
+    def final_seq_map(self) -> dict[int, int]:
+        final = self.final_seq or []
+        return dict(final.items() if isinstance(final, dict) else enumerate(final))
+
+
+@dataclass(frozen=True)
+class Gap(Message):
+    """Events of a stream that never reached the trace (written by the recorder)."""
+
+    TYPE: ClassVar[str] = schema.MSG_GAP
+    vm: int = _vm()
+    vcpu: int = _vcpu()
+    epoch: int = _epoch()
+    first_missing: int = checked(Int(required=True, hi=_U64))
+    count: int = checked(Int(required=True, hi=_U64))  # 0 with count_known False: unknown
+    cause: str | None = checked(Str(max_len=1 << 12))
+    count_known: bool | None = checked(Bool())
+
+
+# From the supervisor, then from the worker's gdb stub (vmworker/gdb/).
+LIFECYCLE_EVENTS = ("spawn", "exit", "restart", "give-up", "stop", "pause", "resume", "kill",
+                    "gdb-attach", "gdb-stop", "gdb-continue", "gdb-step", "gdb-detach", "gdb-gone")
+
+
+@dataclass(frozen=True)
+class Lifecycle(Message):
+    """What the supervisor did to or saw of a worker."""
+
+    TYPE: ClassVar[str] = schema.MSG_LIFECYCLE
+    vm: int = _vm()
+    epoch: int = _epoch()
+    event: str = checked(Str(required=True, max_len=32, choices=LIFECYCLE_EVENTS))
+    name: str | None = checked(Str())
+    pid: int | None = checked(Int(hi=1 << 32))
+    status: str | None = checked(Str(max_len=64))
+    code: int | None = checked(Int(hi=255))  # the worker's exit code
+    signal: int | None = checked(Int(hi=255))  # the signal that ended the worker; gdb: the stop signal
+    detail: str | None = checked(Str(max_len=1 << 16))
+    no_record: bool | None = checked(Bool())  # the worker died without a vm-end
+    vcpu: int | None = checked(Int(lo=-1, hi=_VCPU_LIMIT - 1))  # gdb: the vCPU stopped or resumed (-1: all)
+    why: str | None = checked(Str(max_len=64))  # gdb-stop: what stopped it (breakpoint, step, …)
+    peer: str | None = checked(Str(max_len=256))  # gdb-attach: the debugger's address
+    t: int | None = checked(Int())
+    wall: int | None = checked(Int())
+
+
+@dataclass(frozen=True)
+class Screen(Message):
+    """The VGA text screen, sampled when it changed (tracetool/screen.py has the encoding)."""
+
+    TYPE: ClassVar[str] = schema.MSG_SCREEN
+    vm: int = _vm()
+    epoch: int = _epoch()
+    t: int = checked(Int(required=True))
+    cols: int = checked(Equals(required=True, value=COLS), default=COLS)
+    rows: int = checked(Equals(required=True, value=ROWS), default=ROWS)
+    cursor: list | None = checked(Cursor())
+    enc: str | None = checked(Equals(value=ENCODING), default=ENCODING)
+    cells: bytes = checked(Bytes(required=True), default=b"")  # zlib of COLS×ROWS (char, attribute) pairs
+
+    @classmethod
+    def from_msg(cls, msg) -> "Screen":
+        screen = super().from_msg(msg)
+        decode_cells(screen.cells)  # raises SchemaError unless exactly one screen's cells
+        return screen
+
+    def to_msg(self) -> dict:
+        out = super().to_msg()
+        out.setdefault("cursor", None)  # "no cursor" is said, not left out
+        return out
+
+    def snapshot(self) -> Snapshot:
+        cursor = (self.cursor[0], self.cursor[1]) if self.cursor else None
+        return Snapshot(self.vm, self.epoch, self.t, decode_cells(self.cells), cursor, len(self.cells))
+
+
+@dataclass(frozen=True)
+class Input(Message):
+    """A key pressed on the VM's keyboard (typed or from a key script)."""
+
+    TYPE: ClassVar[str] = schema.MSG_INPUT
+    vm: int = _vm()
+    epoch: int = _epoch()
+    t: int = checked(Int(required=True))
+    key: str = checked(Str(required=True, max_len=64), default="")
+    scancodes: bytes = checked(Bytes(required=True, min_len=1, max_len=64), default=b"")  # set 1
+
+
+@dataclass(frozen=True)
+class ExitBatch(Message):
+    """Consecutive exit events of one stream (vm, vcpu, epoch), columnar (schema.EXIT_COLUMNS).
+
+    `cols`: {name: little-endian bytes} as sent; after from_msg, numpy arrays viewing them, with
+    "seq" only when a record-time filter dropped rows. `payloads`: [[row, bytes], …] — the whole
+    data of string I/O (count > 1)."""
+
+    TYPE: ClassVar[str] = schema.MSG_EXITS
+    vm: int = _vm()
+    vcpu: int = _vcpu()
+    epoch: int = _epoch()
+    first_seq: int = checked(Int(required=True, hi=(1 << 62) - 1))
+    count: int = checked(Int(required=True, hi=schema.MAX_BATCH_EVENTS))  # sequence numbers covered
+    cols: dict = checked(Map(required=True))
+    payloads: list | None = checked(_Check())
+
+    @property
+    def rows(self) -> int:
+        """Events present (fewer than count when a record-time filter dropped some)."""
+        seq = self.cols.get("seq")
+        return self.count if seq is None else len(seq) // 8 if isinstance(seq, bytes) else len(seq)
+
+    @classmethod
+    def from_msg(cls, msg) -> "ExitBatch":
+        import numpy as np
+        base = super().from_msg(msg)
+        cols, count, first = base.cols, base.count, base.first_seq
+        try:
+            seq_raw = cols.get("seq")
+            rows = count
+            if seq_raw is not None:
+                if not isinstance(seq_raw, bytes) or len(seq_raw) % 8:
+                    raise MessageError("seq column is not a whole number of u64")
+                rows = len(seq_raw) // 8
+                if rows > count:
+                    raise MessageError(f"more rows than the {count} sequence numbers covered")
+            arrays = schema.decode_columns(cols, rows, with_seq=seq_raw is not None)
+            seq = arrays.get("seq")
+            if seq is not None and rows and (int(seq[0]) < first or int(seq[-1]) >= first + count
+                                             or (rows > 1 and not bool(np.all(seq[1:] > seq[:-1])))):
+                raise MessageError("seq column outside the batch's range or not increasing")
+            payloads = base.payloads
+            if payloads is not None:
+                if not isinstance(payloads, list) or len(payloads) > schema.MAX_PAYLOADS:
+                    raise MessageError("payloads is not a bounded list")
+                for item in payloads:
+                    if (not isinstance(item, list) or len(item) != 2 or not _is_int(item[0])
+                            or not 0 <= item[0] < rows or not isinstance(item[1], bytes)):
+                        raise MessageError("a payload is not [row, bytes]")
+        except schema.SchemaError as e:
+            raise MessageError(f"{cls.TYPE}: {e}") from None
+        return dataclasses.replace(base, cols=arrays)
+
+    def to_msg(self) -> dict:
+        out = super().to_msg()
+        out["cols"] = {name: col if isinstance(col, bytes) else col.tobytes() for name, col in self.cols.items()}
+        return out
+
+
+MESSAGE_CLASSES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (ExitBatch, VmStart, VmEnd, Gap, Lifecycle, Screen, Input)}
+assert set(MESSAGE_CLASSES) == set(schema.MESSAGE_TYPES), "a message type without its class"
+
+
+def decode(msg) -> Message:
+    """A decoded msgpack map → its message object; MessageError for anything out of shape."""
+    if not isinstance(msg, dict):
+        raise MessageError("not a map")
+    if msg.get("v") != schema.SCHEMA_VERSION:
+        raise MessageError(f"schema version {msg.get('v')!r}, expected {schema.SCHEMA_VERSION}")
+    cls = MESSAGE_CLASSES.get(msg.get("type"))
+    if cls is None:
+        raise MessageError(f"unknown message type {str(msg.get('type'))[:32]!r}")
+    return cls.from_msg(msg)
+
+
+def unpack(raw: bytes) -> Message:
+    """Bytes off the bus → a message object (bounded by BUS); MessageError otherwise."""
+    return decode(BUS.unpack(raw))
+
+
+def pack(message: Message) -> bytes:
+    return msgpack.packb(message.to_msg(), use_bin_type=True)
+
+
+def validate_record(kind: str, record) -> Message:
+    """A trace record of `kind` (its "v"/"type" keys optional) → its message object, checked."""
+    cls = MESSAGE_CLASSES.get(kind)
+    if cls is None or cls is ExitBatch:
+        raise MessageError(f"unknown record kind {kind!r}")
+    return cls.from_msg(record)
