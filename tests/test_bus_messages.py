@@ -24,7 +24,7 @@ from supervisor.runtime import RunDir
 from tests.conftest import REPO, VMSUP
 from tracetool import messages, schema
 from tracetool.screen import encode_cells
-from tracetool.trace_file import TraceReader
+from tracetool.trace import TraceReader, TraceWriter
 
 DEADLINE = 60.0
 _COLS = schema.columns_from_rows(b"\0" * schema.ROW_SIZE, 1)
@@ -76,6 +76,20 @@ def test_every_field_refuses_a_value_of_the_wrong_kind(cls):
         if check.required:
             with pytest.raises(messages.MessageError, match="missing"):
                 messages.decode({k: v for k, v in wire.items() if k != f.name})
+
+
+def test_the_trace_writer_refuses_every_record_its_class_refuses(tmp_path):
+    with TraceWriter(tmp_path / "w.vmtrace", {}) as w:
+        for cls, example in EXAMPLES.items():
+            if cls is messages.ExitBatch:
+                continue
+            w.write_record(cls.TYPE, example.to_msg())
+            with pytest.raises(ValueError, match=f"{cls.TYPE} record needs"):
+                w.write_record(cls.TYPE, {**example.to_msg(), "epoch": "zz"})
+        with pytest.raises(ValueError, match="final_seq"):
+            w.write_record(schema.MSG_VM_END, {"vm": 0, "epoch": 0, "final_seq": "zz"})
+    with TraceReader(tmp_path / "w.vmtrace") as r:
+        assert [rec["type"] for rec in r.records()] == [cls.TYPE for cls in EXAMPLES if cls is not messages.ExitBatch]
 
 
 def test_bytes_beyond_the_bus_limit_are_refused_before_unpacking():

@@ -461,4 +461,7 @@ def validate_record(kind: str, record) -> Message:
     cls = MESSAGE_CLASSES.get(kind)
     if cls is None or cls is ExitBatch:
         raise MessageError(f"unknown record kind {kind!r}")
-    return cls.from_msg(record)
+    try:
+        return cls.from_msg(record)
+    except MessageError as e:
+        raise MessageError(f"{kind} record needs fixing: {str(e).removeprefix(kind + ': ')}") from None

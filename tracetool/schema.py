@@ -185,23 +185,19 @@ def exported_as(name: str) -> tuple[str, ...]:
     return _EXPORTED_AS.get(name, (name,))
 
 
-# --- Bus messages (msgpack maps). Every message has "v" (SCHEMA_VERSION) and "type". ----------
-MSG_EXITS = "exits"  # vm, vcpu, epoch, first_seq, count, cols{name: bytes}, [payloads]
-MSG_VM_START = "vm-start"  # vm, epoch, name, spec{}, sha256, mem_size, mode, vcpus, pid, t
-MSG_VM_END = "vm-end"  # vm, epoch, status, guest_code, detail, registers, exits, by_reason, final_seq[vcpu] = next seq, t
-MSG_GAP = "gap"  # written by the recorder: vm, vcpu, epoch, first_missing, count, cause[, count_known]
-# Written by the supervisor: vm, epoch, event (spawn | exit | restart | give-up | stop | pause |
-# resume | kill), name, pid, status, code, signal, detail, t, wall.
-MSG_LIFECYCLE = "lifecycle"
-# The VGA text screen, sampled by the worker when it changed (tracetool/screen.py): vm, epoch, t,
-# cols, rows, cursor ([row, col] or None), enc ("zlib"), cells (compressed (char, attribute) pairs).
-MSG_SCREEN = "screen"
-# A key pressed on the VM's keyboard (key script or typed): vm, epoch, t, key (name), scancodes (set 1).
-MSG_INPUT = "input"
+# --- Bus messages (msgpack maps). Every message has "v" (SCHEMA_VERSION) and "type", one of
+# these names; each message's fields and their checks are its class in tracetool/messages.py.
+MSG_EXITS = "exits"  # a batch of exit events of one stream (the worker's vCPU threads)
+MSG_VM_START = "vm-start"  # the worker's VM is about to run
+MSG_VM_END = "vm-end"  # the worker's VM ended (or the supervisor, for a worker that could not say)
+MSG_GAP = "gap"  # events a stream lost (written by the recorder only)
+MSG_LIFECYCLE = "lifecycle"  # what the supervisor did to or saw of a worker
+MSG_SCREEN = "screen"  # the VGA text screen, when it changed (tracetool/screen.py)
+MSG_INPUT = "input"  # a key pressed on the VM's keyboard
 MESSAGE_TYPES = (MSG_EXITS, MSG_VM_START, MSG_VM_END, MSG_GAP, MSG_LIFECYCLE, MSG_SCREEN, MSG_INPUT)
 
 # Bounds for untrusted messages (bus or file): enough for real batches, small enough to be safe.
-MAX_MESSAGE_BYTES = 64 << 20  # one bus message; one trace block's payload
+MAX_MESSAGE_BYTES = 64 << 20  # one trace block's payload (a bus message: messages.BUS, smaller)
 MAX_BATCH_EVENTS = 1 << 20
 MAX_PAYLOADS = 4096  # count > 1 string I/O: full data of at most this many events per batch
 # One record (every message but exits: vm-start, vm-end, gap, lifecycle, screen, input) as msgpack

@@ -13,10 +13,10 @@ from typing import Mapping
 import numpy as np
 import zstandard
 
-from .. import schema
+from .. import messages, schema
 from .codec import SEQ, U64
 from .exits_block import encode_exits
-from .format import (DEFAULT_BLOCK_EVENTS, FILE_HEAD, FORMAT_VERSION, GAP_FIELDS, INDEX_FIELDS, INDEX_NO_ID, MAGIC,
+from .format import (DEFAULT_BLOCK_EVENTS, FILE_HEAD, FORMAT_VERSION, INDEX_FIELDS, INDEX_NO_ID, MAGIC,
                      MAX_BLOCK_BYTES, MAX_HEADER_BYTES, MAX_INDEX_ENTRIES, MAX_RECORD_BYTES, RECORD_BLOCK_TYPES,
                      STREAM_ID_LIMIT, TRAILER, TRAILER_MAGIC, U32, U64_LIMIT, ZSTD_LEVEL, BlockType,
                      TraceWriteError, frame_block, is_int, pack)
@@ -265,16 +265,17 @@ class TraceWriter:
             totals = self._totals.setdefault(key[0], np.zeros(256, np.int64))
             totals += np.bincount(cols["reason"], minlength=256)
 
-    def write_record(self, kind: str, record: Mapping) -> None:
-        """Write a vm-start, vm-end or gap record (schema.MSG_*) after everything gathered so far."""
+    def write_record(self, kind: str, record: Mapping, *, check: bool = True) -> None:
+        """Write a record (vm-start, vm-end, gap, lifecycle, screen, input: schema.MSG_*) after
+        everything gathered so far. Its message class (tracetool.messages) checks it first and a
+        bad one raises ValueError (MessageError); check=False is for tests that build hostile
+        traces to exercise the reader."""
         btype = RECORD_BLOCK_TYPES.get(kind)
         if btype is None:
             raise ValueError(f"unknown record kind {kind!r} (known: {', '.join(RECORD_BLOCK_TYPES)})")
         record = dict(record)
-        if kind == schema.MSG_GAP:
-            bad = [k for k in GAP_FIELDS if not is_int(record.get(k), 0, U64_LIMIT)]
-            if bad:
-                raise ValueError(f"gap record needs integer {', '.join(bad)}")
+        if check:
+            messages.validate_record(kind, record)
         try:
             raw = pack(record)
         except (TypeError, ValueError) as e:
