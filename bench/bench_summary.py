@@ -11,7 +11,7 @@
 3. Packs the same events as one msgpack map per event into bench/build/summary-10m.msgpack.
 4. Times, best of R runs, after start-up (imports done, the allocator tuned as `vmtrace` does it:
    tracetool/_alloc.py):
-   - summary: TraceReader open (crc of every block) + tracetool.summary.summarize (by reason);
+   - summary: TraceReader open (crc of every block) + tracetool.commands.summary.summarize (by reason);
    - msgpack: `for event in msgpack.Unpacker(file): pass` over the same events — the cost of
      merely touching each event as a Python object, before any statistics.
    Also the wall time of the whole `vmtrace summary` process (start-up included), once.
@@ -36,7 +36,7 @@ from benchlib import BIN_DIR, BUILD_DIR, REPO, VMSUP, BenchError, check_prerequi
 sys.path.insert(0, str(REPO))
 from tracetool import schema  # noqa: E402
 from tracetool._alloc import keep_freed_memory  # noqa: E402
-from tracetool.summary import summarize  # noqa: E402
+from tracetool.commands.summary import summarize  # noqa: E402
 from tracetool.trace import TraceReader, TraceWriter  # noqa: E402
 
 GOAL = 20e6

@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 
 from conftest import VMSUP, kvm_unavailable_reason
-from test_trace_file import RUN, block_offsets, seed_like_columns
+from test_trace import RUN, block_offsets, seed_like_columns
 from test_vmtrace_cli import assert_one_error_line, vmtrace
 from tracetool import schema
-from tracetool.diff import diff as diff_traces
-from tracetool.replay import paced
-from tracetool.summary import summarize
+from tracetool.commands.diff import diff as diff_traces
+from tracetool.commands.replay import paced
+from tracetool.commands.summary import summarize
 from tracetool.trace import TraceReader, TraceWriter
 
 REPO = Path(__file__).resolve().parent.parent
@@ -451,7 +451,7 @@ def test_plot_writes_a_png_and_a_self_contained_html(synthetic, tmp_path):
 
 
 def test_plot_data_counts_every_event_and_handling_time(synthetic):
-    from tracetool.plot import plot_data
+    from tracetool.commands.plot import plot_data
     path, written = synthetic
     rows = written.rows()
     with TraceReader(path) as r:

@@ -4,6 +4,10 @@ A regular file (or a new one) is written to a temporary file beside it and renam
 the end, so a failed export leaves nothing half-written; a symlink's target is what gets
 replaced, never the link. Anything else that exists — a FIFO, a terminal, /dev/stdout — is
 written in place (renaming over it would replace the device node). "-" is standard output.
+
+An output that is one of the command's input files (the same inode: the path itself, a symlink
+to it or a hard link) is refused before anything is written: `export t.vmtrace -o t.vmtrace`
+would otherwise replace the trace it reads.
 """
 
 from __future__ import annotations
@@ -18,9 +22,29 @@ class OutputError(Exception):
     """The output cannot be written; the message is one line."""
 
 
+def refuse_overwriting_inputs(path: str, inputs) -> None:
+    """OutputError when the output `path` is the same file as one of `inputs`."""
+    try:
+        out = os.stat("/dev/stdout" if path == "-" else path)
+    except OSError:
+        return  # a new file (or one output_path will report)
+    if not stat.S_ISREG(out.st_mode):
+        return  # a terminal or pipe is never one of the input traces
+    for source in inputs:
+        try:
+            st = os.stat(source)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
+            shown = "standard output" if path == "-" else path
+            raise OutputError(f"{shown}: is the input {source}; refusing to overwrite it (choose another output)")
+
+
 @contextmanager
-def output_path(path: str) -> Iterator[str]:
-    """Yields the path to write to; on success the output ends up at `path`."""
+def output_path(path: str, inputs=()) -> Iterator[str]:
+    """Yields the path to write to; on success the output ends up at `path`. `inputs`: the
+    files the output is made from, which it must not replace."""
+    refuse_overwriting_inputs(path, inputs)
     if path == "-":
         path = "/dev/stdout"
     try:

@@ -1,4 +1,5 @@
-"""What `vmtrace` reports, as data: the CLI renders it (tables for people, JSON for scripts).
+"""Queries over a trace that several vmtrace commands share: events of every stream in time
+order (show, replay, export), events per VM and reason (info, diff), the VMs' names.
 
 Everything here works block by block (one decoded block per stream at a time, plus the events
 waiting to be merged), so a large or hostile trace never has to fit in memory at once.
@@ -6,62 +7,15 @@ waiting to be merged), so a large or hostile trace never has to fit in memory at
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Iterator
 
 import numpy as np
 
-from . import schema
+from . import handling, schema
 from .filters import EventFilter
 from .trace import STREAM_DTYPES, ExitBatch, ExitBlockRef, TraceReader
 
-# handle_ns of an event whose successor in its stream is not in the trace (the stream's last
-# event, or the next one was dropped by a record-time filter or lost).
-NO_HANDLE = np.iinfo(np.int64).min
 _SEQ = schema.SEQ_COLUMN[0]
-
-
-def trace_info(path) -> dict:
-    """Everything `vmtrace info` shows, as JSON-ready plain data."""
-    with TraceReader(path) as reader:
-        return _info(reader)
-
-
-def _info(reader: TraceReader) -> dict:
-    by_vm = _events_by_vm_and_reason(reader)
-    events = reader.event_count
-    span = reader.time_range
-    torn = reader.torn_tail
-    return {
-        "file": {
-            "path": reader.path,
-            "size": reader.size,
-            "format_version": reader.format_version,
-            "schema_version": reader.header["schema"].get("version"),
-            "created_ns": reader.header.get("created"),
-            "closed_cleanly": reader.closed_cleanly,
-            "torn_tail": None if torn is None else {"offset": torn[0], "reason": torn[1]},
-            "exit_blocks": len(reader.exit_blocks()),
-            "unknown_blocks": reader.unknown_blocks,
-            "warnings": list(reader.warnings),
-        },
-        "run": reader.run,
-        "vms": _vms(reader),
-        "streams": [asdict(s) for s in reader.streams()],
-        "events": {
-            "total": events,
-            "by_vm": [{"vm": vm, "total": sum(counts.values()),
-                       "by_reason": {schema.reason_name(code): n for code, n in sorted(counts.items())}}
-                      for vm, counts in sorted(by_vm.items())],
-        },
-        "gaps": {
-            "recorded": reader.gaps,
-            "unexplained": [asdict(d) for d in reader.unexplained_gaps],
-        },
-        "time": None if span is None else {
-            "first_ns": span[0], "last_ns": span[1], "span_s": (span[1] - span[0]) / 1e9},
-        "bytes_per_event": reader.size / events if events else None,
-    }
 
 
 def _footer_totals(reader: TraceReader) -> dict[int, dict[int, int]] | None:
@@ -79,7 +33,8 @@ def _footer_totals(reader: TraceReader) -> dict[int, dict[int, int]] | None:
     return by_vm
 
 
-def _events_by_vm_and_reason(reader: TraceReader) -> dict[int, dict[int, int]]:
+def events_by_vm_and_reason(reader: TraceReader) -> dict[int, dict[int, int]]:
+    """Events per VM and exit reason code: from the index footer when it adds up, else counted."""
     totals = _footer_totals(reader)
     if totals is not None:
         return totals
@@ -91,47 +46,16 @@ def _events_by_vm_and_reason(reader: TraceReader) -> dict[int, dict[int, int]]:
     return {vm: {code: int(n) for code, n in enumerate(acc) if n} for vm, acc in counts.items()}
 
 
-def _vms(reader: TraceReader) -> list[dict]:
-    vms: dict[tuple, dict] = {}
+def vm_names(reader: TraceReader) -> dict[int, str]:
+    """Each VM's name, from its first VM-start record."""
+    names: dict[int, str] = {}
     for rec in reader.records(schema.MSG_VM_START):
-        key = (rec.get("vm"), rec.get("epoch"))
-        vms[key] = {"vm": rec.get("vm"), "epoch": rec.get("epoch"), "name": rec.get("name"),
-                    "spec": rec.get("spec"), "sha256": rec.get("sha256"), "mode": rec.get("mode"),
-                    "vcpus": rec.get("vcpus"), "mem_size": rec.get("mem_size"), "pid": rec.get("pid"),
-                    "started_ns": rec.get("t"), "status": None}
-    for rec in reader.records(schema.MSG_VM_END):
-        key = (rec.get("vm"), rec.get("epoch"))
-        entry = vms.setdefault(key, {"vm": key[0], "epoch": key[1], "name": None})
-        entry.update({"status": rec.get("status"), "guest_code": rec.get("guest_code"),
-                      "detail": rec.get("detail"), "exits": rec.get("exits"), "ended_ns": rec.get("t")})
-    streams = reader.streams()
-    for s in streams:
-        vms.setdefault((s.vm, s.epoch), {"vm": s.vm, "epoch": s.epoch, "name": None, "status": None})
-    out = []
-    for key in sorted(vms, key=lambda k: tuple((0, x) if isinstance(x, int) else (1, str(x)) for x in k)):
-        entry = vms[key]
-        entry["events_in_trace"] = sum(s.events for s in streams if (s.vm, s.epoch) == key)
-        out.append(entry)
-    return out
+        if isinstance(rec.get("vm"), int) and isinstance(rec.get("name"), str):
+            names.setdefault(rec["vm"], rec["name"])
+    return names
 
 
 # --- Events in time order -------------------------------------------------------------------------
-def _handles(batch: ExitBatch, following: ExitBatch | None) -> np.ndarray:
-    """Handling time of each event: (t_exit - guest_ns) of the next event of the stream, minus
-    its own t_exit (see schema); NO_HANDLE where the next event is not in the trace."""
-    cols = batch.columns
-    t, g, seq = cols["t_exit"], cols["guest_ns"], cols[_SEQ]
-    out = np.full(len(t), NO_HANDLE, np.int64)
-    if len(t) > 1:
-        follows = seq[1:] == seq[:-1] + np.uint64(1)
-        out[:-1] = np.where(follows, (t[1:] - g[1:]) - t[:-1], NO_HANDLE)
-    if len(t) and following is not None and following.n_rows:
-        nxt = following.columns
-        if int(nxt[_SEQ][0]) == int(seq[-1]) + 1:
-            out[-1] = int(nxt["t_exit"][0]) - int(nxt["guest_ns"][0]) - int(t[-1])
-    return out
-
-
 def trace_start(reader: TraceReader) -> int | None:
     """t_exit of the trace's first event (the zero of `vmtrace show`'s relative times)."""
     span = reader.time_range
@@ -178,7 +102,7 @@ def events_in_time_order(reader: TraceReader, where: EventFilter | None = None,
             nxt = cache.get(nxt_ref.offset) or reader.read_batch(nxt_ref)
             cache[nxt_ref.offset] = nxt
         cols = dict(batch.columns)
-        cols["handle_ns"] = _handles(batch, nxt)
+        cols["handle_ns"] = handling.with_lookahead(batch, nxt)
         if where is not None or time_mask is not None:
             keep = np.ones(batch.n_rows, bool) if where is None else where.mask(
                 cols, vm=batch.vm, vcpu=batch.vcpu, epoch=batch.epoch)

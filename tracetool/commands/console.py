@@ -18,9 +18,12 @@ re-enter the guest, so a lock handed over between vCPUs keeps its order in the t
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
+import typer
 
 # The ports and UART registers are the devices' own, defined once in vmworker.
 from vmworker.devices.uart8250 import LCR as UART_LCR
@@ -28,9 +31,11 @@ from vmworker.devices.uart8250 import LCR_DLAB, LCR_RESET
 from vmworker.layout import COM1_PORT as UART_BASE
 from vmworker.layout import DEBUGCON_PORT
 
-from . import schema
-from .filters import EventFilter
-from .trace import TraceReader
+from .. import schema
+from ..analysis import vm_names
+from ..filters import EventFilter
+from ..trace import TraceReader
+from . import _common as c
 
 SOURCES = ("all", "uart", "debugcon")
 
@@ -71,10 +76,7 @@ def rebuild(reader: TraceReader, vm: int | None = None, source: str = "all") -> 
             acc[name].append(cols[name][keep])
         acc["vcpu"].append(np.full(int(keep.sum()), batch.vcpu, np.uint32))
     vms = sorted({s.vm for s in reader.streams()} if vm is None else {vm})
-    names = {}
-    for rec in reader.records(schema.MSG_VM_START):
-        if isinstance(rec.get("vm"), int) and isinstance(rec.get("name"), str):
-            names.setdefault(rec["vm"], rec["name"])
+    names = vm_names(reader)
     payloads = None
     out = []
     for v in vms:
@@ -156,3 +158,39 @@ def _epoch_text(vm: int, epoch: int, cols: dict[str, np.ndarray], payloads: dict
     result.uart_bytes += n_uart
     result.debugcon_bytes += n_debug
     return b"".join(pieces)
+
+
+def render(texts: list[ConsoleText], out) -> None:
+    """The bytes as the guest wrote them (one VM), or a heading per VM; `out` takes bytes."""
+    if len(texts) == 1:
+        out.write(texts[0].text)  # exactly what the guest wrote
+    else:
+        for t in texts:
+            if not t.text:
+                continue
+            name = f" ({t.name})" if t.name else ""
+            out.write(f"--- vm {t.vm}{name} ---\n".encode())
+            out.write(t.text if t.text.endswith(b"\n") else t.text + b"\n")
+    out.flush()
+
+
+def run(
+    trace: str = c.TRACE_ARG,
+    vm: Optional[int] = typer.Option(None, "--vm", min=0, help="Only this VM's console."),
+    source: str = typer.Option("all", "--source", help="all, uart (COM1 at 0x3f8) or debugcon (port 0xe9)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document: text and byte counts per VM."),
+) -> None:
+    """The guest's serial and debug-port output, rebuilt from its recorded port writes."""
+    if source not in SOURCES:
+        c.bad_input(f"unknown --source {source!r} (choose from {', '.join(SOURCES)})")
+    with c.reading(trace) as reader:
+        if vm is not None and vm not in {s.vm for s in reader.streams()}:
+            c.bad_input(f"{trace}: no events of vm {vm} in this trace")
+        texts = rebuild(reader, vm=vm, source=source)
+    for t in texts:
+        for note in t.notes:
+            c.warn(note)
+    if as_json:
+        c.dump_json({"vms": [t.as_json() for t in texts]})
+    else:
+        render(texts, sys.stdout.buffer)

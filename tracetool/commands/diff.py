@@ -17,10 +17,12 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
+import typer
 
-from . import analysis, schema
+from .. import analysis, schema
+from ..trace import TraceReader
+from . import _common as c
 from .summary import summarize
-from .trace import TraceReader
 
 FIELDS = ("reason", "flags", "addr", "size", "count", "data")  # what the guest did; not timing
 _SEQ = schema.SEQ_COLUMN[0]
@@ -153,7 +155,7 @@ def diff(path_a, path_b) -> dict:
 def _counts(ra: TraceReader, rb: TraceReader) -> list[dict]:
     def by_reason(r: TraceReader) -> dict[int, int]:
         out: dict[int, int] = {}
-        for counts in analysis._events_by_vm_and_reason(r).values():
+        for counts in analysis.events_by_vm_and_reason(r).values():
             for code, n in counts.items():
                 out[code] = out.get(code, 0) + n
         return out
@@ -177,3 +179,83 @@ def _timing(ra: TraceReader, rb: TraceReader) -> list[dict]:
                                              "change_pct": None if not va or vb is None else 100 * (vb - va) / va}
         out.append(entry)
     return out
+
+
+def _stream_name(d: dict) -> str:
+    return f"vm {d['vm']} vcpu {d['vcpu']}" + (f" epoch {d['epoch']}" if d["epoch"] else "")
+
+
+def _divergence_line(d: dict) -> str:
+    when = "" if d.get("t_rel_ns") is None else f" (t=+{d['t_rel_ns'] / 1e9:.6f} s)"
+    head = f"{_stream_name(d)} seq {d['seq']}{when}: "
+    if d["field"] == "stream":
+        return head + f"stream only in {'A' if d['a'] else 'B'} ({d['a'] or d['b']})"
+    if d["field"] == "event":
+        if d["a"] is None:
+            return head + f"A has no such event (its stream ends or skips it); B: {d['b']}"
+        return head + f"B has no such event (its stream ends or skips it); A: {d['a']}"
+    others = ", ".join(f"{f} {v[0]} vs {v[1]}" for f, v in d["fields"].items())
+    return head + f"{d['field']} differs: A {d['a']}, B {d['b']} [{others}] — A: {d['a_event']}; B: {d['b_event']}"
+
+
+def render(data: dict, console) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    console.print(Text(f"A: {data['a']} ({data['events']['a']} events)\nB: {data['b']} ({data['events']['b']} events)"))
+    for g in data["guests"]:
+        a, b = g["a"] or {}, g["b"] or {}
+        if g["same"]:
+            console.print(Text(f"vm {g['vm']}: {a.get('name')} ({str(a.get('sha256'))[:16]}) in both"))
+        else:
+            console.print(Text(f"vm {g['vm']}: A {a.get('name')} ({str(a.get('sha256'))[:16]}), "
+                               f"B {b.get('name')} ({str(b.get('sha256'))[:16]}) — different guests"))
+    first = data["first_divergence"]
+    if first is None:
+        console.print(Text(f"no divergence: every event matches in {', '.join(data['compared_fields'])}"))
+    else:
+        console.print(Text("first divergence: " + _divergence_line(first)))
+        others = [d for d in data["stream_divergences"] if d is not first]
+        for d in others[:10]:
+            console.print(Text("  also: " + _divergence_line(d)))
+        if len(others) > 10:
+            console.print(Text(f"  … and {len(others) - 10} more streams diverge"))
+    t = Table(title="Exits per reason", title_justify="left", title_style="bold")
+    for name in ("reason", "A", "B", "B − A"):
+        t.add_column(name, justify="left" if name == "reason" else "right")
+    for count in data["counts"]:
+        t.add_row(count["reason"], str(count["a"]), str(count["b"]), f"{count['delta']:+d}" if count["delta"] else "0")
+    console.print(t)
+    t = Table(title="Timing per reason (µs; not a divergence: runs never repeat their timing)", title_justify="left",
+              title_style="bold")
+    t.add_column("reason")
+    cols = [("guest", "mean_ns"), ("guest", "p99_ns"), ("handle", "mean_ns"), ("handle", "p99_ns")]
+    for metric, stat in cols:
+        label = f"{metric} {stat[:-3]}"
+        for side in ("A", "B"):
+            t.add_column(f"{label} {side}", justify="right")
+        t.add_column("Δ%", justify="right")
+    for entry in data["timing"]:
+        cells = [entry["reason"]]
+        for metric, stat in cols:
+            v = entry[f"{metric}_{stat}"]
+            cells += [c.usec(v["a"]), c.usec(v["b"]), "-" if v["change_pct"] is None else f"{v['change_pct']:+.1f}"]
+        t.add_row(*cells)
+    console.print(t)
+
+
+def run(
+    trace_a: str = typer.Argument(..., metavar="A", help="The first trace."),
+    trace_b: str = typer.Argument(..., metavar="B", help="The trace to compare with it."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of tables."),
+) -> None:
+    """Compare two traces of the same guest: first divergence and count differences per reason.
+    Exit 0 when they match, 1 when they differ (timing alone is not a difference)."""
+    data = c.or_exit(diff, trace_a, trace_b)
+    for w in data["warnings"]:
+        c.warn(w)
+    if as_json:
+        c.dump_json(data)
+    else:
+        render(data, c.console())
+    raise typer.Exit(0 if data["same"] else c.EXIT_PROBLEMS)

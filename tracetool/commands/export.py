@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Iterator
+import sys
+from typing import Callable, Iterator, Optional
 
 import numpy as np
+import typer
 
-from . import _text as T
-from . import analysis, schema
-from ._output import OutputError, output_path
-from .filters import EventFilter
-from .trace import TraceReader
+from .. import _text as T
+from .. import analysis, schema
+from .._output import OutputError, output_path
+from ..filters import EventFilter
+from ..handling import NO_HANDLE
+from ..trace import TraceReader
+from . import _common as common
 
 FORMATS = ("perfetto", "csv", "parquet")
 CSV_COLUMNS = schema.EXPORT_COLUMNS  # CSV and Parquet: one column each, in this order
@@ -59,7 +63,7 @@ def export(reader: TraceReader, fmt: str, out_path: str, where: EventFilter | No
     if fmt == "parquet":
         _need_pyarrow()
     try:
-        with output_path(out_path) as path:
+        with output_path(out_path, inputs=(reader.path,)) as path:
             n = writer(reader, path, where, progress or (lambda k: None))
             size = os.path.getsize(path) if os.path.isfile(path) else None
     except OutputError as e:
@@ -85,7 +89,7 @@ def _csv_field(c: dict[str, np.ndarray], name: str, reasons: list[bytes]) -> np.
     if name == "t_exit_ns":
         return T.decimal(c["t_exit"])
     if name == "handle_ns":
-        no_handle = c["handle_ns"] == analysis.NO_HANDLE
+        no_handle = c["handle_ns"] == NO_HANDLE
         return T.blank(T.decimal(np.where(no_handle, 0, c["handle_ns"])), no_handle)
     if name == "reason":
         return T.lookup(reasons, c["reason"])
@@ -120,16 +124,8 @@ def _tid(vm: int, vcpu: int) -> int:
     return (vm + 1) * _TID_STRIDE + vcpu
 
 
-def _names(reader: TraceReader) -> dict[int, str]:
-    names = {}
-    for rec in reader.records(schema.MSG_VM_START):
-        if isinstance(rec.get("vm"), int) and isinstance(rec.get("name"), str):
-            names.setdefault(rec["vm"], rec["name"])
-    return names
-
-
 def _metadata(reader: TraceReader) -> list[dict]:
-    names = _names(reader)
+    names = analysis.vm_names(reader)
     events = []
     vcpus = sorted({(s.vm, s.vcpu) for s in reader.streams()})
     for vm in sorted({vm for vm, _ in vcpus}):
@@ -228,7 +224,7 @@ def _perfetto(reader: TraceReader, path: str, where, progress: Progress) -> int:
             n = len(c["t_exit"])
             rel = c["t_exit"] - np.int64(t0)
             handle = c["handle_ns"]
-            known = handle != analysis.NO_HANDLE
+            known = handle != NO_HANDLE
             dur = np.where(known, np.maximum(handle, 0), 0)
             io_or_mmio = (c["reason"] == schema.REASON_IO) | (c["reason"] == schema.REASON_MMIO)
             w = (c["flags"] & schema.FLAG_WRITE).astype(np.intp)
@@ -300,7 +296,7 @@ def _parquet(reader: TraceReader, path: str, where, progress: Progress) -> int:
         if name == "t_exit_ns":
             return pa.array(c["t_exit"])
         if name == "handle_ns":
-            return pa.array(c["handle_ns"], mask=c["handle_ns"] == analysis.NO_HANDLE)
+            return pa.array(c["handle_ns"], mask=c["handle_ns"] == NO_HANDLE)
         if name == "reason":
             return pa.DictionaryArray.from_arrays(pa.array(c["reason"]), reason_names)
         if name == "reason_code":
@@ -329,3 +325,37 @@ def _parquet(reader: TraceReader, path: str, where, progress: Progress) -> int:
             progress(n)
         flush(writer)
     return n_total
+
+
+def run(
+    trace: str = common.TRACE_ARG,
+    fmt: str = typer.Option(..., "--format", help="perfetto (Chrome/Perfetto JSON timeline), csv or parquet."),
+    out: str = typer.Option(..., "--output", "-o", help="The file to write ('-': standard output)."),
+    vm: Optional[str] = common.VM_OPT, vcpu: Optional[str] = common.VCPU_OPT, epoch: Optional[str] = common.EPOCH_OPT,
+    reason: Optional[str] = common.REASON_OPT, port: Optional[str] = common.PORT_OPT,
+    addr: Optional[str] = common.ADDR_OPT, where: Optional[str] = common.FILTER_OPT,
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                            help="A progress bar on stderr [default: when stderr is a terminal]."),
+) -> None:
+    """Write the events as a Perfetto timeline (open it in ui.perfetto.dev), CSV or Parquet."""
+    if fmt not in FORMATS:
+        common.bad_input(f"unknown --format {fmt!r} (choose from {', '.join(FORMATS)})")
+    common.refuse_overwriting(out, trace)
+    event_filter = common.event_filter(vm, vcpu, epoch, reason, port, addr, where)
+    with common.reading(trace) as reader:
+        show_bar = sys.stderr.isatty() if progress is None else progress
+        try:
+            if show_bar:
+                from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+                from rich.progress import Progress as ProgressBar
+                total = reader.event_count if event_filter is None else None
+                with ProgressBar(TextColumn(f"export {fmt}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                              console=common.console(stderr=True), transient=True) as bar:
+                    task = bar.add_task("export", total=total)
+                    result = export(reader, fmt, out, event_filter, lambda n: bar.advance(task, n))
+            else:
+                result = export(reader, fmt, out, event_filter)
+        except ExportError as e:
+            common.bad_input(str(e))
+    size = "" if result["bytes"] is None else f", {result['bytes']} bytes"
+    typer.echo(f"vmtrace: wrote {result['events']} events to {out} ({fmt}{size})", err=True)

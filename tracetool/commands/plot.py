@@ -13,18 +13,22 @@ import io
 import os
 import warnings
 
-import numpy as np
+from typing import Optional
 
-from . import schema
-from ._output import OutputError, output_path
-from .filters import EventFilter
-from .trace import TraceReader
+import numpy as np
+import typer
+
+from .._output import OutputError, output_path
+from ..analysis import vm_names
+from ..filters import EventFilter
+from ..handling import Stitcher
+from ..trace import TraceReader
+from . import _common as common
 
 FORMATS = {".png": "png", ".html": "html", ".htm": "html"}
 RATE_BINS = 200
 # handling time histogram: 20 bins per decade from 100 ns to 10 s
 _HANDLE_EDGES = np.logspace(2, 10, 8 * 20 + 1)
-_SEQ = schema.SEQ_COLUMN[0]
 
 
 class PlotError(Exception):
@@ -39,37 +43,33 @@ def plot_data(reader: TraceReader, where: EventFilter | None = None, bins: int =
     bins = max(1, min(bins, width))  # no bin shorter than 1 ns
     rate: dict[int, np.ndarray] = {}
     handle_counts = np.zeros(len(_HANDLE_EDGES) + 1, np.int64)  # [under, bins…, over]
-    pending: dict[tuple[int, int, int], tuple[int, int, bool]] = {}  # stream → (seq, t_exit, kept) of last event
+    handles = Stitcher()
+    last_kept: dict[tuple[int, int, int], bool] = {}  # stream → whether its last event is selected
     with np.errstate(all="ignore"):
         for batch in reader.exit_batches(where=where, columns=("t_exit", "guest_ns", "reason", "addr")):
             cols = batch.columns
             if not batch.n_rows:
                 continue
-            t, g, seq = cols["t_exit"], cols["guest_ns"], cols[_SEQ]
+            t = cols["t_exit"]
             keep = np.ones(batch.n_rows, bool) if where is None else where.mask(cols, vm=batch.vm, vcpu=batch.vcpu,
                                                                                  epoch=batch.epoch)
             stream = (batch.vm, batch.vcpu, batch.epoch)
-            before = pending.pop(stream, None)
-            handles = []
-            if before is not None and before[2] and before[0] + 1 == int(seq[0]):
-                handles.append(np.array([int(t[0]) - int(g[0]) - before[1]], np.int64))
-            h = (t[1:] - g[1:]) - t[:-1]
-            known = keep[:-1] & (seq[1:] == seq[:-1] + np.uint64(1))
-            handles.append(h[known])
-            for part in handles:
+            block = handles.block(batch)
+            known = keep[:-1] if block.follows is None else keep[:-1] & block.follows
+            parts = [block.inner[known]]
+            if last_kept.pop(stream, False) and block.previous is not None:
+                parts.append(np.array([block.previous], np.int64))
+            for part in parts:
                 handle_counts += np.bincount(np.searchsorted(_HANDLE_EDGES, part, "right"),
                                              minlength=len(handle_counts))[:len(handle_counts)]
-            pending[stream] = (int(seq[-1]), int(t[-1]), bool(keep[-1]))
+            last_kept[stream] = bool(keep[-1])
             tk = t[keep]
             if len(tk):
                 idx = np.clip(((tk - t0).astype(np.float64) * bins / width).astype(np.int64), 0, bins - 1)
                 acc = rate.setdefault(batch.vm, np.zeros(bins, np.int64))
                 acc += np.bincount(idx, minlength=bins)[:bins]
     bin_s = width / bins / 1e9
-    names = {}
-    for rec in reader.records(schema.MSG_VM_START):
-        if isinstance(rec.get("vm"), int) and isinstance(rec.get("name"), str):
-            names.setdefault(rec["vm"], rec["name"])
+    names = vm_names(reader)
     return {"t0_ns": t0, "span_ns": t1 - t0, "bins": bins, "bin_s": bin_s,
             "rate": {vm: counts / bin_s for vm, counts in sorted(rate.items())},
             "names": names, "handle_edges_ns": _HANDLE_EDGES, "handle_counts": handle_counts,
@@ -126,16 +126,16 @@ def _figure(data: dict, title: str):
     return fig
 
 
-def render(data: dict, out_path: str, title: str) -> int:
+def render(data: dict, out_path: str, title: str, inputs=()) -> int:
     """Draw the figure into out_path (.png or .html); returns the bytes written."""
     kind = output_kind(out_path)
     buf = io.BytesIO()
     with warnings.catch_warnings():  # e.g. "no positive values" for an empty log axis: not the user's concern
         warnings.simplefilter("ignore")
-        return _render(data, out_path, title, kind, buf)
+        return _render(data, out_path, title, kind, buf, inputs)
 
 
-def _render(data: dict, out_path: str, title: str, kind: str, buf: io.BytesIO) -> int:
+def _render(data: dict, out_path: str, title: str, kind: str, buf: io.BytesIO, inputs) -> int:
     fig = _figure(data, title)
     if kind == "png":
         fig.savefig(buf, format="png", dpi=100)
@@ -147,8 +147,32 @@ def _render(data: dict, out_path: str, title: str, kind: str, buf: io.BytesIO) -
         payload = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
                    f"<title>{html.escape(title)}</title></head>\n<body>\n{svg}\n</body></html>\n").encode()
     try:
-        with output_path(out_path) as path, open(path, "wb") as f:
+        with output_path(out_path, inputs) as path, open(path, "wb") as f:
             f.write(payload)
     except OutputError as e:
         raise PlotError(str(e)) from None
     return len(payload)
+
+
+def run(
+    trace: str = common.TRACE_ARG,
+    out: str = typer.Option(..., "--output", "-o", help="FILE.png or FILE.html (self-contained, inline SVG)."),
+    vm: Optional[str] = common.VM_OPT, vcpu: Optional[str] = common.VCPU_OPT, epoch: Optional[str] = common.EPOCH_OPT,
+    reason: Optional[str] = common.REASON_OPT, port: Optional[str] = common.PORT_OPT,
+    addr: Optional[str] = common.ADDR_OPT, where: Optional[str] = common.FILTER_OPT,
+) -> None:
+    """Exit rate over time per VM and a histogram of handling time, as a picture."""
+    try:
+        output_kind(out)
+    except PlotError as e:
+        common.bad_input(str(e))
+    common.refuse_overwriting(out, trace)
+    event_filter = common.event_filter(vm, vcpu, epoch, reason, port, addr, where)
+    with common.reading(trace) as reader:
+        data = plot_data(reader, event_filter)
+    title = f"{os.path.basename(trace)}: {data['events']} exits over {data['span_ns'] / 1e9:.3f} s"
+    try:
+        size = render(data, out, title, inputs=(trace,))
+    except PlotError as e:
+        common.bad_input(str(e))
+    typer.echo(f"vmtrace: wrote {out} ({size} bytes)", err=True)

@@ -8,10 +8,17 @@ their spacing relative to each other).
 
 from __future__ import annotations
 
+import json
+import sys
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
+import typer
+
+from ..screen import Snapshot, trace_snapshots
+from . import _common as c
+from .show import events, json_lines, text_lines
 
 _SLACK_S = 1e-6
 
@@ -51,3 +58,57 @@ def paced(chunks: Iterable[dict[str, np.ndarray]], speed: float = 1.0, max_sleep
                 wait = max_sleep
             if wait > 0:
                 sleep(wait)
+
+
+def screen_snapshots(reader, vm: str | None, lo: int | None, hi: int | None) -> list[Snapshot]:
+    """The screen snapshots to show beside the exits: of the --vm VMs, within the time window."""
+    want = None if vm is None else {int(v, 0) for v in vm.replace(",", "|").split("|") if v.strip()}
+    return [s for s in trace_snapshots(reader)
+            if (want is None or s.vm in want) and (lo is None or s.t >= lo) and (hi is None or s.t <= hi)]
+
+
+def screen_block(snap: Snapshot, t0: int | None, as_json: bool) -> str:
+    """A snapshot as replay prints it between the exits (text lines, or one JSON object)."""
+    if as_json:
+        return json.dumps(dict(snap.to_json(t0), type="screen")) + "\n"
+    when = (snap.t - (t0 or snap.t)) / 1e9
+    head = f"--- screen vm {snap.vm} epoch {snap.epoch} at {when:.6f} s ---"
+    lines = snap.lines()
+    while lines and not lines[-1]:
+        lines.pop()
+    return "\n".join([head, *lines, "-" * len(head)]) + "\n"
+
+
+def run(
+    trace: str = c.TRACE_ARG,
+    speed: float = typer.Option(1.0, "--speed", help="Replay X times faster than recorded (inf: no waiting)."),
+    max_sleep: Optional[float] = typer.Option(None, "--max-sleep", min=0,
+                                              help="Never wait longer than this many seconds between events."),
+    vm: Optional[str] = c.VM_OPT, vcpu: Optional[str] = c.VCPU_OPT, epoch: Optional[str] = c.EPOCH_OPT,
+    reason: Optional[str] = c.REASON_OPT, port: Optional[str] = c.PORT_OPT, addr: Optional[str] = c.ADDR_OPT,
+    where: Optional[str] = c.FILTER_OPT,
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per event, one per line."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=0, help="Stop after N events."),
+    t_from: Optional[str] = typer.Option(None, "--from", help="Start at this time since the first event (1.5, 250ms)."),
+    t_to: Optional[str] = typer.Option(None, "--to", help="Stop after this time since the first event."),
+    show_screen: bool = typer.Option(False, "--screen", help="Print each VGA screen snapshot as it comes, beside the exits."),
+) -> None:
+    """Print events at their recorded pace (or X times faster), one line each as `show` does."""
+    if not speed > 0:
+        c.bad_input(f"--speed must be greater than 0, not {speed}")
+    event_filter = c.event_filter(vm, vcpu, epoch, reason, port, addr, where)
+    span = c.time_window(t_from, t_to)
+    with c.reading(trace) as reader:
+        t0, chunks = events(reader, event_filter, limit, span)
+        render = json_lines if as_json else text_lines
+        out = sys.stdout
+        lo, hi = c.absolute(span, t0)
+        snaps = screen_snapshots(reader, vm, lo, hi) if show_screen else []
+        for chunk in paced(chunks, speed, max_sleep):
+            while snaps and snaps[0].t <= int(chunk["t_exit"][-1]):
+                out.write(screen_block(snaps.pop(0), t0, as_json))
+            out.write("".join(render(chunk, t0)))
+            out.flush()  # each event as it comes due
+        for snap in snaps:  # drawn after the last matching exit
+            out.write(screen_block(snap, t0, as_json))
+        out.flush()

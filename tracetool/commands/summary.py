@@ -6,242 +6,43 @@ enters the guest again), and min / max / mean / stddev / p50 / p99 of guest time
 inside KVM_RUN that ended in this exit) and of handling time (see schema: derived from the
 next event of the same stream; a stream's last event has none).
 
-Numpy throughout, one block at a time in file order. Every statistic is exact and percentiles
-follow numpy's default (linear interpolation between order statistics). To get there without
-keeping every value: times below DENSE_NS (65.5 µs, where almost all exits fall) are counted
-in one bincount per group, which gives order statistics, sums and moments exactly; only the
-rarer values outside are kept. Fresh memory is what costs most here (a first-touched page
-costs ~11 µs under PVM), so keeping 16 bytes per event would cost more than decoding it.
-If the kept outliers pass `exact_limit` values, the rest go into a log histogram (128
-sub-buckets per power of two, relative error below 0.4 %) and the result says the
-percentiles are approximate; counts, sums, min, max, mean and stddev stay exact.
+Numpy throughout, one block at a time in file order; the statistics of each group are
+tracetool.streaming_stats's (exact, within a memory budget shared by all groups).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
+import typer
 
-from . import schema
-from .filters import EventFilter
-from .trace import ExitBatch, TraceReader
+from .. import schema
+from ..analysis import vm_names
+from ..filters import EventFilter
+from ..handling import Stitcher
+from ..streaming_stats import PERCENTILES, Budget, Metric
+from ..trace import ExitBatch, TraceReader
+from . import _common as c
 
 GROUPINGS = ("reason", "ioport", "mmio", "vcpu", "vm")
 SORTS = ("count", "time", "max")
-PERCENTILES = (50, 99)
-DENSE_NS = 1 << 16  # times counted in a dense bincount: 0 .. 65.5 µs
 EXACT_LIMIT = 1 << 24  # outliers kept for exact percentiles, all groups together (8 bytes each)
-_PROMOTE = 4096  # a group's values kept as they are until it has this many
-_SEQ = schema.SEQ_COLUMN[0]
-_SUB_BITS = 7  # log histogram: 2**7 sub-buckets per power of two
-_HIST_SIZE = (64 - _SUB_BITS + 1) << _SUB_BITS
-
-
-class _LogHistogram:
-    """Counts of non-negative int64 values in log-linear buckets (HDR-histogram style): values
-    below 2**8 exactly, larger ones in 128 sub-buckets per power of two. Negative values (only a
-    hostile file has them) count as 0."""
-
-    def __init__(self) -> None:
-        self.counts = np.zeros(_HIST_SIZE, np.int64)
-
-    @staticmethod
-    def _index(values: np.ndarray) -> np.ndarray:
-        v = np.maximum(values, 0).astype(np.uint64)
-        # floor(log2 v) from float64's exponent (-1 for 0); rounding near 2**53 only moves a value
-        # to a neighbouring bucket
-        e = np.frexp(v.astype(np.float64))[1].astype(np.int64) - 1
-        shift = np.maximum(e - _SUB_BITS, 0)
-        top = (v >> shift.astype(np.uint64)).astype(np.int64)
-        return np.clip(shift * (1 << _SUB_BITS) + top, 0, _HIST_SIZE - 1)
-
-    def add(self, values: np.ndarray) -> None:
-        if len(values):
-            self.counts += np.bincount(self._index(values), minlength=_HIST_SIZE)[:_HIST_SIZE]
-
-    def kth(self, k: int) -> float:
-        """The k-th smallest value (0-based), as the middle of its bucket."""
-        i = int(np.searchsorted(np.cumsum(self.counts), k, "right"))
-        shift, top = divmod(min(i, _HIST_SIZE - 1), 1 << _SUB_BITS)
-        if shift == 0:
-            return float(top)
-        shift -= 1
-        top += 1 << _SUB_BITS
-        return float(top << shift) + ((1 << shift) - 1) / 2
-
-
-class _Budget:
-    """How many outlier values the whole summary may still keep exactly."""
-
-    def __init__(self, limit: int) -> None:
-        self.left = limit
-        self.exact = True
-
-    def take(self, n: int) -> bool:
-        if n > self.left:
-            self.exact = False
-            return False
-        self.left -= n
-        return True
-
-
-@dataclass
-class _Moments:
-    """Count, exact total, min, max and (Chan et al.'s parallel update) mean and M2."""
-
-    n: int = 0
-    total: int = 0
-    mean: float = 0.0
-    m2: float = 0.0
-    lo: int | None = None
-    hi: int | None = None
-
-    def add(self, x: np.ndarray) -> None:
-        if len(x):
-            mean = float(x.sum(dtype=np.float64)) / len(x)
-            d = x.astype(np.float64) - mean
-            self.merge(_Moments(len(x), int(x.sum()), mean, float(np.dot(d, d)), int(x.min()), int(x.max())))
-
-    def merge(self, o: "_Moments") -> None:
-        if not o.n:
-            return
-        both = self.n + o.n
-        delta = o.mean - self.mean
-        self.m2 += o.m2 + delta * delta * self.n * o.n / both
-        self.mean += delta * o.n / both
-        self.n = both
-        self.total += o.total
-        self.lo = o.lo if self.lo is None else min(self.lo, o.lo)
-        self.hi = o.hi if self.hi is None else max(self.hi, o.hi)
-
-
-class _Metric:
-    """One metric (guest or handling time) of one group: its first values as they are; once it
-    has more than _PROMOTE, a dense bincount of the values in [0, DENSE_NS) plus the outliers
-    (kept while the budget lasts, then in a log histogram)."""
-
-    __slots__ = ("budget", "small", "n_small", "dense", "out", "out_parts", "out_hist")
-
-    def __init__(self, budget: _Budget) -> None:
-        self.budget = budget
-        self.small: list[np.ndarray] = []
-        self.n_small = 0
-        self.dense: np.ndarray | None = None
-        self.out = _Moments()
-        self.out_parts: list[np.ndarray] = []
-        self.out_hist: _LogHistogram | None = None
-
-    def add(self, x: np.ndarray) -> None:
-        if not len(x):
-            return
-        if self.dense is None:
-            self.small.append(x.copy())  # a copy: a view would keep the whole decoded block alive
-            self.n_small += len(x)
-            if self.n_small > _PROMOTE:
-                self.dense = np.zeros(DENSE_NS, np.int64)
-                small, self.small = self.small, []
-                self._add_dense(np.concatenate(small))
-            return
-        self._add_dense(x)
-
-    def _add_dense(self, x: np.ndarray) -> None:
-        if int(x.min()) >= 0 and int(x.max()) < DENSE_NS:  # the common case: no outlier
-            counts = np.bincount(x)
-            self.dense[:len(counts)] += counts
-            return
-        inside = (x >= 0) & (x < DENSE_NS)
-        counts = np.bincount(x[inside])
-        self.dense[:len(counts)] += counts
-        outliers = x[~inside]
-        self.out.add(outliers)
-        if self.out_hist is None and self.budget.take(len(outliers)):
-            self.out_parts.append(outliers)
-        else:
-            if self.out_hist is None:
-                self.out_hist = _LogHistogram()
-                for part in self.out_parts:
-                    self.out_hist.add(part)
-                self.out_parts = []
-            self.out_hist.add(outliers)
-
-    @property
-    def n(self) -> int:
-        return self.n_small if self.dense is None else int(self.dense.sum()) + self.out.n
-
-    def result(self) -> dict:
-        if self.dense is None:
-            return self._result_small()
-        values = np.arange(DENSE_NS, dtype=np.int64)
-        c = self.dense
-        nonzero = np.flatnonzero(c)
-        stats = _Moments()
-        if len(nonzero):
-            n = int(c.sum())
-            total = int(np.dot(c, values))
-            mean = total / n
-            d = values[nonzero[0]:nonzero[-1] + 1] - mean
-            m2 = float(np.dot(c[nonzero[0]:nonzero[-1] + 1], d * d))
-            stats.merge(_Moments(n, total, mean, m2, int(nonzero[0]), int(nonzero[-1])))
-        stats.merge(self.out)
-        # Order statistics over: outliers below 0, the dense counts, outliers from DENSE_NS up.
-        out = np.sort(np.concatenate(self.out_parts)) if self.out_parts else np.empty(0, np.int64)
-        below = int(np.searchsorted(out, 0))
-        cum = np.cumsum(c)
-        in_dense = int(cum[-1])
-
-        def kth(k: int) -> float:
-            if k < below:
-                return float(out[k])
-            k -= below
-            if k < in_dense:
-                return float(np.searchsorted(cum, k, "right"))
-            k -= in_dense
-            if self.out_hist is None:
-                return float(out[below + k])
-            return self.out_hist.kth(k)
-
-        pct = []
-        for q in PERCENTILES:
-            rank = q / 100 * (stats.n - 1)
-            lo = math.floor(rank)
-            a = kth(lo)
-            b = kth(lo + 1) if lo + 1 < stats.n else a
-            pct.append(a + (b - a) * (rank - lo))
-        return self._shape(stats, pct, self.out_hist is None)
-
-    def _result_small(self) -> dict:
-        x = self.small[0] if len(self.small) == 1 else np.concatenate(self.small) if self.small else None
-        if x is None:
-            return self._shape(_Moments(), [None] * len(PERCENTILES), True)
-        stats = _Moments()
-        stats.add(x)
-        return self._shape(stats, np.percentile(x, PERCENTILES).tolist(), True)
-
-    @staticmethod
-    def _shape(stats: _Moments, pct: list, exact: bool) -> dict:
-        if not stats.n:
-            return {"count": 0, "total_ns": 0, "min_ns": None, "max_ns": None, "mean_ns": None,
-                    "stddev_ns": None, **{f"p{q}_ns": None for q in PERCENTILES}, "exact": True}
-        return {"count": stats.n, "total_ns": stats.total, "min_ns": stats.lo, "max_ns": stats.hi,
-                "mean_ns": stats.mean, "stddev_ns": math.sqrt(max(stats.m2, 0.0) / stats.n),
-                **{f"p{q}_ns": float(v) for q, v in zip(PERCENTILES, pct)}, "exact": exact}
 
 
 class _Group:
     __slots__ = ("guest", "handle")
 
-    def __init__(self, budget: _Budget) -> None:
-        self.guest = _Metric(budget)
-        self.handle = _Metric(budget)
+    def __init__(self, budget: Budget) -> None:
+        self.guest = Metric(budget)
+        self.handle = Metric(budget)
 
 
 class _Summary:
     def __init__(self, by: str, exact_limit: int) -> None:
         self.by = by
         self.groups: dict[tuple, _Group] = {}
-        self.budget = _Budget(exact_limit)
+        self.budget = Budget(exact_limit)
 
     def group(self, key: tuple) -> _Group:
         g = self.groups.get(key)
@@ -324,13 +125,14 @@ def summarize(reader: TraceReader, by: str = "reason", sort: str = "count", wher
         raise ValueError(f"unknown sort key {sort!r} (known: {', '.join(SORTS)})")
     acc = _Summary(by, exact_limit)
     only_reason = _REASON_OF.get(by)
-    pending: dict[tuple[int, int, int], tuple] = {}  # stream → (seq, t_exit, group key) of its last event
+    handles = Stitcher()
+    last_key: dict[tuple[int, int, int], tuple] = {}  # stream → group of its last event, if kept
     columns = {"t_exit", "guest_ns", "reason"}
     if by in ("ioport", "mmio") or where is not None:
         columns |= {"addr", "flags"}
     with np.errstate(all="ignore"):  # a hostile file may overflow int64 arithmetic; no warnings
         for batch in reader.exit_batches(where=where, columns=columns):
-            _add_batch(acc, batch, by, only_reason, where, pending)
+            _add_batch(acc, batch, by, only_reason, where, handles, last_key)
     return _result(reader, acc, by, sort, where)
 
 
@@ -348,21 +150,20 @@ def _event_key(by: str, batch: ExitBatch, reason: int, addr: int, flags: int) ->
 
 
 def _add_batch(acc: _Summary, batch: ExitBatch, by: str, only_reason: int | None, where: EventFilter | None,
-               pending: dict) -> None:
+               handles: Stitcher, last_key: dict) -> None:
     cols = batch.columns
     n = batch.n_rows
     if not n:
         return
-    t, g, seq = cols["t_exit"], cols["guest_ns"], cols[_SEQ]
+    g = cols["guest_ns"]
     stream = (batch.vm, batch.vcpu, batch.epoch)
-    before = pending.pop(stream, None)
-    if before is not None and before[0] + 1 == int(seq[0]):
+    block = handles.block(batch)
+    before = last_key.pop(stream, None)
+    if before is not None and block.previous is not None:
         # the previous block's last event of this stream: handled until this block's first entry
-        value = int(t[0]) - int(g[0]) - before[1]
-        value = (value + (1 << 63)) % (1 << 64) - (1 << 63)  # wraps like the int64 columns do
-        acc.group(before[2]).handle.add(np.array([value], np.int64))
-    handle = (t[1:] - g[1:]) - t[:-1]  # rows 0 .. n-2; the last row's comes with the next block
-    contiguous = int(seq[-1]) - int(seq[0]) == n - 1  # no sequence number dropped inside the block
+        acc.group(before).handle.add(np.array([block.previous], np.int64))
+    handle = block.inner  # rows 0 .. n-2; the last row's comes with the next block
+    contiguous = block.follows is None  # no sequence number dropped inside the block
 
     keep = None
     if only_reason is not None:
@@ -389,7 +190,7 @@ def _add_batch(acc: _Summary, batch: ExitBatch, by: str, only_reason: int | None
         full[:-1] = handle
         full[-1] = 0
         known = np.zeros(n, bool)
-        known[:-1] = True if contiguous else seq[1:] == seq[:-1] + np.uint64(1)
+        known[:-1] = True if contiguous else block.follows
         sub = cols
         if keep is not None:
             sub = {name: cols[name][keep] for name in ("reason", "addr", "flags")}
@@ -403,7 +204,7 @@ def _add_batch(acc: _Summary, batch: ExitBatch, by: str, only_reason: int | None
         wide = by in ("ioport", "mmio")
         key = _event_key(by, batch, int(cols["reason"][-1]), int(cols["addr"][-1]) if wide else 0,
                          int(cols["flags"][-1]) if wide else 0)
-        pending[stream] = (int(seq[-1]), int(t[-1]), key)
+        last_key[stream] = key
 
 
 def _label(by: str, key: tuple) -> str:
@@ -435,11 +236,7 @@ def _result(reader: TraceReader, acc: _Summary, by: str, sort: str, where: Event
     events = sum(gr["count"] for gr, _ in results.values())
     handle_total = sum(hr["total_ns"] for _, hr in results.values())
     guest_total = sum(gr["total_ns"] for gr, _ in results.values())
-    names = {}
-    if by == "vm":
-        for rec in reader.records(schema.MSG_VM_START):
-            if isinstance(rec.get("vm"), int) and isinstance(rec.get("name"), str):
-                names.setdefault(rec["vm"], rec["name"])
+    names = vm_names(reader) if by == "vm" else {}
     groups = []
     for key, (gr, hr) in results.items():
         entry = {"key": _label(by, key), **_key_fields(by, key), "count": gr["count"],
@@ -459,3 +256,59 @@ def _result(reader: TraceReader, acc: _Summary, by: str, sort: str, where: Event
         "percentiles": list(PERCENTILES), "percentiles_exact": acc.budget.exact,
         "groups": groups,
     }
+
+
+_TITLES = {"reason": "Exits by reason", "ioport": "I/O exits by port:direction", "mmio": "MMIO exits by address:R/W",
+           "vcpu": "Exits by vCPU", "vm": "Exits by VM"}
+
+
+def render(data: dict, console) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    title = _TITLES[data["by"]]
+    if data["filter"]:
+        title += f" ({data['filter']})"
+    t = Table(title=title + " — times in µs", title_justify="left", title_style="bold")
+    head = ["key", "count", "%", "time%"]
+    for metric in ("guest", "handle"):
+        head += [f"{metric} mean", "±sd", "min", "p50", "p99", "max"]
+    for i, name in enumerate(head):
+        t.add_column(name, justify="left" if i == 0 else "right")
+    for g in data["groups"]:
+        key = g["key"] + (f" ({g['name']})" if g.get("name") else "")
+        cells = [key, str(g["count"]), f"{g['pct']:.2f}", f"{g['time_pct']:.2f}"]
+        for metric in ("guest", "handle"):
+            m = g[metric]
+            cells += [c.usec(m["mean_ns"]), c.usec(m["stddev_ns"]), c.usec(m["min_ns"]), c.usec(m["p50_ns"]),
+                      c.usec(m["p99_ns"]), c.usec(m["max_ns"])]
+        t.add_row(*(Text(cell) for cell in cells))
+    console.print(t)
+    note = (f"{data['events']} events; guest time {data['guest_total_ns'] / 1e9:.6f} s, "
+            f"handling time {data['handle_total_ns'] / 1e9:.6f} s (time% is each group's share of it)")
+    if not data["percentiles_exact"]:
+        note += "; percentiles approximate (too many outliers to keep: log histogram, <0.4% error)"
+    console.print(Text(note))
+
+
+def run(
+    trace: str = c.TRACE_ARG,
+    by: str = typer.Option("reason", "--by", help="Group by reason, ioport (port:direction), mmio (address:R/W), vcpu or vm."),
+    sort: str = typer.Option("count", "--sort", help="Order groups by count, time (total handling time) or max (longest handling)."),
+    vm: Optional[str] = c.VM_OPT, vcpu: Optional[str] = c.VCPU_OPT, epoch: Optional[str] = c.EPOCH_OPT,
+    reason: Optional[str] = c.REASON_OPT, port: Optional[str] = c.PORT_OPT, addr: Optional[str] = c.ADDR_OPT,
+    where: Optional[str] = c.FILTER_OPT,
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
+) -> None:
+    """Exits per group with count, %, time% and min/max/mean/stddev/p50/p99 of guest and handling time."""
+    if by not in GROUPINGS:
+        c.bad_input(f"unknown --by {by!r} (choose from {', '.join(GROUPINGS)})")
+    if sort not in SORTS:
+        c.bad_input(f"unknown --sort {sort!r} (choose from {', '.join(SORTS)})")
+    event_filter = c.event_filter(vm, vcpu, epoch, reason, port, addr, where)
+    with c.reading(trace) as reader:
+        data = summarize(reader, by=by, sort=sort, where=event_filter)
+    if as_json:
+        c.dump_json(data)
+    else:
+        render(data, c.console())

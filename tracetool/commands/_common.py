@@ -1,0 +1,157 @@
+"""What every vmtrace command shares: exit codes, error lines, the rich Console, JSON output,
+opening a trace, the filter and time-window options, and refusing to overwrite an input.
+
+Bad input (a missing, truncated, corrupt or foreign file, a bad filter) ends in one
+`vmtrace: error: …` line and exit code 2; a torn tail (a recorder killed while writing) is a
+warning, and the readable part is shown.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from decimal import Decimal, InvalidOperation
+from typing import NoReturn
+
+import typer
+
+from .._output import OutputError, refuse_overwriting_inputs
+from ..filters import EventFilter, FilterError, parse_filter
+from ..trace import TraceError, TraceReader
+
+EXIT_BAD_INPUT = 2  # as vmsup: bad input, an unreadable trace (typer uses 2 for usage errors too)
+EXIT_INTERRUPTED = 130
+EXIT_PROBLEMS = 1  # verify found problems; diff found differences (as diff(1))
+
+# Piped into a file or grep, cells wrapped at 80 columns would split words; use wide lines.
+PIPE_WIDTH = 200
+
+
+def err(message: str) -> None:
+    typer.echo(f"vmtrace: error: {message}", err=True)
+
+
+def warn(message: str) -> None:
+    typer.echo(f"vmtrace: warning: {message}", err=True)
+
+
+def bad_input(message: str) -> NoReturn:
+    """End the command: one error line, exit code 2."""
+    sys.stdout.flush()
+    err(message)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def warn_reader(reader_path: str, torn_tail, warnings: list[str]) -> None:
+    if torn_tail is not None:
+        offset, reason = torn_tail
+        warn(f"{reader_path}: torn tail at offset {offset} ({reason}); using the blocks before it")
+    for w in warnings:
+        warn(f"{reader_path}: {w}")
+
+
+def or_exit(analyse, *args):
+    """Run one analysis over trace files; a bad file becomes one error line and exit 2."""
+    try:
+        return analyse(*args)
+    except TraceError as e:
+        bad_input(str(e))
+
+
+@contextmanager
+def reading(trace: str, *, warn: bool = True, **kwargs):
+    """Open a trace for a command: its warnings on stderr; a TraceError anywhere inside ends the
+    command with one line and exit code 2."""
+    try:
+        with TraceReader(trace, **kwargs) as reader:
+            if warn:
+                warn_reader(trace, reader.torn_tail, reader.warnings)
+            yield reader
+    except TraceError as e:
+        bad_input(str(e))
+
+
+def console(file=None, *, stderr: bool = False, pipe_width: int = PIPE_WIDTH):
+    """The rich Console every command renders through (stdout, or stderr for progress)."""
+    from rich.console import Console
+    out = file or (sys.stderr if stderr else sys.stdout)
+    return Console(file=out, highlight=False, width=None if out.isatty() else pipe_width)
+
+
+def json_default(value):
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return str(value)
+
+
+def dump_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=json_default) + "\n")
+
+
+def usec(ns) -> str:
+    return "-" if ns is None else f"{ns / 1000:.2f}"
+
+
+def refuse_overwriting(out: str, *inputs: str) -> None:
+    """A command that writes `out` from `inputs` ends (exit 2) when `out` is one of them."""
+    try:
+        refuse_overwriting_inputs(out, inputs)
+    except OutputError as e:
+        bad_input(str(e))
+
+
+# --- options shared by the commands that select events ----------------------------------------------
+TRACE_ARG = typer.Argument(..., help="A trace file written by the vmsup recorder.")
+VM_OPT = typer.Option(None, "--vm", help="VM id(s): 0 or 0|2.")
+VCPU_OPT = typer.Option(None, "--vcpu", help="vCPU id(s).")
+EPOCH_OPT = typer.Option(None, "--epoch", help="Epoch(s) (a VM's restarts).")
+REASON_OPT = typer.Option(None, "--reason", help="Exit reason(s) by name or number: io|mmio.")
+PORT_OPT = typer.Option(None, "--port", help="I/O port(s), decimal or 0x-hex (implies io).")
+ADDR_OPT = typer.Option(None, "--addr", help="MMIO address(es) (implies mmio).")
+FILTER_OPT = typer.Option(None, "--filter", "-f", help="A filter expression: vm=0,reason=io|mmio,port=0x10.")
+
+
+def event_filter(vm=None, vcpu=None, epoch=None, reason=None, port=None, addr=None, where=None) -> EventFilter | None:
+    """The command's filter flags as one EventFilter (None: everything); bad text ends the command."""
+    try:
+        selected = EventFilter.from_options(vm=vm, vcpu=vcpu, epoch=epoch, reason=reason, port=port, addr=addr)
+        selected &= parse_filter(where)
+    except FilterError as e:
+        bad_input(str(e))
+    return None if selected.matches_everything else selected
+
+
+_TIME_UNITS = (("ns", 1), ("us", 1_000), ("µs", 1_000), ("ms", 1_000_000), ("s", 1_000_000_000))
+
+
+def parse_time(text: str, flag: str) -> int:
+    """`1.5`, `1.5s`, `250ms`, `40us`, `1500ns` (a leading + is allowed) → ns."""
+    s = text.strip().lower().lstrip("+")
+    scale = 1_000_000_000
+    for unit, factor in _TIME_UNITS:
+        if s.endswith(unit) and not (unit == "s" and s[-2:-1] in ("n", "u", "µ", "m")):
+            s, scale = s[:-len(unit)].strip(), factor
+            break
+    try:
+        value = Decimal(s)
+        if not value.is_finite() or value < 0:
+            raise InvalidOperation
+    except (InvalidOperation, ValueError):
+        bad_input(f"bad {flag} {text!r}: expected a time since the first event, e.g. 1.5, 250ms, 40us")
+    return int(value * scale)
+
+
+def time_window(t_from: str | None, t_to: str | None) -> tuple[int | None, int | None]:
+    lo = None if t_from is None else parse_time(t_from, "--from")
+    hi = None if t_to is None else parse_time(t_to, "--to")
+    if lo is not None and hi is not None and hi < lo:
+        bad_input(f"--to {t_to} is before --from {t_from}")
+    return lo, hi
+
+
+def absolute(span: tuple[int | None, int | None], t0: int | None) -> tuple[int | None, int | None]:
+    base = t0 or 0
+    return tuple(None if v is None else min(base + v, (1 << 63) - 1) for v in span)

@@ -1,0 +1,184 @@
+"""`vmtrace info`: runs, VMs, streams, events per VM and reason, gaps, time span and size."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime, timezone
+
+import typer
+
+from .. import schema
+from ..analysis import events_by_vm_and_reason
+from ..trace import TraceReader
+from . import _common as c
+
+# info's tables hold long cells (a VM's spec): narrower than the other commands' when piped
+PIPE_WIDTH = 160
+
+
+def trace_info(path) -> dict:
+    """Everything `vmtrace info` shows, as JSON-ready plain data."""
+    with TraceReader(path) as reader:
+        return _info(reader)
+
+
+def _info(reader: TraceReader) -> dict:
+    by_vm = events_by_vm_and_reason(reader)
+    events = reader.event_count
+    span = reader.time_range
+    torn = reader.torn_tail
+    return {
+        "file": {
+            "path": reader.path,
+            "size": reader.size,
+            "format_version": reader.format_version,
+            "schema_version": reader.header["schema"].get("version"),
+            "created_ns": reader.header.get("created"),
+            "closed_cleanly": reader.closed_cleanly,
+            "torn_tail": None if torn is None else {"offset": torn[0], "reason": torn[1]},
+            "exit_blocks": len(reader.exit_blocks()),
+            "unknown_blocks": reader.unknown_blocks,
+            "warnings": list(reader.warnings),
+        },
+        "run": reader.run,
+        "vms": _vms(reader),
+        "streams": [asdict(s) for s in reader.streams()],
+        "events": {
+            "total": events,
+            "by_vm": [{"vm": vm, "total": sum(counts.values()),
+                       "by_reason": {schema.reason_name(code): n for code, n in sorted(counts.items())}}
+                      for vm, counts in sorted(by_vm.items())],
+        },
+        "gaps": {
+            "recorded": reader.gaps,
+            "unexplained": [asdict(d) for d in reader.unexplained_gaps],
+        },
+        "time": None if span is None else {
+            "first_ns": span[0], "last_ns": span[1], "span_s": (span[1] - span[0]) / 1e9},
+        "bytes_per_event": reader.size / events if events else None,
+    }
+
+
+def _vms(reader: TraceReader) -> list[dict]:
+    vms: dict[tuple, dict] = {}
+    for rec in reader.records(schema.MSG_VM_START):
+        key = (rec.get("vm"), rec.get("epoch"))
+        vms[key] = {"vm": rec.get("vm"), "epoch": rec.get("epoch"), "name": rec.get("name"),
+                    "spec": rec.get("spec"), "sha256": rec.get("sha256"), "mode": rec.get("mode"),
+                    "vcpus": rec.get("vcpus"), "mem_size": rec.get("mem_size"), "pid": rec.get("pid"),
+                    "started_ns": rec.get("t"), "status": None}
+    for rec in reader.records(schema.MSG_VM_END):
+        key = (rec.get("vm"), rec.get("epoch"))
+        entry = vms.setdefault(key, {"vm": key[0], "epoch": key[1], "name": None})
+        entry.update({"status": rec.get("status"), "guest_code": rec.get("guest_code"),
+                      "detail": rec.get("detail"), "exits": rec.get("exits"), "ended_ns": rec.get("t")})
+    streams = reader.streams()
+    for s in streams:
+        vms.setdefault((s.vm, s.epoch), {"vm": s.vm, "epoch": s.epoch, "name": None, "status": None})
+    out = []
+    for key in sorted(vms, key=lambda k: tuple((0, x) if isinstance(x, int) else (1, str(x)) for x in k)):
+        entry = vms[key]
+        entry["events_in_trace"] = sum(s.events for s in streams if (s.vm, s.epoch) == key)
+        out.append(entry)
+    return out
+
+
+def render(data: dict, console) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    def table(title: str, *columns: str) -> Table:
+        t = Table(title=title, title_justify="left", title_style="bold")
+        for col in columns:
+            t.add_column(col, overflow="fold")
+        return t
+
+    def row(t: Table, *cells) -> None:
+        t.add_row(*(Text(_text(cell)) for cell in cells))  # Text: file contents are never markup
+
+    f = data["file"]
+    console.print(Text(f"{f['path']}: {f['size']} bytes, trace format {f['format_version']}, "
+                       f"event schema {f['schema_version']}, created {_when(f['created_ns'])}"))
+    if f["torn_tail"] is not None:
+        state = f"torn tail at offset {f['torn_tail']['offset']} ({f['torn_tail']['reason']})"
+    elif f["closed_cleanly"]:
+        state = "closed cleanly"
+    else:
+        state = "not closed (no index footer: the recorder did not finish)"
+    console.print(Text(f"state: {state}"))
+
+    if data["run"]:
+        t = table("Run", "key", "value")
+        for k, v in data["run"].items():
+            row(t, k, v)
+        console.print(t)
+
+    t = table("VMs", "vm", "epoch", "name", "status", "exits", "in trace", "vcpus", "guest sha256", "spec")
+    for vm in data["vms"]:
+        sha = vm.get("sha256")
+        status = vm.get("status") or "(no vm-end)"
+        if vm.get("detail"):
+            status += f" ({vm['detail']})"
+        row(t, vm["vm"], vm["epoch"], vm.get("name"), status, vm.get("exits"), vm.get("events_in_trace"),
+            vm.get("vcpus"), sha[:16] if isinstance(sha, str) else sha, vm.get("spec"))
+    console.print(t)
+
+    t = table("Streams", "vm", "vcpu", "epoch", "events", "covered", "first seq", "last seq", "blocks")
+    for s in data["streams"]:
+        row(t, s["vm"], s["vcpu"], s["epoch"], s["events"], s["covered"], s["first_seq"], s["last_seq"], s["blocks"])
+    console.print(t)
+
+    t = table("Events", "vm", "reason", "events", "share")
+    for entry in data["events"]["by_vm"]:
+        for reason, n in sorted(entry["by_reason"].items(), key=lambda kv: -kv[1]):
+            row(t, entry["vm"], reason, n, f"{100 * n / entry['total']:.1f}%" if entry["total"] else "-")
+    console.print(t)
+
+    gaps = data["gaps"]
+    if gaps["recorded"]:
+        t = table("Gaps (recorded)", "vm", "vcpu", "epoch", "first missing", "count", "cause")
+        for g in gaps["recorded"]:
+            row(t, g.get("vm"), g.get("vcpu"), g.get("epoch"), g.get("first_missing"), g.get("count"), g.get("cause"))
+        console.print(t)
+    if gaps["unexplained"]:
+        t = table("Gaps (unexplained)", "vm", "vcpu", "epoch", "first seq", "count", "kind", "offset")
+        for g in gaps["unexplained"]:
+            row(t, g["vm"], g["vcpu"], g["epoch"], g["first_seq"], g["count"], g["kind"], g["offset"])
+        console.print(t)
+
+    total = data["events"]["total"]
+    span = data["time"]["span_s"] if data["time"] else 0.0
+    per_event = data["bytes_per_event"]
+    console.print(Text(
+        f"{total} events in {span:.6f} s; gaps: {len(gaps['recorded'])} recorded, "
+        f"{len(gaps['unexplained'])} unexplained; "
+        + (f"{per_event:.3f} bytes/event" if per_event is not None else "no events")))
+
+
+def _when(ns) -> str:
+    if not isinstance(ns, int):
+        return "?"
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _text(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=c.json_default, separators=(",", ":"))
+    return str(value)
+
+
+def run(
+    trace: str = c.TRACE_ARG,
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of tables."),
+) -> None:
+    """Runs, VMs, streams, events per VM and reason, gaps, time span and size of a trace."""
+    data = c.or_exit(trace_info, trace)
+    torn = data["file"]["torn_tail"]
+    c.warn_reader(trace, None if torn is None else (torn["offset"], torn["reason"]), data["file"]["warnings"])
+    if as_json:
+        c.dump_json(data)
+    else:
+        render(data, c.console(pipe_width=PIPE_WIDTH))

@@ -1,0 +1,88 @@
+"""`vmtrace show`: events of every stream in time order, one line each (or one JSON object)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Iterator, Optional
+
+import numpy as np
+import typer
+
+from .. import analysis, schema
+from ..filters import EventFilter
+from ..handling import NO_HANDLE
+from ..trace import TraceReader
+from . import _common as c
+
+
+def events(reader: TraceReader, where: EventFilter | None, limit: int | None,
+           span: tuple[int | None, int | None]) -> tuple[int | None, Iterator[dict[str, np.ndarray]]]:
+    """(t0, chunks): the zero of relative times and the matching events in time order, in chunks
+    of columns; `span` is the --from/--to window relative to t0."""
+    t0 = analysis.trace_start(reader)
+    return t0, analysis.events_in_time_order(reader, where, limit, *c.absolute(span, t0))
+
+
+def _event_rows(chunk: dict):
+    """One tuple of plain ints per event (tolist() converts a whole column at once)."""
+    names = ("t_exit", "vm", "vcpu", "epoch", "seq", "reason", "flags", "addr", "size", "count", "data",
+             "guest_ns", "handle_ns")
+    return zip(*(chunk[n].tolist() for n in names))
+
+
+def _us(ns: int) -> str:
+    return f"{ns / 1000:.1f}us"
+
+
+def text_lines(chunk: dict, t0: int) -> list[str]:
+    """One line per event, for people."""
+    lines = []
+    for t, vm, vcpu, epoch, seq, reason, flags, addr, size, count, data, guest, handle in _event_rows(chunk):
+        rel = t - t0
+        sign = "+" if rel >= 0 else "-"
+        rel = abs(rel)
+        head = f"t={sign}{rel // 1_000_000_000}.{rel % 1_000_000_000:09d} vm={vm} vcpu={vcpu} "
+        if epoch:
+            head += f"epoch={epoch} "
+        what = schema.describe_exit(reason, flags, addr, size, data, count)
+        tail = f" guest={_us(guest)} handle={'-' if handle == NO_HANDLE else _us(handle)}\n"
+        lines.append(f"{head}seq={seq} {what}{tail}")
+    return lines
+
+
+def json_lines(chunk: dict, t0: int) -> list[str]:
+    """One JSON object per event and line, for scripts."""
+    lines = []
+    for t, vm, vcpu, epoch, seq, reason, flags, addr, size, count, data, guest, handle in _event_rows(chunk):
+        event = {"t_ns": t, "t_rel_ns": t - t0, "vm": vm, "vcpu": vcpu, "epoch": epoch, "seq": seq,
+                 "reason": schema.reason_name(reason), "reason_code": reason, "write": bool(flags & schema.FLAG_WRITE),
+                 "addr": addr, "size": size, "count": count, "data": data, "flags": flags, "guest_ns": guest,
+                 "handle_ns": None if handle == NO_HANDLE else handle}
+        if reason == schema.REASON_IO:
+            event["port"] = addr
+        lines.append(json.dumps(event, separators=(",", ":")) + "\n")
+    return lines
+
+
+def run(
+    trace: str = c.TRACE_ARG,
+    vm: Optional[str] = c.VM_OPT, vcpu: Optional[str] = c.VCPU_OPT, epoch: Optional[str] = c.EPOCH_OPT,
+    reason: Optional[str] = c.REASON_OPT, port: Optional[str] = c.PORT_OPT, addr: Optional[str] = c.ADDR_OPT,
+    where: Optional[str] = c.FILTER_OPT,
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per event, one per line."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=0, help="Show at most N events."),
+    t_from: Optional[str] = typer.Option(None, "--from", help="Only events at or after this time since the trace's "
+                                         "first event: seconds, or with a unit (250ms, 40us, 1500ns)."),
+    t_to: Optional[str] = typer.Option(None, "--to", help="Only events at or before this time (as --from)."),
+) -> None:
+    """Events of every stream in time order, one line each."""
+    event_filter = c.event_filter(vm, vcpu, epoch, reason, port, addr, where)
+    span = c.time_window(t_from, t_to)
+    with c.reading(trace) as reader:
+        t0, chunks = events(reader, event_filter, limit, span)
+        render = json_lines if as_json else text_lines
+        out = sys.stdout
+        for chunk in chunks:
+            out.write("".join(render(chunk, t0)))
+        out.flush()
