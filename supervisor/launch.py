@@ -109,8 +109,14 @@ class Worker:
         return self.result
 
 
-def check_trace_path(path: str) -> None:
-    """Refuse an unwritable trace path before any VM starts."""
+def check_trace_path(path: str, inputs=()) -> None:
+    """Refuse an unwritable trace path, or one that is an input of the run (a guest image, a
+    fleet, serial-input or key file: recording would move it aside), before any VM starts."""
+    from tracetool._output import OutputError, refuse_overwriting_inputs
+    try:
+        refuse_overwriting_inputs(path, [p for p in inputs if p and p != "-"])
+    except OutputError as e:
+        raise LaunchError(f"trace path {e}") from None
     parent = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
         raise LaunchError(f"trace path {path} is a directory")

@@ -37,7 +37,7 @@ def refuse_overwriting_inputs(path: str, inputs) -> None:
             continue
         if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
             shown = "standard output" if path == "-" else path
-            raise OutputError(f"{shown}: is the input {source}; refusing to overwrite it (choose another output)")
+            raise OutputError(f"{shown} is the same file as the input {source}: refusing to overwrite it")
 
 
 @contextmanager
