@@ -19,7 +19,7 @@ from tracetool import analysis, handling, schema
 from tracetool.commands.plot import plot_data
 from tracetool.commands.summary import summarize
 from tracetool.commands.verify import verify
-from tracetool.trace_file import TraceReader, TraceWriter
+from tracetool.trace import TraceReader, TraceWriter
 
 TRACETOOL = Path(__file__).resolve().parent.parent / "tracetool"
 BLOCK = 40

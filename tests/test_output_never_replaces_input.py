@@ -19,7 +19,7 @@ from test_trace_file import RUN, seed_like_columns
 from test_vmtrace_cli import VMTRACE, assert_one_error_line, vmtrace
 from tracetool import schema
 from tracetool._output import OutputError, output_path
-from tracetool.trace_file import TraceWriter
+from tracetool.trace import TraceWriter
 
 # (command and its options before -o, the output's extension)
 WRITERS = {
