@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import VMSUP, kvm_unavailable_reason
-from test_trace import RUN, block_offsets, seed_like_columns
+from test_trace_file import RUN, block_offsets, seed_like_columns
 from test_vmtrace_cli import assert_one_error_line, vmtrace
 from tracetool import schema
 from tracetool.commands.diff import diff as diff_traces
