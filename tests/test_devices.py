@@ -490,7 +490,7 @@ def test_standard_devices_are_attributes_wired_to_their_irq_line():
 
 
 def test_vmtrace_console_reads_the_ports_the_devices_sit_on():
-    from tracetool import console
+    from tracetool.commands import console
 
     assert (console.UART_BASE, console.DEBUGCON_PORT) == (COM1_PORT, DEBUGCON_PORT)
     assert console.LCR_RESET == Uart8250(Console(io.BytesIO(), False), SerialInput.empty()).lcr
