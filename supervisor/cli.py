@@ -91,7 +91,7 @@ def launch(
             raise SpecError("--screen shows one foreground VM: not with --detach, --fleet, --vms or several guests")
         trace_path = None if no_trace else (trace or _default_trace_path(specs[0].name))
         if trace_path:
-            check_trace_path(trace_path, [fleet, *(f for s in specs for f in (s.guest, s.serial_input, s.keys))])
+            check_trace_path(trace_path, [fleet, *(f for s in specs for f in (s.guest, s.serial_in, s.keys))])
         if detach:
             raise typer.Exit(_detach(trace_path))
         foreground = len(specs) == 1 and not os.environ.get(DETACHED_ENV)
