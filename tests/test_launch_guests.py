@@ -140,6 +140,24 @@ def test_triple_fault_ends_in_shutdown_with_the_guest_registers_shown(vmsup):
         assert re.search(rf"\b{reg}=000000007f1e000{value}\b", proc.stderr), proc.stderr
 
 
+def test_without_quiet_a_triple_faults_shutdown_exit_is_printed(vmsup):
+    proc = vmsup("launch", "triplefault", "--no-trace")
+    assert proc.stdout == "shutdown\n"  # its one exit, as every exit is printed without -q
+    assert_status(status_of(proc.stderr), "shutdown")
+
+
+def test_without_quiet_internal_error_exits_are_printed_the_handled_and_the_last(vmsup):
+    proc = vmsup("launch", "x87unknown", "--no-trace")
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("internal error: ")]
+    # finit's fwait and fninit, done by vmsup's fallback, then fsin, which ends the VM.
+    assert len(errors) >= 2, proc.stdout
+    assert all("suberror 1 (emulation failure)" in line for line in errors)
+    fields = status_of(proc.stderr)
+    assert_status(fields, "internal-error")
+    out_lines = [line for line in proc.stdout.splitlines() if line.startswith("out port: ")]
+    assert fields["exits"] == len(errors) + len(out_lines)  # each exit one line, no more, no less
+
+
 def test_mmioflood_logs_every_unclaimed_mmio_write(vmsup):
     proc = vmsup("launch", "mmioflood")
     writes = [line for line in proc.stdout.splitlines() if line.startswith("mmio write addr: 0xe0000000")]

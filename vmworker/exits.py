@@ -71,6 +71,10 @@ class _Exit:
         """(End status, detail) when this exit ends the VM; None when the vCPU carries on."""
         return None
 
+    def log_text(self) -> str:
+        """The exit's line in the per-exit log (vmworker/exit_log.py) when the VM is not --quiet."""
+        return type(self).__name__.lower()
+
 
 @dataclass(frozen=True, slots=True)
 class IoOut(_Exit):
@@ -112,6 +116,9 @@ class Shutdown(_Exit):
     def ending(self) -> tuple[End, str] | None:
         return End.SHUTDOWN, "triple fault"
 
+    def log_text(self) -> str:
+        return "shutdown"
+
 
 @dataclass(frozen=True, slots=True)
 class FailEntry(_Exit):
@@ -120,6 +127,9 @@ class FailEntry(_Exit):
 
     def ending(self) -> tuple[End, str] | None:
         return End.FAIL_ENTRY, f"hardware entry failure reason {self.hardware_entry_failure_reason:#x} on cpu {self.cpu}"
+
+    def log_text(self) -> str:
+        return "fail entry: " + self.ending()[1]
 
     @property
     def event_data(self) -> bytes:
@@ -144,6 +154,9 @@ class InternalError(_Exit):
         words = " ".join(f"{d:#x}" for d in self.data)
         return End.INTERNAL_ERROR, f"suberror {self.suberror} ({what}){', data ' + words if words else ''}"
 
+    def log_text(self) -> str:
+        return "internal error: " + self.ending()[1]
+
     @property
     def event_data(self) -> bytes:
         return _u64(self.suberror)
@@ -163,6 +176,9 @@ class SystemEvent(_Exit):
             return End.POWEROFF, "system event: shutdown"
         return End.SYSTEM_EVENT, _SYSTEM_EVENTS.get(self.type, f"type {self.type}")
 
+    def log_text(self) -> str:
+        return "system event: " + _SYSTEM_EVENTS.get(self.type, f"type {self.type}")
+
     @property
     def event_data(self) -> bytes:
         return _u64(self.type)
@@ -179,6 +195,9 @@ class Debug(_Exit):
     def event_data(self) -> bytes:
         return _u64(self.pc)
 
+    def log_text(self) -> str:
+        return f"debug exception: {self.exception}, pc: {self.pc:#x}"
+
 
 @dataclass(frozen=True, slots=True)
 class Interrupted(_Exit):
@@ -192,6 +211,9 @@ class Unsupported(_Exit):
 
     def ending(self) -> tuple[End, str] | None:
         return End.UNSUPPORTED_EXIT, f"exit reason {self.code} ({abi.EXIT_REASON_NAMES.get(self.code, 'unknown')})"
+
+    def log_text(self) -> str:
+        return "unsupported exit: " + self.ending()[1]
 
     @property
     def event_data(self) -> bytes:

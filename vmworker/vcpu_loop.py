@@ -227,6 +227,8 @@ def _slow_exit(vcpu, ctx, log) -> tuple[bool, bytes]:
     (exits.py), so a new exit reason needs no change in this file.
     """
     exit_ = ex.decode_exit(vcpu.run_page)
+    if log is not None:  # every exit is printed, the ones a fallback or gdb takes too
+        log.event(vcpu.id, exit_.log_text())
     detail_suffix = ""
     match exit_:
         case ex.Shutdown():
@@ -242,9 +244,7 @@ def _slow_exit(vcpu, ctx, log) -> tuple[bool, bytes]:
                 if fallback.handle(vcpu, data):  # INT n, IRET, FWAIT, x87: vmworker/emulate/
                     return False, exit_.event_data
                 detail_suffix = f"; not done by vmsup either: {fallback.last_refusal}"
-        case ex.Debug(exception=exc, pc=pc):
-            if log is not None:
-                log.event(vcpu.id, f"debug exception: {exc}, pc: {pc:#x}")
+        case ex.Debug():
             if ctx.debugger is not None:
                 ctx.debugger.debug_exit(vcpu, exit_)
     ending = exit_.ending()
