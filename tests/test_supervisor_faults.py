@@ -351,8 +351,8 @@ def test_a_killed_recorder_is_restarted_and_what_it_lost_is_a_gap(launches, tmp_
     assert launch.wait() == 0, launch.stderr
     assert "vmsup: the recorder died (-9) and was restarted" in launch.stderr
 
-    with TraceReader(trace) as r:  # a resumed file has no index footer: it is scanned in full
-        assert r.torn_tail is None
+    with TraceReader(trace) as r:  # the restarted recorder closed the file with an index over every block
+        assert r.torn_tail is None and r.closed_cleanly and not r.warnings
         assert r.unexplained_gaps == []
         ex = r.exits(vm=0)
         gaps = r.gaps

@@ -626,3 +626,27 @@ def test_bytes_per_event_of_a_million_seed_like_events(tmp_path):
           + ", ".join(f"{e['name']}={e['enc']}{'-' + e['ref'] if e.get('ref') else ''}/u{8 * e['width']}"
                       for e in encodings))
     assert per_event < 4  # a regression guard, far above the ~1.6 measured
+
+
+def test_a_writer_that_continues_a_killed_writers_file_closes_it_with_an_index_over_every_block(tmp_path):
+    # Issue 11.3: a restarted recorder finishes the file; its footer lists its predecessors' blocks.
+    from tracetool.analysis import events_by_vm_and_reason
+    path, _ = _small_trace(tmp_path, close=False)
+    w = TraceWriter(path, resume=True)
+    assert w.resumed_seq == {(0, 0, 0): 342}
+    w.write_record(schema.MSG_GAP, {"vm": 0, "vcpu": 0, "epoch": 0, "first_missing": 342, "count": 8,
+                                    "cause": "lost before reaching the recorder", "count_known": True})
+    w.write_exits(1, 0, 0, 0, 50, seed_like_columns(50, np.random.default_rng(1), t0=3 * 10**12, first=0))
+    w.close()
+    with TraceReader(path) as r:
+        assert r.closed_cleanly and r.torn_tail is None and not r.warnings
+        assert r.footer["events"] == r.event_count == 342 + 50
+        assert len(r.footer["blocks"]["offset"]) == len(r.exit_blocks()) + len(r.records())
+        counted = {}
+        for batch in r.exit_batches():
+            c = counted.setdefault(batch.vm, {})
+            for code, n in zip(*np.unique(batch.columns["reason"], return_counts=True)):
+                c[int(code)] = c.get(int(code), 0) + int(n)
+        assert events_by_vm_and_reason(r) == counted == r.footer["by_vm"]
+    proc = subprocess.run([sys.executable, "-m", "tracetool", "verify", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -19,7 +19,8 @@ from ..filters import EventFilter
 from .accounting import Discontinuity, find_discontinuities
 from .codec import SEQ
 from .exits_block import ExitBatch, decode_exits_body, read_exits_head
-from .format import (BLOCK_HEAD, BLOCK_MAGIC, FILE_HEAD, FORMAT_VERSION, GAP_FIELDS, INDEX_FIELDS, KIND_OF_TYPE,
+from .format import (BLOCK_HEAD, BLOCK_MAGIC, FILE_HEAD, FORMAT_VERSION, GAP_FIELDS, INDEX_FIELDS, INDEX_NO_ID,
+                     KIND_OF_TYPE,
                      MAGIC, MAX_BLOCK_BYTES, MAX_HEADER_BYTES, MAX_RECORD_BYTES, MAX_RECORDS_TOTAL,
                      RECORD_BLOCK_TYPES, TRAILER, TRAILER_MAGIC, U32, U64_LIMIT, BlockType, Corrupt,
                      TraceFormatError, block_crc, decompress, is_int, need, unpack)
@@ -332,6 +333,21 @@ class TraceReader:
         the file (TraceWriter(path, resume=True)) appends here."""
         ends = [e.offset + BLOCK_HEAD.size + e.length for e in self._entries if e.type != BlockType.INDEX]
         return max(ends) if ends else self._data_start
+
+    def block_list(self) -> Iterator[tuple[int, int, int, int, int, int, int, int]]:
+        """Every block but the index footer, as the footer lists it: (offset, type, vm, vcpu,
+        epoch, first_seq, count, n_rows); records carry their ids (INDEX_NO_ID when absent) and
+        zeros for the rest. A writer that continues the file lists them again in its footer."""
+        for e in self._entries:
+            if e.type == BlockType.INDEX:
+                continue
+            if e.ref is not None:
+                r = e.ref
+                yield e.offset, e.type, r.vm, r.vcpu, r.epoch, r.first_seq, r.count, r.n_rows
+            else:
+                rec = e.record or {}
+                yield (e.offset, e.type, *(v if is_int(v, 0, INDEX_NO_ID) else INDEX_NO_ID for v in
+                                          (rec.get("vm"), rec.get("vcpu"), rec.get("epoch"))), 0, 0, 0)
 
     @property
     def event_count(self) -> int:

@@ -73,9 +73,8 @@ class TraceWriter:
     TraceWriter(path, run_meta) creates a new file. TraceWriter(path, resume=True) continues a
     trace whose writer died (a restarted recorder): it keeps every whole block, cuts a torn tail
     (or the index footer of a clean close) and appends after it; `resumed_seq` then holds
-    {(vm, vcpu, epoch): next sequence number} of what the file holds. A resumed file gets no index
-    footer (its block list would miss the earlier session); the reader scans such a file in
-    full, as after a crash.
+    {(vm, vcpu, epoch): next sequence number} of what the file holds. Its close writes the index
+    footer over the whole file, the blocks its predecessors wrote included.
     """
 
     def __init__(self, path, run_meta: Mapping | None = None, *, block_events: int = DEFAULT_BLOCK_EVENTS,
@@ -95,12 +94,10 @@ class TraceWriter:
         self.events = 0  # rows written (in blocks)
         self.blocks = 0
         self.resumed_seq: dict[tuple[int, int, int], int] = {}
-        self._resumed = resume
+        self._index: dict[str, array.array] | None = {name: array.array("Q") for name, _ in INDEX_FIELDS}
         if resume:
-            self._index: dict[str, array.array] | None = None
             self._reopen()
         else:
-            self._index = {name: array.array("Q") for name, _ in INDEX_FIELDS}
             self._create(run_meta, overwrite)
 
     def _create(self, run_meta: Mapping, overwrite: bool) -> None:
@@ -130,6 +127,20 @@ class TraceWriter:
         with TraceReader(self.path) as reader:
             end = reader.data_end
             self.resumed_seq = {(st.vm, st.vcpu, st.epoch): st.last_seq + 1 for st in reader.streams()}
+            # The footer this writer will write lists its predecessors' blocks too, with their
+            # totals: the one reading of every block's reason column a restart costs.
+            for entry in reader.block_list():
+                self.blocks += 1
+                if self.blocks <= MAX_INDEX_ENTRIES:
+                    for (name, _), value in zip(INDEX_FIELDS, entry):
+                        self._index[name].append(value)
+            if self.blocks > MAX_INDEX_ENTRIES:
+                self._index = None
+            for batch in reader.exit_batches(columns=("reason",)):
+                self.events += batch.n_rows
+                if batch.n_rows:
+                    totals = self._totals.setdefault(batch.vm, np.zeros(256, np.int64))
+                    totals += np.bincount(batch.columns["reason"], minlength=256)
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -232,7 +243,9 @@ class TraceWriter:
         p.parts.append(_Part(first_seq, count, arrays, seq))
         p.count += count
         p.rows += rows
-        if p.rows >= self.block_events:
+        # By sequence numbers covered, not rows: what a gathered stream holds back stays bounded
+        # under a record-time filter too (the recorder's bound on in-flight events counts on it).
+        if p.count >= self.block_events:
             self._write_pending(key)
 
     @staticmethod
@@ -309,9 +322,7 @@ class TraceWriter:
         if self._closed:
             return
         try:
-            if self._failed is None and self._resumed:
-                self.flush()
-            elif self._failed is None:
+            if self._failed is None:
                 self.flush()
                 self._write_footer()
                 if fsync:
