@@ -19,6 +19,8 @@ from vmworker.errors import KvmError, SpecError, VmsupError
 from vmworker.setting_values import Switch
 from vmworker.spec import VmSpec
 
+from tracetool.run_files import open_private_append
+
 from . import render
 from .fleet import cli_entry, fleet_specs, specs_from_entries
 from .keys import check_listen
@@ -130,7 +132,7 @@ def _detach(trace_path: str | None) -> int:
     os.makedirs(log_dir, exist_ok=True)
     log_path = os.path.join(log_dir, f"vmsup-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
     read_fd, write_fd = os.pipe()
-    with open(log_path, "ab") as log:
+    with open_private_append(log_path) as log:
         child = subprocess.Popen([sys.executable, "-m", "supervisor", *argv], stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=log, pass_fds=(write_fd,), start_new_session=True,
                                  env={**os.environ, DETACHED_ENV: str(write_fd)})

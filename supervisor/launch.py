@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from tracetool import messages
+from tracetool.run_files import open_private_append
 from vmworker import insn_counter, status
 from vmworker.status import End
 from vmworker.errors import VmsupError
@@ -288,7 +289,7 @@ class Launch:
         if self.foreground and not spec.screen:
             worker = Worker(spec)
         else:
-            out = open(slot.console, "ab") if slot.console else subprocess.DEVNULL
+            out = open_private_append(slot.console) if slot.console else subprocess.DEVNULL
             try:
                 worker = Worker(spec, stdout=out, stdin=subprocess.DEVNULL, own_group=True)
             finally:

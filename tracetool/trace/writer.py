@@ -14,6 +14,7 @@ import numpy as np
 import zstandard
 
 from .. import messages, schema
+from ..run_files import open_private
 from .codec import SEQ, U64
 from .exits_block import encode_exits
 from .format import (DEFAULT_BLOCK_EVENTS, FILE_HEAD, FORMAT_VERSION, INDEX_FIELDS, INDEX_NO_ID, MAGIC,
@@ -109,10 +110,9 @@ class TraceWriter:
         compressed = self._cctx.compress(header_map)
         if len(compressed) > MAX_HEADER_BYTES or len(header_map) > MAX_HEADER_BYTES:
             raise ValueError(f"run metadata is over {MAX_HEADER_BYTES} bytes")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
         try:
-            # Private like the control sockets: a trace holds whatever the guest wrote.
-            self._fd = os.open(self.path, flags, 0o600)
+            self._fd = open_private(self.path, flags)  # a trace holds whatever the guest wrote
         except OSError as e:
             raise TraceWriteError(self.path, f"cannot create the trace file: {e.strerror}", e.errno) from None
         try:
