@@ -6,6 +6,7 @@ listening socket; nothing is mocked."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import socket
@@ -158,6 +159,38 @@ def test_break_on_a_function_of_a_multiboot_kernel_with_symbols(stubbed):
     assert "Breakpoint 1, kmain" in out
     assert "kmain in section .text" in out
     assert vm.result()["status"] == "gdb-kill"
+
+
+def _symbol(elf: str, name: str) -> int:
+    """A label's address in a guest's ELF (nm): for a flat real-mode guest, its offset in CS."""
+    out = subprocess.run(["nm", str(REPO / "guest" / elf)], capture_output=True, text=True, check=True).stdout
+    return next(int(line.split()[0], 16) for line in out.splitlines() if line.endswith(" " + name))
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="no nm (binutils) to read the guest's symbols")
+def test_one_session_survives_real_to_protected_to_long_mode_with_breakpoints_in_each(stubbed):
+    base = 0x10000  # modeswitch is linked at 0 and loaded at 0x10000: linear = base + offset
+    real, prot, long_ = (base + _symbol("modeswitch.elf", n) for n in ("real_mark", "prot_mark", "long_mark"))
+    vm = stubbed("modeswitch.bin", "real")
+    # gdb re-inserts breakpoints at every resume: `break` takes a debug register while the guest
+    # is in real mode and plants an int3 once it is in protected mode (hit in long mode).
+    out = vm.gdb(f"hbreak *{real:#x}", f"break *{prot:#x}", f"break *{long_:#x}",
+                 "continue", "info registers cs cr0 efer",
+                 "continue", "info registers cs cr0 efer", "x/1i $pc",
+                 "continue", "info registers cs cr0 efer", "x/1i $pc", "stepi", "p $pc",
+                 "continue")
+    stops = re.split(r"\nBreakpoint (\d), ", out)[1:]  # [number, text after it, number, ...]
+    assert stops[0::2] == ["1", "2", "3"], out
+    stops = stops[1::2]
+    assert "cs             0x1000" in stops[0] and "cr0            0x10 " in stops[0]
+    assert "cs             0x8 " in stops[1] and "cr0            0x11 " in stops[1]
+    assert "mov    $0x50,%al" in stops[1]  # 'P'
+    assert "cs             0x18" in stops[2] and "efer           0x500" in stops[2]  # LME | LMA
+    assert "mov    $0x4c,%al" in stops[2]  # 'L'
+    assert f"= (void (*)()) {long_ + 2:#x}" in stops[2]  # one stepi past the 2-byte mov
+    assert "exited normally" in out
+    assert vm.result()["status"] == "guest-exit"
+    assert "RPL" in vm.console
 
 
 def test_stepi_advances_one_instruction_at_a_time(stubbed):

@@ -50,6 +50,27 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+def assign_ports(specs) -> list[str]:
+    """Give VMs that share one --gdb endpoint consecutive ports (VM i of them: PORT+i), check that
+    each port can be listened on now (SpecError, before any VM starts), and return the lines that
+    tell the user where each stub listens."""
+    seen: dict[tuple[str, int], int] = {}
+    lines = []
+    for spec in specs:
+        if not spec.gdb:
+            continue
+        host, port = parse_endpoint(spec.gdb)
+        offset = seen.get((host, port), 0)
+        seen[(host, port)] = offset + 1
+        if port + offset > 65535:
+            raise SpecError(f"--gdb {spec.gdb}: no port {port + offset} for VM {spec.name}")
+        spec.gdb = f"{host}:{port + offset}"
+        bind_listener(host, port + offset).close()
+        held = " (held until gdb attaches)" if spec.gdb_wait else ""
+        lines.append(f"{spec.name}: gdb stub on {spec.gdb}{held}: gdb -ex 'target remote {spec.gdb}'")
+    return lines
+
+
 class GdbServer:
     def __init__(self, endpoint: str, describe=lambda: "", record=None) -> None:
         self.host, self.port = parse_endpoint(endpoint)
