@@ -19,6 +19,7 @@ import pytest
 
 from conftest import REPO
 from vmworker.gdb import packets as P
+from vmworker.gdb import regs as R
 
 pytestmark = [pytest.mark.kvm,
               pytest.mark.skipif(shutil.which("gdb") is None, reason="no gdb on PATH (apt-get install gdb)")]
@@ -272,6 +273,10 @@ def test_malformed_and_unknown_packets_get_error_or_empty_replies_and_the_stub_c
         assert _exchange(sock, reader, _packet(b"mffffffff0,4")) == ("packet", b"E14")
         assert _exchange(sock, reader, _packet(b"G00")) == ("packet", b"E01")
         assert _exchange(sock, reader, _packet(b"Hg99")) == ("packet", b"E04")
+        assert _exchange(sock, reader, _packet(b"vCont;x")) == ("packet", b"E01")
+        cr0 = R.BY_NAME["cr0"]
+        bad_cr0 = (0x8000_0000).to_bytes(8, "little").hex().encode()  # PG without PE: KVM refuses it
+        assert _exchange(sock, reader, _packet(b"P%x=%s" % (cr0, bad_cr0))) == ("packet", b"E02")
         assert _exchange(sock, reader, _packet(b"m10000,3")) == ("packet", b"fc31c0")
         assert _exchange(sock, reader, _packet(b"D")) == ("packet", b"OK")
     assert vm.result()["status"] == "halted"  # detached: the guest ran to its end
@@ -290,3 +295,13 @@ def test_a_port_in_use_is_refused_before_the_vm_starts():
     assert result["status"] == "error" and result["exit_code"] == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result["error"]
     assert vm.console == ""
+
+
+def test_a_gdb_that_goes_away_without_detaching_leaves_the_vm_running(stubbed):
+    vm = stubbed("protected32.bin", "protected")
+    with _connect(vm.port) as sock:
+        reader = P.PacketReader()
+        assert _exchange(sock, reader, _packet(b"?")) == ("packet", b"T05thread:1;")
+    # closed without `D`: the stub lets the held VM go
+    assert vm.result()["status"] == "halted"
+    assert "protected32: sum(1..1000) = 500500" in vm.console

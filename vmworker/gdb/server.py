@@ -107,6 +107,9 @@ class GdbServer:
             self._stub = Stub(conn, self.debugger, lambda: self._ended, self.describe, self.record)
             try:
                 self._stub.serve()
+            except Exception:  # a stub bug ends this connection (the VM runs on), not the worker
+                log.exception("gdb stub failed; the VM runs on")
+                self.record("gdb-gone", detail="the gdb stub failed; the VM runs on")
             finally:
                 self._conn = self._stub = None
                 conn.close()

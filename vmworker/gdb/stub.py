@@ -12,6 +12,7 @@ import select
 import socket
 import threading
 
+from ..errors import VmsupError
 from ..status import End
 from . import packets as P
 from . import regs as R
@@ -109,6 +110,9 @@ class Stub:
         except (ValueError, IndexError, UnicodeDecodeError) as e:
             log.debug("gdb: malformed packet %r: %s", data[:80], e)
             return ERROR_BAD_PACKET
+        except VmsupError as e:  # KVM refused (e.g. a register value it will not take)
+            log.debug("gdb: packet %r failed: %s", data[:80], e)
+            return ERROR_REGISTER if data[:1] in b"GP" else ERROR_BAD_PACKET
 
     def _dispatch(self, data: bytes) -> bytes | None:
         if not data:
