@@ -305,3 +305,20 @@ def test_a_gdb_that_goes_away_without_detaching_leaves_the_vm_running(stubbed):
     # closed without `D`: the stub lets the held VM go
     assert vm.result()["status"] == "halted"
     assert "protected32: sum(1..1000) = 500500" in vm.console
+
+
+@pytest.mark.parametrize("kind", [b"0", b"1"])  # int3 (protected mode) and a debug register
+def test_continue_from_a_breakpoint_left_inserted_steps_over_it_to_the_next_pass(stubbed, kind):
+    vm = stubbed("protected32.bin", "protected")
+    rcx = b"p%x" % R.BY_NAME["rcx"]
+    with _connect(vm.port) as sock:
+        reader = P.PacketReader()
+        assert _exchange(sock, reader, _packet(b"Z" + kind + b",10008,1")) == ("packet", b"OK")
+        counts = []
+        for _ in range(3):  # gdb would remove the breakpoint and step itself; this client does not
+            kind_, reply = _exchange(sock, reader, _packet(b"c"))
+            assert reply.startswith(b"T05thread:1;"), reply
+            counts.append(int.from_bytes(bytes.fromhex(_exchange(sock, reader, _packet(rcx))[1].decode()), "little"))
+        assert counts == [1, 2, 3]
+        assert _exchange(sock, reader, _packet(b"D")) == ("packet", b"OK")
+    assert vm.result()["status"] == "halted"
