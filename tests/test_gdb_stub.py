@@ -69,8 +69,9 @@ class StubbedVm:
         return done.stdout
 
     def result(self) -> dict:
-        _, err = self.proc.communicate(timeout=GDB_TIMEOUT)
-        self._drain.join(GDB_TIMEOUT)
+        self._drain.join(GDB_TIMEOUT)  # stdout has one reader, the drain thread: read up to its end
+        err = self.proc.stderr.read()  # small: the result JSON (and any log lines)
+        self.proc.wait(GDB_TIMEOUT)
         return json.loads(err.decode().strip().splitlines()[-1])
 
     @property
@@ -322,3 +323,4 @@ def test_continue_from_a_breakpoint_left_inserted_steps_over_it_to_the_next_pass
         assert counts == [1, 2, 3]
         assert _exchange(sock, reader, _packet(b"D")) == ("packet", b"OK")
     assert vm.result()["status"] == "halted"
+
