@@ -17,6 +17,7 @@ from vmworker import settings, status
 from vmworker.status import End
 from vmworker.errors import KvmError, SpecError, VmsupError
 from vmworker.setting_values import Switch
+from vmworker.gdb.server import assign_ports
 from vmworker.spec import VmSpec
 
 from tracetool.run_files import open_private_append
@@ -94,6 +95,7 @@ def launch(
         trace_path = None if no_trace else (trace or _default_trace_path(specs[0].name))
         if trace_path:
             check_trace_path(trace_path, [fleet, *(f for s in specs for f in (s.guest, s.serial_in, s.keys))])
+        gdb_lines = assign_ports(specs)  # --gdb: PORT+i for VM i, each port checked before any VM starts
         if detach:
             raise typer.Exit(_detach(trace_path))
         foreground = len(specs) == 1 and not os.environ.get(DETACHED_ENV)
@@ -109,7 +111,7 @@ def launch(
     except VmsupError as e:
         _err(str(e))
         raise typer.Exit(status.EXIT_BAD_INPUT)
-    for line in _image_lines(specs):
+    for line in _image_lines(specs) + gdb_lines:
         _info(line)
     _info(f"run {run.run_dir.run_id}: " + (f"recording to {trace_path}" if trace_path else "not recording (--no-trace)"))
     if foreground and screen:

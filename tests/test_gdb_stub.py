@@ -17,7 +17,9 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, VMSUP
+from tracetool import schema
+from tracetool.trace import TraceReader
 from vmworker.gdb import packets as P
 from vmworker.gdb import regs as R
 
@@ -324,3 +326,52 @@ def test_continue_from_a_breakpoint_left_inserted_steps_over_it_to_the_next_pass
         assert _exchange(sock, reader, _packet(b"D")) == ("packet", b"OK")
     assert vm.result()["status"] == "halted"
 
+
+
+# --- through `vmsup launch --gdb` ---------------------------------------------------------------
+
+def _launch(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([*VMSUP, "launch", *args], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_launch_with_gdb_wait_prints_the_stub_and_records_gdb_stops_in_the_trace(tmp_path):
+    port = free_port()
+    trace = tmp_path / "gdb.vmtrace"
+    launch = _launch("protected32", "--gdb", str(port), "--gdb-wait", "-q", "--trace", str(trace))
+    try:
+        out = subprocess.run(["gdb", "-nx", "-batch", "-ex", f"target remote 127.0.0.1:{port}",
+                              "-ex", "break *0x10008", "-ex", "continue", "-ex", "delete", "-ex", "continue"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=GDB_TIMEOUT).stdout
+        _, err = launch.communicate(timeout=GDB_TIMEOUT)
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+    assert "Breakpoint 1, 0x0000000000010008" in out and "exited normally" in out
+    assert launch.returncode == 0, err
+    assert f"protected32: gdb stub on 127.0.0.1:{port} (held until gdb attaches)" in err
+    with TraceReader(trace) as reader:
+        events = [(r["event"], r.get("why")) for r in reader.records(schema.MSG_LIFECYCLE)
+                  if r["event"].startswith("gdb-")]
+    assert events[:2] == [("gdb-attach", None), ("gdb-stop", "attach")]
+    assert ("gdb-stop", "swbreak") in events and ("gdb-continue", None) in events
+
+
+def test_launch_gives_several_vms_consecutive_gdb_ports():
+    port = free_port()
+    launch = _launch("seed16", "--vms", "2", "--gdb", f"127.0.0.1:{port}", "--timeout", "1", "-q", "--no-trace")
+    _, err = launch.communicate(timeout=GDB_TIMEOUT)
+    assert f"gdb stub on 127.0.0.1:{port}:" in err and f"gdb stub on 127.0.0.1:{port + 1}:" in err, err
+    assert launch.returncode == 4  # both VMs ran (not held) until --timeout
+
+
+def test_launch_with_a_gdb_port_in_use_is_one_line_and_exit_2_before_any_vm_starts():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        launch = _launch("seed16", "--gdb", str(port), "--no-trace")
+        _, err = launch.communicate(timeout=GDB_TIMEOUT)
+    assert launch.returncode == 2
+    assert err.strip().splitlines() == [f"vmsup: error: gdb stub: cannot listen on 127.0.0.1:{port}: "
+                                        "Address already in use"]
