@@ -42,15 +42,17 @@ T0 = 12_345_678_901  # t_exit of event 0: prints as t=12.345678901
 
 def io_out(i: int, port: int = 0x10, value: int | None = None, size: int = 2, guest_ns: int = 5_100):
     value = i if value is None else value
-    return (T0 + i * 1000, guest_ns, port, value.to_bytes(8, "little"), 1, schema.REASON_IO, size, schema.FLAG_WRITE)
+    return (T0 + i * 1000, guest_ns, port, value.to_bytes(8, "little"), 1, schema.REASON_IO, size, schema.FLAG_WRITE,
+            0x10004)
 
 
 def mmio_write(i: int, addr: int, value: int, size: int = 4, guest_ns: int = 850):
-    return (T0 + i * 1000, guest_ns, addr, value.to_bytes(8, "little"), 1, schema.REASON_MMIO, size, schema.FLAG_WRITE)
+    return (T0 + i * 1000, guest_ns, addr, value.to_bytes(8, "little"), 1, schema.REASON_MMIO, size, schema.FLAG_WRITE,
+            0x10020)
 
 
 def hlt(i: int, guest_ns: int = 1_250_000):
-    return (T0 + i * 1000, guest_ns, 0, b"", 1, schema.REASON_HLT, 0, 0)
+    return (T0 + i * 1000, guest_ns, 0, b"", 1, schema.REASON_HLT, 0, 0, 0x10030)
 
 
 def private_xdg() -> str:

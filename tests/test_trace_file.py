@@ -137,7 +137,7 @@ def test_every_column_round_trips_exactly_over_its_whole_range(tmp_path):
 
 def test_columns_given_as_bus_bytes_round_trip(tmp_path):
     rows = struct.Struct(schema.ROW_STRUCT_FORMAT)
-    packed = b"".join(rows.pack(1000 + 10 * i, 5, 0x10, i.to_bytes(8, "little"), 1, schema.REASON_IO, 2, 1)
+    packed = b"".join(rows.pack(1000 + 10 * i, 5, 0x10, i.to_bytes(8, "little"), 1, schema.REASON_IO, 2, 1, 0x10004)
                       for i in range(100))
     path = tmp_path / "t.vmtrace"
     with TraceWriter(path, RUN) as w:
@@ -146,6 +146,7 @@ def test_columns_given_as_bus_bytes_round_trip(tmp_path):
         got = r.exits()
     np.testing.assert_array_equal(got["data"], np.arange(100))
     np.testing.assert_array_equal(got["t_exit"], 1000 + 10 * np.arange(100))
+    assert set(got["rip"].tolist()) == {0x10004}
     assert set(got["vm"]) == {3} and set(got["vcpu"]) == {1} and set(got["epoch"]) == {2}
 
 

@@ -32,7 +32,11 @@ from typing import NamedTuple
 
 from vmworker import kvm_abi
 
-SCHEMA_VERSION = 1
+# 1: the first schema; 2: the rip column (traces of 1 still read, rip unknown)
+SCHEMA_VERSION = 2
+
+# The rip column of an event whose guest address is not known (traces of schema 1).
+RIP_UNKNOWN = 0xFFFF_FFFF_FFFF_FFFF
 
 
 class Column(NamedTuple):
@@ -66,6 +70,9 @@ EXIT_COLUMNS: tuple[Column, ...] = (
     Column("reason", "u1", "B", "KVM_EXIT_* code (see REASONS)", "code"),
     Column("size", "u1", "B", "io: element size; mmio: length; else 0", "bytes"),
     Column("flags", "u1", "B", "bit 0: write/out", "bits"),
+    Column("rip", "<u8", "Q", "guest linear address of the instruction at the exit (CS base + RIP, from the "
+           "registers KVM syncs into kvm_run at every exit; RIP as the kernel leaves it, which for port I/O "
+           "is after the instruction); unknown in schema-1 traces", "address", missing=RIP_UNKNOWN),
 )
 # Not packed by the vCPU loop: present only in batches a record-time filter thinned out.
 SEQ_COLUMN = Column("seq", "<u8", "Q", "sequence number; present only in filtered batches", "count")

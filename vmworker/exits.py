@@ -43,6 +43,33 @@ SYSTEM_EVENT_OFFSET = abi.run_offset("system_event")
 DEBUG = struct.Struct("<IIQQQ")  # exception, pad, pc, dr6, dr7
 DEBUG_OFFSET = abi.run_offset("debug")
 
+# Where the guest was at an exit. With kvm_valid_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS
+# (api.rst, "kvm_valid_regs"; KVM_CAP_SYNC_REGS) the kernel copies regs and sregs into kvm_run.s at
+# every return of KVM_RUN, for no ioctl. One read takes rip, cs.base and cs.l (rflags and the
+# rest of cs skipped); the guest may change mode at any instruction, so nothing is cached.
+SYNC_REGS_MASK = abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
+VALID_REGS_OFFSET = abi.run_offset("kvm_valid_regs")
+RIP_OFFSET = abi.run_offset("s", "regs", "regs", "rip")
+_CS_BASE_OFFSET = abi.run_offset("s", "regs", "sregs", "cs", "base")
+_CS_L_OFFSET = abi.run_offset("s", "regs", "sregs", "cs", "l")
+SYNC_ADDRESS = struct.Struct(f"<Q{_CS_BASE_OFFSET - RIP_OFFSET - 8}xQ{_CS_L_OFFSET - _CS_BASE_OFFSET - 8}xB")
+LINEAR_32 = 0xFFFF_FFFF  # outside 64-bit code, CS base + EIP wraps at 4 GiB (SDM Vol. 3A §3.4.4)
+
+
+def sync_exit_registers(run) -> None:
+    """Ask KVM to fill kvm_run.s with regs and sregs at every exit of this vCPU from now on."""
+    struct.pack_into("<Q", run, VALID_REGS_OFFSET, SYNC_REGS_MASK)
+
+
+def linear_rip(run) -> int:
+    """The linear address of the instruction the guest is at (after sync_exit_registers).
+
+    CS base + RIP; in 64-bit code (cs.l = 1) the CS base is ignored by the CPU (SDM Vol. 3A §3.4.4),
+    so the address is RIP itself. The vCPU loop inlines this.
+    """
+    rip, cs_base, cs_l = SYNC_ADDRESS.unpack_from(run, RIP_OFFSET)
+    return rip if cs_l else (cs_base + rip) & LINEAR_32
+
 
 def read_head(run) -> tuple[int, int, int, int, int, int]:
     """(reason, io direction, io size, io port, io count, io data_offset) of the exit in `run`."""

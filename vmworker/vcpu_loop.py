@@ -73,6 +73,10 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
     n = 0
     recording = batcher is not None
     if recording:
+        ex.sync_exit_registers(run)  # every event records the guest's address: exits.linear_rip, inlined
+        sync_at = ex.SYNC_ADDRESS.unpack_from
+        rip_off = ex.RIP_OFFSET
+        linear_32 = ex.LINEAR_32
         rows = batcher.rows
         pack_row = ROW.pack_into
         row_size = ROW.size
@@ -92,7 +96,9 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
                 t1 = now_ns()
                 stats.kicks += 1
                 if recording:
-                    pack_row(rows, pos, t1, t1 - t0, 0, b"", 1, _EXIT_INTR, 0, 0)
+                    rip, cs_base, cs_l = sync_at(run, rip_off)  # the kernel syncs them on EINTR too
+                    rip = rip if cs_l else (cs_base + rip) & linear_32
+                    pack_row(rows, pos, t1, t1 - t0, 0, b"", 1, _EXIT_INTR, 0, 0, rip)
                     pos += row_size
                     if pos >= rows_end or t1 >= flush_at or ctx.paused:
                         batcher.flush(pos)
@@ -162,7 +168,9 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
             if recording:
                 if pos == 0:
                     batcher.pending_since = t1  # lets the machine kick a quiet vCPU to flush
-                pack_row(rows, pos, t1, t1 - t0, addr, data, count, reason, size, flags)
+                rip, cs_base, cs_l = sync_at(run, rip_off)
+                rip = rip if cs_l else (cs_base + rip) & linear_32
+                pack_row(rows, pos, t1, t1 - t0, addr, data, count, reason, size, flags, rip)
                 pos += row_size
                 if pos >= rows_end or t1 >= flush_at:
                     batcher.flush(pos)
