@@ -118,6 +118,7 @@ def launch(
         from .screen_cli import watch_launch
         outcome = watch_launch(run, specs[0].vm_id, specs[0].name)
     elif foreground:
+        run.on_quiet = lambda name, text: _info(f"{name}: {text}")
         outcome = run.wait()
     else:
         outcome = render.watch_fleet(run, err_console())

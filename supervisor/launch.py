@@ -31,6 +31,7 @@ from vmworker.spec import VmSpec
 
 from . import runtime
 from .policy import RestartPolicy
+from .quiet import QUIET_TEXT, QuietWatch
 from .commands import control_socket, serve_one
 from .recorder import RecorderClient
 
@@ -195,6 +196,7 @@ class Launch:
 
     STOP_TIMEOUT = 5.0  # SIGTERM, then SIGKILL after this long: nothing stays stuck in "stopping"
     RSS_CHECK_SECONDS = 0.5
+    QUIET_CHECK_SECONDS = 1.0  # one recorder `stats` call: whether a VM has made no exit for a while
 
     def __init__(self, specs: list[VmSpec], trace_path: str | None, record: bool = True,
                  console_paths: list[str | None] | None = None, foreground: bool = True,
@@ -216,6 +218,10 @@ class Launch:
         self._signalled = None
         self.recorder_restarts = 0
         self.notes: list[str] = []
+        # Called (vm name, text) once when a VM makes no exit for a while (supervisor/quiet.py);
+        # None: nobody to tell (the --screen view owns the terminal).
+        self.on_quiet = None
+        self._quiet = QuietWatch()
         self._context: zmq.Context | None = None
         self._lifecycle: EventPublisher | None = None
         self._control = None
@@ -415,7 +421,7 @@ class Launch:
     def wait(self, on_tick=None, tick: float = 0.5) -> LaunchOutcome:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            next_tick = next_rss = time.monotonic()
+            next_tick = next_rss = next_quiet = time.monotonic()
             stopping_all = False
             while not all(slot.terminal for slot in self.slots):
                 if self._signalled is not None and not stopping_all:
@@ -427,6 +433,9 @@ class Launch:
                 self._tick(now, check_rss=now >= next_rss)
                 if now >= next_rss:
                     next_rss = now + self.RSS_CHECK_SECONDS
+                if self.on_quiet is not None and now >= next_quiet:
+                    next_quiet = now + self.QUIET_CHECK_SECONDS
+                    self._check_quiet(now)
                 if on_tick is not None and now >= next_tick:
                     on_tick(self)
                     next_tick = now + tick
@@ -443,6 +452,25 @@ class Launch:
         self._context.term()
         self.run_dir.remove()
         return outcome
+
+    def _check_quiet(self, now: float) -> None:
+        try:
+            stats = self.recorder_stats()
+        except VmsupError:
+            return  # a recorder busy or restarting: look again next time
+        if stats is None:
+            return
+        seen = stats.get("vms", {})
+        vms = []
+        for slot in self.slots:
+            vm = seen.get(str(slot.spec.vm_id), {})
+            # Only a VM running on its own: not starting up, paused, stopping or held by gdb.
+            watched = (slot.state in ("starting", "running") and vm.get("state") == "running"
+                       and vm.get("epoch") == slot.epoch and not slot.spec.gdb)
+            vms.append((slot.spec.vm_id, slot.epoch, vm.get("covered", 0), watched))
+        names = {slot.spec.vm_id: slot.spec.name for slot in self.slots}
+        for vm_id in self._quiet.update(now, vms):
+            self.on_quiet(names[vm_id], QUIET_TEXT)
 
     def _final_result(self, slot: VmSlot) -> dict:
         result = dict(slot.result or {"name": slot.spec.name, "status": End.WORKER_DIED})

@@ -55,13 +55,16 @@ class VmStats:
         self.name = f"vm{vm}"
         self.state = "starting"
         self.events = 0
+        # Sequence numbers its batches covered: every exit counted, kept or filtered out by
+        # --record-only, so "no exit for a while" (supervisor/quiet.py) is not fooled by a filter.
+        self.covered = 0
         self.by_reason: dict[str, int] = {}
         self.last: dict | None = None
         self.epoch = 0
 
     def to_json(self) -> dict:
         return {"vm": self.vm, "name": self.name, "state": self.state, "events": self.events,
-                "by_reason": self.by_reason, "last": self.last, "epoch": self.epoch}
+                "covered": self.covered, "by_reason": self.by_reason, "last": self.last, "epoch": self.epoch}
 
 
 class Recorder:
@@ -174,6 +177,7 @@ class Recorder:
         self.batches += 1
         stats = self._vm(vm)
         stats.events += rows
+        stats.covered += count
         stats.epoch = epoch
         if stats.state == "starting":
             stats.state = "running"

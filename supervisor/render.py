@@ -70,6 +70,9 @@ def watch_fleet(run, console):
     from rich.live import Live
 
     rates: dict = {}
+    # A VM quiet for a while is told once, as a line above the table (or on its own without one).
+    run.on_quiet = lambda name, text: console.print(f"vmsup: {name}: {text}", markup=False, highlight=False,
+                                                    soft_wrap=True)
     if not console.is_terminal:
         return run.wait()
     with Live(_fleet_table(run, rates, f"run {run.run_dir.run_id}"), console=console, refresh_per_second=4,
