@@ -1,0 +1,156 @@
+"""`vmtrace sql "SELECT …" TRACE...`: SQL over traces with DuckDB (the `sql` extra).
+
+Tables (tracetool.tables; each with a `trace` column naming the file a row came from, so several
+traces, or a glob of them, query as one):
+  exits    one row per exit: vm, vcpu, epoch, seq and the CSV export's columns (t_exit_ns,
+           guest_ns, handle_ns, addr, data, count, reason, reason_code, size, write)
+  records  one row per record (vm-start, vm-end, gap, lifecycle, input, screen…): kind, t, vm,
+           vcpu, epoch, name, event, status and the record as JSON (DuckDB's json_extract reads it)
+  vms      one row per VM and epoch: name, guest, sha256, mode, vcpus, status, exits, …
+Only the tables a query names are built. Output: a table (fits the terminal, 80 columns when
+piped), `--csv`, or `--json` (an array of objects).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+
+import typer
+
+from ..trace import TraceError, TraceReader
+from . import _common as common
+
+EXTRA_HINT = "pip install 'vmsup[sql]'"
+_TABLE_WIDTH = 80  # a table piped into a file or a pager
+
+
+class SqlError(Exception):
+    """A query DuckDB refused (its message, on one line), or the extra is not installed."""
+
+
+def _need_duckdb():
+    try:
+        import duckdb
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise SqlError(f"vmtrace sql needs duckdb and pyarrow: {EXTRA_HINT}") from None
+    return duckdb
+
+
+def expand(patterns: list[str]) -> list[str]:
+    """Trace arguments → paths: a path that exists is itself; otherwise a glob, which must match."""
+    paths = []
+    for pattern in patterns:
+        if os.path.exists(pattern) or not glob.has_magic(pattern):
+            paths.append(pattern)
+            continue
+        matched = sorted(glob.glob(pattern))
+        if not matched:
+            raise SqlError(f"no trace matches {pattern!r}")
+        paths += matched
+    return list(dict.fromkeys(paths))
+
+
+def tables_named(sql: str) -> list[str]:
+    """The tables of tracetool.tables a query names (the others are not built)."""
+    from .. import tables  # pyarrow: only once the extra is known to be there
+    return [name for name in tables.BUILDERS if re.search(rf"\b{name}\b", sql, re.IGNORECASE)]
+
+
+def _one_line(error: Exception) -> str:
+    # DuckDB's messages end with the query line and a caret under it: keep the words only.
+    text = str(error).split("\n\nLINE ")[0]
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def query(sql: str, traces: list[str]):
+    """Run `sql` over the traces' tables; a pyarrow Table (None for a statement with no result).
+    Raises SqlError (DuckDB's message) or TraceError (an unreadable trace)."""
+    duckdb = _need_duckdb()
+    import pyarrow as pa
+
+    from .. import tables
+
+    wanted = tables_named(sql)
+    parts: dict[str, list] = {name: [] for name in wanted}
+    for path in traces:
+        if not wanted:  # still check every trace opens
+            TraceReader(path).close()
+        else:
+            with TraceReader(path) as reader:
+                for name in wanted:
+                    parts[name].append(tables.BUILDERS[name](reader, trace=path))
+    con = duckdb.connect(":memory:")
+    try:
+        for name, pieces in parts.items():
+            con.register(name, pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0])
+        try:
+            rel = con.sql(sql)
+            if rel is None:
+                return None
+            to_arrow = getattr(rel, "to_arrow_table", None) or rel.arrow
+            return to_arrow()
+        except duckdb.Error as e:
+            raise SqlError(_one_line(e)) from None
+    finally:
+        con.close()
+
+
+def _plain(table):
+    """Dictionary-encoded columns as their values (CSV writers want plain columns)."""
+    import pyarrow as pa
+    for i, field in enumerate(table.schema):
+        if pa.types.is_dictionary(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(field.type.value_type))
+    return table
+
+
+def write_csv(table, out) -> None:
+    import pyarrow.csv as pacsv
+    pacsv.write_csv(_plain(table), out)
+
+
+def write_json(table, out) -> None:
+    out.write(json.dumps(table.to_pylist(), indent=2, default=common.json_default) + "\n")
+
+
+def render(table, console) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(show_edge=False, pad_edge=False)
+    for field in table.schema:
+        numeric = str(field.type).startswith(("int", "uint", "float", "double", "decimal"))
+        t.add_column(field.name, overflow="fold", justify="right" if numeric else "left")
+    for row in table.to_pylist():
+        t.add_row(*(Text("NULL", style="dim") if v is None else Text(str(v)) for v in row.values()))
+    console.print(t)
+    console.print(Text(f"{table.num_rows} row{'s' if table.num_rows != 1 else ''}", style="dim"))
+
+
+def run(
+    sql: str = typer.Argument(..., metavar="QUERY", help="A DuckDB SQL query over the tables exits, records, vms."),
+    traces: list[str] = typer.Argument(..., metavar="TRACE...", help="Trace files or globs (quoted) of them."),
+    as_csv: bool = typer.Option(False, "--csv", help="CSV with a header line instead of a table."),
+    as_json: bool = typer.Option(False, "--json", help="A JSON array of objects instead of a table."),
+) -> None:
+    """SQL over traces (DuckDB): tables exits, records and vms, with a trace column."""
+    if as_csv and as_json:
+        common.bad_input("--csv and --json exclude each other")
+    try:
+        result = query(sql, expand(traces))
+    except (SqlError, TraceError) as e:
+        common.bad_input(str(e))
+    if result is None:
+        return
+    if as_csv:
+        sys.stdout.flush()
+        write_csv(result, sys.stdout.buffer)
+    elif as_json:
+        write_json(result, sys.stdout)
+    else:
+        render(result, common.console(pipe_width=_TABLE_WIDTH))

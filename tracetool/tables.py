@@ -1,0 +1,224 @@
+"""A trace as Arrow tables: what `vmtrace sql` queries and the Parquet export writes.
+
+`exits`: one row per exit event, the columns of schema.EXPORT_COLUMNS (the CSV export's names),
+typed: reason a dictionary-encoded string, write a boolean, handle_ns null where unknown and every
+column an older trace lacked null. Built block by block from the decoded numpy columns: numpy
+arrays go to Arrow as they are (no Python object per event).
+
+`records`: one row per record (vm-start, vm-end, gap, lifecycle, input, screen, …): its kind, the
+fields most records share (t, vm, vcpu, epoch, name, event, status) and the whole record as JSON.
+`vms`: one row per VM and epoch, from its vm-start and vm-end records and the trace's streams.
+
+Every table can carry a `trace` column (which file a row came from) so several traces query as one.
+Needs pyarrow (the `parquet` and `sql` extras).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from . import analysis, schema
+from .trace import TraceReader
+
+TRACE_COLUMN = "trace"
+NO_HANDLE = analysis.NO_HANDLE
+
+_REASON_NAMES = pa.array([schema.reason_name(code) for code in range(256)], pa.string())
+_TRACE_TYPE = pa.dictionary(pa.int32(), pa.string())
+_EXIT_TYPES = {"t_exit_ns": pa.int64(), "handle_ns": pa.int64(), "reason": pa.dictionary(pa.uint8(), pa.string()),
+               "reason_code": pa.uint8(), "write": pa.bool_(),
+               **{name: pa.uint32() for name in schema.STREAM_COLUMNS}}
+
+
+def exit_schema(*, with_trace: bool = False, metadata: dict | None = None) -> pa.Schema:
+    """The Arrow schema of the exits table (schema.EXPORT_COLUMNS, typed)."""
+    fields = [(name, _EXIT_TYPES.get(name) or pa.from_numpy_dtype(schema.column_dtypes()[name]))
+              for name in schema.EXPORT_COLUMNS]
+    if with_trace:
+        fields.insert(0, (TRACE_COLUMN, _TRACE_TYPE))
+    return pa.schema(fields, metadata=metadata)
+
+
+def _missing_mask(c: dict[str, np.ndarray], name: str) -> np.ndarray | None:
+    """Where a column an older trace lacked reads as its `missing` value (None: never)."""
+    column = schema.COLUMNS.get(name)
+    if column is None or column.missing is None:
+        return None
+    return c[name] == c[name].dtype.type(column.missing)
+
+
+def _exit_array(c: dict[str, np.ndarray], name: str) -> pa.Array:
+    """One export column of a chunk of events (analysis.events_in_time_order's columns)."""
+    if name == "t_exit_ns":
+        return pa.array(c["t_exit"])
+    if name == "handle_ns":
+        return pa.array(c["handle_ns"], mask=c["handle_ns"] == NO_HANDLE)
+    if name == "reason":
+        return pa.DictionaryArray.from_arrays(pa.array(c["reason"]), _REASON_NAMES)
+    if name == "reason_code":
+        return pa.array(c["reason"])
+    if name == "write":
+        return pa.array((c["flags"] & schema.FLAG_WRITE).astype(bool))
+    return pa.array(c[name], mask=_missing_mask(c, name))
+
+
+def _trace_array(label: str, n: int) -> pa.Array:
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([label], pa.string()))
+
+
+def exit_batch(c: dict[str, np.ndarray], arrow_schema: pa.Schema, trace: str | None = None) -> pa.RecordBatch:
+    """A chunk of events as one Arrow record batch of `arrow_schema` (exit_schema's)."""
+    arrays = [_exit_array(c, name) for name in schema.EXPORT_COLUMNS]
+    if trace is not None:
+        arrays.insert(0, _trace_array(trace, len(c["t_exit"])))
+    return pa.RecordBatch.from_arrays(arrays, schema=arrow_schema)
+
+
+def exit_batches(reader: TraceReader, trace: str | None = None, where=None) -> Iterator[pa.RecordBatch]:
+    """Every (matching) event of the trace in time order, as record batches."""
+    arrow_schema = exit_schema(with_trace=trace is not None)
+    for c in analysis.events_in_time_order(reader, where):
+        yield exit_batch(c, arrow_schema, trace)
+
+
+def exits_table(reader: TraceReader, trace: str | None = None) -> pa.Table:
+    return pa.Table.from_batches(list(exit_batches(reader, trace)), schema=exit_schema(with_trace=trace is not None))
+
+
+# --- records and VMs (a few per VM: built row by row) ------------------------------------------
+def _int_or_none(value) -> int | None:
+    return value if type(value) is int and -(1 << 63) <= value < 1 << 63 else None
+
+
+def _str_or_none(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _json_value(value):
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    return str(value)
+
+
+_RECORD_FIELDS = (("kind", pa.string()), ("t", pa.int64()), ("vm", pa.int64()), ("vcpu", pa.int64()),
+                  ("epoch", pa.int64()), ("name", pa.string()), ("event", pa.string()),
+                  ("status", pa.string()), ("json", pa.string()))
+
+
+def records_table(reader: TraceReader, trace: str | None = None) -> pa.Table:
+    """One row per record: kind, t, vm, vcpu, epoch, name, event, status (null where the record has
+    none) and the record as JSON (bytes as hex) for everything else."""
+    rows = {name: [] for name, _ in _RECORD_FIELDS}
+    for rec in reader.records():
+        rows["kind"].append(_str_or_none(rec.get("type")))
+        for name in ("t", "vm", "vcpu", "epoch"):
+            rows[name].append(_int_or_none(rec.get(name)))
+        for name in ("name", "event", "status"):
+            rows[name].append(_str_or_none(rec.get(name)))
+        rows["json"].append(json.dumps(rec, default=_json_value, separators=(",", ":")))
+    return _with_trace(pa.table({name: pa.array(rows[name], t) for name, t in _RECORD_FIELDS}), trace)
+
+
+_VM_FIELDS = (("vm", pa.int64()), ("epoch", pa.int64()), ("name", pa.string()), ("guest", pa.string()),
+              ("sha256", pa.string()), ("mode", pa.string()), ("vcpus", pa.int64()), ("status", pa.string()),
+              ("detail", pa.string()), ("exits", pa.int64()), ("events_in_trace", pa.int64()),
+              ("started_ns", pa.int64()), ("ended_ns", pa.int64()))
+
+
+def vms_table(reader: TraceReader, trace: str | None = None) -> pa.Table:
+    """One row per (vm, epoch): name, guest image, sha256, status and exits (from its vm-end: the
+    worker's count), events_in_trace (what the trace holds of it), start and end times."""
+    vms: dict[tuple, dict] = {}
+    for rec in reader.records(schema.MSG_VM_START):
+        spec = rec.get("spec") if isinstance(rec.get("spec"), dict) else {}
+        vms.setdefault((_int_or_none(rec.get("vm")), _int_or_none(rec.get("epoch"))), {}).update(
+            name=_str_or_none(rec.get("name")), guest=_str_or_none(spec.get("guest")),
+            sha256=_str_or_none(rec.get("sha256")), mode=_str_or_none(rec.get("mode")),
+            vcpus=_int_or_none(rec.get("vcpus")), started_ns=_int_or_none(rec.get("t")))
+    for rec in reader.records(schema.MSG_VM_END):
+        entry = vms.setdefault((_int_or_none(rec.get("vm")), _int_or_none(rec.get("epoch"))), {})
+        entry.update(status=_str_or_none(rec.get("status")), detail=_str_or_none(rec.get("detail")),
+                     exits=_int_or_none(rec.get("exits")), ended_ns=_int_or_none(rec.get("t")))
+        if entry.get("name") is None:
+            entry["name"] = _str_or_none(rec.get("name"))
+    in_trace: dict[tuple, int] = {}
+    for s in reader.streams():
+        in_trace[(s.vm, s.epoch)] = in_trace.get((s.vm, s.epoch), 0) + s.events
+        vms.setdefault((s.vm, s.epoch), {})
+    keys = sorted(vms, key=lambda k: tuple(-1 if x is None else x for x in k))
+    columns = {"vm": [k[0] for k in keys], "epoch": [k[1] for k in keys],
+               "events_in_trace": [in_trace.get(k, 0) for k in keys]}
+    for name, _ in _VM_FIELDS:
+        columns.setdefault(name, [vms[k].get(name) for k in keys])
+    return _with_trace(pa.table({name: pa.array(columns[name], t) for name, t in _VM_FIELDS}), trace)
+
+
+def _with_trace(table: pa.Table, trace: str | None) -> pa.Table:
+    if trace is None:
+        return table
+    return table.add_column(0, pa.field(TRACE_COLUMN, _TRACE_TYPE), _trace_array(trace, table.num_rows))
+
+
+# Table name → how to build it from one trace.
+BUILDERS = {"exits": exits_table, "records": records_table, "vms": vms_table}
+
+
+# --- A Hive-partitioned Parquet dataset (vmtrace export --partition-by) --------------------------
+PARTITION_KEYS = schema.STREAM_COLUMNS  # what a dataset may be split by: vm, vcpu, epoch
+
+
+def partition_keys(text: str) -> list[str]:
+    """`vm,epoch` → ["vm", "epoch"]; ValueError naming what is wrong."""
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in PARTITION_KEYS]
+    if not keys or unknown or len(set(keys)) != len(keys):
+        raise ValueError(f"bad --partition-by {text!r}: a comma-separated list of {', '.join(PARTITION_KEYS)}")
+    return keys
+
+
+def write_partitioned(reader: TraceReader, out_dir: str, keys: list[str], where=None, metadata: dict | None = None,
+                      progress=None) -> int:
+    """Write the exits as a Hive-partitioned Parquet dataset (out_dir/vm=0/epoch=0/part-0.parquet;
+    the partition columns live in the directory names, as DuckDB and Spark expect). Whole or not
+    at all: written beside out_dir and renamed into place; an existing non-empty out_dir is refused
+    (OSError). Returns the number of events."""
+    import os
+    import shutil
+    import tempfile
+
+    import pyarrow.dataset as ds
+
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir}: exists and is not empty")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir}: exists and is not a directory")
+    arrow_schema = exit_schema(metadata=metadata)
+    total = 0
+
+    def batches():
+        nonlocal total
+        for c in analysis.events_in_time_order(reader, where):
+            batch = exit_batch(c, arrow_schema)
+            total += batch.num_rows
+            if progress is not None:
+                progress(batch.num_rows)
+            yield batch
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.part-", dir=parent)
+    try:
+        ds.write_dataset(pa.RecordBatchReader.from_batches(arrow_schema, batches()), tmp, format="parquet",
+                         partitioning=ds.partitioning(pa.schema([arrow_schema.field(k) for k in keys]), flavor="hive"),
+                         file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"),
+                         basename_template="part-{i}.parquet", existing_data_behavior="overwrite_or_ignore")
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty (checked above)
+        os.rename(tmp, out_dir)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    return total
