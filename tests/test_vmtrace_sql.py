@@ -109,7 +109,7 @@ def test_a_glob_of_traces_is_one_table_with_a_trace_column(traces):
     assert [(r["trace"], r["n"]) for r in rows] == [(str(traces["a"]), 3037), (str(traces["b"]), 3000)]
     vms = sql_json("SELECT trace, vm, name FROM vms ORDER BY trace, vm", traces["a"], traces["b"])
     assert [(Path(v["trace"]).name, v["vm"], v["name"]) for v in vms] == [
-        ("a.vmtrace", 0, "seed16"), ("a.vmtrace", 1, "hello"), ("b.vmtrace", 0, "seed16"), ("b.vmtrace", 1, "seed16")]
+        ("a.vmtrace", 0, "seed16"), ("a.vmtrace", 1, "hello"), ("b.vmtrace", 0, "seed16-0"), ("b.vmtrace", 1, "seed16-1")]
 
 
 def test_the_table_output_fits_80_columns(traces):
@@ -156,3 +156,20 @@ def test_parquet_partitioned_by_vm_and_epoch_reads_back_in_duckdb(traces, tmp_pa
     per_vm = con.sql(f"SELECT vm, epoch, count(*) FROM read_parquet('{out}/**/*.parquet', hive_partitioning = true) "
                      "GROUP BY ALL ORDER BY vm").fetchall()
     assert per_vm == [(0, 0, 1500), (1, 0, 1500)]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--format", "parquet", "--partition-by", "cpu"], "bad --partition-by 'cpu'"),
+    (["--format", "csv", "--partition-by", "vm"], "--partition-by needs --format parquet"),
+])
+def test_bad_partitioning_is_one_line(traces, tmp_path, args, words):
+    assert_one_error_line(vmtrace("export", traces["a"], *args, "-o", tmp_path / "out"), words)
+
+
+def test_a_dataset_is_not_written_into_a_directory_with_files(traces, tmp_path):
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = vmtrace("export", traces["a"], "--format", "parquet", "--partition-by", "vm", "-o", out)
+    assert_one_error_line(proc, "not empty")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]

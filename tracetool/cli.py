@@ -38,6 +38,7 @@ COMMANDS = (
     "replay",
     "plot",
     "screen",
+    "sql",
 )
 for _name in COMMANDS:
     app.command(_name)(import_module(f".commands.{_name}", __package__).run)

@@ -22,10 +22,10 @@ import numpy as np
 import pyarrow as pa
 
 from . import analysis, schema
+from .handling import NO_HANDLE
 from .trace import TraceReader
 
 TRACE_COLUMN = "trace"
-NO_HANDLE = analysis.NO_HANDLE
 
 _REASON_NAMES = pa.array([schema.reason_name(code) for code in range(256)], pa.string())
 _TRACE_TYPE = pa.dictionary(pa.int32(), pa.string())
@@ -168,22 +168,11 @@ BUILDERS = {"exits": exits_table, "records": records_table, "vms": vms_table}
 
 
 # --- A Hive-partitioned Parquet dataset (vmtrace export --partition-by) --------------------------
-PARTITION_KEYS = schema.STREAM_COLUMNS  # what a dataset may be split by: vm, vcpu, epoch
-
-
-def partition_keys(text: str) -> list[str]:
-    """`vm,epoch` → ["vm", "epoch"]; ValueError naming what is wrong."""
-    keys = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in PARTITION_KEYS]
-    if not keys or unknown or len(set(keys)) != len(keys):
-        raise ValueError(f"bad --partition-by {text!r}: a comma-separated list of {', '.join(PARTITION_KEYS)}")
-    return keys
-
-
 def write_partitioned(reader: TraceReader, out_dir: str, keys: list[str], where=None, metadata: dict | None = None,
                       progress=None) -> int:
-    """Write the exits as a Hive-partitioned Parquet dataset (out_dir/vm=0/epoch=0/part-0.parquet;
-    the partition columns live in the directory names, as DuckDB and Spark expect). Whole or not
+    """Write the exits as a Hive-partitioned Parquet dataset split by `keys` (of
+    schema.STREAM_COLUMNS): out_dir/vm=0/epoch=0/part-0.parquet, the partition columns in the
+    directory names only, as DuckDB and Spark expect. Whole or not
     at all: written beside out_dir and renamed into place; an existing non-empty out_dir is refused
     (OSError). Returns the number of events."""
     import os

@@ -276,42 +276,28 @@ def _need_pyarrow():
         raise ExportError("parquet export needs pyarrow: pip install 'vmsup[parquet]'") from None
 
 
+def _parquet_metadata(reader: TraceReader) -> dict:
+    return {b"vmsup.source": b"vmtrace export", b"vmsup.schema_version": str(schema.SCHEMA_VERSION).encode(),
+            b"vmsup.run": json.dumps(reader.run, default=str).encode()}
+
+
 def _parquet(reader: TraceReader, path: str, where, progress: Progress) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    reason_names = pa.array([schema.reason_name(code) for code in range(256)], pa.string())
-    types = {"t_exit_ns": pa.int64(), "handle_ns": pa.int64(), "reason": pa.dictionary(pa.uint8(), pa.string()),
-             "reason_code": pa.uint8(), "write": pa.bool_(),
-             **{name: pa.uint32() for name in schema.STREAM_COLUMNS}}
-    fields = [(name, types.get(name) or pa.from_numpy_dtype(schema.COLUMN_DTYPES[name])) for name in CSV_COLUMNS]
-    meta = {b"vmsup.source": b"vmtrace export", b"vmsup.schema_version": str(schema.SCHEMA_VERSION).encode(),
-            b"vmsup.run": json.dumps(reader.run, default=str).encode()}
-    pa_schema = pa.schema(fields, metadata=meta)
+    from .. import tables
+
+    pa_schema = tables.exit_schema(metadata=_parquet_metadata(reader))
     n_total = 0
     pending: list[dict[str, np.ndarray]] = []
     rows = 0
-
-    def column(c: dict[str, np.ndarray], name: str):
-        if name == "t_exit_ns":
-            return pa.array(c["t_exit"])
-        if name == "handle_ns":
-            return pa.array(c["handle_ns"], mask=c["handle_ns"] == NO_HANDLE)
-        if name == "reason":
-            return pa.DictionaryArray.from_arrays(pa.array(c["reason"]), reason_names)
-        if name == "reason_code":
-            return pa.array(c["reason"])
-        if name == "write":
-            return pa.array((c["flags"] & schema.FLAG_WRITE).astype(bool))
-        return pa.array(c[name], mask=_missing_mask(c, name))  # null where an older trace lacked it
 
     def flush(writer) -> None:
         nonlocal pending, rows
         if not pending:
             return
         c = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-        table = pa.Table.from_arrays([column(c, name) for name in CSV_COLUMNS], schema=pa_schema)
-        writer.write_table(table, row_group_size=_PARQUET_ROWS)
+        writer.write_table(pa.Table.from_batches([tables.exit_batch(c, pa_schema)]), row_group_size=_PARQUET_ROWS)
         pending, rows = [], 0
 
     with pq.ParquetWriter(path, pa_schema, compression="zstd") as writer:
@@ -327,10 +313,34 @@ def _parquet(reader: TraceReader, path: str, where, progress: Progress) -> int:
     return n_total
 
 
+def partition_keys(text: str) -> list[str]:
+    """`vm,epoch` → ["vm", "epoch"]: a dataset splits by stream ids only."""
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    if not keys or any(k not in schema.STREAM_COLUMNS for k in keys) or len(set(keys)) != len(keys):
+        raise ValueError(f"bad --partition-by {text!r}: a comma-separated list of {', '.join(schema.STREAM_COLUMNS)}")
+    return keys
+
+
+def export_partitioned(reader: TraceReader, out_dir: str, keys: list[str], where: EventFilter | None = None,
+                       progress: Progress | None = None) -> dict:
+    """A Hive-partitioned Parquet dataset in out_dir (tracetool.tables.write_partitioned)."""
+    _need_pyarrow()
+    from .. import tables
+    try:
+        n = tables.write_partitioned(reader, out_dir, keys, where, _parquet_metadata(reader), progress)
+    except OSError as e:
+        raise ExportError(str(e) if isinstance(e, FileExistsError) else f"{out_dir}: cannot write: {e.strerror or e}") from None
+    return {"events": n, "path": out_dir, "bytes": None, "format": "parquet"}
+
+
 def run(
     trace: str = common.TRACE_ARG,
     fmt: str = typer.Option(..., "--format", help="perfetto (Chrome/Perfetto JSON timeline), csv or parquet."),
-    out: str = typer.Option(..., "--output", "-o", help="The file to write ('-': standard output)."),
+    out: str = typer.Option(..., "--output", "-o", help="The file to write ('-': standard output), or with "
+                            "--partition-by the dataset's directory."),
+    partition_by: Optional[str] = typer.Option(None, "--partition-by", metavar="KEYS",
+                                               help="parquet: a Hive-partitioned dataset split by vm, vcpu and/or "
+                                               "epoch (vm,epoch → DIR/vm=0/epoch=0/part-0.parquet)."),
     vm: Optional[str] = common.VM_OPT, vcpu: Optional[str] = common.VCPU_OPT, epoch: Optional[str] = common.EPOCH_OPT,
     reason: Optional[str] = common.REASON_OPT, port: Optional[str] = common.PORT_OPT,
     addr: Optional[str] = common.ADDR_OPT, where: Optional[str] = common.FILTER_OPT,
@@ -342,6 +352,19 @@ def run(
         common.bad_input(f"unknown --format {fmt!r} (choose from {', '.join(FORMATS)})")
     common.refuse_overwriting(out, trace)
     event_filter = common.event_filter(vm, vcpu, epoch, reason, port, addr, where)
+    if partition_by is not None:
+        if fmt != "parquet":
+            common.bad_input("--partition-by needs --format parquet")
+        try:
+            keys = partition_keys(partition_by)
+        except ValueError as e:
+            common.bad_input(str(e))
+
+    def export_to(reader, *args):
+        if partition_by is None:
+            return export(reader, fmt, out, *args)
+        return export_partitioned(reader, out, keys, *args)
+
     with common.reading(trace) as reader:
         show_bar = sys.stderr.isatty() if progress is None else progress
         try:
@@ -352,9 +375,9 @@ def run(
                 with ProgressBar(TextColumn(f"export {fmt}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                               console=common.console(stderr=True), transient=True) as bar:
                     task = bar.add_task("export", total=total)
-                    result = export(reader, fmt, out, event_filter, lambda n: bar.advance(task, n))
+                    result = export_to(reader, event_filter, lambda n: bar.advance(task, n))
             else:
-                result = export(reader, fmt, out, event_filter)
+                result = export_to(reader, event_filter)
         except ExportError as e:
             common.bad_input(str(e))
     size = "" if result["bytes"] is None else f", {result['bytes']} bytes"

@@ -7,8 +7,9 @@ traces, or a glob of them, query as one):
   records  one row per record (vm-start, vm-end, gap, lifecycle, input, screen…): kind, t, vm,
            vcpu, epoch, name, event, status and the record as JSON (DuckDB's json_extract reads it)
   vms      one row per VM and epoch: name, guest, sha256, mode, vcpus, status, exits, …
-Only the tables a query names are built. Output: a table (fits the terminal, 80 columns when
-piped), `--csv`, or `--json` (an array of objects).
+Only the tables a query names are built. Output: a table that fits the terminal (80 columns
+when piped; rows too wide for it are shown one `column value` block each), `--csv`, or `--json`
+(an array of objects).
 """
 
 from __future__ import annotations
@@ -118,17 +119,37 @@ def write_json(table, out) -> None:
     out.write(json.dumps(table.to_pylist(), indent=2, default=common.json_default) + "\n")
 
 
+def _cell(value):
+    from rich.text import Text
+    return Text("NULL", style="dim") if value is None else Text(str(value))
+
+
 def render(table, console) -> None:
+    """A table when every column fits the console at its natural width; otherwise one block of
+    `column  value` lines per row (psql's expanded display), values folded."""
     from rich.table import Table
     from rich.text import Text
 
-    t = Table(show_edge=False, pad_edge=False)
-    for field in table.schema:
-        numeric = str(field.type).startswith(("int", "uint", "float", "double", "decimal"))
-        t.add_column(field.name, overflow="fold", justify="right" if numeric else "left")
-    for row in table.to_pylist():
-        t.add_row(*(Text("NULL", style="dim") if v is None else Text(str(v)) for v in row.values()))
-    console.print(t)
+    rows = table.to_pylist()
+    names = table.schema.names
+    natural = [max([len(n)] + [len("NULL" if r[n] is None else str(r[n])) for r in rows]) for n in names]
+    if sum(natural) + 3 * (len(names) - 1) <= console.width:
+        t = Table(show_edge=False, pad_edge=False)
+        for field in table.schema:
+            numeric = str(field.type).startswith(("int", "uint", "float", "double", "decimal"))
+            t.add_column(field.name, justify="right" if numeric else "left", no_wrap=True)
+        for row in rows:
+            t.add_row(*(_cell(v) for v in row.values()))
+        console.print(t)
+    else:
+        for i, row in enumerate(rows):
+            console.rule(f"row {i + 1}", align="left", style="dim")
+            grid = Table.grid(padding=(0, 2))
+            grid.add_column(style="bold", no_wrap=True)
+            grid.add_column(overflow="fold")
+            for name, value in row.items():
+                grid.add_row(name, _cell(value))
+            console.print(grid)
     console.print(Text(f"{table.num_rows} row{'s' if table.num_rows != 1 else ''}", style="dim"))
 
 
