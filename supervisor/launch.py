@@ -500,7 +500,7 @@ class Launch:
 
     def _finish_recorder(self, results: list[dict]) -> dict | None:
         ended = [messages.VmEnd(vm=slot.spec.vm_id, epoch=max(slot.epoch, 0), name=slot.spec.name, status=r["status"],
-                                detail=r.get("detail", ""))
+                                detail=r.get("detail", ""), final_seq=None)
                  for slot, r in zip(self.slots, results) if r.get("no_record") or r.get("status") == End.ERROR]
         client = RecorderClient(self.run_dir, timeout=30.0)
         try:

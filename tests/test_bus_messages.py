@@ -78,6 +78,14 @@ def test_every_field_refuses_a_value_of_the_wrong_kind(cls):
                 messages.decode({k: v for k, v in wire.items() if k != f.name})
 
 
+def test_a_message_carries_exactly_the_fields_its_sender_gave():
+    # The wire stays as it was before the classes: an explicit None is sent, a field not given is not.
+    sent = messages.Lifecycle(vm=0, epoch=1, event="exit", code=None, signal=9)
+    assert sent.to_msg() == {"v": schema.SCHEMA_VERSION, "type": "lifecycle", "vm": 0, "epoch": 1, "event": "exit",
+                             "code": None, "signal": 9}
+    assert sent.pid is None and messages.decode(sent.to_msg()).to_msg() == sent.to_msg()
+
+
 def test_the_trace_writer_refuses_every_record_its_class_refuses(tmp_path):
     with TraceWriter(tmp_path / "w.vmtrace", {}) as w:
         for cls, example in EXAMPLES.items():

@@ -6,8 +6,9 @@ fields of its class below. A sender builds the dataclass and sends `to_msg()`; a
 `decode(msg)` (or `unpack(raw)` for bytes off a socket), which dispatches on "type" to the class's
 `from_msg`, the only code that checks the fields (type, range, size) and raises MessageError.
 
-Fields left None are optional and not sent: old traces and older senders that lack a field still
-decode. The wire format is the one of schema.py's MSG_* comments (unchanged by this module).
+A message carries exactly the fields its sender gave (an explicit None included), so the wire
+stays what it was before these classes; a field not given reads as None and is not sent. Only
+the fields marked required must be there: old traces and older senders that lack one still decode.
 
 Adding a message: a class here (its fields with their checks, `TYPE`), its name in
 schema.MESSAGE_TYPES, and, if the trace stores it, a block type in the trace writer.
@@ -81,17 +82,27 @@ def _is_int(value) -> bool:
     return type(value) is int  # bool is a subclass of int, and is not a number here
 
 
+class _Absent:
+    """The default of a field its sender did not give (reads as None, is not sent)."""
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT = _Absent()
+
+
 @dataclass(frozen=True)
 class _Check:
-    """One field's check: `required` fields must be present; None means absent otherwise."""
+    """One field's check: `required` fields must be there and not None; others may be None."""
 
     required: bool = False
 
     def __call__(self, name: str, value):
-        if value is None:
+        if value is None or value is ABSENT:
             if self.required:
                 raise MessageError(f"field {name!r} is missing")
-            return None
+            return value
         return self.check(name, value)
 
     def check(self, name: str, value):
@@ -195,7 +206,7 @@ class Equals(_Check):
         return value
 
 
-def checked(check: _Check, default=None):
+def checked(check: _Check, default=ABSENT):
     """A message field with its check (the dataclass field's metadata)."""
     return field(default=default, metadata={"check": check})
 
@@ -218,6 +229,16 @@ class Message:
 
     TYPE: ClassVar[str] = ""
 
+    def __post_init__(self) -> None:
+        # Which fields the sender gave: those go on the wire; the others read as None.
+        given = []
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is ABSENT:
+                object.__setattr__(self, f.name, None)
+            else:
+                given.append(f.name)
+        object.__setattr__(self, "_given", tuple(given))
+
     @classmethod
     def from_msg(cls, msg) -> "Message":
         if not isinstance(msg, dict):
@@ -225,18 +246,16 @@ class Message:
         values = {}
         for f in dataclasses.fields(cls):
             try:
-                values[f.name] = f.metadata["check"](f.name, msg.get(f.name))
+                values[f.name] = f.metadata["check"](f.name, msg.get(f.name, ABSENT))
             except MessageError as e:
                 raise MessageError(f"{cls.TYPE}: {e}") from None
         return cls(**values)
 
     def to_msg(self) -> dict:
-        """The wire map: "v", "type" and every field that is not None."""
+        """The wire map: "v", "type" and every field the sender gave."""
         out = {"v": schema.SCHEMA_VERSION, "type": self.TYPE}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                out[f.name] = value
+        for name in self._given:
+            out[name] = getattr(self, name)
         return out
 
 
@@ -348,11 +367,6 @@ class Screen(Message):
         decode_cells(screen.cells)  # raises SchemaError unless exactly one screen's cells
         return screen
 
-    def to_msg(self) -> dict:
-        out = super().to_msg()
-        out.setdefault("cursor", None)  # "no cursor" is said, not left out
-        return out
-
     def snapshot(self) -> Snapshot:
         cursor = (self.cursor[0], self.cursor[1]) if self.cursor else None
         return Snapshot(self.vm, self.epoch, self.t, decode_cells(self.cells), cursor, len(self.cells))
@@ -422,7 +436,8 @@ class ExitBatch(Message):
                         raise MessageError("a payload is not [row, bytes]")
         except schema.SchemaError as e:
             raise MessageError(f"{cls.TYPE}: {e}") from None
-        return dataclasses.replace(base, cols=arrays)
+        object.__setattr__(base, "cols", arrays)  # the checked views replace the raw bytes
+        return base
 
     def to_msg(self) -> dict:
         out = super().to_msg()

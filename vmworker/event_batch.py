@@ -58,7 +58,7 @@ class EventBatcher:
                 remap = {int(old): new for new, old in enumerate(index)}
                 payloads = [[remap[i], data] for i, data in payloads if i in remap]
         batch = messages.ExitBatch(vm=self.vm, vcpu=self.vcpu, epoch=self.epoch, first_seq=self.next_seq, count=n,
-                                   cols=cols, payloads=payloads or None)
+                                   cols=cols, payloads=payloads or messages.ABSENT)
         self.payloads = []
         self.payload_bytes = 0
         self.next_seq += n
