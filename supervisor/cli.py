@@ -82,14 +82,16 @@ def launch(
             listen, keys_dir = check_listen(listen, keys_dir)
         if trace is not None and no_trace:
             raise SpecError("--trace and --no-trace contradict each other: give one")
+        notes: list[str] = []  # warnings (deprecated fleet keys) and where stdin goes
+        stdin_terminal = sys.stdin is not None and sys.stdin.isatty()
         if guests and fleet is None:
             # The flags describe one fleet entry per GUEST: one validation path for both.
-            specs = specs_from_entries([cli_entry(g, **vm_flags) for g in guests], quiet=quiet)
+            specs = specs_from_entries([cli_entry(g, **vm_flags) for g in guests], quiet=quiet, notes=notes,
+                                       stdin_terminal=stdin_terminal)
         else:
-            notes: list[str] = []
-            specs = fleet_specs(fleet, guests, vm_flags, quiet=quiet, notes=notes)
-            for note in notes:
-                _info(f"warning: {note}")
+            specs = fleet_specs(fleet, guests, vm_flags, quiet=quiet, notes=notes, stdin_terminal=stdin_terminal)
+        for note in notes:
+            _info(note if note.startswith("stdin ") else f"warning: {note}")
         if screen and (detach or fleet is not None or len(specs) > 1):
             raise SpecError("--screen shows one foreground VM: not with --detach, --fleet, --vms or several guests")
         trace_path = None if no_trace else (trace or _default_trace_path(specs[0].name))

@@ -430,11 +430,19 @@ def _names(entry: FleetEntry) -> list[str]:
 
 # Specs -----------------------------------------------------------------------------------------
 
-def specs_from_entries(entries: list[FleetEntry], *, quiet: bool = False) -> list[VmSpec]:
+def specs_from_entries(entries: list[FleetEntry], *, quiet: bool = False, notes: list[str] | None = None,
+                       stdin_terminal: bool = False) -> list[VmSpec]:
     """One VmSpec per VM, vm_id 0.. in order. What only the supervisor reads travels in `spec.extra`:
-    "policy" (RestartPolicy as a dict) and each setting whose home is "supervisor" (rss_limit: bytes or None)."""
+    "policy" (RestartPolicy as a dict) and each setting whose home is "supervisor" (rss_limit: bytes or None).
+
+    Several VMs cannot share stdin: the first VM with serial input `-` reads it, the others get
+    none, and a note in `notes` says so. On a terminal none reads it: with several VMs the live
+    table holds the terminal, and a VM's worker (its own process group) would be stopped by
+    SIGTTIN on its first read."""
     total = sum(e.vms for e in entries)
     several = total > 1
+    stdin_reader: str | None = None
+    stdin_denied: list[str] = []
     specs: list[VmSpec] = []
     for e in entries:
         for name in _names(e):
@@ -444,14 +452,29 @@ def specs_from_entries(entries: list[FleetEntry], *, quiet: bool = False) -> lis
                           extra={"policy": dataclasses.asdict(e.policy),
                                  **{s.name: e.values[s.name] for s in SETTINGS if s.home == "supervisor"}})
             spec.name = name
-            if e.serial_in == "none" or (several and e.serial_in == "-"):
+            if e.serial_in == "none":
                 spec.serial_in = None
+            elif several and e.serial_in == "-":
+                if stdin_reader is None and not stdin_terminal:
+                    stdin_reader = spec
+                else:
+                    spec.serial_in = None
+                    stdin_denied.append(spec)
             spec.vm_id = len(specs)
             specs.append(spec)
     names = [s.name for s in specs]
     for i, s in enumerate(specs):  # the same guest named twice on the command line: keep names unique
         if names.count(s.name) > 1:
             s.name = f"{s.name}#{i}"
+    if notes is not None and stdin_denied:
+        others = ", ".join(s.name for s in stdin_denied)
+        get = "gets" if len(stdin_denied) == 1 else "get"
+        if stdin_reader is not None:
+            notes.append(f"stdin goes to {stdin_reader.name} only; {others} {get} no serial input "
+                         "(--serial-in FILE gives a VM its own)")
+        else:
+            notes.append(f"stdin is a terminal: with several VMs no VM reads it ({others} {get} no serial input; "
+                         "--serial-in FILE gives a VM its own)")
     return specs
 
 
@@ -475,9 +498,9 @@ def check_fleet_flags(guests: list[str] | None, flags: dict[str, Any]) -> None:
 
 
 def fleet_specs(fleet: str | None, guests: list[str] | None, flags: dict[str, Any], *, quiet: bool = False,
-                notes: list[str] | None = None) -> list[VmSpec]:
+                notes: list[str] | None = None, stdin_terminal: bool = False) -> list[VmSpec]:
     """`vmsup launch --fleet FILE`'s specs (or the error for neither GUESTS nor --fleet)."""
     if fleet is None:
         raise SpecError("no guest given: name one (e.g. vmsup launch seed16) or give --fleet FILE")
     check_fleet_flags(guests, flags)
-    return specs_from_entries(load_fleet(fleet, notes), quiet=quiet)
+    return specs_from_entries(load_fleet(fleet, notes), quiet=quiet, notes=notes, stdin_terminal=stdin_terminal)

@@ -296,8 +296,11 @@ class Launch:
             worker = Worker(spec)
         else:
             out = open_private_append(slot.console) if slot.console else subprocess.DEVNULL
+            # Of several VMs, the one given stdin (supervisor/fleet.py: specs_from_entries) inherits
+            # it; a --screen VM's keys come from the screen view instead.
+            stdin = None if spec.serial_in == "-" and not self.foreground else subprocess.DEVNULL
             try:
-                worker = Worker(spec, stdout=out, stdin=subprocess.DEVNULL, own_group=True)
+                worker = Worker(spec, stdout=out, stdin=stdin, own_group=True)
             finally:
                 if slot.console:
                     out.close()

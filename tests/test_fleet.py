@@ -50,6 +50,20 @@ def fleet_dir(tmp_path):
     return tmp_path
 
 
+def test_with_several_vms_stdin_goes_to_the_first_and_a_note_names_the_others(fleet_dir):
+    path = fleet_dir / "fleet.toml"
+    path.write_text(VALID)
+    notes: list[str] = []
+    specs = specs_from_entries(load_fleet(str(path)), notes=notes)
+    assert [s.serial_in for s in specs] == ["-", None, None]
+    assert notes == ["stdin goes to counter-0 only; counter-1 gets no serial input (--serial-in FILE gives a VM its own)"]
+    notes.clear()
+    specs = specs_from_entries(load_fleet(str(path)), notes=notes, stdin_terminal=True)
+    assert [s.serial_in for s in specs] == [None, None, None]
+    assert notes == ["stdin is a terminal: with several VMs no VM reads it (counter-0, counter-1 get no serial "
+                     "input; --serial-in FILE gives a VM its own)"]
+
+
 def test_fleet_entries_carry_resolved_values_policy_and_rss_limit(fleet_dir):
     path = fleet_dir / "fleet.toml"
     path.write_text(VALID)
@@ -64,7 +78,9 @@ def test_fleet_entries_carry_resolved_values_policy_and_rss_limit(fleet_dir):
 
     specs = specs_from_entries([counter, halter])
     assert [(s.vm_id, s.name) for s in specs] == [(0, "counter-0"), (1, "counter-1"), (2, "halter")]
-    assert all(s.quiet and s.serial_in is None for s in specs)  # several VMs: no shared terminal
+    assert all(s.quiet for s in specs)  # several VMs: no shared terminal
+    # stdin (the default serial input) goes to the first VM only (issue 10 item 8); halter said none.
+    assert [s.serial_in for s in specs] == ["-", None, None]
     assert specs[0].extra == {"policy": {"mode": "on-failure", "backoff_initial": 0.25, "backoff_max": 8.0,
                                          "backoff_jitter": 0.1, "startsecs": 1.0, "retries": 3}, "rss_limit": None}
     assert specs[2].extra["rss_limit"] == 256 << 20

@@ -89,6 +89,16 @@ def test_echo_upper_cases_stdin_and_exits_with_the_newline_count(vmsup):
     assert proc.returncode == 1  # a non-zero guest code is a guest failure
 
 
+def test_piped_stdin_goes_to_the_first_of_several_vms_and_vmsup_says_so(vmsup, tmp_path):
+    trace = tmp_path / "e.vmtrace"
+    proc = vmsup("launch", "echo", "--vms", "2", "--trace", str(trace), input=b"abc\n")
+    assert "vmsup: stdin goes to echo-0 only; echo-1 gets no serial input" in proc.stderr
+    assert (tmp_path / "e.echo-0.console").read_bytes() == b"ABC\n"
+    assert (tmp_path / "e.echo-1.console").read_bytes() == b""
+    assert proc.returncode == 1  # echo-0's exit code is its newline count
+    assert_clean(proc)
+
+
 def test_echo_reads_serial_input_from_a_file(vmsup, tmp_path):
     infile = tmp_path / "input.txt"
     infile.write_bytes(b"abc\nxyz\n")
