@@ -238,6 +238,21 @@ def test_vcpus_are_gdb_threads(stubbed):
     assert printed(out, []) == ["1"]  # vCPU 1 starts with its index in RDI (guest/README.md)
 
 
+def test_monitor_catch_io_stops_at_each_uart_write_and_catch_off_lets_it_finish(stubbed):
+    vm = stubbed("hello.bin", "real")
+    out = vm.gdb("monitor catch io 0x3f8 out", "continue", "continue", "monitor catch", "monitor catch off",
+                 "monitor catch io 0x10000", "continue")
+    assert "catch io 0x3f8 out: the guest stops at each such exit" in out
+    # 'H' then 'e': each write was served by the UART before the guest stopped
+    assert "caught: out to port 0x3f8, 1 byte(s) 48" in out and "caught: out to port 0x3f8, 1 byte(s) 65" in out
+    assert out.count("Program received signal SIGTRAP") == 2
+    assert "every catch removed" in out
+    assert "ports are 0-0xffff" in out
+    assert "exited normally" in out
+    assert vm.result()["status"] == "halted"
+    assert vm.console == "Hello from vmsup!\n"
+
+
 def _exchange(sock: socket.socket, reader: P.PacketReader, raw: bytes) -> tuple[str, bytes | None]:
     sock.sendall(raw)
     while True:

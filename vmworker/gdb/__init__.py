@@ -4,6 +4,7 @@ packets    framing: $data#checksum, acks, escaping, the Ctrl-C byte
 regs       the register layout gdb is told about, and its mapping to KVM regs/sregs
 target_xml the target description served through qXfer:features:read
 control    the VMM side: all-stop parking of vCPU threads, guest debug, breakpoints
+catch      `monitor catch io`: stops at port I/O exits
 stub       one gdb connection: packets in, replies out, against a `control.Debugger`
 server     the listening socket and the stub's thread in the worker
 """

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from .. import kvm_abi as abi
 from . import regs as R
+from .catch import IoCatches
 
 log = logging.getLogger("vmsup.gdb")
 
@@ -70,6 +71,9 @@ class Debugger:
         self.hw: list[int | None] = [None] * DEBUG_REGISTERS  # linear addresses in DR0-DR3
         self.sw: dict[int, _Planted] = {}  # linear address → planted int3
         self._hw_kind: dict[int, str] = {}  # linear address → "hw" (hbreak) or "sw" (a real-mode break)
+        self._thread_vcpu: dict[int, int] = {}  # vCPU thread ident → vCPU index
+        self.notes: list[str] = []  # what the stub tells gdb before the next stop reply
+        self.io_catches = IoCatches(machine.port_bus, self)
         self._wake_r, self._wake_w = os.pipe()  # makes the stub's select() see a stop
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
@@ -92,6 +96,7 @@ class Debugger:
     def park(self, vcpu) -> None:
         """Wait (outside KVM_RUN) until released or the VM stops; then load guest-debug state."""
         ctx = self.machine.ctx
+        self._thread_vcpu[threading.get_ident()] = vcpu.id  # for stops a device reports (catch.py)
         with self._cond:
             self._parked.add(vcpu.id)
             self._cond.notify_all()
@@ -123,6 +128,15 @@ class Debugger:
         if hit is not None and self._hw_kind.get(self.hw[hit]) == "sw":
             why = "swbreak"
         self._report(Stop(vcpu.id, SIGTRAP, why))
+
+    def caught(self, what: str) -> None:
+        """A catch (catch.py) saw its exit, on the calling vCPU thread: stop there."""
+        if not self._enabled:
+            return
+        index = self._thread_vcpu.get(threading.get_ident(), 0)
+        with self._cond:
+            self.notes.append(what)
+        self._report(Stop(index, SIGTRAP))
 
     def breakpoint_hit(self, vcpu, suberror: int) -> bool:
         """KVM_EXIT_INTERNAL_ERROR: True if the vCPU stopped at an int3 gdb planted."""
@@ -156,6 +170,11 @@ class Debugger:
         self.wait_parked()
         return self._stop
 
+    def take_notes(self) -> list[str]:
+        with self._cond:
+            notes, self.notes = self.notes, []
+        return notes
+
     def wait_parked(self) -> None:
         with self._cond:
             while not self._all_parked() and not self.machine.ctx.stopping:
@@ -182,6 +201,7 @@ class Debugger:
 
     def detach(self) -> None:
         """Remove every breakpoint, turn guest debug off and let the VM run on."""
+        self.io_catches.clear()
         with self._cond:
             for addr in list(self.sw):
                 self._unplant_at(addr)

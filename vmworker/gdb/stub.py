@@ -16,6 +16,7 @@ from ..errors import VmsupError
 from ..status import End
 from . import packets as P
 from . import regs as R
+from .catch import CatchError, parse_io_catch
 from .control import SIGINT, SIGTRAP, BreakpointError, Debugger, Stop
 from .target_xml import TARGET_XML
 
@@ -325,13 +326,33 @@ class Stub:
     def _monitor(self, command: str) -> bytes:
         words = command.split()
         if not words or words[0] == "help":
-            text = "vmsup monitor commands:\n  help   this list\n  info   the VM's name, vCPUs and state\n"
+            text = ("vmsup monitor commands:\n  help   this list\n  info   the VM's name, vCPUs and state\n"
+                    "  catch io PORT[-PORT] [in|out]   stop at port I/O exits there\n"
+                    "  catch          the catches set\n  catch off      remove every catch\n")
         elif words[0] == "info":
             text = self.describe() + "\n"
+        elif words[0] == "catch":
+            text = self._catch(words[1:])
         else:
             text = f"unknown monitor command {words[0]!r}; try 'monitor help'\n"
         self.send(b"O" + text.encode().hex().encode())
         return b"OK"
+
+    def _catch(self, words: list[str]) -> str:
+        catches = self.dbg.io_catches
+        if not words:
+            return "".join(f"catch {c.describe()}\n" for c in catches.specs) or "no catches\n"
+        if words == ["off"]:
+            catches.clear()
+            return "every catch removed\n"
+        if words[0] != "io":
+            return "usage: monitor catch io PORT[-PORT] [in|out] | monitor catch off\n"
+        try:
+            spec = parse_io_catch(words[1:])
+        except CatchError as e:
+            return f"{e}\n"
+        catches.add(spec)
+        return f"catch {spec.describe()}: the guest stops at each such exit\n"
 
     # --- running ------------------------------------------------------------------------------
     def _resume(self, step: int | None) -> None:
@@ -352,6 +373,8 @@ class Stub:
             ready, _, _ = select.select([self.sock, self.dbg.wake_fd], [], [], POLL_SECONDS)
             if self.dbg.wake_fd in ready or not ready:
                 stop = self.dbg.take_stop()
+                for note in self.dbg.take_notes():  # console output (`O`) before the stop reply
+                    self.send(b"O" + (note + "\n").encode().hex().encode())
                 if stop is not None:
                     self.record("gdb-stop", vcpu=stop.vcpu, signal=stop.signal, why=stop.why)
                     self.last_stop = stop
