@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from tracetool import schema
+from tracetool import exit_rows, handling, schema
 
 from .live import LiveSubscriber
 
@@ -67,30 +67,35 @@ class Tail:
         """The lines for one decoded message (only `exits` batches produce any)."""
         if msg.get("type") != schema.MSG_EXITS or self.done or not msg["rows"]:
             return []
-        vm, vcpu, epoch = msg["vm"], msg["vcpu"], msg["epoch"]
+        vm, vcpu = msg["vm"], msg["vcpu"]
         cols = msg["columns"]
-        index = np.flatnonzero(self.filter.mask(cols, vm=vm, vcpu=vcpu, epoch=epoch))
+        index = np.flatnonzero(self.filter.mask(cols, vm=vm, vcpu=vcpu, epoch=msg["epoch"]))
         if self.limit is not None:
             index = index[:self.limit - self.printed]
         if not len(index):
             return []
         self.printed += len(index)
-        picked = {name: cols[name][index].tolist() for name in (*schema.COLUMN_NAMES, "seq")}
-        payloads = msg["payloads"]
         if self.json_lines:
-            out = []
-            for i, row in enumerate(index.tolist()):
-                event = {"vm": vm, "vcpu": vcpu, "epoch": epoch, "seq": picked["seq"][i]}
-                for name in schema.COLUMN_NAMES:
-                    event[name] = picked[name][i]
-                event["reason_name"] = schema.reason_name(event["reason"])
-                if row in payloads:
-                    event["payload"] = payloads[row].hex()
-                out.append(json.dumps(event, separators=(",", ":")))
-            return out
+            return self._json(msg, cols, index)
+        picked = {name: cols[name][index].tolist() for name in (*schema.COLUMN_NAMES, "seq")}
         return [event_text(vm, vcpu, *values) for values in zip(
             picked["seq"], picked["t_exit"], picked["guest_ns"], picked["addr"], picked["data"],
             picked["count"], picked["reason"], picked["size"], picked["flags"])]
+
+    @staticmethod
+    def _json(msg: dict, cols: dict, index: np.ndarray) -> list[str]:
+        """The picked events in the one JSON shape (tracetool/exit_rows.py); handle_ns is known
+        where the event's successor is in the same batch (a live view does not wait for the next),
+        and `payload` holds the whole data of string I/O."""
+        handles = handling.BlockHandles(*handling.within(cols["t_exit"], cols["guest_ns"], cols["seq"]), None)
+        picked = {name: col[index] for name, col in cols.items()}
+        picked["handle_ns"] = handles.full()[index]
+        rows = exit_rows.json_rows(picked, {"vm": msg["vm"], "vcpu": msg["vcpu"], "epoch": msg["epoch"]})
+        payloads = msg["payloads"]
+        for row, event in zip(index.tolist(), rows):
+            if row in payloads:
+                event["payload"] = payloads[row].hex()
+        return [json.dumps(event, separators=(",", ":")) for event in rows]
 
     def missed_notes(self, subscriber: LiveSubscriber, *, force: bool = False) -> list[str]:
         """Notes for streams that missed events since the last note; at most one round a second."""

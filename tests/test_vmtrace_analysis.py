@@ -569,7 +569,7 @@ def test_show_from_to_is_a_time_window(synthetic):
     rows = written.rows()
     t0 = int(rows["t_exit"].min())
     lines = vmtrace("show", path, "--from", "2ms", "--to", "3.5ms", "--json").stdout.splitlines()
-    got = [json.loads(line)["t_ns"] for line in lines]
+    got = [json.loads(line)["t_exit_ns"] for line in lines]
     want = np.sort(rows["t_exit"][(rows["t_exit"] >= t0 + 2_000_000) & (rows["t_exit"] <= t0 + 3_500_000)])
     assert got == want.tolist() and len(got) > 100
     assert_one_error_line(vmtrace("show", path, "--from", "soon"), "bad --from 'soon'")

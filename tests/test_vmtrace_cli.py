@@ -163,10 +163,10 @@ def test_show_json_has_one_object_per_event_matching_the_reader(trace):
     with TraceReader(trace) as r:
         want = r.exits(vm=0)
     assert [e["seq"] for e in events] == want["seq"][:100].tolist()
-    assert [e["t_ns"] for e in events] == want["t_exit"][:100].tolist()
+    assert [e["t_exit_ns"] for e in events] == want["t_exit"][:100].tolist()
     first, second = events[0], events[1]
-    assert first["reason"] == "io" and first["port"] == 0x10 and first["write"] and first["size"] == 2
-    assert first["handle_ns"] == (second["t_ns"] - second["guest_ns"]) - first["t_ns"]
+    assert first["reason"] == "io" and first["addr"] == 0x10 and first["write"] and first["size"] == 2
+    assert first["handle_ns"] == (second["t_exit_ns"] - second["guest_ns"]) - first["t_exit_ns"]
 
 
 def test_a_torn_tail_gives_a_warning_and_the_readable_part(trace, tmp_path):

@@ -174,22 +174,50 @@ def describe_exit(reason: int, flags: int, addr: int, size: int, data: int, coun
     return reason_name(reason) + (f" data={data:#x}" if data else "")
 
 
-# --- Export (derived) ----------------------------------------------------------------------------
-# How `vmtrace export` (CSV header, Parquet fields) names an event's fields: the stream ids and the
-# sequence number, then each column in table order. Four are shown under another name or with a
-# companion: t_exit as t_exit_ns; guest_ns followed by the derived handle_ns; reason as its name
-# followed by reason_code; flags as the boolean `write` (its only bit). Every other column keeps
-# its name; where it equals the column's `missing` value the export leaves it empty (null).
+# --- One exit as users see it (derived) -----------------------------------------------------------
+# The one shape of an exit outside the trace file: the JSON objects of `vmsup tail --json`,
+# `vmtrace show --json` and `vmtrace replay --json`, and the columns of `vmtrace export`'s CSV and
+# Parquet (same names, same order). tracetool/exit_rows.py builds the rows; the README's table is
+# generated from EVENT_FIELDS (tests/test_exit_rows.py holds it there). The stream ids and the
+# sequence number come first, then each column in table order. Four are shown under another name
+# or with a companion: t_exit as t_exit_ns; guest_ns followed by the derived handle_ns; reason as
+# its name followed by reason_code; flags as the boolean `write` (its only bit). Every other column
+# keeps its name, unit and meaning; where it equals the column's `missing` value (a trace written
+# before the column existed) the value is null (empty in CSV).
+class EventField(NamedTuple):
+    name: str
+    column: str  # the column (or stream id) it is made from or, for handle_ns, follows
+    kind: str  # "int"; "name" (reason's name); "bool" (a flag bit); "handle" (handling.py's, may be null)
+    unit: str
+    meaning: str
+
+
 STREAM_COLUMNS = ("vm", "vcpu", "epoch")
-_EXPORTED_AS = {"t_exit": ("t_exit_ns",), "guest_ns": ("guest_ns", "handle_ns"),
-                "reason": ("reason", "reason_code"), "flags": ("write",)}
-EXPORT_COLUMNS: tuple[str, ...] = (*STREAM_COLUMNS, SEQ_COLUMN.name,
-                                   *(x for c in EXIT_COLUMNS for x in _EXPORTED_AS.get(c.name, (c.name,))))
+_STREAM_FIELDS = (
+    EventField("vm", "vm", "int", "id", "the VM (its index in the run)"),
+    EventField("vcpu", "vcpu", "int", "id", "the vCPU of the VM"),
+    EventField("epoch", "epoch", "int", "count", "the VM's restarts before this run of it (0: first run)"),
+    EventField(SEQ_COLUMN.name, SEQ_COLUMN.name, "int", "count",
+               "sequence number in the stream (vm, vcpu, epoch), from 0, counting exits a filter dropped"),
+)
+_SHOWN_AS: dict[str, tuple[EventField, ...]] = {
+    "t_exit": (EventField("t_exit_ns", "t_exit", "int", "ns", "CLOCK_MONOTONIC time when KVM_RUN returned"),),
+    "guest_ns": (EventField("guest_ns", "guest_ns", "int", "ns", "time inside the KVM_RUN that ended in this exit"),
+                 EventField("handle_ns", "guest_ns", "handle", "ns", "time from this exit until the vCPU "
+                            "entered the guest again (null: unknown, e.g. the stream's last exit)")),
+    "reason": (EventField("reason", "reason", "name", "name", "the exit reason: KVM_EXIT_* in lower case "
+                          "without the prefix (io, mmio, hlt, …)"),
+               EventField("reason_code", "reason", "int", "code", "the KVM_EXIT_* number of linux/kvm.h")),
+    "flags": (EventField("write", "flags", "bool", "bool", "io: out; mmio: write (false for other reasons)"),),
+}
+EVENT_FIELDS: tuple[EventField, ...] = (*_STREAM_FIELDS, *(
+    f for c in EXIT_COLUMNS for f in _SHOWN_AS.get(c.name, (EventField(c.name, c.name, "int", c.unit, c.meaning),))))
+EXPORT_COLUMNS: tuple[str, ...] = tuple(f.name for f in EVENT_FIELDS)
 
 
 def exported_as(name: str) -> tuple[str, ...]:
-    """The export names of one event column."""
-    return _EXPORTED_AS.get(name, (name,))
+    """The field names one event column is shown as."""
+    return tuple(f.name for f in EVENT_FIELDS if f.column == name)
 
 
 # --- Bus messages (msgpack maps). Every message has "v" (SCHEMA_VERSION) and "type", one of

@@ -11,7 +11,9 @@ data, guest_ns and handle_ns. Times are µs with ns precision, from the trace's 
 VM start and end, gap, lifecycle and key input records become instant ("i") events. Thread ids are unique
 across VMs (Perfetto keys threads by tid alone).
 
-CSV: one header line, one row per event; `handle_ns` is empty where unknown.
+CSV: one header line, one row per event, the columns named as an exit's JSON fields
+(schema.EVENT_FIELDS, the README's "One exit" table); `handle_ns` is empty where unknown,
+`write` is true or false.
 Parquet: the same columns with types (reason as a dictionary-encoded string, handle_ns null
 where unknown), the run metadata in the file's key-value metadata; needs pyarrow
 (`pip install 'vmsup[parquet]'`).
@@ -72,6 +74,9 @@ def export(reader: TraceReader, fmt: str, out_path: str, where: EventFilter | No
 
 
 # --- CSV ------------------------------------------------------------------------------------------
+_BOOLEANS = [b"false", b"true"]
+
+
 def _reason_table() -> list[bytes]:
     return [schema.reason_name(code).encode() for code in range(256)]
 
@@ -95,8 +100,8 @@ def _csv_field(c: dict[str, np.ndarray], name: str, reasons: list[bytes]) -> np.
         return T.lookup(reasons, c["reason"])
     if name == "reason_code":
         return T.decimal(c["reason"])
-    if name == "write":
-        return T.decimal(c["flags"] & schema.FLAG_WRITE)
+    if name == "write":  # as JSON spells a boolean
+        return T.lookup(_BOOLEANS, c["flags"] & schema.FLAG_WRITE)
     unknown = _missing_mask(c, name)
     return T.decimal(c[name]) if unknown is None else T.blank(T.decimal(c[name]), unknown)
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Iterator, Optional
 
 import numpy as np
 import typer
 
-from .. import analysis, schema
+from .. import analysis, exit_rows, schema
 from ..filters import EventFilter
 from ..handling import NO_HANDLE
 from ..trace import TraceReader
@@ -52,17 +51,8 @@ def text_lines(chunk: dict, t0: int) -> list[str]:
 
 
 def json_lines(chunk: dict, t0: int) -> list[str]:
-    """One JSON object per event and line, for scripts."""
-    lines = []
-    for t, vm, vcpu, epoch, seq, reason, flags, addr, size, count, data, guest, handle in _event_rows(chunk):
-        event = {"t_ns": t, "t_rel_ns": t - t0, "vm": vm, "vcpu": vcpu, "epoch": epoch, "seq": seq,
-                 "reason": schema.reason_name(reason), "reason_code": reason, "write": bool(flags & schema.FLAG_WRITE),
-                 "addr": addr, "size": size, "count": count, "data": data, "flags": flags, "guest_ns": guest,
-                 "handle_ns": None if handle == NO_HANDLE else handle}
-        if reason == schema.REASON_IO:
-            event["port"] = addr
-        lines.append(json.dumps(event, separators=(",", ":")) + "\n")
-    return lines
+    """One JSON object per event and line, for scripts (the one shape: tracetool/exit_rows.py)."""
+    return exit_rows.json_lines(chunk)
 
 
 def run(
