@@ -132,10 +132,10 @@ class Recorder:
                 self._vm_end(msg)
             elif isinstance(msg, messages.Lifecycle):
                 self._lifecycle(msg)
-            elif isinstance(msg, (messages.Screen, messages.Input)):
-                self._write(lambda w: w.write_record(msg.TYPE, msg.to_msg()))
-            else:  # a gap is ours to write, never a sender's
+            elif isinstance(msg, messages.Gap):  # a gap is ours to write, never a sender's
                 raise BadMessage(f"{msg.TYPE} from a sender")
+            else:  # a record the recorder only stores (screen, input, …), checked by its class
+                self._write(lambda w: w.write_record(msg.TYPE, msg.to_msg()))
         except (BadMessage, schema.SchemaError) as e:
             self._refuse(str(e).split(" (")[0])
             return
