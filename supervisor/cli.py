@@ -27,7 +27,8 @@ from .fleet import cli_entry, fleet_specs, specs_from_entries
 from .keys import check_listen
 from . import runtime
 from .commands import COMMANDS, call
-from .launch import Launch, check_trace_path
+from .launch import Launch
+from .trace_path import check_trace_path
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Run tiny KVM virtual machines and see every exit they make.")
@@ -36,6 +37,20 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 @app.callback()
 def _root() -> None:
     """Run tiny KVM virtual machines and see every exit they make."""
+    _clean_stale_runs()
+
+
+def _clean_stale_runs() -> None:
+    """Every command first removes the run directories a killed supervisor left behind (its pid
+    is gone), and says so: a leftover must neither linger nor vanish without a word."""
+    try:
+        removed = runtime.cleanup_stale()
+    except VmsupError:
+        return  # a runtime dir that is not ours: the command itself says so if it needs one
+    if removed:
+        runs = ", ".join(removed)
+        _info(f"removed {len(removed)} stale run director{'y' if len(removed) == 1 else 'ies'} "
+              f"(run {runs}: supervisor gone)")
 
 
 def _err(message: str) -> None:
@@ -96,7 +111,8 @@ def launch(
             raise SpecError("--screen shows one foreground VM: not with --detach, --fleet, --vms or several guests")
         trace_path = None if no_trace else (trace or _default_trace_path(specs[0].name))
         if trace_path:
-            check_trace_path(trace_path, [fleet, *(f for s in specs for f in (s.guest, s.serial_in, s.keys))])
+            check_trace_path(trace_path, [fleet, *(f for s in specs for f in (s.guest, s.serial_in, s.keys))],
+                             create_dir=trace is None)
         gdb_lines = assign_ports(specs)  # --gdb: PORT+i for VM i, each port checked before any VM starts
         if detach:
             raise typer.Exit(_detach(trace_path))
@@ -115,7 +131,8 @@ def launch(
         raise typer.Exit(status.EXIT_BAD_INPUT)
     for line in _image_lines(specs) + gdb_lines:
         _info(line)
-    _info(f"run {run.run_dir.run_id}: " + (f"recording to {trace_path}" if trace_path else "not recording (--no-trace)"))
+    _info(f"run {run.run_dir.run_id}: " + (f"recording to {trace_path}" if trace_path else "not recording (--no-trace)")
+          + (f" (the previous file of that name kept as {run.kept_trace})" if run.kept_trace else ""))
     if foreground and screen:
         from .screen_cli import watch_launch
         outcome = watch_launch(run, specs[0].vm_id, specs[0].name)

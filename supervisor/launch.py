@@ -34,6 +34,7 @@ from .policy import RestartPolicy
 from .quiet import QUIET_TEXT, QuietWatch
 from .commands import control_socket, serve_one
 from .recorder import RecorderClient
+from .trace_path import keep_previous
 
 # A worker ends itself at --timeout; if it is wedged past this grace, the supervisor kills it.
 TIMEOUT_GRACE = 5.0
@@ -109,25 +110,6 @@ class Worker:
     def join(self) -> dict:
         self._thread.join()
         return self.result
-
-
-def check_trace_path(path: str, inputs=()) -> None:
-    """Refuse an unwritable trace path, or one that is an input of the run (a guest image, a
-    fleet, serial-input or key file: recording would move it aside), before any VM starts."""
-    from tracetool._output import OutputError, refuse_overwriting_inputs
-    try:
-        refuse_overwriting_inputs(path, [p for p in inputs if p and p != "-"])
-    except OutputError as e:
-        raise LaunchError(f"trace path {e}") from None
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    if os.path.isdir(path):
-        raise LaunchError(f"trace path {path} is a directory")
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise LaunchError(f"cannot create trace directory {parent}: {e.strerror or e}") from None
-    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise LaunchError(f"trace path {path} is not writable")
 
 
 @dataclass
@@ -236,9 +218,8 @@ class Launch:
         self.run_dir.write_info({"id": self.run_dir.run_id, "pid": os.getpid(), "started": self.started_wall,
                                  "trace": self.trace_path, "vms": [s.name for s in self.specs]})
         self._context = zmq.Context()
-        if self.trace_path and os.path.exists(self.trace_path):
-            # As perf record does: the previous trace of that name is kept once, as NAME.old.
-            os.replace(self.trace_path, self.trace_path + ".old")
+        # The previous trace of that name is kept as PATH.N (supervisor/trace_path.py).
+        self.kept_trace = keep_previous(self.trace_path) if self.trace_path else None
         if self.record:
             self._start_recorder()
             self._lifecycle = EventPublisher(self._context, self.run_dir.events_endpoint, lambda: True)
