@@ -259,11 +259,11 @@ def _image_lines(specs: list[VmSpec]) -> list[str]:
 
     lines, seen = [], set()
     for s in specs:
-        key = (s.guest, s.load_addr, s.entry, s.mode)
+        key = (s.guest, s.load_addr, s.entry, s.mode, s.boot_entry)
         if key not in seen:
             seen.add(key)
             try:
-                image = load_image(s.guest, load_addr=s.load_addr, entry=s.entry, mode=s.mode)
+                image = load_image(s.guest, load_addr=s.load_addr, entry=s.entry, mode=s.mode, boot_entry=s.boot_entry)
             except VmsupError:
                 continue  # the worker reports it
             lines.append(f"{os.path.basename(s.guest)}: {image.describe()}")

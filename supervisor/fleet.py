@@ -181,13 +181,26 @@ def _resolve(values: dict, label: Callable[[str], str], base_dir: Path | None, l
     policy = _policy(v, label)
     try:
         # The image is checked here, so bad input fails before any process or VM exists.
-        image = load_image(found.path, load_addr=v["load_addr"], entry=v["entry"], mode=v["mode"])
+        image = load_image(found.path, load_addr=v["load_addr"], entry=v["entry"], mode=v["mode"],
+                           boot_entry=v["boot_entry"])
         image.check_fits(v["mem"])
     except GuestImageError as e:
         raise _Invalid(_image_key(e.reason, given), str(e)) from None
-    if v["cmdline"] and image.multiboot is None:
-        raise _Invalid("cmdline", f"{found.path}: {label('cmdline')} applies to multiboot kernels; "
+    if v["cmdline"] and not image.is_kernel:
+        raise _Invalid("cmdline", f"{found.path}: {label('cmdline')} applies to kernels (multiboot, bzImage); "
                                   f"this is a {image.describe()}")
+    if v["initrd"] and image.linux is None:
+        raise _Invalid("initrd", f"{found.path}: {label('initrd')} applies to bzImage kernels; "
+                                 f"this is a {image.describe()}")
+    if image.linux is not None:
+        from vmworker.bzimage import plan_boot
+
+        try:  # the command line's room and the initrd's place, before any VM
+            plan_boot(image, v["mem"], v["cmdline"], os.path.getsize(v["initrd"]) if v["initrd"] else 0, v["vcpus"])
+        except (GuestImageError, SpecError) as e:
+            message = str(e)
+            key = "cmdline" if "--cmdline" in message else "mem" if "--mem" in message else "initrd"
+            raise _Invalid(key, message.replace("--cmdline", label("cmdline")).replace("--mem", label("mem"))) from None
     from vmworker.machine import check_vm_shape
 
     try:

@@ -27,6 +27,7 @@ from .devices.standard import StandardDevices
 from .errors import GuestImageError, KvmError, SpecError, VmsupError
 from .exit_log import ExitLog
 from .gdb.server import GdbServer
+from .image import read_image_file
 from .loader import load_image
 from .machine import Machine
 from .recording import Recording
@@ -78,10 +79,12 @@ def run_spec(spec: VmSpec) -> dict:
     gdb_server = None
     try:
         spec.validate()
-        image = load_image(spec.guest, load_addr=spec.load_addr, entry=spec.entry, mode=spec.mode)
+        image = load_image(spec.guest, load_addr=spec.load_addr, entry=spec.entry, mode=spec.mode,
+                           boot_entry=spec.boot_entry)
+        initrd = read_image_file(spec.initrd) if spec.initrd else None
         key_steps = parse_key_script(spec.keys) if spec.keys else None
-        # In-kernel PIC/IOAPIC/LAPIC + PIT: asked for, or by default for a multiboot kernel.
-        irqchip = spec.irqchip if spec.irqchip is not None else image.multiboot is not None
+        # In-kernel PIC/IOAPIC/LAPIC + PIT: asked for, or by default for a kernel (multiboot, bzImage).
+        irqchip = spec.irqchip if spec.irqchip is not None else image.is_kernel
         out = sys.stdout.buffer
         console = Console(out, line_buffered=not spec.quiet)
         devices = StandardDevices(console, _serial_input(spec.serial_in))
@@ -94,7 +97,7 @@ def run_spec(spec: VmSpec) -> dict:
         with Machine(spec.name, image, spec.mem, spec.vcpus, devices.port_bus, devices.mmio_bus,
                      exit_log=exit_log, max_exits=spec.max_exits, timeout=spec.timeout,
                      batchers=recording.batchers if recording else None, irqchip=irqchip,
-                     cmdline=spec.cmdline) as machine:
+                     cmdline=spec.cmdline, initrd=initrd) as machine:
             if machine.irqchip:
                 devices.connect_irqs(machine.vm)
             if recording:

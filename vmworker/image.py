@@ -1,7 +1,7 @@
 """A guest image as the VMM sees it: what goes where in guest RAM (`Segment`s), where and in which
 CPU mode it starts (`GuestImage`), read from a file with its size bounded.
 
-The parsers (flat.py, elf.py, multiboot.py) build a GuestImage from a file's bytes; loader.py
+The parsers (flat.py, elf.py, multiboot.py, bzimage.py) build a GuestImage from a file's bytes; loader.py
 picks the parser. Placing an image in RAM is `GuestImage.load_into`. Every malformed or misfitting
 image fails with GuestImageError(path, reason).
 """
@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from . import layout
 from .errors import GuestImageError
 
-if TYPE_CHECKING:  # a type only: multiboot.py builds on this module, never the other way
+if TYPE_CHECKING:  # types only: multiboot.py and bzimage.py build on this module, never the other way
+    from .bzimage import LinuxKernel
     from .multiboot import MultibootHeader
 
 MODES = ("real", "protected", "long")
@@ -47,16 +48,25 @@ class Segment:
 @dataclass(frozen=True)
 class GuestImage:
     path: str
-    format: str  # "flat" | "elf32" | "elf64" | "multiboot"
+    format: str  # "flat" | "elf32" | "elf64" | "multiboot" | "bzimage"
     mode: str  # CPU mode to enter in
     entry: int
     segments: tuple[Segment, ...]
     sha256: str
     size: int = field(default=0)
     multiboot: "MultibootHeader | None" = None  # the header of a multiboot kernel
+    linux: "LinuxKernel | None" = None  # what the setup header of a Linux boot protocol kernel says
+
+    @property
+    def is_kernel(self) -> bool:
+        """A kernel booted by a protocol (multiboot, Linux): it gets a command line, boot information,
+        the in-kernel irqchip by default, and only the BSP runs at the entry."""
+        return self.multiboot is not None or self.linux is not None
 
     def describe(self) -> str:
         """One line for people: the format chosen and where it enters, e.g. for `vmsup launch`."""
+        if self.linux is not None:
+            return f"bzImage, protocol {self.linux.version_text}, {self.linux.entry_bits}-bit entry"
         if self.multiboot is not None:
             return f"multiboot {self.multiboot.kind} kernel, entry {self.entry:#x}"
         if self.format == "flat":
@@ -65,9 +75,13 @@ class GuestImage:
         return f"{self.format.upper()} executable, entry {self.entry:#x}, {self.mode} mode"
 
     def check_fits(self, mem_size: int) -> None:
-        # A multiboot kernel also keeps clear of the boot information the VMM writes for it.
-        low_end, what = ((layout.MULTIBOOT_AREA_END, "boot tables and multiboot information")
-                         if self.multiboot is not None else (layout.BOOT_TABLES_END, "boot tables"))
+        # A kernel also keeps clear of the boot information the VMM writes for it.
+        if self.multiboot is not None:
+            low_end, what = layout.MULTIBOOT_AREA_END, "boot tables and multiboot information"
+        elif self.linux is not None:
+            low_end, what = layout.LINUX_AREA_END, "boot tables, zero page and command line"
+        else:
+            low_end, what = layout.BOOT_TABLES_END, "boot tables"
         for seg in self.segments:
             if seg.gpa + seg.memsz > mem_size:
                 raise GuestImageError(self.path, f"image ({seg.gpa:#x}..{seg.gpa + seg.memsz:#x}) does not fit in "

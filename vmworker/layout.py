@@ -8,6 +8,8 @@ named here, once (the trace tools read the port numbers from here too).
     0x0000_4000  BOOT_PD         .. 0x7fff
     0x0000_8000  MULTIBOOT_INFO  multiboot kernels: the info structure, memory map, loader name and
                                  command line the VMM writes for them (.. 0x9fff)
+    0x0000_8000  LINUX_BOOT_PARAMS  Linux boot protocol kernels, in the same pages (a VM boots one
+    0x0000_9000  LINUX_CMDLINE      kind of kernel): the zero page and the command line (.. 0x9fff)
     0x0001_0000  DEFAULT_LOAD_ADDR  flat guests (the seed guest is linked here)
     0x000B_8000  VGA_TEXT_BUFFER  the colour text screen, plain RAM (sampled, never trapped)
     ...          RAM up to the VM's --mem size (at most MEM_CAP)
@@ -41,6 +43,18 @@ MULTIBOOT_CMDLINE = 0x8400  # --cmdline, NUL-terminated, up to MULTIBOOT_AREA_EN
 MULTIBOOT_AREA_END = 0xA000
 MULTIBOOT_CMDLINE_MAX = MULTIBOOT_AREA_END - MULTIBOOT_CMDLINE - 1  # bytes, without the NUL
 
+# What the VMM hands a Linux boot protocol kernel (vmworker.bzimage), in the pages multiboot kernels
+# get their information in: a VM boots one kind of kernel or the other. The zero page (struct
+# boot_params, 4 KiB: Documentation/arch/x86/zero-page.rst) sits right after the page tables, as
+# boot.rst's 64-bit protocol wants it identity-mapped but not inside the tables; the command line
+# fills the next page. Both below 1 MiB, where the kernel is loaded.
+LINUX_BOOT_PARAMS = 0x8000
+LINUX_CMDLINE = 0x9000
+LINUX_AREA_END = 0xA000
+LINUX_CMDLINE_MAX = LINUX_AREA_END - LINUX_CMDLINE - 1  # bytes, without the NUL
+# boot.rst: a protected-mode kernel (bzImage, LOADED_HIGH) is loaded at 1 MiB.
+LINUX_KERNEL_ADDR = 0x100000
+
 # The PC's low-memory map as a multiboot memory map describes it: conventional RAM below 640 KiB,
 # the VGA/ROM hole up to 1 MiB (reserved: the VGA text buffer lives at 0xB8000), RAM from 1 MiB.
 LOW_RAM_END = 0xA0000
@@ -49,6 +63,7 @@ HIGH_RAM_START = 0x100000
 # KVM_SET_TSS_ADDR needs three pages the guest never uses (Intel VMX real-mode emulation);
 # put them at the very top of the 32-bit space, inside the MMIO hole, as QEMU/kvmtool do.
 TSS_ADDR = 0xFFFB_D000
+TSS_AREA_SIZE = 3 * PAGE_SIZE  # KVM_SET_TSS_ADDR (api.rst): "a three-page region"
 
 # RAM stays below the PCI-style MMIO hole at 3 GiB, like a PC's low memory.
 MEM_CAP = 0xC000_0000

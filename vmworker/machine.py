@@ -16,7 +16,7 @@ from . import kvm_abi as abi
 from . import layout, x86
 from .status import End, exit_code_for
 from .devices.bus import Bus
-from . import multiboot
+from . import bzimage, multiboot
 from .errors import SpecError
 from .emulate import InsnFallback
 from .halt_watch import HaltWatch
@@ -123,7 +123,7 @@ class Machine:
     def __init__(self, name: str, image: GuestImage, mem_size: int, vcpus: int, port_bus: Bus, mmio_bus: Bus,
                  exit_log=None, max_exits: int | None = None, timeout: float | None = None,
                  kvm_path: str = "/dev/kvm", batchers: list | None = None, irqchip: bool = False,
-                 cmdline: str = "") -> None:
+                 cmdline: str = "", initrd: bytes | None = None) -> None:
         self.name = name
         self.image = image
         self.irqchip = irqchip
@@ -140,6 +140,7 @@ class Machine:
         self.kvm = Kvm(kvm_path)
         try:
             check_vm_shape(image, mem_size, vcpus, self.kvm.max_vcpus())
+            plan = bzimage.plan_boot(image, mem_size, cmdline, len(initrd or b""), vcpus) if image.linux else None
             self.vm = self.kvm.create_vm()
             self.memory = GuestMemory.with_ram(mem_size)
             self.vm.set_tss_addr(layout.TSS_ADDR)
@@ -152,21 +153,25 @@ class Machine:
             self.memory.register(self.vm)
             self.ctx.insn_fallback = InsnFallback(self.memory)
             image.load_into(self.memory)
-            x86.write_boot_tables(self.memory, image.mode)
+            gdt = x86.LINUX_BOOT_GDT if image.linux else x86.VMSUP_GDT
+            x86.write_boot_tables(self.memory, image.mode, gdt)
             boot_info = multiboot.write_boot_info(self.memory, mem_size, cmdline) if image.multiboot else None
+            boot_params = bzimage.write_boot_params(self.memory, image, mem_size, plan, initrd) if plan else None
             cpuid = self.kvm.supported_cpuid()
             load_addr = image.segments[0].gpa
             for i in range(vcpus):
                 vcpu = self.vm.create_vcpu(i)
                 vcpu.set_cpuid2(x86.cpuid_for_vcpu(cpuid, i))  # first: other state is checked against it
-                vcpu.set_sregs(x86.initial_sregs(vcpu.get_sregs(), image.mode, load_addr))
+                vcpu.set_sregs(x86.initial_sregs(vcpu.get_sregs(), image.mode, load_addr, gdt))
                 regs = x86.initial_regs(image.mode, image.entry, load_addr, i, mem_size)
                 if boot_info is not None:  # Multiboot 0.6.96 §3.2: EAX = loader magic, EBX = the info
                     regs.rax, regs.rbx = multiboot.BOOTLOADER_MAGIC, boot_info
+                if boot_params is not None:  # boot.rst, 32/64-bit Boot Protocol: ESI/RSI = the zero page
+                    regs.rsi = boot_params
                 vcpu.set_regs(regs)
-                if irqchip and i > 0 and boot_info is None:
+                if irqchip and i > 0 and not image.is_kernel:
                     # An in-kernel LAPIC parks APs until INIT/SIPI. Flat and ELF guests start every
-                    # vCPU at the entry (guest/README.md); a multiboot kernel gets the BSP only.
+                    # vCPU at the entry (guest/README.md); a kernel gets the BSP only.
                     vcpu.set_mp_state(abi.KVM_MP_STATE_RUNNABLE)
         except BaseException:
             self.close()

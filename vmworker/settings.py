@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import SpecError
+from .bzimage import BOOT_ENTRIES
 from .image import MODES
 from .setting_values import (Address, Choice, ExitFilter, InputFile, Integer, Invalid, Kind, KeyScript, Limit, Number,
                              Size, Switch, Table, Text)
@@ -120,7 +121,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("record_only", str | None, ExitFilter(), None, "Record only matching exits, e.g. reason=io,port=0x3f8."),
     Setting("irqchip", bool | None, Switch(), None,
             "In-kernel PIC, IOAPIC, LAPIC and PIT (default: on for multiboot kernels)."),
-    Setting("cmdline", str, Text(also=_cmdline), "", "Multiboot kernels: the command line they are given."),
+    Setting("cmdline", str, Text(also=_cmdline), "", "Kernels (multiboot, bzImage): the command line they are given."),
+    Setting("initrd", str | None, InputFile(what="initrd"), None,
+            "bzImage kernels: an initial ramdisk, loaded high in RAM (ramdisk_image/ramdisk_size)."),
+    Setting("boot_entry", str | None, Choice(BOOT_ENTRIES), None,
+            "bzImage kernels: enter at the 32-bit or the 64-bit entry (default: 64 when the kernel has it)."),
     Setting("keys", str | None, KeyScript(), None, "Type this key script on the VM's keyboard (i8042)."),
     Setting("gdb", str | None, Text(also=_gdb_endpoint), None,
             "Serve gdb's remote protocol on [HOST:]PORT (vmworker/gdb/; host default 127.0.0.1)."),

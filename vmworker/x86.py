@@ -28,10 +28,26 @@ RFLAGS_RESERVED = 1 << 1  # bit 1 always reads 1
 PTE_P, PTE_RW, PTE_PS = 1 << 0, 1 << 1, 1 << 7
 HUGE_PAGE = 2 << 20
 
-# GDT selectors the VMM sets up (index * 8).
-SEL_CODE = 0x08
-SEL_DATA = 0x10
-SEL_TSS = 0x18
+
+@dataclass(frozen=True)
+class GdtLayout:
+    """Where the GDT the VMM writes keeps its code, data and TSS descriptors (selectors = index * 8)."""
+
+    code: int
+    data: int
+    tss: int
+
+    @property
+    def limit(self) -> int:
+        return max(self.code, self.data, self.tss) + 7
+
+
+# vmsup's own guests: code, data, TSS in slots 1-3.
+VMSUP_GDT = GdtLayout(code=0x08, data=0x10, tss=0x18)
+# The Linux boot protocol (Documentation/arch/x86/boot.rst, "32-bit Boot Protocol" and "64-bit Boot
+# Protocol"): CS must be __BOOT_CS (0x10) and DS, ES, SS __BOOT_DS (0x18), both flat 4 GiB.
+LINUX_BOOT_GDT = GdtLayout(code=0x10, data=0x18, tss=0x20)
+SEL_CODE, SEL_DATA, SEL_TSS = VMSUP_GDT.code, VMSUP_GDT.data, VMSUP_GDT.tss
 
 
 @dataclass(frozen=True)
@@ -67,13 +83,15 @@ DATA = Descriptor(0, 0xFFFFF, 0x93, 0xC)
 TSS = Descriptor(0, 0x67, 0x8B, 0x0)  # never used (no privilege changes) but VM entry wants a valid TR
 
 
-def write_boot_tables(memory, mode: str) -> None:
+def write_boot_tables(memory, mode: str, gdt: GdtLayout = VMSUP_GDT) -> None:
     """GDT (protected/long) and the identity map of the first 4 GiB (long)."""
     if mode == "real":
         return
     code = CODE64 if mode == "long" else CODE32
-    gdt = b"\0" * 8 + code.encode() + DATA.encode() + TSS.encode()
-    memory.write(layout.BOOT_GDT, gdt)
+    table = bytearray(gdt.limit + 1)  # unused slots stay null descriptors
+    for selector, descriptor in ((gdt.code, code), (gdt.data, DATA), (gdt.tss, TSS)):
+        table[selector:selector + 8] = descriptor.encode()
+    memory.write(layout.BOOT_GDT, bytes(table))
     if mode == "long":
         memory.write(layout.BOOT_PML4, struct.pack("<Q", layout.BOOT_PDPT | PTE_P | PTE_RW))
         pdpt = b"".join(struct.pack("<Q", (layout.BOOT_PD + i * layout.PAGE_SIZE) | PTE_P | PTE_RW) for i in range(4))
@@ -82,16 +100,13 @@ def write_boot_tables(memory, mode: str) -> None:
         memory.write(layout.BOOT_PD, pds)
 
 
-_GDT_LIMIT = 4 * 8 - 1
-
-
 def _real_segment(selector: int, type_: int) -> abi.kvm_segment:
     # Real mode: base = selector * 16, 64 KiB limit (SDM Vol. 3A §20.1.1).
     return abi.kvm_segment(base=selector << 4, limit=0xFFFF, selector=selector, type=type_, present=1, dpl=0,
                            db=0, s=1, l=0, g=0, avl=0, unusable=0)
 
 
-def initial_sregs(current: abi.kvm_sregs, mode: str, load_addr: int) -> abi.kvm_sregs:
+def initial_sregs(current: abi.kvm_sregs, mode: str, load_addr: int, gdt: GdtLayout = VMSUP_GDT) -> abi.kvm_sregs:
     """Segment/control registers for `mode`. Only apic_base is kept from `current` (KVM's reset value)."""
     s = abi.kvm_sregs()
     s.apic_base = current.apic_base
@@ -109,11 +124,11 @@ def initial_sregs(current: abi.kvm_sregs, mode: str, load_addr: int) -> abi.kvm_
         s.cr3 = s.cr4 = s.efer = 0
         return s
     code = CODE64 if mode == "long" else CODE32
-    s.cs = code.to_kvm(SEL_CODE)
-    s.ds = s.es = s.fs = s.gs = s.ss = DATA.to_kvm(SEL_DATA)
-    s.tr = TSS.to_kvm(SEL_TSS)
+    s.cs = code.to_kvm(gdt.code)
+    s.ds = s.es = s.fs = s.gs = s.ss = DATA.to_kvm(gdt.data)
+    s.tr = TSS.to_kvm(gdt.tss)
     s.ldt = abi.kvm_segment(base=0, limit=0, selector=0, type=0x2, present=0, s=0, unusable=1)
-    s.gdt = abi.kvm_dtable(base=layout.BOOT_GDT, limit=_GDT_LIMIT)
+    s.gdt = abi.kvm_dtable(base=layout.BOOT_GDT, limit=gdt.limit)
     # IDT limit 0: no handlers, so any exception escalates to a triple fault (a clean shutdown exit).
     s.idt = abi.kvm_dtable(base=0, limit=0)
     s.cr0 = CR0_PE | CR0_ET | CR0_NE
