@@ -187,7 +187,7 @@ def _resolve(values: dict, label: Callable[[str], str], base_dir: Path | None, l
     except GuestImageError as e:
         raise _Invalid(_image_key(e.reason, given), str(e)) from None
     if v["cmdline"] and not image.is_kernel:
-        raise _Invalid("cmdline", f"{found.path}: {label('cmdline')} applies to kernels (multiboot, bzImage); "
+        raise _Invalid("cmdline", f"{found.path}: {label('cmdline')} applies to multiboot kernels and bzImages; "
                                   f"this is a {image.describe()}")
     if v["initrd"] and image.linux is None:
         raise _Invalid("initrd", f"{found.path}: {label('initrd')} applies to bzImage kernels; "

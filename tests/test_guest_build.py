@@ -42,7 +42,7 @@ def test_manifest_lists_existing_images():
     assert "seed16" in entries and entries["seed16"]["mode"] == "real"
     for name, entry in entries.items():
         assert (GUEST / entry["file"]).is_file(), name
-        assert entry["format"] in ("flat", "elf", "multiboot"), name
+        assert entry["format"] in ("flat", "elf", "multiboot", "bzimage"), name
         if entry["format"] == "flat":
             assert entry["mode"] in ("real", "protected", "long"), name
         assert isinstance(entry["vcpus"], int) and entry["vcpus"] >= 1, name
