@@ -2,7 +2,7 @@
 
 The recorder republishes every bus message on a PUB socket (`RunDir.live_endpoint`). PUB drops
 silently at its high-water mark when a subscriber is slow — that is what keeps a live viewer from
-ever slowing a VM (DESIGN.md, "Delivery and loss") — so a subscriber can only notice loss as a
+ever slowing a VM (docs/ARCHITECTURE.md, the sockets table) — so a subscriber can only notice loss as a
 jump in a stream's sequence numbers. `LiveSubscriber` decodes and validates messages (they are
 untrusted bytes: sizes are bounded, malformed messages are counted and skipped) and keeps the
 missed-event accounting per stream, stream = (vm, vcpu, epoch).
