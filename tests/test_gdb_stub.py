@@ -253,6 +253,29 @@ def test_monitor_catch_io_stops_at_each_uart_write_and_catch_off_lets_it_finish(
     assert vm.console == "Hello from vmsup!\n"
 
 
+@pytest.mark.parametrize("guest, mode, watch, value, pc", [
+    # protected32 pushes the sum (500500) at the stack top, 16 MiB - 4; paging off
+    ("protected32.bin", "protected", "*(int*)0xfffffc", "500500", "0x10014"),
+    # long64 pushes fib(90) at 16 MiB - 8; paging on (the VMM's identity map)
+    ("long64.bin", "long", "*(long*)0xfffff8", "2880067194370816120", "0x1001a"),
+])
+def test_watch_stops_after_the_guest_writes_the_watched_variable(stubbed, guest, mode, watch, value, pc):
+    vm = stubbed(guest, mode)
+    out = vm.gdb(f"watch {watch}", "continue", "p/x $pc", "delete", "continue")
+    assert "Old value = 0" in out and f"New value = {value}" in out, out
+    assert f"$1 = {pc}" in out  # just past the writing push
+    assert "exited normally" in out
+    result = vm.result()
+    assert result["by_reason"].get("mmio") == 1  # the one write to the watched page, then the slot went back
+
+
+def test_rwatch_is_refused_because_guest_reads_never_exit_here(stubbed):
+    vm = stubbed("protected32.bin", "protected")
+    out = vm.gdb("rwatch *(int*)0xfffffc", "continue", "kill")
+    assert "Could not insert hardware watchpoint 1" in out
+    assert vm.result()["status"] == "gdb-kill"
+
+
 def _exchange(sock: socket.socket, reader: P.PacketReader, raw: bytes) -> tuple[str, bytes | None]:
     sock.sendall(raw)
     while True:

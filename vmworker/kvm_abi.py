@@ -180,6 +180,9 @@ class kvm_userspace_memory_region(Structure):
     ]
 
 
+# kvm_userspace_memory_region.flags: guest writes to the slot exit as KVM_EXIT_MMIO (reads do not).
+KVM_MEM_READONLY = 1 << 1
+
 class kvm_irq_level(Structure):
     # union { __u32 irq; __s32 status; } — only `irq` is used going in.
     _fields_ = [("irq", c_uint32), ("level", c_uint32)]
@@ -366,6 +369,7 @@ KVM_CAP_SET_GUEST_DEBUG = 23
 KVM_CAP_PIT2 = 33
 KVM_CAP_INTERNAL_ERROR_DATA = 40
 KVM_CAP_MAX_VCPUS = 66
+KVM_CAP_READONLY_MEM = 81
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_COALESCED_PIO = 162
 KVM_CAP_BINARY_STATS_FD = 203

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from .. import kvm_abi as abi
 from . import regs as R
 from .catch import IoCatches
+from .watch import WatchError, WriteWatches
 
 log = logging.getLogger("vmsup.gdb")
 
@@ -46,6 +47,7 @@ class Stop:
     vcpu: int
     signal: int
     why: str = ""  # "swbreak", "hwbreak" or "" (a step, an interrupt, an attach)
+    watch: int | None = None  # the watched (linear) address a write watchpoint stopped at
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Debugger:
         self._thread_vcpu: dict[int, int] = {}  # vCPU thread ident → vCPU index
         self.notes: list[str] = []  # what the stub tells gdb before the next stop reply
         self.io_catches = IoCatches(machine.port_bus, self)
+        self.watches = WriteWatches(machine, self)
         self._wake_r, self._wake_w = os.pipe()  # makes the stub's select() see a stop
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
@@ -129,14 +132,23 @@ class Debugger:
             why = "swbreak"
         self._report(Stop(vcpu.id, SIGTRAP, why))
 
-    def caught(self, what: str) -> None:
-        """A catch (catch.py) saw its exit, on the calling vCPU thread: stop there."""
+    def caught(self, what: str, watch: int | None = None) -> None:
+        """A catch (catch.py) or a write watchpoint (watch.py) saw its exit, on the calling vCPU
+        thread: stop there."""
         if not self._enabled:
             return
         index = self._thread_vcpu.get(threading.get_ident(), 0)
         with self._cond:
             self.notes.append(what)
-        self._report(Stop(index, SIGTRAP))
+        self._report(Stop(index, SIGTRAP, watch=watch))
+
+    def insert_watch(self, addr: int, length: int, vcpu: int) -> None:
+        """A write watchpoint on linear [addr, addr + length); WatchError if it cannot be."""
+        gpa = self.translate(vcpu, addr)
+        last = self.translate(vcpu, addr + length - 1) if length > 0 else None
+        if gpa is None or last is None or last != gpa + length - 1:
+            raise WatchError(f"{addr:#x} (+{length}) is not one contiguous range of guest RAM")
+        self.watches.insert(addr, gpa, length)
 
     def breakpoint_hit(self, vcpu, suberror: int) -> bool:
         """KVM_EXIT_INTERNAL_ERROR: True if the vCPU stopped at an int3 gdb planted."""
@@ -202,6 +214,7 @@ class Debugger:
     def detach(self) -> None:
         """Remove every breakpoint, turn guest debug off and let the VM run on."""
         self.io_catches.clear()
+        self.watches.clear()
         with self._cond:
             for addr in list(self.sw):
                 self._unplant_at(addr)

@@ -19,6 +19,7 @@ from . import regs as R
 from .catch import CatchError, parse_io_catch
 from .control import SIGINT, SIGTRAP, BreakpointError, Debugger, Stop
 from .target_xml import TARGET_XML
+from .watch import WatchError
 
 log = logging.getLogger("vmsup.gdb")
 
@@ -186,7 +187,9 @@ class Stub:
     # --- packets ------------------------------------------------------------------------------
     def _stop_reply(self, stop: Stop) -> bytes:
         reply = b"T%02xthread:%x;" % (stop.signal, stop.vcpu + 1)
-        if stop.why:
+        if stop.watch is not None:
+            reply += b"watch:%x;" % stop.watch
+        elif stop.why:
             reply += stop.why.encode() + b":;"
         return reply
 
@@ -238,11 +241,22 @@ class Stub:
         return data.hex().encode()
 
     def _breakpoint(self, insert: bool, body: bytes) -> bytes:
-        kind_s, addr_s, _ = body.split(b",", 2)
+        kind_s, addr_s, length_s = body.split(b",", 2)
+        addr = int(addr_s, 16)
+        if kind_s == b"2":  # a write watchpoint (watch.py); length is in bytes
+            length = int(length_s.split(b";")[0], 16)
+            try:
+                if insert:
+                    self.dbg.insert_watch(addr, length, self.g_thread)
+                else:
+                    self.dbg.watches.remove(addr, length)
+            except WatchError as e:
+                log.debug("gdb: watchpoint at %#x refused: %s", addr, e)
+                return ERROR_BREAKPOINT
+            return b"OK"
         kind = {b"0": "sw", b"1": "hw"}.get(kind_s)
         if kind is None:
-            return b""  # watchpoints (Z2-Z4): not offered; gdb then says so or falls back
-        addr = int(addr_s, 16)
+            return b""  # read/access watchpoints (Z3, Z4): guest reads never exit on this host
         try:
             if insert:
                 self.dbg.insert(kind, addr, self.g_thread)
