@@ -276,6 +276,21 @@ def test_rwatch_is_refused_because_guest_reads_never_exit_here(stubbed):
     assert vm.result()["status"] == "gdb-kill"
 
 
+@pytest.mark.skipif(shutil.which("nm") is None, reason="no nm (binutils) to read the guest's symbols")
+def test_a_breakpoint_hit_by_one_vcpu_stops_both_and_each_vcpu_hits_it_in_turn(stubbed):
+    have_lock = _symbol("smp.elf", "have_lock")  # linked at 0x10000: the address is linear
+    vm = stubbed("smp.bin", "protected", vcpus=2)
+    out = vm.gdb(f"hbreak *{have_lock:#x}", "continue", "info threads", "p $rdi", "continue", "p $rdi",
+                 "delete", "continue")
+    hits = re.findall(r"Thread (\d) hit Breakpoint 1", out)
+    assert sorted(hits) == ["1", "2"], out  # each vCPU takes the lock once; the lock orders them
+    # all-stop: while one vCPU sits at the breakpoint, the other is stopped too
+    assert "(vcpu 0 (stopped))" in out and "(vcpu 1 (stopped))" in out
+    assert sorted(printed(out, [])) == ["0", "1"]  # RDI: the vCPU index
+    assert "exited normally" in out
+    assert sorted(vm.console.splitlines()) == ["vcpu 0", "vcpu 1"]
+
+
 def _exchange(sock: socket.socket, reader: P.PacketReader, raw: bytes) -> tuple[str, bytes | None]:
     sock.sendall(raw)
     while True:
