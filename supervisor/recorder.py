@@ -170,7 +170,7 @@ class Recorder:
         if first_seq > expected:
             self._gap(vm, vcpu, epoch, expected, first_seq - expected, "lost before reaching the recorder")
         self.next_seq[key] = first_seq + count
-        columns = {name: arrays[name] for name in schema.COLUMN_NAMES}
+        columns = {name: arrays[name] for name in (*schema.COLUMN_NAMES, schema.HANDLE_COLUMN.name) if name in arrays}
         self._write(lambda w: w.write_exits(vm, vcpu, epoch, first_seq, count, columns,
                                             seq=arrays.get("seq"), payloads=batch.payloads))
         self.events_recorded += rows

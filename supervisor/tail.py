@@ -87,9 +87,10 @@ class Tail:
         """The picked events in the one JSON shape (tracetool/exit_rows.py); handle_ns is known
         where the event's successor is in the same batch (a live view does not wait for the next),
         and `payload` holds the whole data of string I/O."""
-        handles = handling.BlockHandles(*handling.within(cols["t_exit"], cols["guest_ns"], cols["seq"]), None)
+        stored = cols.get(schema.HANDLE_COLUMN.name)  # kept by a record-time filter
+        handles = handling.BlockHandles(*handling.within(cols["t_exit"], cols["guest_ns"], cols["seq"], stored), None)
         picked = {name: col[index] for name, col in cols.items()}
-        picked["handle_ns"] = handles.full()[index]
+        picked["handle_ns"] = handles.full(handling.stored_last(cols))[index]
         rows = exit_rows.json_rows(picked, {"vm": msg["vm"], "vcpu": msg["vcpu"], "epoch": msg["epoch"]})
         payloads = msg["payloads"]
         for row, event in zip(index.tolist(), rows):

@@ -110,3 +110,50 @@ def test_no_module_but_handling_computes_handling_time():
     offenders = [f"{p.relative_to(TRACETOOL)}:{n}" for p in sorted(TRACETOOL.rglob("*.py")) if p.name != "handling.py"
                  for n, line in enumerate(p.read_text().splitlines(), 1) if within.search(line) or across.search(line)]
     assert offenders == []
+
+
+class _Collect:
+    """The batcher's publisher: keeps what it sends, decoded as the recorder decodes it."""
+
+    def __init__(self) -> None:
+        self.batches = []
+
+    def send(self, msg: dict) -> None:
+        from tracetool import messages
+        self.batches.append(messages.ExitBatch.from_msg(msg))
+
+
+def test_a_record_time_filter_keeps_each_kept_exits_handling_time_across_batches(tmp_path):
+    """Kept exits whose next exit the filter drops (also across a flush) keep their handling time,
+    through the bus, the trace file and every command's handling.py."""
+    from tracetool.filters import parse_filter
+    from vmworker.event_batch import ROW, EventBatcher
+
+    sink = _Collect()
+    batcher = EventBatcher(sink, 0, 0, 0, record_filter=parse_filter("port=0x3f8"))
+    ports = [[0x10, 0x3F8, 0x3F8], [0x10, 0x3F8, 0x10], [0x3F8, 0x10]]  # kept rows end batch 1 and start batch 3
+    i = 0
+    want = {}
+    for k, batch in enumerate(ports):
+        pos = 0
+        for port in batch:
+            t = 1_000_000 + i * 10_000
+            ROW.pack_into(batcher.rows, pos, t, 7_000 + i, port, bytes(8), 1, schema.REASON_IO, 1, 1, 0x7C00)
+            want[i] = t
+            pos, i = pos + ROW.size, i + 1
+        batcher.flush(pos, final=k == len(ports) - 1)
+    entry = {j: want[j] - (7_000 + j) for j in want}  # t_exit - guest_ns: when KVM_RUN was entered
+    expected = {j: entry[j + 1] - want[j] for j in want if j + 1 in want}
+    path = tmp_path / "f.vmtrace"
+    with TraceWriter(path, RUN, block_events=2) as w:
+        for b in sink.batches:
+            cols = {n: b.cols[n] for n in (*schema.COLUMN_NAMES, schema.HANDLE_COLUMN.name)}
+            w.write_exits(b.vm, b.vcpu, b.epoch, b.first_seq, b.count, cols, seq=b.cols["seq"])
+    with TraceReader(path) as r:
+        got = {s: h for chunk in analysis.events_in_time_order(r, None)
+               for s, h in zip(chunk["seq"].tolist(), chunk["handle_ns"].tolist())}
+        assert got == {j: expected[j] for j in (1, 2, 4, 6)}
+        total = summarize(r)["handle_total_ns"]
+        assert plot_data(r)["handle_counts"].sum() == 4
+    assert total == sum(expected[j] for j in (1, 2, 4, 6))
+    assert sum(b.count for b in sink.batches) == batcher.next_seq == 8

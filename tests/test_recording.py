@@ -6,6 +6,7 @@ kvm tracepoints count every exit of the launched VMs, and the trace must agree e
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -144,6 +145,21 @@ def test_record_only_keeps_matching_exits_with_their_sequence_numbers(vmsup, tmp
     # Every other exit (the LSR polls, the HLT) was filtered, so sequence numbers skip them.
     assert np.all(np.diff(ev["seq"]) >= 2)
     assert end["filtered_out"] == end["exits"] - len(text)
+
+
+def test_record_only_keeps_each_kept_exits_handling_time(vmsup, tmp_path):
+    """The filter knows the next exit's entry time even when it drops that exit: every kept UART
+    write has its handling time, and summary counts it (it once said 0.000000 s)."""
+    proc, trace = launch(vmsup, tmp_path, "hello", "-q", "--record-only", "reason=io,port=0x3f8")
+    assert proc.returncode == 0, proc.stderr
+    shown = subprocess.run([sys.executable, "-m", "tracetool", "show", str(trace), "--json"],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+    events = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert len(events) == len(b"Hello from vmsup!\n")
+    assert all(e["handle_ns"] is not None and e["handle_ns"] > 0 for e in events), events
+    summary = subprocess.run([sys.executable, "-m", "tracetool", "summary", str(trace), "--json"],
+                             capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert json.loads(summary.stdout)["handle_total_ns"] == sum(e["handle_ns"] for e in events)
 
 
 def test_bad_record_filter_is_one_line(vmsup, tmp_path):

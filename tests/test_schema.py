@@ -126,7 +126,8 @@ def test_the_bus_decoder_the_header_and_the_reader_have_exactly_the_table_column
     n = 5
     cols = schema.columns_from_rows(bytes(n * schema.ROW_SIZE), n)
     assert list(schema.decode_columns(cols, n)) == list(schema.COLUMN_NAMES)
-    assert [c["name"] for c in schema.schema_description()["columns"]] == [*schema.COLUMN_NAMES, "seq"]
+    assert [c["name"] for c in schema.schema_description()["columns"]] == [
+        *schema.COLUMN_NAMES, *(c.name for c in schema.FILTER_COLUMNS)]
     path = tmp_path / "t.vmtrace"
     with TraceWriter(path, RUN) as w:
         w.write_exits(0, 0, 0, 0, n, table_columns(n))

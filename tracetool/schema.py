@@ -32,8 +32,9 @@ from typing import NamedTuple
 
 from vmworker import kvm_abi
 
-# 1: the first schema; 2: the rip column (traces of 1 still read, rip unknown)
-SCHEMA_VERSION = 2
+# 1: the first schema; 2: the rip column (traces of 1 still read, rip unknown); 3: handle_ns in
+# filtered batches (traces of 1 and 2 still read; their filtered exits' handling times may be unknown)
+SCHEMA_VERSION = 3
 
 # The rip column of an event whose guest address is not known (traces of schema 1).
 RIP_UNKNOWN = 0xFFFF_FFFF_FFFF_FFFF
@@ -74,9 +75,14 @@ EXIT_COLUMNS: tuple[Column, ...] = (
            "registers KVM syncs into kvm_run at every exit; RIP as the kernel leaves it, which for port I/O "
            "is after the instruction); unknown in schema-1 traces", "address", missing=RIP_UNKNOWN),
 )
-# Not packed by the vCPU loop: present only in batches a record-time filter thinned out.
+# Not packed by the vCPU loop: present only in batches a record-time filter thinned out. There an
+# event's successor may be gone, so the filter keeps what it alone knew: the handling time,
+# (t_exit - guest_ns of the next event) - t_exit (tracetool/handling.py; NO_HANDLE: unknown).
 SEQ_COLUMN = Column("seq", "<u8", "Q", "sequence number; present only in filtered batches", "count")
-COLUMNS: dict[str, Column] = {c.name: c for c in (*EXIT_COLUMNS, SEQ_COLUMN)}
+HANDLE_COLUMN = Column("handle_ns", "<i8", "q", "handling time, kept by a record-time filter; present only "
+                       "in filtered batches (schema 3 on)", "ns")
+FILTER_COLUMNS = (SEQ_COLUMN, HANDLE_COLUMN)
+COLUMNS: dict[str, Column] = {c.name: c for c in (*EXIT_COLUMNS, *FILTER_COLUMNS)}
 COLUMN_NAMES = tuple(c.name for c in EXIT_COLUMNS)
 # Columns every block and every bus batch must have; the others may be absent in older traces.
 REQUIRED_COLUMNS = tuple(c.name for c in EXIT_COLUMNS if c.missing is None)
@@ -245,13 +251,14 @@ class SchemaError(ValueError):
 
 
 def decode_columns(cols: dict, count: int, *, with_seq: bool = False) -> dict:
-    """Validate and view column bytes as numpy arrays (no copy). Raises SchemaError."""
+    """Validate and view column bytes as numpy arrays (no copy). Raises SchemaError.
+    with_seq: a filtered batch, which also has the FILTER_COLUMNS."""
     import numpy as np
     if not isinstance(cols, dict):
         raise SchemaError("columns are not a map")
     if not 0 <= count <= MAX_BATCH_EVENTS:
         raise SchemaError(f"batch of {count} events is out of range")
-    names = COLUMN_NAMES + ((SEQ_COLUMN.name,) if with_seq else ())
+    names = COLUMN_NAMES + (tuple(c.name for c in FILTER_COLUMNS) if with_seq else ())
     out = {}
     for name in names:
         raw = cols.get(name)
@@ -268,7 +275,7 @@ def schema_description() -> dict:
     """What a trace header stores so the file describes itself."""
     return {
         "version": SCHEMA_VERSION,
-        "columns": [{"name": c.name, "dtype": c.dtype, "doc": c.meaning} for c in (*EXIT_COLUMNS, SEQ_COLUMN)],
+        "columns": [{"name": c.name, "dtype": c.dtype, "doc": c.meaning} for c in (*EXIT_COLUMNS, *FILTER_COLUMNS)],
         "reasons": {str(k): v for k, v in REASONS.items()},
         "flags": {"write": FLAG_WRITE},
         "messages": list(MESSAGE_TYPES),

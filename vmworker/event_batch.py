@@ -1,8 +1,9 @@
 """Per-vCPU event rows, packed on the hot path and flushed as columnar batches.
 
 The vCPU loop packs one fixed-size row per exit into a preallocated bytearray (one
-`struct.pack_into`, no per-exit objects); `flush` turns the rows into columns with numpy,
-applies the record-time filter, and sends one batch (messages.ExitBatch).
+`struct.pack_into`, no per-exit objects); `flush` turns the rows into columns, applies the
+record-time filter (with numpy; the kept exits carry their handling time), and sends one batch
+(messages.ExitBatch).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class EventBatcher:
         self.payloads: list[list] = []  # [row index, bytes] for string I/O with count > 1
         self.payload_bytes = 0
         self.filtered_out = 0
+        # A record-time filter's last row, waiting for the next flush (see flush), and its payload.
+        self.held = b""
+        self.held_payloads: list[list] = []
         # monotonic ns of the oldest unflushed row (0 = none): a vCPU that sits in KVM_RUN with
         # rows pending is kicked by the machine so live viewers are not kept waiting.
         self.pending_since = 0
@@ -38,28 +42,55 @@ class EventBatcher:
             self.payloads.append([pos // ROW.size, bytes(data)])
             self.payload_bytes += len(data)
 
-    def flush(self, pos: int) -> None:
-        """Send rows [0, pos) as one batch; the caller resets its write position to 0."""
+    def flush(self, pos: int, *, final: bool = False) -> None:
+        """Send rows [0, pos) as one batch; the caller resets its write position to 0.
+
+        With a record-time filter the last row waits for the next flush (`final`: the stream's
+        end, nothing waits): its handling time needs the next exit's entry time, which only the
+        next row holds — and that row may be filtered out."""
         n = pos // ROW.size
         self.pending_since = 0
+        if self.filter is not None:
+            self._flush_filtered(bytes(self.rows[:pos]), final)
+            return
         if n == 0:
             return
         cols = schema.columns_from_rows(memoryview(self.rows)[:pos], n)
-        payloads = self.payloads
-        if self.filter is not None:
-            import numpy as np  # only filtered recording pays for numpy in the worker
-            arrays = {name: np.frombuffer(raw, dtype=schema.column_dtypes()[name]) for name, raw in cols.items()}
-            keep = self.filter.mask(arrays, vm=self.vm, vcpu=self.vcpu, epoch=self.epoch)
-            if not keep.all():
-                index = np.flatnonzero(keep)
-                self.filtered_out += n - len(index)
-                cols = {name: arrays[name][index].tobytes() for name in cols}
-                cols["seq"] = (index.astype(np.uint64) + np.uint64(self.next_seq)).tobytes()
-                remap = {int(old): new for new, old in enumerate(index)}
-                payloads = [[remap[i], data] for i, data in payloads if i in remap]
-        batch = messages.ExitBatch(vm=self.vm, vcpu=self.vcpu, epoch=self.epoch, first_seq=self.next_seq, count=n,
-                                   cols=cols, payloads=payloads or messages.ABSENT)
-        self.payloads = []
-        self.payload_bytes = 0
-        self.next_seq += n
+        payloads, self.payloads, self.payload_bytes = self.payloads, [], 0
+        self._send(n, cols, payloads)
+
+    def _flush_filtered(self, rows: bytes, final: bool) -> None:
+        """Send the rows the filter keeps, each with its handling time (schema.HANDLE_COLUMN)."""
+        import numpy as np  # only filtered recording pays for numpy in the worker
+
+        from tracetool.handling import NO_HANDLE
+        held = len(self.held) // ROW.size
+        rows = self.held + rows
+        payloads = self.held_payloads + [[i + held, data] for i, data in self.payloads]
+        m = len(rows) // ROW.size
+        send = m if final else max(m - 1, 0)
+        self.held = rows[send * ROW.size:]
+        self.held_payloads = [[i - send, data] for i, data in payloads if i >= send]
+        self.payloads, self.payload_bytes = [], sum(len(d) for _, d in self.held_payloads)
+        if send == 0:
+            return
+        dtypes = schema.column_dtypes()
+        arrays = {name: np.frombuffer(raw, dtype=dtypes[name]) for name, raw in schema.columns_from_rows(rows, m).items()}
+        t, g = arrays["t_exit"], arrays["guest_ns"]
+        handle = np.full(m, NO_HANDLE, np.int64)
+        handle[:-1] = (t[1:] - g[1:]) - t[:-1]  # tracetool/handling.py's formula, from the next row
+        arrays = {name: col[:send] for name, col in arrays.items()}
+        keep = self.filter.mask(arrays, vm=self.vm, vcpu=self.vcpu, epoch=self.epoch)
+        index = np.flatnonzero(keep)
+        self.filtered_out += send - len(index)
+        cols = {name: col[index].tobytes() for name, col in arrays.items()}
+        cols[schema.SEQ_COLUMN.name] = (index.astype(np.uint64) + np.uint64(self.next_seq)).tobytes()
+        cols[schema.HANDLE_COLUMN.name] = handle[index].tobytes()
+        remap = {int(old): new for new, old in enumerate(index)}
+        self._send(send, cols, [[remap[i], data] for i, data in payloads if i in remap])
+
+    def _send(self, count: int, cols: dict, payloads: list) -> None:
+        batch = messages.ExitBatch(vm=self.vm, vcpu=self.vcpu, epoch=self.epoch, first_seq=self.next_seq, count=count,
+                                   cols=cols, payloads=payloads or None)
+        self.next_seq += count
         self.publisher.send(batch.to_msg())

@@ -192,7 +192,7 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
         if io_exits:
             by_reason[_EXIT_IO] = by_reason.get(_EXIT_IO, 0) + io_exits
         if recording:
-            batcher.flush(pos)
+            batcher.flush(pos, final=True)  # a record-time filter's held-back row too
 
 
 def _after_kick(vcpu, ctx) -> bool:

@@ -68,12 +68,20 @@ def plot_data(reader: TraceReader, where: EventFilter | None = None, bins: int =
                 idx = np.clip(((tk - t0).astype(np.float64) * bins / width).astype(np.int64), 0, bins - 1)
                 acc = rate.setdefault(batch.vm, np.zeros(bins, np.int64))
                 acc += np.bincount(idx, minlength=bins)[:bins]
+    for stream, handle in handles.unclaimed().items():  # kept by a record-time filter
+        if last_kept.get(stream):
+            handle_counts += np.bincount(np.searchsorted(_HANDLE_EDGES, [handle], "right"),
+                                         minlength=len(handle_counts))[:len(handle_counts)]
     bin_s = width / bins / 1e9
     names = vm_names(reader)
     return {"t0_ns": t0, "span_ns": t1 - t0, "bins": bins, "bin_s": bin_s,
             "rate": {vm: counts / bin_s for vm, counts in sorted(rate.items())},
             "names": names, "handle_edges_ns": _HANDLE_EDGES, "handle_counts": handle_counts,
             "events": int(sum(c.sum() for c in rate.values()))}
+
+
+NO_HANDLING_NOTE = ("no handling time known: no selected exit has its next exit in the trace\n"
+                    "(a trace filtered at record time by a vmsup before event schema 3 keeps none)")
 
 
 def output_kind(path: str) -> str:
@@ -117,6 +125,8 @@ def _figure(data: dict, title: str):
         notes.append(f"{counts[0]} under {edges[0]:g} µs")
     if counts[-1]:
         notes.append(f"{counts[-1]} over {edges[-1]:g} µs")
+    if not counts.sum():  # say why the histogram is empty rather than draw nothing
+        bottom.text(0.5, 0.5, NO_HANDLING_NOTE, ha="center", va="center", transform=bottom.transAxes)
     if notes:
         bottom.text(0.99, 0.95, "; ".join(notes), ha="right", va="top", transform=bottom.transAxes, fontsize="small")
     nz = np.flatnonzero(inner)
@@ -176,3 +186,6 @@ def run(
     except PlotError as e:
         common.bad_input(str(e))
     typer.echo(f"vmtrace: wrote {out} ({size} bytes)", err=True)
+    if not data["handle_counts"].sum():
+        typer.echo("vmtrace: note: the handling-time histogram is empty: " + NO_HANDLING_NOTE.split(": ", 1)[1]
+                   .replace("\n", " "), err=True)

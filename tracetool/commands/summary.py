@@ -133,6 +133,9 @@ def summarize(reader: TraceReader, by: str = "reason", sort: str = "count", wher
     with np.errstate(all="ignore"):  # a hostile file may overflow int64 arithmetic; no warnings
         for batch in reader.exit_batches(where=where, columns=columns):
             _add_batch(acc, batch, by, only_reason, where, handles, last_key)
+        for stream, handle in handles.unclaimed().items():  # kept by a record-time filter
+            if stream in last_key:
+                acc.group(last_key[stream]).handle.add(np.array([handle], np.int64))
     return _result(reader, acc, by, sort, where)
 
 

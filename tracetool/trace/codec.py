@@ -20,6 +20,7 @@ from .. import schema
 from .format import need
 
 SEQ = schema.SEQ_COLUMN.name
+HANDLE = schema.HANDLE_COLUMN.name
 # How the writer encodes each column: (transform, reference column). Chosen by measuring real
 # seed-guest exits (see above); columns not named here are stored raw (after frame of reference
 # + narrowing, which already turns constant columns into nothing).

@@ -5,7 +5,8 @@
 The head stays uncompressed (CTF's packet context) so a reader lists streams, sequence ranges and
 time ranges without decompressing. It records each column's encoding (codec.py).
 
-Sequence numbers of a stream start at 0. A record-time filter leaves a `seq` column; a batch
+Sequence numbers of a stream start at 0. A record-time filter leaves a `seq` column (and, from
+schema 3 on, the `handle_ns` it kept: tracetool/handling.py); a batch
 whose events were all filtered out is still written (n_rows 0), so its sequence range stays
 accounted for. A block holds every column of the schema it was written with: a column added to
 the schema later (one with a `missing` value) may be absent, and reads as its `missing` value.
@@ -23,6 +24,7 @@ from . import codec
 from .format import MAX_BLOCK_BYTES, MAX_HEAD_BYTES, STREAM_ID_LIMIT, U32, U64_LIMIT, decompress, is_int, need, pack, unpack
 
 SEQ = codec.SEQ
+HANDLE = codec.HANDLE
 
 
 @dataclass
@@ -48,7 +50,7 @@ def encode_exits(vm: int, vcpu: int, epoch: int, first_seq: int, count: int, col
                  seq: np.ndarray | None, payloads: list[tuple[int, bytes]], cctx) -> bytes:
     """The payload of an EXITS block. `cols`: every required column of the schema, and the
     optional ones the caller has."""
-    names = tuple(name for name in schema.COLUMN_NAMES if name in cols) + ((SEQ,) if seq is not None else ())
+    names = tuple(name for name in (*schema.COLUMN_NAMES, HANDLE) if name in cols) + ((SEQ,) if seq is not None else ())
     rows = len(cols[schema.COLUMN_NAMES[0]])
     values = dict(cols, **({SEQ: seq} if seq is not None else {}))
     u64 = {name: codec.to_u64(values[name]) for name in names}
@@ -92,7 +94,7 @@ def _check_head(head) -> dict:
     encodings = head.get("encodings")
     need(isinstance(encodings, list), "exits block head: no column encodings")
     required = set(schema.REQUIRED_COLUMNS) | ({SEQ} if head["has_seq"] else set())
-    allowed = required | set(schema.COLUMN_NAMES)
+    allowed = required | set(schema.COLUMN_NAMES) | ({HANDLE} if head["has_seq"] else set())
     names = [e["name"] if isinstance(e, dict) and isinstance(e.get("name"), str) else None for e in encodings]
     need(len(set(names)) == len(names) and required <= set(names) <= allowed,
          f"exits block columns {names} do not match schema version {schema.SCHEMA_VERSION}")
@@ -133,7 +135,7 @@ def decode_exits_body(offset: int, head: dict, compressed, dctx, columns: Iterab
     rows = head["n_rows"]
     wanted = None
     if columns is not None:
-        wanted = {*columns, SEQ}
+        wanted = {*columns, SEQ, HANDLE}
         for enc in reversed(head["encodings"]):  # a referenced column comes before its user
             if enc["name"] in wanted and enc.get("ref") is not None:
                 wanted.add(enc["ref"])
@@ -167,6 +169,8 @@ def decode_exits_body(offset: int, head: dict, compressed, dctx, columns: Iterab
         elif name not in stored and (wanted is None or name in wanted):
             columns_out[name] = schema.missing_column(name, rows)  # written before the column existed
     columns_out[SEQ] = seq
+    if HANDLE in decoded:  # kept by a record-time filter (schema 3 on)
+        columns_out[HANDLE] = decoded[HANDLE]
     if rows and "t_exit" in columns_out:
         t = columns_out["t_exit"]
         need([int(t.min()), int(t.max())] == head["t"], "t_exit values disagree with the block's time range")

@@ -15,7 +15,7 @@ import zstandard
 
 from .. import messages, schema
 from ..run_files import open_private
-from .codec import SEQ, U64
+from .codec import HANDLE, SEQ, U64
 from .exits_block import encode_exits
 from .format import (DEFAULT_BLOCK_EVENTS, FILE_HEAD, FORMAT_VERSION, INDEX_FIELDS, INDEX_NO_ID, MAGIC,
                      MAX_BLOCK_BYTES, MAX_HEADER_BYTES, MAX_INDEX_ENTRIES, MAX_RECORD_BYTES, RECORD_BLOCK_TYPES,
@@ -210,11 +210,13 @@ class TraceWriter:
             if seq is not None:
                 raise ValueError("seq given both as a column and as an argument")
             seq = cols.pop(SEQ)
-        extra = set(cols) - set(schema.COLUMN_NAMES)
+        # A filtered batch may carry the handling times the filter kept (schema.HANDLE_COLUMN).
+        known = (*schema.COLUMN_NAMES, *((HANDLE,) if seq is not None else ()))
+        extra = set(cols) - set(known)
         missing = set(schema.REQUIRED_COLUMNS) - set(cols)
         if extra or missing:
             raise ValueError(f"columns do not match the schema: missing {sorted(missing)}, unknown {sorted(extra)}")
-        arrays = {name: _column_array(name, cols[name]) for name in schema.COLUMN_NAMES if name in cols}
+        arrays = {name: _column_array(name, cols[name]) for name in known if name in cols}
         rows = len(arrays[schema.COLUMN_NAMES[0]])
         if any(len(a) != rows for a in arrays.values()):
             raise ValueError("columns differ in length")
