@@ -170,6 +170,25 @@ def test_mbaout_loads_by_its_aout_kludge_fields_and_zeroes_its_bss(vmsup):
 
 
 @pytest.mark.kvm
+def test_a_kernel_asking_for_a_video_mode_gets_the_ega_text_framebuffer(vmsup):
+    # Header flag bit 2, once refused: mbvideo checks the framebuffer fields and writes into them.
+    proc = vmsup("launch", "mbvideo", "--quiet", "--no-trace")
+    assert_clean(proc)
+    assert proc.stdout == "mbvideo: EGA text 80x25 at 0xb8000\n"
+    assert status_of(proc.stderr) == "guest exit code 0"
+    assert proc.returncode == 0
+
+
+@pytest.mark.kvm
+def test_video_mode_flag_no_longer_refuses_a_kernel(vmsup, tmp_path):
+    path = tmp_path / "video.bin"
+    path.write_bytes(aout_kernel(flags=AOUT | 1 << 2))
+    proc = vmsup("launch", str(path), "--quiet", "--no-trace")
+    assert proc.stdout == "*"
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.kvm
 def test_handmade_aout_kernel_runs(vmsup, tmp_path):
     # The control for every broken header below: the builder makes a loadable kernel.
     path = tmp_path / "ok.bin"
@@ -208,7 +227,6 @@ def test_multiboot_kernel_runs_on_the_bsp_only_and_halted_aps_do_not_keep_it_ali
 
 BAD_KERNELS = {
     "bad checksum": (aout_kernel(checksum=0x12345678), [], "bad checksum 0x12345678"),
-    "video mode required": (aout_kernel(flags=AOUT | 1 << 2), [], "requires a video mode (flag bit 2)"),
     "undefined required flag": (aout_kernel(flags=AOUT | 1 << 5), [], "requires flag bit 5"),
     "entry outside the image": (aout_kernel(entry=LOAD + 0x1000), [], "entry 0x101000 is outside the image"),
     "bss beyond --mem": (aout_kernel(bss_end=0x200_0000), ["--mem", "16M"], "does not fit in 16 MiB"),
@@ -287,6 +305,21 @@ def test_boot_information_structure_byte_for_byte():
         assert entries == [(20, 0, 0xA0000, 1), (20, 0xA0000, 0x60000, 2), (20, 0x100000, 0xF00000, 1)]
         assert memory.read(fields[16], 6) == b"vmsup\0"
         assert BOOTLOADER_MAGIC == 0x2BADB002
+    finally:
+        memory.close()
+
+
+def test_video_mode_request_is_answered_with_ega_text_and_otherwise_not_mentioned():
+    memory = GuestMemory.with_ram(16 << 20)
+    try:
+        info = write_boot_info(memory, 16 << 20, "", video=True)
+        flags, = struct.unpack_from("<I", memory.read(info, 4))
+        assert flags == 0x24D | 1 << 12  # framebuffer_* valid; bit 11 (VBE) not: there is no VBE BIOS
+        # Multiboot 0.6.96 §3.3: framebuffer_addr, pitch, width, height, bpp, type 2 = EGA text.
+        assert struct.unpack("<QIIIBB", memory.read(info + 88, 22)) == (0xB8000, 160, 80, 25, 16, 2)
+        info = write_boot_info(memory, 16 << 20, "")
+        assert struct.unpack_from("<I", memory.read(info, 4))[0] == 0x24D
+        assert memory.read(info + 88, 22) == bytes(22)
     finally:
         memory.close()
 

@@ -155,7 +155,9 @@ class Machine:
             image.load_into(self.memory)
             gdt = x86.LINUX_BOOT_GDT if image.linux else x86.VMSUP_GDT
             x86.write_boot_tables(self.memory, image.mode, gdt)
-            boot_info = multiboot.write_boot_info(self.memory, mem_size, cmdline) if image.multiboot else None
+            boot_info = (multiboot.write_boot_info(self.memory, mem_size, cmdline,
+                                                   video=bool(image.multiboot.flags & multiboot.FLAG_VIDEO_MODE))
+                         if image.multiboot else None)
             boot_params = bzimage.write_boot_params(self.memory, image, mem_size, plan, initrd) if plan else None
             cpuid = self.kvm.supported_cpuid()
             load_addr = image.segments[0].gpa

@@ -27,10 +27,10 @@ _AOUT = struct.Struct("<IIIII")  # header_addr, load_addr, load_end_addr, bss_en
 # refuse the kernel. Bits 16-31 are optional features.
 FLAG_PAGE_ALIGN = 1 << 0  # align boot modules on 4 KiB: trivially met, we load no modules
 FLAG_MEMORY_INFO = 1 << 1  # mem_lower/mem_upper (and the memory map): always given
-FLAG_VIDEO_MODE = 1 << 2  # a video mode table: we set up no framebuffer
+FLAG_VIDEO_MODE = 1 << 2  # video mode information: met with the EGA text screen (§3.3 framebuffer_*)
 FLAG_AOUT_KLUDGE = 1 << 16  # the address fields at offsets 12-28 are valid and take precedence
 REQUIRED_FLAGS = 0xFFFF
-SUPPORTED_REQUIRED_FLAGS = FLAG_PAGE_ALIGN | FLAG_MEMORY_INFO
+SUPPORTED_REQUIRED_FLAGS = FLAG_PAGE_ALIGN | FLAG_MEMORY_INFO | FLAG_VIDEO_MODE
 
 # §3.2: EAX at entry tells the kernel a Multiboot-compliant loader started it.
 BOOTLOADER_MAGIC = 0x2BADB002
@@ -42,10 +42,21 @@ INFO_CMDLINE = 1 << 2
 INFO_MODS = 1 << 3  # mods_count, mods_addr
 INFO_MMAP = 1 << 6  # mmap_length, mmap_addr
 INFO_LOADER_NAME = 1 << 9
-INFO_SIZE = 88  # through the VBE fields (offset 88 is where the 0.6.96 structure ends)
+# Bit 11 (vbe_*) stays clear: there is no VBE BIOS, so no controller or mode information to point to.
+INFO_FRAMEBUFFER = 1 << 12  # framebuffer_* valid
+INFO_SIZE = 116  # through color_info (offsets 110-115), the end of the 0.6.96 structure
 # The fields we fill, by byte offset (§3.3 table).
 _OFF_FLAGS, _OFF_MEM_LOWER, _OFF_MEM_UPPER, _OFF_CMDLINE = 0, 4, 8, 16
 _OFF_MODS_COUNT, _OFF_MODS_ADDR, _OFF_MMAP_LENGTH, _OFF_MMAP_ADDR, _OFF_LOADER_NAME = 20, 24, 44, 48, 64
+# framebuffer_addr (u64), framebuffer_pitch, framebuffer_width, framebuffer_height (u32),
+# framebuffer_bpp, framebuffer_type (u8), from offset 88.
+_OFF_FRAMEBUFFER = 88
+_FRAMEBUFFER = struct.Struct("<QIIIBB")
+# §3.3 framebuffer_type 2: "EGA-standard text mode": width and height in characters, bpp 16 (a
+# character byte and an attribute byte), pitch in bytes per text line. The VGA colour text screen
+# is what vmsup has (layout.VGA_TEXT_BUFFER, mode 3, 80x25).
+FRAMEBUFFER_EGA_TEXT = 2
+TEXT_COLS, TEXT_ROWS, TEXT_BPP = 80, 25, 16
 # §3.3 memory map entry: size (of the rest, 20), base_addr, length, type; type 1 = available RAM.
 _MMAP_ENTRY = struct.Struct("<IQQI")
 MMAP_AVAILABLE, MMAP_RESERVED = 1, 2
@@ -84,8 +95,6 @@ def parse_header(path: str, data: bytes, offset: int) -> MultibootHeader:
         raise bad(f"bad checksum {checksum:#010x} (magic + flags + checksum must be 0 mod 2^32; "
                   f"expected {(-(magic + flags)) & 0xFFFF_FFFF:#010x})")
     unsupported = flags & REQUIRED_FLAGS & ~SUPPORTED_REQUIRED_FLAGS
-    if unsupported & FLAG_VIDEO_MODE:
-        raise bad("requires a video mode (flag bit 2), which vmsup does not set up (VGA text only)")
     if unsupported:
         bit = (unsupported & -unsupported).bit_length() - 1
         raise bad(f"requires flag bit {bit}, which Multiboot 0.6.96 does not define (flags {flags:#010x})")
@@ -171,8 +180,10 @@ def memory_map(mem_size: int) -> list[tuple[int, int, int]]:
     return entries
 
 
-def write_boot_info(memory, mem_size: int, cmdline: str) -> int:
-    """Write the §3.3 boot information into guest RAM; returns its address (EBX at entry)."""
+def write_boot_info(memory, mem_size: int, cmdline: str, video: bool = False) -> int:
+    """Write the §3.3 boot information into guest RAM; returns its address (EBX at entry). `video`:
+    the kernel asked for video mode information (header flag 2), answered with the EGA text screen
+    (§3.1.4: the loader may set a text mode even where the header asks for graphics)."""
     entries = memory_map(mem_size)
     mmap = b"".join(_MMAP_ENTRY.pack(_MMAP_ENTRY.size - 4, base, length, kind) for base, length, kind in entries)
     memory.write(layout.MULTIBOOT_MMAP, mmap)
@@ -191,6 +202,10 @@ def write_boot_info(memory, mem_size: int, cmdline: str) -> int:
         _OFF_MMAP_ADDR: layout.MULTIBOOT_MMAP,
         _OFF_LOADER_NAME: layout.MULTIBOOT_LOADER_NAME,
     }
+    if video:
+        fields[_OFF_FLAGS] |= INFO_FRAMEBUFFER
+        _FRAMEBUFFER.pack_into(info, _OFF_FRAMEBUFFER, layout.VGA_TEXT_BUFFER, TEXT_COLS * TEXT_BPP // 8,
+                               TEXT_COLS, TEXT_ROWS, TEXT_BPP, FRAMEBUFFER_EGA_TEXT)
     for off, value in fields.items():
         struct.pack_into("<I", info, off, value)
     memory.write(layout.MULTIBOOT_INFO, bytes(info))
