@@ -100,7 +100,9 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
                     rip = rip if cs_l else (cs_base + rip) & linear_32
                     pack_row(rows, pos, t1, t1 - t0, 0, b"", 1, _EXIT_INTR, 0, 0, rip)
                     pos += row_size
-                    if pos >= rows_end or t1 >= flush_at or ctx.paused:
+                    # Paused or held by gdb: what it did so far reaches the recorder before it waits.
+                    if (pos >= rows_end or t1 >= flush_at or ctx.paused
+                            or (ctx.debugger is not None and ctx.debugger.holds(vcpu_id))):
                         batcher.flush(pos)
                         pos = 0
                         flush_at = t1 + flush_ns
