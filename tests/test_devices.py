@@ -432,9 +432,9 @@ def test_mmio_other_offsets_read_the_pattern_and_ignore_writes():
 
 def test_unclaimed_accesses_read_all_ones_and_are_counted():
     pio, mmio, _, _, _ = machine()
-    assert pio.read(0x80, 1) == b"\xff"
+    assert pio.read(0x84, 1) == b"\xff"
     assert pio.read(0x3F8 + 8, 2) == b"\xff\xff"
-    pio.write(0x80, b"\x01")
+    pio.write(0x84, b"\x01")
     assert pio.statistics() == {"unclaimed_reads": 2, "unclaimed_writes": 1}
     assert mmio.read(MMIO_TEST_GPA + 0x1000, 8) == b"\xff" * 8
     assert mmio.unclaimed_reads == 1
@@ -451,7 +451,7 @@ def test_overlapping_attach_is_rejected():
 
 def test_standard_devices_are_named_and_placed():
     pio, mmio, devices, _, _ = machine()
-    assert set(devices) == {"seed", "debugcon", "com1", "i8042", "exit", "mmio-test", "vga"}
+    assert set(devices) == {"seed", "debugcon", "com1", "i8042", "exit", "mmio-test", "vga", "rtc", "post", "pci"}
     placed = {dev.name: (base, end - base) for base, end, dev in pio.devices() + mmio.devices()}
     assert placed == {
         "seed": (0x10, 1),
@@ -460,6 +460,9 @@ def test_standard_devices_are_named_and_placed():
         "com1": (0x3F8, 8),
         "i8042": (0x60, 5),
         "exit": (0xF4, 1),
+        "rtc": (0x70, 2),
+        "post": (0x80, 1),
+        "pci": (0xCF8, 8),
         "mmio-test": (0xD0000000, 0x1000),
     }
     assert isinstance(devices["mmio-test"], MmioTestDevice)
@@ -472,6 +475,7 @@ def test_standard_devices_are_attributes_wired_to_their_irq_line():
     devices = StandardDevices(Console(io.BytesIO(), line_buffered=False), SerialInput.empty())
     assert devices.by_name() == {"seed": devices.seed, "debugcon": devices.debugcon, "com1": devices.com1,
                                  "i8042": devices.i8042, "exit": devices.exit, "vga": devices.vga,
+                                 "rtc": devices.rtc, "post": devices.post, "pci": devices.pci,
                                  "mmio-test": devices.mmio_test}
 
     class IrqLines:  # the one call StandardDevices makes on a Vm: KVM_IRQ_LINE

@@ -88,6 +88,10 @@ MMIO_TEST_GPA = 0xD000_0000
 SEED_PORT = 0x10
 # The i8042 data (0x60) and status/command (0x64) ports of the PC/AT keyboard controller.
 I8042_PORT = 0x60
+# The PC/AT's CMOS RTC (MC146818A): index 0x70, data 0x71.
+RTC_PORT = 0x70
+# POST codes (and Linux's io_delay writes): the PC/AT's DMA page register at 0x80.
+POST_PORT = 0x80
 # The Bochs/QEMU debug console port.
 DEBUGCON_PORT = 0xE9
 # QEMU isa-debug-exit's default iobase, so guests written for QEMU tests work unchanged.
@@ -95,6 +99,8 @@ EXIT_PORT = 0xF4
 # The VGA CRT controller's index/data pair in colour mode (Miscellaneous Output bit 0 = 1, as
 # firmware leaves it).
 VGA_CRTC_PORT = 0x3D4
+# PCI configuration mechanism #1: CONFIG_ADDRESS 0xCF8, CONFIG_DATA 0xCFC (PCI 3.0 §3.2.2.3.2).
+PCI_CONFIG_PORT = 0xCF8
 # COM1, where every PC guest and firmware looks for the first serial port.
 COM1_PORT = 0x3F8
 

@@ -16,6 +16,11 @@ from .i8042 import LENGTH as I8042_LENGTH
 from .i8042 import I8042
 from .mmio_test import LENGTH as MMIO_TEST_LENGTH
 from .mmio_test import MmioTestDevice
+from .pci_host import LENGTH as PCI_LENGTH
+from .pci_host import PciHostBridge
+from .post_code import PostCodePort
+from .rtc import LENGTH as RTC_LENGTH
+from .rtc import CmosRtc
 from .seed_port import SeedPort
 from .serial_input import SerialInput
 from .uart8250 import NUM_REGS as UART_LENGTH
@@ -36,6 +41,10 @@ class StandardDevices:
         self.exit = self._place(self.port_bus, layout.EXIT_PORT, 1, ExitDevice())
         # The VGA cursor; the text buffer itself is RAM.
         self.vga = self._place(self.port_bus, layout.VGA_CRTC_PORT, CRTC_LENGTH, VgaCrtc())
+        # What real programs probe: the CMOS clock, POST codes, PCI bus 0 with its host bridge.
+        self.rtc = self._place(self.port_bus, layout.RTC_PORT, RTC_LENGTH, CmosRtc())
+        self.post = self._place(self.port_bus, layout.POST_PORT, 1, PostCodePort())
+        self.pci = self._place(self.port_bus, layout.PCI_CONFIG_PORT, PCI_LENGTH, PciHostBridge())
         self.mmio_test = self._place(self.mmio_bus, layout.MMIO_TEST_GPA, MMIO_TEST_LENGTH, MmioTestDevice())
 
     def _place(self, bus: Bus, base: int, length: int, device):
