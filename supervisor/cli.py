@@ -11,8 +11,8 @@ import time
 from typing import Optional
 
 import typer
-from typer.exceptions import TyperException
 
+from tracetool import cli_manners
 from vmworker import settings, status
 from vmworker.status import End
 from vmworker.errors import KvmError, SpecError, VmsupError
@@ -30,12 +30,27 @@ from .commands import COMMANDS, call
 from .launch import Launch
 from .trace_path import check_trace_path
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Run tiny KVM virtual machines and see every exit they make.")
+app = cli_manners.new_app("Run tiny KVM virtual machines and see every exit they make.")
+
+# What `vmsup COMMAND -h` ends with: 1-3 examples each (tests/test_cli_manners.py walks them all).
+EXAMPLES = {
+    "": ["vmsup launch seed16 --max-exits 10", "vmsup launch hello --vms 2 -d && vmsup ps", "vmsup launch -h"],
+    "launch": ["vmsup launch seed16 --max-exits 10", "vmsup launch hello mmio --vms 2 --trace t.vmtrace",
+               "vmsup launch --fleet fleet.toml --detach"],
+    "ps": ["vmsup ps", "vmsup ps --json"],
+    "stop": ["vmsup stop seed16-1", "vmsup stop --all --run 213149-4457"],
+    "pause": ["vmsup pause seed16-0"],
+    "resume": ["vmsup resume seed16-0"],
+    "kill": ["vmsup kill seed16-1"],
+    "tail": ["vmsup tail", "vmsup tail --vm 0 --reason io,hlt -n 20", "vmsup tail --port 0x3f8 --json"],
+    "top": ["vmsup top", "vmsup top --once --json", "vmsup top --sort total --run 213149-4457"],
+    "keys": ["vmsup keys", "vmsup keys --dir ./keys --force"],
+    "screen": ["vmsup screen mbkernel", "vmsup screen mbkernel --once"],
+}
 
 
 @app.callback()
-def _root() -> None:
+def _root(version: bool = cli_manners.version_option("vmsup")) -> None:
     """Run tiny KVM virtual machines and see every exit they make."""
     _clean_stale_runs()
 
@@ -79,10 +94,11 @@ def launch(
     guests: Optional[list[str]] = typer.Argument(None, help="Guest images (flat binary or ELF) or bundled guest names, e.g. seed16."),
     fleet: Optional[str] = typer.Option(None, "--fleet", help="A fleet file (TOML) describing the VMs, instead of GUESTS and per-VM flags."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print a line per exit."),
-    trace: Optional[str] = typer.Option(None, "--trace", help="Trace file to record to [traces/NAME-TIME.vmtrace]."),
+    trace: Optional[str] = typer.Option(None, "--trace", help="Trace file to record to (default: traces/NAME-TIME.vmtrace, "
+                                        "or under $VMSUP_TRACE_DIR)."),
     no_trace: bool = typer.Option(False, "--no-trace", help="Do not write a trace file (live views still work)."),
     listen: Optional[str] = typer.Option(None, "--listen", help="Also take events on tcp://HOST:PORT, CURVE-encrypted (needs 'vmsup keys')."),
-    keys_dir: Optional[str] = typer.Option(None, "--keys-dir", help="CURVE keys for --listen [~/.config/vmsup/keys]."),
+    keys_dir: Optional[str] = typer.Option(None, "--keys-dir", help="CURVE keys for --listen (default: ~/.config/vmsup/keys)."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; print the run id and return."),
     screen: bool = typer.Option(False, "--screen", help="Show the VM's VGA text screen live (one VM; implies --quiet); "
                                 "keys typed go to its keyboard."),
@@ -328,22 +344,7 @@ def err_console():
 
 def main() -> None:
     """Console-script entry: expected failures become one line and an exit code, never a traceback."""
-    try:
-        # standalone_mode=False: click returns a command's exit code instead of exiting itself.
-        code = app(standalone_mode=False)
-        sys.exit(code if isinstance(code, int) else 0)
-    except TyperException as e:  # usage errors: bad flag values, missing arguments
-        message = e.format_message() if hasattr(e, "format_message") else str(e)
-        _err(message)
-        sys.exit(getattr(e, "exit_code", status.EXIT_BAD_INPUT))
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        _err("aborted")
-        sys.exit(status.EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        _err("interrupted")
-        sys.exit(status.EXIT_INTERRUPTED)
+    cli_manners.run(app, "vmsup", EXAMPLES, _err)
 
 from .live_cli import register as _register_live  # noqa: E402
 _register_live(app)

@@ -348,8 +348,11 @@ def test_viewers_without_a_running_launch_say_so_and_exit_2(view):
         dead.wait()
         (stale / "run.json").write_text(json.dumps({"id": "120000-1", "pid": dead.pid}))
         proc = subprocess.run([*VMSUP, *view], cwd=REPO, env=env, capture_output=True, timeout=DEADLINE)
-        assert_one_error_line(proc.returncode, proc.stdout.decode(), proc.stderr.decode(),
-                              "no vmsup launch is running")
+        # The leftover is removed first, in one line of its own (issue 10 item 7), then the error.
+        removed, _, err = proc.stderr.decode().partition("\n")
+        assert removed == "vmsup: removed 1 stale run directory (run 120000-1: supervisor gone)"
+        assert not stale.exists()
+        assert_one_error_line(proc.returncode, proc.stdout.decode(), err, "no vmsup launch is running")
     finally:
         shutil.rmtree(xdg, ignore_errors=True)
 

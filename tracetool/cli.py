@@ -7,16 +7,34 @@ input ends in one `vmtrace: error: …` line and exit code 2 (see commands/_comm
 
 from __future__ import annotations
 
-import sys
 from importlib import import_module
 
 import typer
-from typer.exceptions import TyperException
 
-from .commands._common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, err
+from . import cli_manners
+from .commands._common import err
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Analyse vmsup exit traces.")
+app = cli_manners.new_app("Analyse vmsup exit traces.")
+
+# What `vmtrace COMMAND -h` ends with: 1-3 examples each (tests/test_cli_manners.py walks them all).
+EXAMPLES = {
+    "": ["vmtrace info t.vmtrace", "vmtrace show t.vmtrace --reason io,hlt -n 20", "vmtrace summary -h"],
+    "version": ["vmtrace version", "vmtrace --version"],
+    "info": ["vmtrace info t.vmtrace", "vmtrace info t.vmtrace --json"],
+    "show": ["vmtrace show t.vmtrace -n 20", "vmtrace show t.vmtrace --reason io,hlt --port 0x3f8",
+             "vmtrace show t.vmtrace --from 0.5 --to 1 --json"],
+    "summary": ["vmtrace summary t.vmtrace", "vmtrace summary t.vmtrace --by ioport --sort time"],
+    "console": ["vmtrace console t.vmtrace", "vmtrace console t.vmtrace --vm 1 --source uart"],
+    "verify": ["vmtrace verify t.vmtrace", "vmtrace verify t.vmtrace --json"],
+    "diff": ["vmtrace diff a.vmtrace b.vmtrace", "vmtrace diff a.vmtrace b.vmtrace --json"],
+    "export": ["vmtrace export t.vmtrace --format perfetto -o t.json",
+               "vmtrace export t.vmtrace --format csv -o - --reason io"],
+    "replay": ["vmtrace replay t.vmtrace", "vmtrace replay t.vmtrace --speed 10 --screen"],
+    "plot": ["vmtrace plot t.vmtrace -o rate.png", "vmtrace plot t.vmtrace -o rate.html --vm 0"],
+    "screen": ["vmtrace screen t.vmtrace", "vmtrace screen t.vmtrace --at 2.5 --color"],
+    "sql": ["vmtrace sql 'select reason, count(*) from exits group by reason' t.vmtrace",
+            "vmtrace sql 'select * from vms' 'traces/*.vmtrace' --csv"],
+}
 
 
 @app.command()
@@ -45,7 +63,7 @@ for _name in COMMANDS:
 
 
 @app.callback()
-def _root() -> None:
+def _root(version: bool = cli_manners.version_option("vmtrace")) -> None:
     """Analyse vmsup exit traces."""
 
 
@@ -53,14 +71,4 @@ def main() -> None:
     """Console-script entry: expected failures become one line and an exit code, never a traceback."""
     from ._alloc import keep_freed_memory
     keep_freed_memory()  # decoding block after block reuses memory instead of faulting in fresh pages
-    try:
-        code = app(standalone_mode=False)
-        sys.exit(code if isinstance(code, int) else 0)
-    except TyperException as e:  # usage errors: bad flag values, missing arguments
-        err(e.format_message())
-        sys.exit(getattr(e, "exit_code", EXIT_BAD_INPUT))
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err("interrupted")
-        sys.exit(EXIT_INTERRUPTED)
+    cli_manners.run(app, "vmtrace", EXAMPLES, err)
