@@ -81,8 +81,12 @@ def tail(
                                                 reason=None if reason is None else reason.replace(",", "|"))
     except FilterError as e:
         raise _fail(str(e)) from None
-    _run_dir, subscriber = _attach(run)
+    run_dir, subscriber = _attach(run)
     follower = tail_mod.Tail(event_filter, json_lines=json_lines, limit=count)
+    unknown = follower.unknown_vm(subscriber.vm_names)
+    if unknown is not None:  # it would wait for events that can never come
+        subscriber.close()
+        raise _fail(f"run {run_dir.run_id}: {unknown}")
 
     def err(lines: list[str]) -> None:
         for line in lines:
@@ -140,11 +144,24 @@ def _top_once(run_dir, subscriber, sort: str, interval: float, json_out: bool) -
             subscriber.account_trailing()
             break
     model.tick()
+    model.know_vms(_run_vms(run_dir, subscriber))
     snap = model.snapshot(sort=sort, subscriber=subscriber, run_id=run_dir.run_id)
     if json_out:
         _write_lines(sys.stdout, [json.dumps(snap)])
     else:
         Console().print(render_table(snap))
+
+
+def _run_vms(run_dir, subscriber) -> list[dict]:
+    """Every VM of the run with its state, from the supervisor (`vmsup ps`); just the names from
+    run.json when it does not answer (the run is ending)."""
+    from .commands import COMMANDS, call
+    try:
+        if (run_dir.path / "control.sock").exists():  # a supervisor that has gone has none
+            return call(run_dir, COMMANDS["ps"].request(), timeout=2.0).get("vms") or []
+    except VmsupError:
+        pass
+    return [{"vm": vm, "name": name} for vm, name in enumerate(subscriber.vm_names)]
 
 
 def _top_live(run_dir, subscriber, sort: str, interval: float, json_out: bool) -> None:

@@ -98,6 +98,15 @@ class Tail:
                 event["payload"] = payloads[row].hex()
         return [json.dumps(event, separators=(",", ":")) for event in rows]
 
+    def unknown_vm(self, vm_names: list[str]) -> str | None:
+        """Why the filter can never match, when it names only VMs the run does not have (vm ids
+        are indexes into the run's VM list, run.json's "vms"); None while the list is unknown."""
+        wanted = self.filter.vm
+        if wanted is None or not vm_names or set(wanted) & set(range(len(vm_names))):
+            return None
+        have = ", ".join(f"{i} ({name})" for i, name in enumerate(vm_names))
+        return f"no vm {'|'.join(map(str, wanted))} in this run; its VMs: {have}"
+
     def missed_notes(self, subscriber: LiveSubscriber, *, force: bool = False) -> list[str]:
         """Notes for streams that missed events since the last note; at most one round a second."""
         now = self.clock()

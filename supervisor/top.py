@@ -27,6 +27,8 @@ class _VmCounts:
     name: str = ""
     epoch: int = 0
     status: str | None = None  # set from vm-end
+    state: str | None = None  # what the supervisor says (vmsup ps): paused, exited, … (know_vms)
+    seen: bool = False  # a message of it came while we listened
     totals: np.ndarray = field(default_factory=lambda: np.zeros(_REASON_SLOTS, dtype=np.int64))
     previous: np.ndarray = field(default_factory=lambda: np.zeros(_REASON_SLOTS, dtype=np.int64))
     rates: np.ndarray = field(default_factory=lambda: np.zeros(_REASON_SLOTS, dtype=np.float64))
@@ -49,6 +51,8 @@ class TopModel:
 
     def feed(self, msg: dict) -> None:
         kind = msg.get("type")
+        if kind in (schema.MSG_EXITS, schema.MSG_VM_START, schema.MSG_VM_END):
+            self._vm(msg["vm"]).seen = True
         if kind == schema.MSG_EXITS:
             counts = self._vm(msg["vm"])
             if msg["epoch"] > counts.epoch:  # a restarted VM: same row, new epoch, not ended
@@ -68,6 +72,19 @@ class TopModel:
                 counts.status = str(msg.get("status", "ended"))
                 if isinstance(msg.get("name"), str) and not counts.name:
                     counts.name = msg["name"]
+
+    def know_vms(self, rows: list[dict]) -> None:
+        """Every VM of the run, also those that sent nothing while we listened (ended before we
+        attached, paused): rows of {"vm", "name", "state"} as `vmsup ps` gives them."""
+        for row in rows:
+            vm = row.get("vm")
+            if not isinstance(vm, int):
+                continue
+            counts = self._vm(vm)
+            if isinstance(row.get("name"), str) and not counts.name:
+                counts.name = row["name"]
+            if isinstance(row.get("state"), str):
+                counts.state = row["state"]
 
     def tick(self) -> None:
         """Close a rate interval: rate = exits since the last tick / its length."""
@@ -102,7 +119,7 @@ class TopModel:
             key = (lambda r: (-r["rate"], -r["total"], r["code"])) if sort == "rate" else \
                 (lambda r: (-r["total"], -r["rate"], r["code"]))
             reasons.sort(key=key)
-            vms.append({"vm": v, "name": name, "epoch": c.epoch, "status": c.status or "running",
+            vms.append({"vm": v, "name": name, "epoch": c.epoch, "status": c.status or c.state or ("running" if c.seen else "not seen"),
                         "total": total, "rate": round(float(c.rates.sum()), 1),
                         "missed": missed_by_vm.get(v, 0), "reasons": reasons})
         snap = {"run": run_id, "interval": round(self.interval, 3), "sort": sort, "vm": vm, "vms": vms}

@@ -595,3 +595,47 @@ def test_tail_ends_by_itself_when_the_launch_ends():
         assert launch.wait(timeout=DEADLINE) == 0
     finally:
         _stop_launch(launch, xdg)
+
+
+def test_tail_of_a_vm_the_run_does_not_have_is_one_line_naming_its_vms(bus):
+    b = bus(("seed16", "hello"))
+    proc = b.start("tail", "--vm", "7")
+    rc, out, err = b.finish(proc)
+    assert rc == 2 and out == ""
+    assert err.splitlines() == [f"vmsup: error: run {b.run.run_id}: no vm 7 in this run; its VMs: 0 (seed16), 1 (hello)"]
+
+
+def test_top_once_lists_every_vm_of_the_run_also_those_that_sent_nothing(bus):
+    b = bus(("a", "b", "c"))
+    top = b.attach("top", "--once", "--json", "--interval", "0.5")
+    b.vm_start(0, "a")
+    v0 = b.batcher(0)
+    b.emit(v0, [io_out(i) for i in range(3)])
+    rc, out, err = b.finish(top)
+    assert rc == 0, err
+    rows = {vm["vm"]: (vm["name"], vm["status"], vm["total"]) for vm in json.loads(out)["vms"]}
+    assert rows == {0: ("a", "running", 3), 1: ("b", "not seen", 0), 2: ("c", "not seen", 0)}
+
+
+@pytest.mark.kvm
+def test_top_once_shows_a_paused_vm_and_an_ended_one_with_their_state():
+    xdg = private_xdg()
+    launch, env = _start_launch(xdg, "seed16", "hello", "--timeout", "120")
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while True:  # hello prints its line and halts; seed16 goes on
+            ps = subprocess.run([*VMSUP, "ps", "--json"], cwd=REPO, env=env, capture_output=True, timeout=DEADLINE)
+            states = {vm["name"]: vm["state"] for vm in json.loads(ps.stdout)[0]["vms"]}
+            if states.get("hello") not in (None, "starting", "running"):
+                break
+            assert time.monotonic() < deadline, states
+            time.sleep(0.1)
+        paused = subprocess.run([*VMSUP, "pause", "seed16"], cwd=REPO, env=env, capture_output=True, timeout=DEADLINE)
+        assert paused.returncode == 0, paused.stderr.decode()
+        proc = subprocess.run([*VMSUP, "top", "--once", "--json", "--interval", "0.3"], cwd=REPO, env=env,
+                              capture_output=True, timeout=DEADLINE)
+        assert proc.returncode == 0, proc.stderr.decode()
+        status = {vm["name"]: vm["status"] for vm in json.loads(proc.stdout)["vms"]}
+        assert status == {"seed16": "paused", "hello": states["hello"]}, status
+    finally:
+        _stop_launch(launch, xdg)

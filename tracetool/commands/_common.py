@@ -124,6 +124,26 @@ def event_filter(vm=None, vcpu=None, epoch=None, reason=None, port=None, addr=No
     return None if selected.matches_everything else selected
 
 
+def trace_vms(reader) -> str:
+    """The VMs of a trace, as an error line names them: `0 (seed16), 1 (mmio)`."""
+    from ..analysis import vm_names
+    names = vm_names(reader)
+    vms = sorted(set(names) | {s.vm for s in reader.streams()})
+    return ", ".join(f"{vm} ({names[vm]})" if vm in names else str(vm) for vm in vms) or "none"
+
+
+def require_vms(reader, trace: str, selected: EventFilter | None) -> None:
+    """End the command (exit 2) when the filter names only VMs the trace does not have, naming the
+    ones it has: a typo'd --vm must not look like a VM without events."""
+    if selected is None or selected.vm is None:
+        return
+    from ..analysis import vm_names
+    present = set(vm_names(reader)) | {s.vm for s in reader.streams()}
+    if not present & set(selected.vm):
+        asked = "|".join(str(v) for v in selected.vm)
+        bad_input(f"{trace}: no vm {asked} in this trace; its VMs: {trace_vms(reader)}")
+
+
 _TIME_UNITS = (("ns", 1), ("us", 1_000), ("µs", 1_000), ("ms", 1_000_000), ("s", 1_000_000_000))
 
 

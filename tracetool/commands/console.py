@@ -185,7 +185,7 @@ def run(
         c.bad_input(f"unknown --source {source!r} (choose from {', '.join(SOURCES)})")
     with c.reading(trace) as reader:
         if vm is not None and vm not in {s.vm for s in reader.streams()}:
-            c.bad_input(f"{trace}: no events of vm {vm} in this trace")
+            c.bad_input(f"{trace}: no events of vm {vm} in this trace; its VMs: {c.trace_vms(reader)}")
         texts = rebuild(reader, vm=vm, source=source)
     for t in texts:
         for note in t.notes:

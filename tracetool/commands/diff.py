@@ -185,8 +185,13 @@ def _stream_name(d: dict) -> str:
     return f"vm {d['vm']} vcpu {d['vcpu']}" + (f" epoch {d['epoch']}" if d["epoch"] else "")
 
 
+def signed_seconds(ns: int) -> str:
+    """`+1.500000` or `-28.615055`: one sign, from the integer (an event before A's first is negative)."""
+    return f"{'-' if ns < 0 else '+'}{abs(ns) / 1e9:.6f}"
+
+
 def _divergence_line(d: dict) -> str:
-    when = "" if d.get("t_rel_ns") is None else f" (t=+{d['t_rel_ns'] / 1e9:.6f} s)"
+    when = "" if d.get("t_rel_ns") is None else f" (t={signed_seconds(d['t_rel_ns'])} s)"
     head = f"{_stream_name(d)} seq {d['seq']}{when}: "
     if d["field"] == "stream":
         return head + f"stream only in {'A' if d['a'] else 'B'} ({d['a'] or d['b']})"

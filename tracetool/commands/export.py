@@ -371,6 +371,7 @@ def run(
         return export_partitioned(reader, out, keys, *args)
 
     with common.reading(trace) as reader:
+        common.require_vms(reader, trace, event_filter)
         show_bar = sys.stderr.isatty() if progress is None else progress
         try:
             if show_bar:

@@ -179,6 +179,7 @@ def run(
     common.refuse_overwriting(out, trace)
     event_filter = common.event_filter(vm, vcpu, epoch, reason, port, addr, where)
     with common.reading(trace) as reader:
+        common.require_vms(reader, trace, event_filter)
         data = plot_data(reader, event_filter)
     title = f"{os.path.basename(trace)}: {data['events']} exits over {data['span_ns'] / 1e9:.3f} s"
     try:

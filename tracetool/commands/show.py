@@ -70,6 +70,7 @@ def run(
     event_filter = c.event_filter(vm, vcpu, epoch, reason, port, addr, where)
     span = c.time_window(t_from, t_to)
     with c.reading(trace) as reader:
+        c.require_vms(reader, trace, event_filter)
         t0, chunks = events(reader, event_filter, limit, span)
         render = json_lines if as_json else text_lines
         out = sys.stdout

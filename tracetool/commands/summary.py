@@ -310,6 +310,7 @@ def run(
         c.bad_input(f"unknown --sort {sort!r} (choose from {', '.join(SORTS)})")
     event_filter = c.event_filter(vm, vcpu, epoch, reason, port, addr, where)
     with c.reading(trace) as reader:
+        c.require_vms(reader, trace, event_filter)
         data = summarize(reader, by=by, sort=sort, where=event_filter)
     if as_json:
         c.dump_json(data)

@@ -70,9 +70,30 @@ def verify(path) -> dict:
         checked = {"blocks": len(reader.exit_blocks()) + len(reader.records()) + (reader.footer is not None),
                    "exit_blocks": len(reader.exit_blocks()), "events": int(sum(counted.values())),
                    "streams": len(reader.streams()), "records": len(reader.records()),
-                   "closed_cleanly": reader.closed_cleanly, "gap_records": len(reader.gaps)}
+                   "closed_cleanly": reader.closed_cleanly, "gap_records": len(reader.gaps),
+                   "gaps": [_gap(g) for g in reader.gaps]}
     return {"path": str(path), "ok": not problems.items, "problems": problems.items, "more_problems": problems.more,
             "checked": checked}
+
+
+def _gap(record: dict) -> dict:
+    """A gap record as verify reports it (count None: the recorder could not tell how many)."""
+    count = record.get("count")
+    return {key: record.get(key) for key in ("vm", "vcpu", "epoch", "first_missing", "cause")} | {
+        "count": count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None}
+
+
+def gap_line(gaps: list[dict]) -> str:
+    """`2 gaps recorded: 100 events lost (vm 1 vcpu 1 from seq 500: recorder queue full), …`"""
+    known = sum(g["count"] or 0 for g in gaps)
+    unknown = sum(g["count"] is None for g in gaps)
+    lost = f"{known} events lost" + (f" and {unknown} losses of unknown size" if unknown else "")
+    where = "; ".join(f"vm {g['vm']} vcpu {g['vcpu']}" + (f" epoch {g['epoch']}" if g["epoch"] else "")
+                      + (f" from seq {g['first_missing']}" if g["first_missing"] is not None else "")
+                      + f": {g['count'] if g['count'] is not None else 'an unknown number'}"
+                      + (f" ({g['cause']})" if g["cause"] else "") for g in gaps[:5])
+    more = f"; … {len(gaps) - 5} more" if len(gaps) > 5 else ""
+    return f"{len(gaps)} gap{'s' if len(gaps) != 1 else ''} recorded, {lost}: {where}{more}"
 
 
 def _check_header(reader: TraceReader, problems: _Problems) -> None:
@@ -171,6 +192,8 @@ def render(data: dict, trace: str, out) -> None:
         state = "closed cleanly" if checked["closed_cleanly"] else "no index footer (the recorder did not finish)"
         out.write(f"{trace}: ok: {checked['blocks']} blocks, {checked['events']} events in {checked['streams']} "
                   f"streams; checksums, schema and sequence numbers verified; {state}\n")
+    if checked["gaps"]:  # not a problem of the file, but events the trace does not hold
+        out.write(f"{trace}: {gap_line(checked['gaps'])}\n")
 
 
 def run(
