@@ -43,6 +43,7 @@ EXAMPLES = {
                                            detail="", no_record=False, t=1, wall=2),
     messages.Screen: messages.Screen(vm=0, epoch=0, t=1, cursor=[2, 3], cells=encode_cells(bytes(4000))),
     messages.Input: messages.Input(vm=0, epoch=0, t=1, key="a", scancodes=b"\x1e\x9e"),
+    messages.KvmStats: messages.KvmStats(vm=0, epoch=0, vcpu=-1, t=1, values={"exits": 12, "halt_exits": 3}, last=True),
 }
 # A value of the wrong kind for each sort of check.
 WRONG = {messages.Int: "zz", messages.Number: "zz", messages.Str: 5, messages.Bytes: "zz", messages.Map: [1],

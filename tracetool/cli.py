@@ -57,9 +57,10 @@ COMMANDS = (
     "plot",
     "screen",
     "sql",
+    "kvm-stats",
 )
 for _name in COMMANDS:
-    app.command(_name)(import_module(f".commands.{_name}", __package__).run)
+    app.command(_name)(import_module(f".commands.{_name.replace('-', '_')}", __package__).run)
 
 
 @app.callback()

@@ -385,6 +385,22 @@ class Input(Message):
 
 
 @dataclass(frozen=True)
+class KvmStats(Message):
+    """The kernel's own counters of a VM (vcpu -1) or a vCPU (KVM_GET_STATS_FD), sampled by the
+    worker every `stats_interval` seconds: {name as the kernel gives it: value}. The first sample of
+    a (vm, epoch, vcpu) holds every counter, later ones only those that changed since the one
+    before (a reader carries the others forward); `last` marks the worker's final sample."""
+
+    TYPE: ClassVar[str] = schema.MSG_KVM_STATS
+    vm: int = _vm()
+    epoch: int = _epoch()
+    vcpu: int = checked(Int(required=True, lo=-1, hi=_VCPU_LIMIT - 1), default=-1)
+    t: int = checked(Int(required=True), default=0)
+    values: dict = checked(Map(required=True, counts=True), default=None)
+    last: bool | None = checked(Bool())
+
+
+@dataclass(frozen=True)
 class ExitBatch(Message):
     """Consecutive exit events of one stream (vm, vcpu, epoch), columnar (schema.EXIT_COLUMNS).
 
@@ -446,7 +462,7 @@ class ExitBatch(Message):
 
 
 MESSAGE_CLASSES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (ExitBatch, VmStart, VmEnd, Gap, Lifecycle, Screen, Input)}
+    cls.TYPE: cls for cls in (ExitBatch, VmStart, VmEnd, Gap, Lifecycle, Screen, Input, KvmStats)}
 assert set(MESSAGE_CLASSES) == set(schema.MESSAGE_TYPES), "a message type without its class"
 
 

@@ -8,6 +8,7 @@ arrays go to Arrow as they are (no Python object per event).
 `records`: one row per record (vm-start, vm-end, gap, lifecycle, input, screen, …): its kind, the
 fields most records share (t, vm, vcpu, epoch, name, event, status) and the whole record as JSON.
 `vms`: one row per VM and epoch, from its vm-start and vm-end records and the trace's streams.
+`kvm_stats`: the kernel's KVM counters sampled into the trace, one row per sample and counter.
 
 Every table can carry a `trace` column (which file a row came from) so several traces query as one.
 Needs pyarrow (the `parquet` and `sql` extras).
@@ -157,6 +158,21 @@ def vms_table(reader: TraceReader, trace: str | None = None) -> pa.Table:
     return _with_trace(pa.table({name: pa.array(columns[name], t) for name, t in _VM_FIELDS}), trace)
 
 
+def kvm_stats_table(reader: TraceReader, trace: str | None = None) -> pa.Table:
+    """The kernel's KVM counters (tracetool.kvm_counters): one row per sample and counter, every
+    counter carried forward (vm, epoch, vcpu, t, name, value); vcpu -1 is the VM's own."""
+    from . import kvm_counters
+    columns: dict[str, list] = {"vm": [], "epoch": [], "vcpu": [], "t": [], "name": [], "value": []}
+    for (vm, epoch, vcpu), stream in sorted(kvm_counters.from_trace(reader).by_key.items()):
+        for t, values in zip(stream.times, stream.values):
+            for name, value in values.items():
+                for key, v in zip(columns, (vm, epoch, vcpu, t, name, value)):
+                    columns[key].append(v)
+    types = {"vm": pa.int64(), "epoch": pa.int64(), "vcpu": pa.int64(), "t": pa.int64(), "name": pa.string(),
+             "value": pa.uint64()}
+    return _with_trace(pa.table({k: pa.array(v, types[k]) for k, v in columns.items()}), trace)
+
+
 def _with_trace(table: pa.Table, trace: str | None) -> pa.Table:
     if trace is None:
         return table
@@ -164,7 +180,7 @@ def _with_trace(table: pa.Table, trace: str | None) -> pa.Table:
 
 
 # Table name → how to build it from one trace.
-BUILDERS = {"exits": exits_table, "records": records_table, "vms": vms_table}
+BUILDERS = {"exits": exits_table, "records": records_table, "vms": vms_table, "kvm_stats": kvm_stats_table}
 
 
 # --- A Hive-partitioned Parquet dataset (vmtrace export --partition-by) --------------------------

@@ -97,7 +97,8 @@ def run_spec(spec: VmSpec) -> dict:
         with Machine(spec.name, image, spec.mem, spec.vcpus, devices.port_bus, devices.mmio_bus,
                      exit_log=exit_log, max_exits=spec.max_exits, timeout=spec.timeout,
                      batchers=recording.batchers if recording else None, irqchip=irqchip,
-                     cmdline=spec.cmdline, initrd=initrd) as machine:
+                     cmdline=spec.cmdline, initrd=initrd, stats_interval=spec.stats_interval,
+                     send_stats=recording.kvm_stats if recording else None) as machine:
             if machine.irqchip:
                 devices.connect_irqs(machine.vm)
             if recording:

@@ -127,6 +127,10 @@ class Vm:
         """KVM_GET_STATS_FD: a new fd of binary statistics; the caller owns it."""
         return _ioctl(self.fd, abi.KVM_GET_STATS_FD)
 
+    def stats(self) -> "KvmStats":
+        """This VM's binary statistics (KVM_GET_STATS_FD on the VM fd)."""
+        return KvmStats(self.stats_fd())
+
     def create_vcpu(self, vcpu_id: int) -> "Vcpu":
         vcpu = Vcpu(self, vcpu_id, _ioctl(self.fd, abi.KVM_CREATE_VCPU, vcpu_id))
         self.vcpus.append(vcpu)
@@ -255,7 +259,8 @@ class KvmStats:
     """A KVM_GET_STATS_FD file (api.rst, "KVM_GET_STATS_FD"): a header, descriptors, then u64 data.
 
     Owns its fd. Descriptors are read once; `read(name)` is one pread of the value, which needs no
-    lock on the vCPU, so another thread may sample a vCPU blocked in KVM_RUN.
+    lock on the vCPU, so another thread may sample a vCPU blocked in KVM_RUN; `read_counters()` is
+    one pread of the whole data area.
     """
 
     def __init__(self, fd: int) -> None:
@@ -268,16 +273,31 @@ class KvmStats:
             os.close(fd)
             raise KvmError("read(stats fd)", e.errno or 0) from None
         self._offsets: dict[str, int] = {}
+        self._data_offset = head.data_offset
+        counters: dict[str, int] = {}  # name → offset in the data area, single-value statistics only
+        end = 0
         for i in range(head.num_desc):
             at = i * desc_size
             desc = abi.kvm_stats_desc.from_buffer_copy(raw, at)
             name = raw[at + ctypes.sizeof(abi.kvm_stats_desc):at + desc_size].split(b"\0", 1)[0].decode()
             self._offsets[name] = head.data_offset + desc.offset
+            end = max(end, desc.offset + 8 * desc.size)
+            if desc.flags & abi.KVM_STATS_TYPE_MASK in abi.KVM_STATS_SINGLE_VALUE_TYPES and desc.size == 1:
+                counters[name] = desc.offset
         self.names = frozenset(self._offsets)
+        self._counters = counters
+        self._data_size = end
+        self.counter_names = tuple(counters)
 
     def read(self, name: str) -> int:
         """The (first) u64 of statistic `name`; KeyError if this kernel has no such statistic."""
         return int.from_bytes(os.pread(self.fd, 8, self._offsets[name]), "little")
+
+    def read_counters(self) -> dict[str, int]:
+        """Every single-value statistic (cumulative, instant or peak; not the histograms), by the
+        kernel's name, from one pread."""
+        data = os.pread(self.fd, self._data_size, self._data_offset)
+        return {name: int.from_bytes(data[at:at + 8], "little") for name, at in self._counters.items()}
 
     def close(self) -> None:
         if self.fd >= 0:

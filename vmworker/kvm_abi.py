@@ -226,6 +226,13 @@ class kvm_stats_desc(Structure):
                 ("bucket_size", c_uint32)]
 
 
+# kvm_stats_desc.flags (linux/kvm.h): the type in bits 0-3; single values are cumulative counts,
+# instant values or peaks; the histogram types hold `size` buckets.
+KVM_STATS_TYPE_MASK = 0xF
+KVM_STATS_TYPE_CUMULATIVE, KVM_STATS_TYPE_INSTANT, KVM_STATS_TYPE_PEAK = 0, 1, 2
+KVM_STATS_SINGLE_VALUE_TYPES = (KVM_STATS_TYPE_CUMULATIVE, KVM_STATS_TYPE_INSTANT, KVM_STATS_TYPE_PEAK)
+
+
 class kvm_guest_debug(Structure):
     _fields_ = [("control", c_uint32), ("pad", c_uint32), ("arch", kvm_guest_debug_arch)]
 

@@ -17,9 +17,10 @@ from . import layout, x86
 from .status import End, exit_code_for
 from .devices.bus import Bus
 from . import bzimage, multiboot
-from .errors import SpecError
+from .errors import KvmError, SpecError
 from .emulate import InsnFallback
 from .halt_watch import HaltWatch
+from .kernel_counters import KernelCounters
 from .kvm import Kvm
 from .image import GuestImage
 from .memory import GuestMemory
@@ -123,8 +124,11 @@ class Machine:
     def __init__(self, name: str, image: GuestImage, mem_size: int, vcpus: int, port_bus: Bus, mmio_bus: Bus,
                  exit_log=None, max_exits: int | None = None, timeout: float | None = None,
                  kvm_path: str = "/dev/kvm", batchers: list | None = None, irqchip: bool = False,
-                 cmdline: str = "", initrd: bytes | None = None) -> None:
+                 cmdline: str = "", initrd: bytes | None = None, stats_interval: float = 0.0,
+                 send_stats=None) -> None:
         self.name = name
+        # The kernel's counters (vmworker.kernel_counters): sampled every stats_interval s, 0 = off.
+        self.stats_interval, self.send_stats = stats_interval, send_stats
         self.image = image
         self.irqchip = irqchip
         self.timeout = timeout
@@ -247,6 +251,9 @@ class Machine:
         # With an irqchip KVM sleeps through HLT itself; halt_watch ends a VM halted for good. Made
         # before the vCPU threads start: opening a vCPU's stats fd waits while it is in KVM_RUN.
         watch = HaltWatch(self) if self.irqchip else None
+        counters = self._kernel_counters()
+        if counters is not None:
+            counters.tick()  # the baseline, before any vCPU runs
         stats = [VcpuStats() for _ in self.vm.vcpus]
         remaining = [len(self.vm.vcpus)]
         count_lock = threading.Lock()
@@ -278,11 +285,23 @@ class Machine:
             self._kick_quiet_vcpus()
             if watch is not None:
                 watch.tick()
+            if counters is not None:
+                counters.tick()
         for t in self._threads:
             t.join()
         if watch is not None:
             watch.close()
+        if counters is not None:
+            counters.finish()
         return self._result(stats)
+
+    def _kernel_counters(self) -> KernelCounters | None:
+        if self.send_stats is None or not self.stats_interval > 0:
+            return None
+        try:
+            return KernelCounters(self.vm, self.stats_interval, self.send_stats)
+        except KvmError:  # a kernel without KVM_GET_STATS_FD: the trace just has no counters
+            return None
 
     def _result(self, stats: list[VcpuStats]) -> RunResult:
         if self._end is None:

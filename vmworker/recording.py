@@ -42,6 +42,13 @@ class Recording:
         """A lifecycle record from inside the worker (e.g. a gdb stop), from any thread."""
         self._record(messages.Lifecycle, event=event, name=self.spec.name, **fields)
 
+    def kvm_stats(self, vcpu: int, t: int, values: dict, last: bool) -> None:
+        """One sample of the kernel's counters (vmworker.kernel_counters), from the main thread."""
+        message = messages.KvmStats(vm=self.spec.vm_id, epoch=self.spec.epoch, vcpu=vcpu, t=t, values=values,
+                                    last=last or None)
+        with self._control_lock:
+            self.control.send(message.to_msg())
+
     def _record(self, kind, **fields) -> None:
         message = kind(vm=self.spec.vm_id, epoch=self.spec.epoch, t=time.monotonic_ns(), wall=time.time_ns(), **fields)
         with self._control_lock:  # a zmq socket is not thread-safe: the gdb stub's thread sends too

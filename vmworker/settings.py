@@ -130,6 +130,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("gdb", str | None, Text(also=_gdb_endpoint), None,
             "Serve gdb's remote protocol on [HOST:]PORT (vmworker/gdb/; host default 127.0.0.1)."),
     Setting("gdb_wait", bool, Switch(), False, "With --gdb: run no instruction until gdb attaches."),
+    Setting("stats_interval", float, Number(), 1.0,
+            "Sample the kernel's KVM counters (KVM_GET_STATS_FD) into the trace every this many seconds; "
+            "0: off (default: 1)."),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -72,6 +72,7 @@ class BlockType(IntEnum):
     LIFECYCLE = 6
     SCREEN = 7
     INPUT = 8
+    KVM_STATS = 9
 
 
 RECORD_BLOCK_TYPES: dict[str, BlockType] = {
@@ -81,6 +82,7 @@ RECORD_BLOCK_TYPES: dict[str, BlockType] = {
     schema.MSG_LIFECYCLE: BlockType.LIFECYCLE,
     schema.MSG_SCREEN: BlockType.SCREEN,
     schema.MSG_INPUT: BlockType.INPUT,
+    schema.MSG_KVM_STATS: BlockType.KVM_STATS,
 }
 KIND_OF_TYPE = {int(t): k for k, t in RECORD_BLOCK_TYPES.items()}
 KIND_OF_TYPE[BlockType.EXITS] = schema.MSG_EXITS
