@@ -32,6 +32,36 @@ class _VmCounts:
     totals: np.ndarray = field(default_factory=lambda: np.zeros(_REASON_SLOTS, dtype=np.int64))
     previous: np.ndarray = field(default_factory=lambda: np.zeros(_REASON_SLOTS, dtype=np.int64))
     rates: np.ndarray = field(default_factory=lambda: np.zeros(_REASON_SLOTS, dtype=np.float64))
+    next_seq: dict[int, int] = field(default_factory=dict)  # vcpu → exits that reached vmsup (sequence numbers)
+    kernel: KernelCounts = field(default_factory=lambda: KernelCounts())
+
+
+# The kernel's counters shown beside vmsup's exits (kvm-stats messages; names as the kernel's).
+KERNEL_SHOWN = ("exits", "halt_exits", "irq_injections")
+
+
+@dataclass
+class KernelCounts:
+    """A VM's vCPU counters from its kvm-stats samples: current values, and rates between the
+    last two samples of each vCPU."""
+
+    values: dict[int, dict[str, int]] = field(default_factory=dict)  # vcpu → every counter, carried forward
+    rates: dict[int, dict[str, float]] = field(default_factory=dict)
+    sampled_at: dict[int, int] = field(default_factory=dict)
+
+    def add(self, vcpu: int, t: int, changed: dict) -> None:
+        before = self.values.get(vcpu)
+        now = {**(before or {}), **changed}
+        if before is not None and t > self.sampled_at[vcpu]:
+            dt = (t - self.sampled_at[vcpu]) / 1e9
+            self.rates[vcpu] = {k: (now.get(k, 0) - before.get(k, 0)) / dt for k in KERNEL_SHOWN}
+        self.values[vcpu], self.sampled_at[vcpu] = now, t
+
+    def total(self, name: str) -> int:
+        return sum(v.get(name, 0) for v in self.values.values())
+
+    def rate(self, name: str) -> float:
+        return sum(r.get(name, 0.0) for r in self.rates.values())
 
 
 class TopModel:
@@ -57,6 +87,9 @@ class TopModel:
             counts = self._vm(msg["vm"])
             if msg["epoch"] > counts.epoch:  # a restarted VM: same row, new epoch, not ended
                 counts.epoch, counts.status = msg["epoch"], None
+                counts.next_seq, counts.kernel = {}, KernelCounts()
+            if msg["epoch"] == counts.epoch:
+                counts.next_seq[msg["vcpu"]] = max(counts.next_seq.get(msg["vcpu"], 0), msg["first_seq"] + msg["count"])
             if msg["rows"]:
                 counts.totals += np.bincount(msg["columns"]["reason"], minlength=_REASON_SLOTS)
         elif kind == schema.MSG_VM_START:
@@ -65,6 +98,13 @@ class TopModel:
                 counts.epoch, counts.status = msg["epoch"], None
                 if isinstance(msg.get("name"), str):
                     counts.name = msg["name"]
+        elif kind == schema.MSG_KVM_STATS:
+            counts = self._vm(msg["vm"])
+            if msg["epoch"] > counts.epoch:
+                counts.epoch, counts.status = msg["epoch"], None
+                counts.next_seq, counts.kernel = {}, KernelCounts()
+            if msg["epoch"] == counts.epoch and msg["vcpu"] >= 0:
+                counts.kernel.add(msg["vcpu"], msg["t"], msg["values"])
         elif kind == schema.MSG_VM_END:
             counts = self._vm(msg["vm"])
             if msg["epoch"] >= counts.epoch:
@@ -97,6 +137,20 @@ class TopModel:
             counts.previous = counts.totals.copy()
         self.tick_at, self.interval = now, dt
 
+    @staticmethod
+    def _kernel(c: _VmCounts) -> dict | None:
+        """The kernel's view of the VM's vCPUs (None before its first kvm-stats sample). in_kernel:
+        the kernel's exits minus those that reached vmsup (its sequence numbers), i.e. the exits
+        the kernel handled itself — a little high while batches are still on their way."""
+        k = c.kernel
+        if not k.values:
+            return None
+        out = {name: {"total": k.total(name), "rate": round(k.rate(name), 1)} for name in KERNEL_SHOWN}
+        user = sum(c.next_seq.values())
+        out["in_kernel"] = {"total": max(out["exits"]["total"] - user, 0),
+                            "rate": round(max(k.rate("exits") - float(c.rates.sum()), 0.0), 1)}
+        return out
+
     def snapshot(self, *, sort: str = "rate", vm: int | None = None, subscriber: LiveSubscriber | None = None,
                  run_id: str | None = None) -> dict:
         """Plain data: what the table shows and `--json` prints."""
@@ -121,7 +175,7 @@ class TopModel:
             reasons.sort(key=key)
             vms.append({"vm": v, "name": name, "epoch": c.epoch, "status": c.status or c.state or ("running" if c.seen else "not seen"),
                         "total": total, "rate": round(float(c.rates.sum()), 1),
-                        "missed": missed_by_vm.get(v, 0), "reasons": reasons})
+                        "missed": missed_by_vm.get(v, 0), "reasons": reasons, "kernel": self._kernel(c)})
         snap = {"run": run_id, "interval": round(self.interval, 3), "sort": sort, "vm": vm, "vms": vms}
         if subscriber is not None:
             snap["missed_total"] = subscriber.missed_total
@@ -144,13 +198,17 @@ def render_table(snap: dict, *, keys_help: bool = False):
     table.add_column("Rate/s" + (" ▼" if snap["sort"] == "rate" else ""), justify="right")
     table.add_column("Missed", justify="right")
     for i, vm in enumerate(snap["vms"]):
+        kernel = [(f"  kernel: {'in-kernel exits' if name == 'in_kernel' else name}", vm["kernel"][name])
+                  for name in ("exits", "in_kernel", *KERNEL_SHOWN[1:])] if vm.get("kernel") else []
+        rows = [(f"  {r['reason']}", r, f"{r['percent']:.1f}", None) for r in vm["reasons"]]
+        rows += [(label, k, "", "dim") for label, k in kernel]
         label = f"vm {vm['vm']}" + (f" {vm['name']}" if vm["name"] else "") + f" [{vm['status']}]"
         table.add_row(Text(label, style="bold"), f"{vm['total']:,}", "100.0" if vm["total"] else "-",
                       f"{vm['rate']:,.0f}", f"{vm['missed']:,}" if vm["missed"] else "",
-                      end_section=not vm["reasons"] and i < len(snap["vms"]) - 1)
-        for j, r in enumerate(vm["reasons"]):
-            table.add_row(f"  {r['reason']}", f"{r['total']:,}", f"{r['percent']:.1f}", f"{r['rate']:,.0f}", "",
-                          end_section=j == len(vm["reasons"]) - 1 and i < len(snap["vms"]) - 1)
+                      end_section=not rows and i < len(snap["vms"]) - 1)
+        for j, (label, r, pct, style) in enumerate(rows):
+            table.add_row(Text(label, style=style or ""), f"{r['total']:,}", pct, f"{r['rate']:,.0f}", "",
+                          end_section=j == len(rows) - 1 and i < len(snap["vms"]) - 1, style=style)
     if not snap["vms"]:
         table.add_row(Text("(no exits seen yet)", style="dim"), "", "", "", "")
     notes = [f"sorted by {snap['sort']}"]
@@ -160,6 +218,8 @@ def render_table(snap: dict, *, keys_help: bool = False):
         notes.append(f"missed {snap['missed_total']:,} events (the live stream is best effort)")
     if snap.get("malformed"):
         notes.append(f"ignored {snap['malformed']} malformed messages")
+    if any(vm.get("kernel") for vm in snap["vms"]):
+        notes.append("kernel: KVM's own counters (in kernel = exits vmsup never saw)")
     if keys_help:
         notes.append("keys: q quit, s sort, v vm")
     table.caption = " · ".join(notes)

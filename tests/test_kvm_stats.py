@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_vmsup
+from conftest import REPO, run_vmsup
 from tracetool import kvm_counters, schema
 from tracetool.trace import TraceReader
 from vmworker.kvm import Kvm
@@ -139,3 +139,46 @@ def test_sql_has_the_counters_as_a_table(tmp_path):
                    trace, "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [{"vcpu": 0, "v": 30}]
+
+
+# --- vmsup top: the kernel's counters beside vmsup's exits ---------------------------------------
+from test_live_views import bus, io_out  # noqa: E402,F401  (the live-bus fixture: a real socket, a real top)
+
+from tracetool import messages  # noqa: E402
+
+
+def test_top_shows_the_kernels_exits_beside_vmsups_and_those_it_handled_itself(bus):  # noqa: F811
+    b = bus()
+    top = b.attach("top", "--once", "--json", "--interval", "60")
+    b.vm_start(0, "mbkernel")
+    batcher = b.batcher()
+    b.send(messages.KvmStats(vm=0, epoch=0, vcpu=-1, t=1_000, values={"remote_tlb_flush": 0}).to_msg())
+    b.send(messages.KvmStats(vm=0, epoch=0, vcpu=0, t=1_000, values={"exits": 0, "halt_exits": 0,
+                                                                      "irq_injections": 0, "io_exits": 0}).to_msg())
+    b.emit(batcher, [io_out(i) for i in range(5)])
+    # 5 exits reached vmsup; the kernel saw 12: 7 HLTs it handled itself, 7 timer interrupts injected
+    b.send(messages.KvmStats(vm=0, epoch=0, vcpu=0, t=1_000 + 10**9,
+                             values={"exits": 12, "halt_exits": 7, "irq_injections": 7}, last=True).to_msg())
+    b.vm_end(0, [batcher.next_seq])
+    rc, out, err = b.finish(top)
+    assert rc == 0, err
+    vm = json.loads(out)["vms"][0]
+    assert vm["total"] == 5
+    k = vm["kernel"]
+    assert {name: k[name]["total"] for name in k} == {"exits": 12, "in_kernel": 7, "halt_exits": 7, "irq_injections": 7}
+    assert k["exits"]["rate"] == 12.0 and k["halt_exits"]["rate"] == 7.0
+
+
+def test_top_table_has_the_kernel_rows(bus):  # noqa: F811
+    b = bus()
+    top = b.attach("top", "--once", "--interval", "60")
+    b.vm_start(0, "mbkernel")
+    batcher = b.batcher()
+    b.emit(batcher, [io_out(i) for i in range(3)])
+    b.send(messages.KvmStats(vm=0, epoch=0, vcpu=0, t=5, values={"exits": 10, "halt_exits": 4,
+                                                                  "irq_injections": 4}).to_msg())
+    b.vm_end(0, [batcher.next_seq])
+    rc, out, err = b.finish(top)
+    assert rc == 0, err
+    assert re.search(r"kernel: exits\s*│\s*10\b", out) and re.search(r"kernel: in-kernel exits\s*│\s*7\b", out), out
+    assert "kernel: halt_exits" in out and "kernel: irq_injections" in out
