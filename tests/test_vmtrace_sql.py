@@ -79,7 +79,7 @@ def test_exits_has_the_csv_export_columns_and_a_trace_column(traces, tmp_path):
     assert want[0] == header[1:]
     # Same values as the CSV export (booleans spelled by each writer in its own way).
     spell = {"true": "1", "false": "0"}
-    assert [[spell.get(v, v) for v in r[1:]] for r in rows] == want[1:]
+    assert [[spell.get(v, v) for v in r[1:]] for r in rows] == [[spell.get(v, v) for v in r] for r in want[1:]]
     assert {r[0] for r in rows} == {str(traces["a"])}
 
 
