@@ -36,7 +36,8 @@ from benchlib import BIN_DIR, BUILD_DIR, REPO, VMSUP, BenchError, check_prerequi
 sys.path.insert(0, str(REPO))
 from tracetool import schema  # noqa: E402
 from tracetool._alloc import keep_freed_memory  # noqa: E402
-from tracetool.commands.summary import summarize  # noqa: E402
+from tracetool.commands.summary import ADDRESS_GROUPINGS, summarize  # noqa: E402
+from tracetool.symbols import SymbolTable  # noqa: E402
 from tracetool.trace import TraceReader, TraceWriter  # noqa: E402
 
 GOAL = 20e6
@@ -44,6 +45,7 @@ BATCH = 16384
 SEED_TRACE = BUILD_DIR / "summary-seed.vmtrace"
 BIG_TRACE = BUILD_DIR / "summary-10m.vmtrace"
 BIG_MSGPACK = BUILD_DIR / "summary-10m.msgpack"
+SEED_ELF = REPO / "guest" / "seed16.elf"
 
 
 def record(n: int) -> Path:
@@ -76,7 +78,8 @@ def build(seed: Path, total: int, vms: int) -> tuple[int, dict[str, np.ndarray]]
         BIG_TRACE.unlink()
     with TraceWriter(BIG_TRACE, {"run_id": "bench-summary", "source": str(seed)}) as w:
         for vm in range(vms):
-            w.write_record(schema.MSG_VM_START, {"vm": vm, "epoch": 0, "name": f"seed16-{vm}", "t": int(cols["t_exit"][0])})
+            w.write_record(schema.MSG_VM_START, {"vm": vm, "epoch": 0, "name": f"seed16-{vm}", "mode": "real",
+                                                 "t": int(cols["t_exit"][0])})
         for start in range(0, per_vm, BATCH):
             count = min(BATCH, per_vm - start)
             for vm in range(vms):
@@ -104,19 +107,21 @@ def pack_msgpack(events: int, vms: int) -> None:
             c = batch.columns
             rows = zip(*(c[name].tolist() for name in (*schema.COLUMN_NAMES, "seq")))
             buf = bytearray()
-            for t, g, addr, data, count, reason, size, flags, seq in rows:
+            for t, g, addr, data, count, reason, size, flags, rip, seq in rows:
                 buf += packer.pack({"vm": batch.vm, "vcpu": batch.vcpu, "epoch": batch.epoch, "seq": seq, "t_exit": t,
                                     "guest_ns": g, "addr": addr, "data": data, "count": count, "reason": reason,
-                                    "size": size, "flags": flags})
+                                    "size": size, "flags": flags, "rip": rip})
             f.write(buf)
 
 
-def time_summary() -> tuple[float, float, dict]:
+def time_summary(by: str) -> tuple[float, float, dict]:
     """(wall seconds, CPU seconds of this process, summary): summary runs on one thread, so its
-    CPU time is the work itself even when other jobs share the CPUs."""
+    CPU time is the work itself even when other jobs share the CPUs. By symbol or line, the
+    symbols are loaded inside the timed part (seed16.elf, offsets from its code segment)."""
     start, cpu = time.perf_counter(), time.process_time()
     with TraceReader(BIG_TRACE) as r:
-        data = summarize(r)
+        symbols = {None: SymbolTable.from_file(SEED_ELF, bias=0x10000)} if by in ADDRESS_GROUPINGS else None
+        data = summarize(r, by=by, symbols=symbols)
     return time.perf_counter() - start, time.process_time() - cpu, data
 
 
@@ -135,6 +140,7 @@ def main() -> int:
     ap.add_argument("--record", type=int, default=500_000, help="exits of the real seed16 run to re-block")
     ap.add_argument("--vms", type=int, default=4)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--by", default="reason", help="the summary's grouping (reason, symbol, line, rip, ...)")
     args = ap.parse_args()
     keep_freed_memory()  # as the vmtrace process does at start-up
     try:
@@ -155,7 +161,7 @@ def main() -> int:
 
     summary_runs, summary_cpu, msgpack_runs = [], [], []
     for i in range(args.runs):  # alternate, so both see the same machine
-        s, c, data = time_summary()
+        s, c, data = time_summary(args.by)
         summary_runs.append(s)
         summary_cpu.append(c)
         m, n = time_msgpack()
@@ -166,7 +172,9 @@ def main() -> int:
         print(f"  run {i + 1}: summary {s:.3f} s ({events / s / 1e6:.1f}M events/s; CPU {c:.3f} s), "
               f"msgpack.Unpacker {m:.3f} s ({events / m / 1e6:.2f}M events/s)")
     proc_start = time.perf_counter()
-    proc = subprocess.run([str(BIN_DIR / "vmtrace"), "summary", str(BIG_TRACE)], capture_output=True, text=True)
+    symbols = ["--symbols", str(SEED_ELF)] if args.by in ADDRESS_GROUPINGS else []
+    proc = subprocess.run([str(BIN_DIR / "vmtrace"), "summary", str(BIG_TRACE), "--by", args.by, *symbols],
+                          capture_output=True, text=True)
     wall = time.perf_counter() - proc_start
     if proc.returncode != 0:
         print(f"bench_summary: vmtrace summary failed:\n{tail_of(proc.stderr)}", file=sys.stderr)

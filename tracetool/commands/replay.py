@@ -18,6 +18,7 @@ import typer
 
 from ..screen import Snapshot, trace_snapshots
 from . import _common as c
+from ._symbols import SYMBOLS_OPT, AddressNames, vm_tables
 from .show import events, json_lines, text_lines
 
 _SLACK_S = 1e-6
@@ -92,6 +93,7 @@ def run(
     t_from: Optional[str] = typer.Option(None, "--from", help="Start at this time since the first event (1.5, 250ms)."),
     t_to: Optional[str] = typer.Option(None, "--to", help="Stop after this time since the first event."),
     show_screen: bool = typer.Option(False, "--screen", help="Print each VGA screen snapshot as it comes, beside the exits."),
+    symbols: Optional[str] = SYMBOLS_OPT,
 ) -> None:
     """Print events at their recorded pace (or X times faster), one line each as `show` does."""
     if not speed > 0:
@@ -100,6 +102,7 @@ def run(
     span = c.time_window(t_from, t_to)
     with c.reading(trace) as reader:
         c.require_vms(reader, trace, event_filter)
+        names = AddressNames(vm_tables(reader, symbols))
         t0, chunks = events(reader, event_filter, limit, span)
         render = json_lines if as_json else text_lines
         out = sys.stdout
@@ -108,7 +111,7 @@ def run(
         for chunk in paced(chunks, speed, max_sleep):
             while snaps and snaps[0].t <= int(chunk["t_exit"][-1]):
                 out.write(screen_block(snaps.pop(0), t0, as_json))
-            out.write("".join(render(chunk, t0)))
+            out.write("".join(render(chunk, t0, names)))
             out.flush()  # each event as it comes due
         for snap in snaps:  # drawn after the last matching exit
             out.write(screen_block(snap, t0, as_json))

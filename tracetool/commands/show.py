@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Iterator, Optional
 
@@ -13,6 +14,7 @@ from ..filters import EventFilter
 from ..handling import NO_HANDLE
 from ..trace import TraceReader
 from . import _common as c
+from ._symbols import SYMBOLS_OPT, AddressNames, vm_tables
 
 
 def events(reader: TraceReader, where: EventFilter | None, limit: int | None,
@@ -26,7 +28,7 @@ def events(reader: TraceReader, where: EventFilter | None, limit: int | None,
 def _event_rows(chunk: dict):
     """One tuple of plain ints per event (tolist() converts a whole column at once)."""
     names = ("t_exit", "vm", "vcpu", "epoch", "seq", "reason", "flags", "addr", "size", "count", "data",
-             "guest_ns", "handle_ns")
+             "guest_ns", "handle_ns", "rip")
     return zip(*(chunk[n].tolist() for n in names))
 
 
@@ -34,25 +36,29 @@ def _us(ns: int) -> str:
     return f"{ns / 1000:.1f}us"
 
 
-def text_lines(chunk: dict, t0: int) -> list[str]:
+def text_lines(chunk: dict, t0: int, names: AddressNames) -> list[str]:
     """One line per event, for people."""
     lines = []
-    for t, vm, vcpu, epoch, seq, reason, flags, addr, size, count, data, guest, handle in _event_rows(chunk):
+    for t, vm, vcpu, epoch, seq, reason, flags, addr, size, count, data, guest, handle, rip in _event_rows(chunk):
         rel = t - t0
         sign = "+" if rel >= 0 else "-"
         rel = abs(rel)
         head = f"t={sign}{rel // 1_000_000_000}.{rel % 1_000_000_000:09d} vm={vm} vcpu={vcpu} "
         if epoch:
             head += f"epoch={epoch} "
-        what = schema.describe_exit(reason, flags, addr, size, data, count)
+        what = schema.describe_exit(reason, flags, addr, size, data, count) + names.text(vm, rip)
         tail = f" guest={_us(guest)} handle={'-' if handle == NO_HANDLE else _us(handle)}\n"
         lines.append(f"{head}seq={seq} {what}{tail}")
     return lines
 
 
-def json_lines(chunk: dict, t0: int) -> list[str]:
-    """One JSON object per event and line, for scripts (the one shape: tracetool/exit_rows.py)."""
-    return exit_rows.json_lines(chunk)
+def json_lines(chunk: dict, t0: int, names: AddressNames) -> list[str]:
+    """One JSON object per event and line, for scripts: the one shape (tracetool/exit_rows.py),
+    then the symbol and source line of its rip (null where unknown)."""
+    rows = exit_rows.json_rows(chunk)
+    for row in rows:
+        row.update(names.symbolic(row["vm"], row["rip"]))
+    return [json.dumps(row, separators=(",", ":")) + "\n" for row in rows]
 
 
 def run(
@@ -65,15 +71,17 @@ def run(
     t_from: Optional[str] = typer.Option(None, "--from", help="Only events at or after this time since the trace's "
                                          "first event: seconds, or with a unit (250ms, 40us, 1500ns)."),
     t_to: Optional[str] = typer.Option(None, "--to", help="Only events at or before this time (as --from)."),
+    symbols: Optional[str] = SYMBOLS_OPT,
 ) -> None:
-    """Events of every stream in time order, one line each."""
+    """Events of every stream in time order, one line each; guest addresses with symbol and source line."""
     event_filter = c.event_filter(vm, vcpu, epoch, reason, port, addr, where)
     span = c.time_window(t_from, t_to)
     with c.reading(trace) as reader:
         c.require_vms(reader, trace, event_filter)
+        names = AddressNames(vm_tables(reader, symbols))
         t0, chunks = events(reader, event_filter, limit, span)
         render = json_lines if as_json else text_lines
         out = sys.stdout
         for chunk in chunks:
-            out.write("".join(render(chunk, t0)))
+            out.write("".join(render(chunk, t0, names)))
         out.flush()

@@ -1,6 +1,7 @@
 """`vmtrace summary`: exit statistics like `perf kvm stat report`, plus percentiles.
 
-Per group (exit reason, I/O port and direction, MMIO address and direction, vCPU or VM): the
+Per group (exit reason, I/O port and direction, MMIO address and direction, vCPU, VM, or where in
+the guest: its instruction address, symbol or source line, named by tracetool.symbols): the
 count and its share, the share of handling time (perf's Time%: from the exit until the vCPU
 enters the guest again), and min / max / mean / stddev / p50 / p99 of guest time (the time
 inside KVM_RUN that ended in this exit) and of handling time (see schema: derived from the
@@ -24,8 +25,12 @@ from ..handling import Stitcher
 from ..streaming_stats import PERCENTILES, Budget, Metric
 from ..trace import ExitBatch, TraceReader
 from . import _common as c
+from ._symbols import NO_ID, SYMBOLS_OPT, table_for, vm_tables
 
-GROUPINGS = ("reason", "ioport", "mmio", "vcpu", "vm")
+GROUPINGS = ("reason", "ioport", "mmio", "vcpu", "vm", "rip", "symbol", "line")
+# Groupings by where the guest was (the rip column); their keys are (vm, address or symbol/line id).
+ADDRESS_GROUPINGS = ("rip", "symbol", "line")
+UNKNOWN_ADDRESS = -2  # symbol/line id of an event whose rip is unknown (traces of schema 1)
 SORTS = ("count", "time", "max")
 EXACT_LIMIT = 1 << 24  # outliers kept for exact percentiles, all groups together (8 bytes each)
 
@@ -94,6 +99,22 @@ def _block_keys(by: str, batch: ExitBatch, cols: dict) -> tuple[list[tuple], np.
         lut[present] = np.arange(len(present))
         index = lut[local]
         keys = [(int(k) >> 1, int(k) & 1) for k in present]
+    elif by in ADDRESS_GROUPINGS:
+        # cols["where"]: the rip (by rip) or the symbol/line id (see _where_column); one per row.
+        values = cols["where"]
+        if by == "rip":
+            uniq, index = np.unique(values, return_inverse=True)
+            keys = [(batch.vm, int(u)) for u in uniq]
+        else:
+            shifted = values - UNKNOWN_ADDRESS  # ids from UNKNOWN_ADDRESS up, as small non-negative ints
+            counts = np.bincount(shifted)
+            present = np.flatnonzero(counts)
+            lut = np.zeros(len(counts), np.int64)
+            lut[present] = np.arange(len(present))
+            index = lut[shifted]
+            keys = [(batch.vm, int(p) + UNKNOWN_ADDRESS) for p in present]
+        if len(keys) == 1:
+            return keys, None, None
     elif by == "mmio":
         addrs, inverse = np.unique(cols["addr"], return_inverse=True)
         local = inverse.astype(np.int64) * 2 + (cols["flags"] & schema.FLAG_WRITE)
@@ -116,9 +137,23 @@ def _block_keys(by: str, batch: ExitBatch, cols: dict) -> tuple[list[tuple], np.
 _REASON_OF = {"ioport": schema.REASON_IO, "mmio": schema.REASON_MMIO}
 
 
+def _where_column(by: str, rip: np.ndarray, table) -> np.ndarray:
+    """Per row: the rip itself (by rip), or its symbol/line id in `table` (NO_ID: none covers it;
+    UNKNOWN_ADDRESS: the trace does not know the address)."""
+    if by == "rip":
+        return rip
+    if table is None:
+        ids = np.full(len(rip), NO_ID, np.int64)
+    else:
+        ids = (table.symbol_ids(rip) if by == "symbol" else table.line_ids(rip)).astype(np.int64)
+    ids[rip == np.uint64(schema.RIP_UNKNOWN)] = UNKNOWN_ADDRESS
+    return ids
+
+
 def summarize(reader: TraceReader, by: str = "reason", sort: str = "count", where: EventFilter | None = None,
-              exact_limit: int = EXACT_LIMIT) -> dict:
-    """The summary as JSON-ready data: totals, one entry per group in `sort` order."""
+              exact_limit: int = EXACT_LIMIT, symbols: dict | None = None) -> dict:
+    """The summary as JSON-ready data: totals, one entry per group in `sort` order. `symbols`:
+    {vm: SymbolTable | None} (commands._symbols.vm_tables) for the address groupings."""
     if by not in GROUPINGS:
         raise ValueError(f"unknown grouping {by!r} (known: {', '.join(GROUPINGS)})")
     if sort not in SORTS:
@@ -130,13 +165,18 @@ def summarize(reader: TraceReader, by: str = "reason", sort: str = "count", wher
     columns = {"t_exit", "guest_ns", "reason"}
     if by in ("ioport", "mmio") or where is not None:
         columns |= {"addr", "flags"}
+    if by in ADDRESS_GROUPINGS:
+        columns |= {"rip"}
+    symbols = symbols or {}
     with np.errstate(all="ignore"):  # a hostile file may overflow int64 arithmetic; no warnings
         for batch in reader.exit_batches(where=where, columns=columns):
+            if by in ADDRESS_GROUPINGS:
+                batch.columns["where"] = _where_column(by, batch.columns["rip"], table_for(symbols, batch.vm))
             _add_batch(acc, batch, by, only_reason, where, handles, last_key)
         for stream, handle in handles.unclaimed().items():  # kept by a record-time filter
             if stream in last_key:
                 acc.group(last_key[stream]).handle.add(np.array([handle], np.int64))
-    return _result(reader, acc, by, sort, where)
+    return _result(reader, acc, by, sort, where, symbols)
 
 
 def _event_key(by: str, batch: ExitBatch, reason: int, addr: int, flags: int) -> tuple:
@@ -149,6 +189,8 @@ def _event_key(by: str, batch: ExitBatch, reason: int, addr: int, flags: int) ->
         return (reason,)
     if by == "ioport":
         return (addr & 0xFFFF, flags & schema.FLAG_WRITE)
+    if by in ADDRESS_GROUPINGS:
+        return (batch.vm, int(batch.columns["where"][-1]))
     return (addr, flags & schema.FLAG_WRITE)
 
 
@@ -196,7 +238,7 @@ def _add_batch(acc: _Summary, batch: ExitBatch, by: str, only_reason: int | None
         known[:-1] = True if contiguous else block.follows
         sub = cols
         if keep is not None:
-            sub = {name: cols[name][keep] for name in ("reason", "addr", "flags")}
+            sub = {name: cols[name][keep] for name in ("reason", "addr", "flags", "where") if name in cols}
             g, full, known = g[keep], full[keep], known[keep]
         if len(g):
             keys, order, starts = _block_keys(by, batch, sub)
@@ -210,7 +252,26 @@ def _add_batch(acc: _Summary, batch: ExitBatch, by: str, only_reason: int | None
         last_key[stream] = key
 
 
-def _label(by: str, key: tuple) -> str:
+def _where_label(by: str, key: tuple, symbols: dict) -> str:
+    """A group of where the guest was, for people: `0x10004 <loop1+0x2> (seed16.S:15)`, `loop1`,
+    `seed16.S:15`, or why there is no name."""
+    vm, value = key
+    if by != "rip" and value == UNKNOWN_ADDRESS or by == "rip" and value == schema.RIP_UNKNOWN:
+        return "(address unknown)"
+    table = table_for(symbols, vm)
+    if by == "rip":
+        return str(table.resolve(value)) if table is not None else f"{value:#x}"
+    if table is None:
+        return "(no symbols)"
+    if value == NO_ID:
+        return "(no symbol)" if by == "symbol" else "(no line)"
+    return table.symbol_name(value) if by == "symbol" else table.line_text(value)
+
+
+def _label(by: str, key: tuple, symbols: dict) -> str:
+    if by in ADDRESS_GROUPINGS:
+        label = _where_label(by, key, symbols)
+        return label if len({k for k in symbols if k is not None}) <= 1 else f"vm {key[0]} {label}"
     if by == "reason":
         return schema.reason_name(key[0])
     if by == "ioport":
@@ -222,7 +283,7 @@ def _label(by: str, key: tuple) -> str:
     return f"vm {key[0]}"
 
 
-def _key_fields(by: str, key: tuple) -> dict:
+def _key_fields(by: str, key: tuple, symbols: dict) -> dict:
     if by == "reason":
         return {"reason": schema.reason_name(key[0]), "reason_code": key[0]}
     if by == "ioport":
@@ -231,10 +292,15 @@ def _key_fields(by: str, key: tuple) -> dict:
         return {"addr": key[0], "direction": "W" if key[1] else "R"}
     if by == "vcpu":
         return {"vm": key[0], "vcpu": key[1]}
+    if by == "rip":
+        return {"vm": key[0], "rip": None if key[1] == schema.RIP_UNKNOWN else key[1]}
+    if by in ("symbol", "line"):
+        return {"vm": key[0], by: None if key[1] in (NO_ID, UNKNOWN_ADDRESS) else _where_label(by, key, symbols)}
     return {"vm": key[0]}
 
 
-def _result(reader: TraceReader, acc: _Summary, by: str, sort: str, where: EventFilter | None) -> dict:
+def _result(reader: TraceReader, acc: _Summary, by: str, sort: str, where: EventFilter | None,
+            symbols: dict) -> dict:
     results = {key: (g.guest.result(), g.handle.result()) for key, g in acc.groups.items()}
     events = sum(gr["count"] for gr, _ in results.values())
     handle_total = sum(hr["total_ns"] for _, hr in results.values())
@@ -242,7 +308,7 @@ def _result(reader: TraceReader, acc: _Summary, by: str, sort: str, where: Event
     names = vm_names(reader) if by == "vm" else {}
     groups = []
     for key, (gr, hr) in results.items():
-        entry = {"key": _label(by, key), **_key_fields(by, key), "count": gr["count"],
+        entry = {"key": _label(by, key, symbols), **_key_fields(by, key, symbols), "count": gr["count"],
                  "pct": 100 * gr["count"] / events if events else 0.0,
                  "time_pct": 100 * hr["total_ns"] / handle_total if handle_total else 0.0,
                  "guest_pct": 100 * gr["total_ns"] / guest_total if guest_total else 0.0,
@@ -262,7 +328,8 @@ def _result(reader: TraceReader, acc: _Summary, by: str, sort: str, where: Event
 
 
 _TITLES = {"reason": "Exits by reason", "ioport": "I/O exits by port:direction", "mmio": "MMIO exits by address:R/W",
-           "vcpu": "Exits by vCPU", "vm": "Exits by VM"}
+           "vcpu": "Exits by vCPU", "vm": "Exits by VM", "rip": "Exits by guest address",
+           "symbol": "Exits by guest symbol", "line": "Exits by guest source line"}
 
 
 def render(data: dict, console) -> None:
@@ -296,12 +363,14 @@ def render(data: dict, console) -> None:
 
 def run(
     trace: str = c.TRACE_ARG,
-    by: str = typer.Option("reason", "--by", help="Group by reason, ioport (port:direction), mmio (address:R/W), vcpu or vm."),
+    by: str = typer.Option("reason", "--by", help="Group by reason, ioport (port:direction), mmio (address:R/W), vcpu, "
+                           "vm, or where the guest was: rip (its instruction address), symbol or line."),
     sort: str = typer.Option("count", "--sort", help="Order groups by count, time (total handling time) or max (longest handling)."),
     vm: Optional[str] = c.VM_OPT, vcpu: Optional[str] = c.VCPU_OPT, epoch: Optional[str] = c.EPOCH_OPT,
     reason: Optional[str] = c.REASON_OPT, port: Optional[str] = c.PORT_OPT, addr: Optional[str] = c.ADDR_OPT,
     where: Optional[str] = c.FILTER_OPT,
     as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
+    symbols: Optional[str] = SYMBOLS_OPT,
 ) -> None:
     """Exits per group with count, %, time% and min/max/mean/stddev/p50/p99 of guest and handling time."""
     if by not in GROUPINGS:
@@ -311,7 +380,8 @@ def run(
     event_filter = c.event_filter(vm, vcpu, epoch, reason, port, addr, where)
     with c.reading(trace) as reader:
         c.require_vms(reader, trace, event_filter)
-        data = summarize(reader, by=by, sort=sort, where=event_filter)
+        tables = vm_tables(reader, symbols) if by in ADDRESS_GROUPINGS else {}
+        data = summarize(reader, by=by, sort=sort, where=event_filter, symbols=tables)
     if as_json:
         c.dump_json(data)
     else:
