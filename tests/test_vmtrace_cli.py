@@ -120,7 +120,8 @@ def test_show_prints_one_line_per_event_in_the_seed_format(tmp_path):
     cols = {name: np.zeros(2, schema.COLUMN_DTYPES[name]) for name in schema.COLUMN_NAMES}
     cols.update(t_exit=np.array([10**9, 10**9 + 123456]), guest_ns=np.array([5100, 5000]), addr=np.array([0x10, 0x10]),
                 data=np.array([0x11, 0x12]), count=np.ones(2, np.uint32), reason=np.full(2, schema.REASON_IO),
-                size=np.full(2, 2), flags=np.full(2, schema.FLAG_WRITE))
+                size=np.full(2, 2), flags=np.full(2, schema.FLAG_WRITE),
+                rip=np.full(2, schema.RIP_UNKNOWN, np.uint64))  # no address: the line has no rip= part
     with TraceWriter(path, RUN) as w:
         w.write_exits(0, 0, 0, 16, 2, cols)
     proc = vmtrace("show", path)

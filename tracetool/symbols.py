@@ -297,16 +297,16 @@ def symbols_for_vm(vm_start: dict, symbols_path=None) -> VmSymbols:
     `symbols_path` (a `--symbols FILE`) wins; a bad one raises SymbolError. Otherwise the guest image
     the trace names is used only while its sha256 still matches the recorded one: an ELF image
     itself, or for a flat image the ELF or nm map beside it (NAME.elf, NAME.map) — an ELF only when
-    its loadable bytes are the image's. Anything less is addresses only, with one warning line.
+    its loadable bytes are the image's. A trace naming no image, or a flat image with nothing beside
+    it, gives bare addresses; an image gone, changed or unreadable gives them with one warning line.
     """
     bias = code_segment_base(vm_start)
     if symbols_path is not None:
         table = SymbolTable.from_file(symbols_path, bias=bias)
         return VmSymbols(table, list(table.warnings))
     image = (vm_start.get("spec") or {}).get("guest")
-    name = vm_start.get("name", "?")
     if not isinstance(image, str) or not image:
-        return VmSymbols(None, [f"vm {name}: the trace names no guest image; showing addresses only"])
+        return VmSymbols(None)  # nothing to look for: bare addresses, nothing to warn about
     try:
         with open(image, "rb") as f:
             data = f.read(MAX_SYMBOL_FILE_BYTES + 1)
@@ -329,8 +329,7 @@ def symbols_for_vm(vm_start: dict, symbols_path=None) -> VmSymbols:
         elif os.path.isfile(stem + ".map"):
             table = SymbolTable.from_map(stem + ".map", bias=bias)
         else:
-            return VmSymbols(None, [f"{image}: no {os.path.basename(stem)}.elf or .map beside it; "
-                                    "showing addresses only (use --symbols FILE)"])
+            return VmSymbols(None)  # a flat image without symbols beside it: bare addresses, as expected
     except SymbolError as e:
         return VmSymbols(None, [f"{e}; showing addresses only"])
     return VmSymbols(table, list(table.warnings))
