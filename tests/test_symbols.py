@@ -47,10 +47,17 @@ def vm_start_for(image, mode: str, sha256: str | None = None) -> dict:
             "sha256": sha256 or hashlib.sha256(data).hexdigest()}
 
 
-def text_range(path) -> tuple[int, int]:
+def code_ranges(path) -> list[tuple[int, int]]:
+    """[start, end) of every allocated, executable section (.text; .setup and .kernel in bzguest)."""
+    from elftools.elf.constants import SH_FLAGS
     with open(path, "rb") as f:
-        text = ELFFile(f).get_section_by_name(".text")
-        return text["sh_addr"], text["sh_addr"] + text["sh_size"]
+        return [(sec["sh_addr"], sec["sh_addr"] + sec["sh_size"]) for sec in ELFFile(f).iter_sections()
+                if sec["sh_flags"] & SH_FLAGS.SHF_ALLOC and sec["sh_flags"] & SH_FLAGS.SHF_EXECINSTR and sec["sh_size"]]
+
+
+def text_range(path) -> tuple[int, int]:
+    (low, high), = code_ranges(path)
+    return low, high
 
 
 @needs_binutils
@@ -59,11 +66,11 @@ def test_every_code_symbol_nm_lists_resolves_to_itself(elf, base):
     table = SymbolTable.from_file(GUEST / elf, bias=base)
     assert table.has_symbols and table.warnings == []
     nm = subprocess.run(["nm", "-n", str(GUEST / elf)], capture_output=True, text=True, check=True).stdout
-    low, high = text_range(GUEST / elf)
+    ranges = code_ranges(GUEST / elf)
     by_address: dict[int, set[str]] = {}
     for line in nm.splitlines():
         addr, kind, name = line.split()
-        if kind in "tT" and low <= int(addr, 16) < high:
+        if kind in "tT" and any(low <= int(addr, 16) < high for low, high in ranges):
             by_address.setdefault(int(addr, 16), set()).add(name)
     assert by_address, f"nm lists no code symbols in {elf}"
     for addr, names in by_address.items():
@@ -75,8 +82,7 @@ def test_every_code_symbol_nm_lists_resolves_to_itself(elf, base):
 @pytest.mark.parametrize("elf,base", guest_elfs())
 def test_every_code_byte_has_the_source_line_addr2line_gives(elf, base):
     table = SymbolTable.from_file(GUEST / elf, bias=base)
-    low, high = text_range(GUEST / elf)
-    addrs = list(range(low, high))
+    addrs = [a for low, high in code_ranges(GUEST / elf) for a in range(low, high)]
     out = subprocess.run(["addr2line", "-e", str(GUEST / elf), *map(hex, addrs)],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     ids = table.line_ids(np.array(addrs, np.uint64) + np.uint64(base))

@@ -44,7 +44,7 @@ def table_for(tables: dict, vm: int) -> SymbolTable | None:
 
 
 class AddressNames:
-    """`rip=…` text and JSON fields of (vm, address) pairs, each resolved once."""
+    """The `rip=…` text of (vm, address) pairs, each resolved once."""
 
     def __init__(self, tables: dict) -> None:
         self.tables = tables
@@ -62,16 +62,6 @@ class AddressNames:
                 known = f" rip={table.resolve(rip) if table is not None else hex(rip)}"
             self._text[key] = known
         return known
-
-    def symbolic(self, vm: int, rip: int | None) -> dict:
-        """{"symbol": "name+0xoff" | None, "line": "file:line" | None} of an address (None: unknown)."""
-        table = table_for(self.tables, vm)
-        if rip is None or rip == schema.RIP_UNKNOWN or table is None:
-            return {"symbol": None, "line": None}
-        loc = table.resolve(rip)
-        symbol = None if loc.symbol is None else (f"{loc.symbol}+{loc.offset:#x}" if loc.offset else loc.symbol)
-        line = None if loc.file is None else f"{loc.file}:{loc.line}"
-        return {"symbol": symbol, "line": line}
 
 
 __all__ = ["SYMBOLS_OPT", "AddressNames", "NO_ID", "table_for", "vm_tables"]
