@@ -182,3 +182,24 @@ def test_top_table_has_the_kernel_rows(bus):  # noqa: F811
     assert rc == 0, err
     assert re.search(r"kernel: exits\s*│\s*10\b", out) and re.search(r"kernel: in-kernel exits\s*│\s*7\b", out), out
     assert "kernel: halt_exits" in out and "kernel: irq_injections" in out
+
+
+def test_a_long_runs_counters_do_not_count_against_the_records_a_reader_keeps(tmp_path, monkeypatch):
+    """Samples every second add up over a long fleet run; opening the trace keeps none of them in
+    memory (they are read when asked for), so they never hit the reader's record budget."""
+    from tracetool.trace import TraceWriter, reader as trace_reader
+    from test_trace_file import RUN
+    path = tmp_path / "long.vmtrace"
+    counters = {f"counter_{i:02d}": i for i in range(40)}
+    with TraceWriter(path, RUN) as w:
+        w.write_record(schema.MSG_VM_START, {"vm": 0, "epoch": 0, "name": "long", "t": 1})
+        for i in range(400):
+            w.write_record(schema.MSG_KVM_STATS, {"vm": 0, "epoch": 0, "vcpu": 0, "t": 2 + i,
+                                                  "values": {k: v + i for k, v in counters.items()}})
+    monkeypatch.setattr(trace_reader, "MAX_RECORDS_TOTAL", 64 << 10)  # far less than 400 samples
+    with TraceReader(path) as r:
+        assert [rec["name"] for rec in r.records(schema.MSG_VM_START)] == ["long"]
+        samples = r.records(schema.MSG_KVM_STATS)
+        assert len(samples) == 400 and samples[-1]["values"]["counter_39"] == 39 + 399
+        assert [b.record["t"] for b in r.blocks() if b.kind == schema.MSG_KVM_STATS][:2] == [2, 3]
+        assert r.closed_cleanly and not r.warnings

@@ -84,6 +84,10 @@ RECORD_BLOCK_TYPES: dict[str, BlockType] = {
     schema.MSG_INPUT: BlockType.INPUT,
     schema.MSG_KVM_STATS: BlockType.KVM_STATS,
 }
+# Records read only when asked for (TraceReader.records), not kept from the scan: the kernel's
+# counters come every second per vCPU, and a long fleet run holds more of them than a reader may
+# keep in memory (MAX_RECORDS_TOTAL) just to open the file.
+LAZY_RECORD_TYPES = frozenset({BlockType.KVM_STATS})
 KIND_OF_TYPE = {int(t): k for k, t in RECORD_BLOCK_TYPES.items()}
 KIND_OF_TYPE[BlockType.EXITS] = schema.MSG_EXITS
 KIND_OF_TYPE[BlockType.INDEX] = "index"

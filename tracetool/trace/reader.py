@@ -21,7 +21,7 @@ from .codec import SEQ
 from .exits_block import ExitBatch, decode_exits_body, read_exits_head
 from .format import (BLOCK_HEAD, BLOCK_MAGIC, FILE_HEAD, FORMAT_VERSION, GAP_FIELDS, INDEX_FIELDS, INDEX_NO_ID,
                      KIND_OF_TYPE,
-                     MAGIC, MAX_BLOCK_BYTES, MAX_HEADER_BYTES, MAX_RECORD_BYTES, MAX_RECORDS_TOTAL,
+                     LAZY_RECORD_TYPES, MAGIC, MAX_BLOCK_BYTES, MAX_HEADER_BYTES, MAX_RECORD_BYTES, MAX_RECORDS_TOTAL,
                      RECORD_BLOCK_TYPES, TRAILER, TRAILER_MAGIC, U32, U64_LIMIT, BlockType, Corrupt,
                      TraceFormatError, block_crc, decompress, is_int, need, unpack)
 
@@ -77,6 +77,7 @@ class _Entry:
     length: int
     record: dict | None = None  # record blocks and the index footer
     ref: ExitBlockRef | None = None  # EXITS blocks
+    ids: tuple | None = None  # LAZY_RECORD_TYPES: the record's (vm, vcpu, epoch), the record itself not kept
 
 
 _MAX_WARNINGS = 20
@@ -259,6 +260,10 @@ class TraceReader:
             ref = ExitBlockRef(pos, head["vm"], head["vcpu"], head["epoch"], head["first_seq"], head["count"],
                                head["n_rows"], t[0], t[1], head["payloads"])
             self._entries.append(_Entry(pos, btype, len(payload), ref=ref))
+        elif btype in LAZY_RECORD_TYPES:  # checked now, kept as its ids only, decoded again by records()
+            record = self._decode_record(btype, payload)
+            self._entries.append(_Entry(pos, btype, len(payload),
+                                        ids=tuple(record.get(k) for k in ("vm", "vcpu", "epoch"))))
         elif btype in KIND_OF_TYPE and btype != BlockType.INDEX:
             kind = KIND_OF_TYPE[btype]
             raw = self._budgeted(decompress(self._dctx, payload, MAX_RECORD_BYTES, f"{kind} record"), pos)
@@ -346,8 +351,8 @@ class TraceReader:
                 yield e.offset, e.type, r.vm, r.vcpu, r.epoch, r.first_seq, r.count, r.n_rows
             else:
                 rec = e.record or {}
-                yield (e.offset, e.type, *(v if is_int(v, 0, INDEX_NO_ID) else INDEX_NO_ID for v in
-                                          (rec.get("vm"), rec.get("vcpu"), rec.get("epoch"))), 0, 0, 0)
+                ids = e.ids or (rec.get("vm"), rec.get("vcpu"), rec.get("epoch"))
+                yield (e.offset, e.type, *(v if is_int(v, 0, INDEX_NO_ID) else INDEX_NO_ID for v in ids), 0, 0, 0)
 
     @property
     def event_count(self) -> int:
@@ -381,8 +386,24 @@ class TraceReader:
         if kind is not None and kind not in RECORD_BLOCK_TYPES:
             raise ValueError(f"unknown record kind {kind!r}")
         want = RECORD_BLOCK_TYPES.get(kind) if kind else None
-        return [e.record for e in self._entries if e.type in KIND_OF_TYPE and e.type not in
-                (BlockType.EXITS, BlockType.INDEX) and (want is None or e.type == want)]
+        return [self._lazy_record(e) if e.type in LAZY_RECORD_TYPES else e.record for e in self._entries
+                if e.type in KIND_OF_TYPE and e.type not in (BlockType.EXITS, BlockType.INDEX)
+                and (want is None or e.type == want)]
+
+    def _decode_record(self, btype: int, payload: bytes) -> dict:
+        kind = KIND_OF_TYPE[btype]
+        record = unpack(decompress(self._dctx, payload, MAX_RECORD_BYTES, f"{kind} record"), f"{kind} record")
+        need(isinstance(record, dict), f"{kind} record is not a map")
+        return record
+
+    def _lazy_record(self, entry: _Entry) -> dict:
+        """A record of LAZY_RECORD_TYPES, read and decoded again (the scan checked it)."""
+        try:
+            payload = self._read_at(entry.offset + BLOCK_HEAD.size, entry.length)
+            need(len(payload) == entry.length, "block changed since the file was opened")
+            return self._decode_record(entry.type, payload)
+        except Corrupt as e:
+            raise TraceFormatError(self.path, entry.offset, str(e)) from None
 
     @property
     def gaps(self) -> list[dict]:
@@ -419,7 +440,8 @@ class TraceReader:
                 if batch is not None:
                     yield Block(e.offset, e.type, schema.MSG_EXITS, batch=batch)
             else:
-                yield Block(e.offset, e.type, KIND_OF_TYPE[e.type], record=e.record)
+                record = e.record if e.type not in LAZY_RECORD_TYPES else self._lazy_record(e)
+                yield Block(e.offset, e.type, KIND_OF_TYPE[e.type], record=record)
 
     def _read_batch_or_skip(self, ref: ExitBlockRef, columns: Iterable[str] | None = None) -> ExitBatch | None:
         try:
