@@ -46,6 +46,12 @@ class LaunchError(VmsupError):
     pass
 
 
+def stopped_on_request(ended: str | None) -> tuple[End, str]:
+    """What a VM stopped on request (vmsup stop, Ctrl-C or SIGTERM to launch) ended as, with how
+    its worker ended: the one wording of launch's line, its summary and the trace."""
+    return End.STOPPED, f"on request, after {ended or 'no start'}"
+
+
 def worker_command(spec: VmSpec, result_fd: int) -> list[str]:
     return [sys.executable, "-m", "vmworker", "--spec-json", json.dumps(spec.to_json()), "--result-fd", str(result_fd)]
 
@@ -296,15 +302,20 @@ class Launch:
             result["status"], result["detail"] = slot.limit_hit, slot.detail
             result["exit_code"] = status.EXIT_VM_ERROR
         rc = result.get("worker_returncode", 0)
-        self._record(slot, "exit", pid=slot.worker.proc.pid, status=result.get("status"),
-                     code=rc if rc >= 0 else None, signal=-rc if rc < 0 else None, detail=result.get("detail", ""),
+        # A foreground worker gets the terminal's Ctrl-C too and may end before the loop has
+        # acted on the supervisor's own signal: that is still a stop on request, not a failure.
+        on_request = (slot.stop_requested or self._signalled is not None) and result.get("status") != End.ERROR
+        # The trace gets the verdict launch prints (`vmtrace info` reads it): stopped, not the
+        # worker's own "interrupted" or "terminated".
+        ended, detail = (stopped_on_request(result.get("status")) if on_request
+                         else (result.get("status"), result.get("detail", "")))
+        self._record(slot, "exit", pid=slot.worker.proc.pid, status=ended,
+                     code=rc if rc >= 0 else None, signal=-rc if rc < 0 else None, detail=detail,
                      no_record=bool(result.get("no_record")))
         ran = result.get("wall_seconds", 0.0)
         slot.exits_before += result.get("exits", 0)
         slot.result = result
         result["epoch"] = slot.epoch
-        # A foreground worker gets the terminal's Ctrl-C too and may end before the loop has
-        # acted on the supervisor's own signal: that is still a stop on request, not a failure.
         if slot.stop_requested or self._signalled is not None:
             slot.state = "stopped"
             return
@@ -465,8 +476,7 @@ class Launch:
             result["exit_code"] = status.EXIT_VM_ERROR
         elif slot.state == "stopped" and result.get("status") != End.ERROR:
             # Stopped on request (vmsup stop, Ctrl-C, SIGTERM): the VM did what it was asked.
-            result["detail"] = f"on request, after {result.get('status', 'no start')}"
-            result["status"] = End.STOPPED
+            result["status"], result["detail"] = stopped_on_request(result.get("status"))
             result["exit_code"] = status.EXIT_OK
         return result
 

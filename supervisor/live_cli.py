@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from tracetool import filters
 from vmworker import status
 from vmworker.errors import VmsupError
 
@@ -64,23 +65,16 @@ def _quiet_stdout() -> None:
 
 def tail(
     run: Optional[str] = typer.Option(None, "--run", help="The launch to attach to (default: the only one running)."),
-    vm: Optional[int] = typer.Option(None, "--vm", min=0, help="Only this VM."),
-    vcpu: Optional[int] = typer.Option(None, "--vcpu", min=0, help="Only this vCPU."),
-    reason: Optional[str] = typer.Option(None, "--reason", help="Only these exit reasons: io, mmio, hlt, … or KVM_EXIT_* numbers; alternatives with | or ,."),
-    port: Optional[str] = typer.Option(None, "--port", help="Only port I/O on this port (16 or 0x10)."),
-    addr: Optional[str] = typer.Option(None, "--addr", help="Only MMIO at this guest-physical address."),
+    vm: Optional[str] = filters.option("vm"), vcpu: Optional[str] = filters.option("vcpu"),
+    epoch: Optional[str] = filters.option("epoch"), reason: Optional[str] = filters.option("reason"),
+    port: Optional[str] = filters.option("port"), addr: Optional[str] = filters.option("addr"),
+    where: Optional[str] = filters.option("where"),
     json_lines: bool = typer.Option(False, "--json", help="One JSON object per event, with the schema's field names."),
     count: Optional[int] = typer.Option(None, "-n", "--count", min=1, help="Stop after printing this many events."),
 ) -> None:
     """Print every exit of a running launch as it happens (best effort: missed events are counted on stderr)."""
-    from tracetool.filters import EventFilter, FilterError
-
     from . import tail as tail_mod
-    try:
-        event_filter = EventFilter.from_options(vm=vm, vcpu=vcpu, port=port, addr=addr,
-                                                reason=None if reason is None else reason.replace(",", "|"))
-    except FilterError as e:
-        raise _fail(str(e)) from None
+    event_filter = _event_filter(vm, vcpu, epoch, reason, port, addr, where)
     run_dir, subscriber = _attach(run)
     follower = tail_mod.Tail(event_filter, json_lines=json_lines, limit=count)
     unknown = follower.unknown_vm(subscriber.vm_names)
@@ -102,8 +96,19 @@ def tail(
         _quiet_stdout()
 
 
+def _event_filter(*flags) -> "filters.EventFilter":
+    try:
+        return filters.from_flags(*flags)
+    except filters.FilterError as e:
+        raise _fail(str(e)) from None
+
+
 def top(
     run: Optional[str] = typer.Option(None, "--run", help="The launch to attach to (default: the only one running)."),
+    vm: Optional[str] = filters.option("vm"), vcpu: Optional[str] = filters.option("vcpu"),
+    epoch: Optional[str] = filters.option("epoch"), reason: Optional[str] = filters.option("reason"),
+    port: Optional[str] = filters.option("port"), addr: Optional[str] = filters.option("addr"),
+    where: Optional[str] = filters.option("where"),
     sort: str = typer.Option("rate", "--sort", help="Sort exit reasons by: rate or total."),
     interval: float = typer.Option(1.0, "--interval", min=0.05, help="Seconds between refreshes (with --once: how long to sample)."),
     once: bool = typer.Option(False, "--once", help="Sample for --interval seconds, print one table, exit."),
@@ -113,13 +118,14 @@ def top(
     from .top import SORT_KEYS
     if sort not in SORT_KEYS:
         raise _fail(f"--sort must be one of {', '.join(SORT_KEYS)}, not {sort!r}")
+    event_filter = _event_filter(vm, vcpu, epoch, reason, port, addr, where)
     run_dir, subscriber = _attach(run)
     try:
         with subscriber:
             if once:
-                _top_once(run_dir, subscriber, sort, interval, json_out)
+                _top_once(run_dir, subscriber, sort, interval, json_out, event_filter)
             else:
-                _top_live(run_dir, subscriber, sort, interval, json_out)
+                _top_live(run_dir, subscriber, sort, interval, json_out, event_filter)
     except KeyboardInterrupt:
         pass
     except _StdoutClosed:
@@ -131,11 +137,11 @@ def _drain(subscriber, model, timeout_ms: int) -> None:
         model.feed(msg)
 
 
-def _top_once(run_dir, subscriber, sort: str, interval: float, json_out: bool) -> None:
+def _top_once(run_dir, subscriber, sort: str, interval: float, json_out: bool, event_filter) -> None:
     from rich.console import Console
 
     from .top import TopModel, render_table
-    model = TopModel()
+    model = TopModel(event_filter)
     deadline = time.monotonic() + interval
     # Sample for the interval, or less if the run ends first (its numbers are then complete).
     while (left := deadline - time.monotonic()) > 0:
@@ -164,13 +170,13 @@ def _run_vms(run_dir, subscriber) -> list[dict]:
     return [{"vm": vm, "name": name} for vm, name in enumerate(subscriber.vm_names)]
 
 
-def _top_live(run_dir, subscriber, sort: str, interval: float, json_out: bool) -> None:
+def _top_live(run_dir, subscriber, sort: str, interval: float, json_out: bool, event_filter) -> None:
     import zmq
     from rich.console import Console
     from rich.live import Live
 
     from .top import SORT_KEYS, TopModel, render_table
-    model = TopModel()
+    model = TopModel(event_filter)
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() and not json_out else None
     poller = zmq.Poller()
     poller.register(subscriber.socket, zmq.POLLIN)

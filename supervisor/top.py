@@ -67,7 +67,9 @@ class KernelCounts:
 class TopModel:
     """Per-VM, per-reason exit counts since we attached, and rates over the last tick."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, event_filter=None, clock: Callable[[], float] = time.monotonic) -> None:
+        # The filter flags (tracetool/filters.py), as tail and vmtrace take them: count only those exits.
+        self.event_filter = None if event_filter is None or event_filter.matches_everything else event_filter
         self.clock = clock
         self.vms: dict[int, _VmCounts] = {}
         self.tick_at = clock()
@@ -91,7 +93,11 @@ class TopModel:
             if msg["epoch"] == counts.epoch:
                 counts.next_seq[msg["vcpu"]] = max(counts.next_seq.get(msg["vcpu"], 0), msg["first_seq"] + msg["count"])
             if msg["rows"]:
-                counts.totals += np.bincount(msg["columns"]["reason"], minlength=_REASON_SLOTS)
+                reasons = msg["columns"]["reason"]
+                if self.event_filter is not None:
+                    reasons = reasons[self.event_filter.mask(msg["columns"], vm=msg["vm"], vcpu=msg["vcpu"],
+                                                             epoch=msg["epoch"])]
+                counts.totals += np.bincount(reasons, minlength=_REASON_SLOTS)
         elif kind == schema.MSG_VM_START:
             counts = self._vm(msg["vm"])
             if msg["epoch"] >= counts.epoch:

@@ -91,8 +91,9 @@ def test_shell_completion_can_be_shown(prog):
 
 BAD_VALUES = [
     ("vmsup", ["top", "--interval", "abc"], "--interval must be a number, not 'abc'"),
-    ("vmsup", ["tail", "--vm", "x"], "--vm must be a whole number, not 'x'"),
-    ("vmsup", ["tail", "--vm", "-1"], "--vm must be at least 0, not -1"),
+    ("vmsup", ["tail", "-n", "x"], "--count (-n) must be a whole number, not 'x'"),
+    ("vmsup", ["tail", "-n", "0"], "--count (-n) must be at least 1, not 0"),
+    ("vmsup", ["tail", "--vm", "x"], "bad filter term 'vm=x': 'x' is not a number (decimal or 0x-hex)"),
     ("vmsup", ["screen", "x", "--wait", "0"], "--wait must be at least 0.1, not 0"),
     ("vmsup", ["launch", "hello", "--restart", "weird"], "--restart 'weird' is not one of no, on-failure, always"),
     ("vmsup", ["launch", "--bogus"], "No such option: --bogus"),

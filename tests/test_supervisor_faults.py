@@ -427,6 +427,12 @@ def test_sigterm_or_ctrl_c_stops_every_vm_gracefully_and_closes_the_trace(launch
     # the terminal's Ctrl-C itself first.
     for vm, end in ends.items():
         assert (end["status"] == "terminated" and vm in stops) or (end["status"] == "interrupted" and vms == 1), ends
+    # One vocabulary (issue 10 item 4): `vmtrace info` says what launch said, stopped on request.
+    info = subprocess.run([sys.executable, "-m", "tracetool", "info", str(trace), "--json"], cwd=REPO,
+                          capture_output=True, text=True, timeout=DEADLINE)
+    assert info.returncode == 0, info.stderr
+    assert [(vm["status"], vm["detail"].split(", after ")[0]) for vm in json.loads(info.stdout)["vms"]] == \
+        [("stopped", "on request")] * vms
 
 
 # --- 7. a hostile fleet ----------------------------------------------------------------------------

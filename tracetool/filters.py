@@ -1,4 +1,5 @@
-"""One filter language for record-time filters, `vmtrace show` and `vmsup tail`.
+"""One filter language for record-time filters, `vmtrace show` and `vmsup tail`, and the
+filter flags every command that selects exits takes (`option`, `from_flags`).
 
     vm=0,reason=io|mmio            terms AND; alternatives (|) OR
     port=0x10                      port= implies reason io
@@ -46,7 +47,8 @@ def _number(text: str, key: str, term: str) -> int:
 
 
 def _reason(text: str, term: str) -> int:
-    s = text.strip().lower()
+    # `internal-error` as the README's status table and `vmsup launch` spell it, or internal_error.
+    s = text.strip().lower().replace("-", "_")
     if s in schema.REASON_CODES:
         return schema.REASON_CODES[s]
     if s[:1].isdigit():
@@ -109,7 +111,8 @@ class EventFilter:
             items = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
             if not items:
                 continue
-            text = "|".join(str(v) for v in items)
+            # A flag lists alternatives with | or , (--reason io,hlt): no flag value holds a term.
+            text = "|".join(str(v) for v in items).replace(",", "|")
             found[key] = _values(key, text, f"{key}={text}")
         return cls(**found)
 
@@ -201,3 +204,33 @@ def parse_filter(text: str | None) -> EventFilter:
             raise FilterError(f"bad filter term {term!r}: {key} given twice (list alternatives with '|')")
         found[key] = _values(key, value, term)
     return EventFilter(**found)
+
+
+# --- the filter flags: one definition for vmsup tail/top and vmtrace show/replay/summary/export/plot
+FLAGS = ("vm", "vcpu", "epoch", "reason", "port", "addr", "where")  # where: the -f expression
+FLAG_HELP = {
+    "vm": "Only these VMs: 0, or 0,2 (alternatives with , or |).",
+    "vcpu": "Only these vCPUs: 0, or 0,1.",
+    "epoch": "Only these epochs (a VM's restarts): 0, or 1,2.",
+    "reason": "Only these exit reasons: io, mmio, hlt, shutdown, internal-error, … or KVM_EXIT_* numbers; "
+              "alternatives with , or |.",
+    "port": "Only port I/O on these ports, decimal or 0x-hex (implies io).",
+    "addr": "Only MMIO at these guest-physical addresses (implies mmio).",
+    "where": "A filter expression: vm=0,reason=io|mmio,port=0x10.",
+}
+_METAVARS = {"vm": "VM", "vcpu": "VCPU", "epoch": "EPOCH", "reason": "REASON", "port": "PORT", "addr": "ADDR",
+             "where": "FILTER"}
+
+
+def option(flag: str):
+    """The Typer option of one filter flag (a str, or None when not given)."""
+    import typer  # only the CLIs ask; the filter language itself needs no CLI library
+
+    names = ("--filter", "-f") if flag == "where" else (f"--{flag}",)
+    return typer.Option(None, *names, help=FLAG_HELP[flag], metavar=_METAVARS[flag], show_default=False)
+
+
+def from_flags(vm=None, vcpu=None, epoch=None, reason=None, port=None, addr=None, where=None) -> EventFilter:
+    """The filter flags' values as one EventFilter; FilterError names a bad one."""
+    return EventFilter.from_options(vm=vm, vcpu=vcpu, epoch=epoch, reason=reason, port=port, addr=addr) \
+        & parse_filter(where)

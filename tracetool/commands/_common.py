@@ -17,7 +17,8 @@ from typing import NoReturn
 import typer
 
 from .._output import OutputError, refuse_overwriting_inputs
-from ..filters import EventFilter, FilterError, parse_filter
+from .. import filters
+from ..filters import EventFilter, FilterError
 from ..trace import TraceError, TraceReader
 
 EXIT_BAD_INPUT = 2  # as vmsup: bad input, an unreadable trace (typer uses 2 for usage errors too)
@@ -105,20 +106,14 @@ def refuse_overwriting(out: str, *inputs: str) -> None:
 
 # --- options shared by the commands that select events ----------------------------------------------
 TRACE_ARG = typer.Argument(..., help="A trace file written by the vmsup recorder.")
-VM_OPT = typer.Option(None, "--vm", help="VM id(s): 0 or 0|2.")
-VCPU_OPT = typer.Option(None, "--vcpu", help="vCPU id(s).")
-EPOCH_OPT = typer.Option(None, "--epoch", help="Epoch(s) (a VM's restarts).")
-REASON_OPT = typer.Option(None, "--reason", help="Exit reason(s) by name or number: io|mmio.")
-PORT_OPT = typer.Option(None, "--port", help="I/O port(s), decimal or 0x-hex (implies io).")
-ADDR_OPT = typer.Option(None, "--addr", help="MMIO address(es) (implies mmio).")
-FILTER_OPT = typer.Option(None, "--filter", "-f", help="A filter expression: vm=0,reason=io|mmio,port=0x10.")
+# Defined once in tracetool/filters.py, for vmsup tail/top too.
+VM_OPT, VCPU_OPT, EPOCH_OPT, REASON_OPT, PORT_OPT, ADDR_OPT, FILTER_OPT = (filters.option(f) for f in filters.FLAGS)
 
 
 def event_filter(vm=None, vcpu=None, epoch=None, reason=None, port=None, addr=None, where=None) -> EventFilter | None:
     """The command's filter flags as one EventFilter (None: everything); bad text ends the command."""
     try:
-        selected = EventFilter.from_options(vm=vm, vcpu=vcpu, epoch=epoch, reason=reason, port=port, addr=addr)
-        selected &= parse_filter(where)
+        selected = filters.from_flags(vm, vcpu, epoch, reason, port, addr, where)
     except FilterError as e:
         bad_input(str(e))
     return None if selected.matches_everything else selected

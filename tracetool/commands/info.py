@@ -73,6 +73,12 @@ def _vms(reader: TraceReader) -> list[dict]:
         entry = vms.setdefault(key, {"vm": key[0], "epoch": key[1], "name": None})
         entry.update({"status": rec.get("status"), "guest_code": rec.get("guest_code"),
                       "detail": rec.get("detail"), "exits": rec.get("exits"), "ended_ns": rec.get("t")})
+    for rec in reader.records(schema.MSG_LIFECYCLE):
+        # The supervisor's verdict, as `vmsup launch` printed it, wins over the worker's own end:
+        # a VM stopped on request is "stopped (on request, after terminated)", not "terminated".
+        key = (rec.get("vm"), rec.get("epoch"))
+        if rec.get("event") == "exit" and rec.get("status") and key in vms:
+            vms[key].update({"status": rec.get("status"), "detail": rec.get("detail")})
     streams = reader.streams()
     for s in streams:
         vms.setdefault((s.vm, s.epoch), {"vm": s.vm, "epoch": s.epoch, "name": None, "status": None})
