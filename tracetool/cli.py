@@ -32,6 +32,7 @@ EXAMPLES = {
     "replay": ["vmtrace replay t.vmtrace", "vmtrace replay t.vmtrace --speed 10 --screen"],
     "plot": ["vmtrace plot t.vmtrace -o rate.png", "vmtrace plot t.vmtrace -o rate.html --vm 0"],
     "screen": ["vmtrace screen t.vmtrace", "vmtrace screen t.vmtrace --at 2.5 --color"],
+    "kvm-stats": ["vmtrace kvm-stats t.vmtrace", "vmtrace kvm-stats t.vmtrace --vm 0 --counter halt_exits"],
     "sql": ["vmtrace sql 'select reason, count(*) from exits group by reason' t.vmtrace",
             "vmtrace sql 'select * from vms' 'traces/*.vmtrace' --csv"],
 }
