@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from tracetool import messages
+from tracetool.bus_credentials import CREDENTIAL_ENV, BusKeys, Credential
 from tracetool.run_files import open_private_append
 from vmworker import insn_counter, status
 from vmworker.status import End
@@ -59,7 +60,8 @@ def worker_command(spec: VmSpec, result_fd: int) -> list[str]:
 class Worker:
     """One worker process and the thread that collects its result."""
 
-    def __init__(self, spec: VmSpec, stdout=None, stdin=None, own_group: bool = False) -> None:
+    def __init__(self, spec: VmSpec, stdout=None, stdin=None, own_group: bool = False,
+                 credential: Credential | None = None) -> None:
         self.spec = spec
         self.result: dict | None = None
         self.started = time.monotonic()
@@ -67,8 +69,9 @@ class Worker:
         try:
             # own_group: a background worker is out of the terminal's reach (Ctrl-C goes to the
             # supervisor, which stops it in order); a foreground one shares the terminal for stdin.
+            env = None if credential is None else {**os.environ, CREDENTIAL_ENV: credential.hex()}
             self.proc = subprocess.Popen(worker_command(spec, write_fd), pass_fds=(write_fd,), stdout=stdout, stdin=stdin,
-                                         process_group=0 if own_group else None)
+                                         process_group=0 if own_group else None, env=env)
         finally:
             os.close(write_fd)
         self._thread = threading.Thread(target=self._collect, args=(read_fd,), name=f"collect-{spec.name}", daemon=True)
@@ -224,11 +227,13 @@ class Launch:
         self.run_dir.write_info({"id": self.run_dir.run_id, "pid": os.getpid(), "started": self.started_wall,
                                  "trace": self.trace_path, "vms": [s.name for s in self.specs]})
         self._context = zmq.Context()
+        self.bus_keys = BusKeys.new(self.run_dir.run_id)
         # The previous trace of that name is kept as PATH.N (supervisor/trace_path.py).
         self.kept_trace = keep_previous(self.trace_path) if self.trace_path else None
         if self.record:
             self._start_recorder()
-            self._lifecycle = EventPublisher(self._context, self.run_dir.events_endpoint, lambda: True)
+            self._lifecycle = EventPublisher(self._context, self.run_dir.events_endpoint, lambda: True,
+                                             credential=self.bus_keys.supervisor().frame())
         self._control = control_socket(self._context, self.run_dir.control_endpoint)
         for slot in self.slots:
             self._spawn(slot)
@@ -245,7 +250,12 @@ class Launch:
             cmd += ["--listen", self.listen, "--keys-dir", str(self.keys_dir)]
         if resume:
             cmd.append("--resume")
-        self.recorder_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.recorder_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+        try:  # the run secret goes on stdin: argv is readable by every local user
+            self.recorder_proc.stdin.write(self.bus_keys.secret_hex.encode() + b"\n")
+            self.recorder_proc.stdin.close()
+        except OSError:
+            pass  # a recorder that died at once: its missing "ready" says so below
         line = self._read_line(self.recorder_proc.stdout, RECORDER_START_TIMEOUT)
         if line.strip() != b"ready":
             self.recorder_proc.kill()
@@ -279,15 +289,16 @@ class Launch:
         spec.bus_endpoint = self.run_dir.events_endpoint if self.record else None
         # Where the worker takes typed keys (vmsup screen): inside the private run dir.
         spec.input_endpoint = f"ipc://{self.run_dir.path / f'vm-{spec.vm_id}-input.sock'}"
+        credential = self.bus_keys.worker(spec.vm_id, spec.epoch)
         if self.foreground and not spec.screen:
-            worker = Worker(spec)
+            worker = Worker(spec, credential=credential)
         else:
             out = open_private_append(slot.console) if slot.console else subprocess.DEVNULL
             # Of several VMs, the one given stdin (supervisor/fleet.py: specs_from_entries) inherits
             # it; a --screen VM's keys come from the screen view instead.
             stdin = None if spec.serial_in == "-" and not self.foreground else subprocess.DEVNULL
             try:
-                worker = Worker(spec, stdout=out, stdin=stdin, own_group=True)
+                worker = Worker(spec, stdout=out, stdin=stdin, own_group=True, credential=credential)
             finally:
                 if slot.console:
                     out.close()

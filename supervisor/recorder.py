@@ -2,11 +2,13 @@
 
     python -m supervisor.recorder --run-dir DIR [--trace PATH] [--run-meta JSON]
 
-Workers PUSH msgpack messages (tracetool.messages) to the run's events socket. The recorder
-checks each one (bounded by messages.BUS, then its message class's from_msg), keeps per-stream
+Workers PUSH msgpack messages (tracetool.messages) to the run's events socket, each after its
+sender's credential (tracetool/bus_credentials.py). The recorder checks each one (bounded by
+messages.BUS, then its message class's from_msg, then that its sender owns the stream), keeps per-stream
 sequence numbers, writes an explicit gap record for any sequence it never received, writes blocks
 to the trace file, and republishes every valid message on the live PUB socket, where slow viewers
-may drop but never slow anyone. Refused messages are counted by cause in `stats`. A control REP
+may drop but never slow anyone. Refused messages are counted by cause in `stats` and in the
+trace's `refused` records. A control REP
 socket answers supervisor.commands.RECORDER_COMMANDS (`stats`; `finish`: drain, close the file, exit).
 """
 
@@ -19,11 +21,16 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import zmq
 
 from tracetool import messages, schema
+from tracetool.bus_credentials import BusKeys, CredentialError, check_sender
+from tracetool.trace.format import DEFAULT_BLOCK_EVENTS
+from vmworker.event_batch import DEFAULT_BATCH_EVENTS
+from vmworker.publisher import SEND_HWM
 from vmworker.errors import VmsupError
 
 from .commands import RECORDER_COMMANDS, ControlError, call_endpoint, control_socket, serve_one
@@ -35,8 +42,12 @@ LIVE_HWM = 1000
 # Messages queued on our side per connected sender before its sends block (backpressure; the
 # sender's own queue holds more). Bounds what one peer can make us hold: this × messages.BUS.
 EVENTS_RCVHWM = 32
-# Distinct causes of refused messages kept in stats; beyond, they are counted as "other".
-MAX_REFUSAL_CAUSES = 64
+# How far a stream's first_seq may run ahead of where it stands: what can be in flight between a
+# worker and the trace — the worker's queue and ours (batches), a ZeroMQ pipe's slack, and what a
+# killed predecessor held gathered but unwritten (the writer's block, bounded by seqs covered).
+# A bigger jump is refused, not made a giant gap; a smaller one is an explicit gap.
+_PIPE_SLACK_BATCHES = 16
+MAX_SEQ_JUMP = (SEND_HWM + EVENTS_RCVHWM + _PIPE_SLACK_BATCHES) * DEFAULT_BATCH_EVENTS + 2 * DEFAULT_BLOCK_EVENTS
 # On `finish`: wait for announced events at most this long, and stop early after this much quiet.
 FINISH_DEADLINE = 5.0
 FINISH_QUIET = 0.2
@@ -68,8 +79,10 @@ class VmStats:
 
 
 class Recorder:
-    def __init__(self, run_dir: RunDir, trace_path: str | None, run_meta: dict, writer_factory=None,
-                 listen: str | None = None, keys_dir: str | None = None, resume: bool = False) -> None:
+    def __init__(self, run_dir: RunDir, trace_path: str | None, run_meta: dict, bus_keys: BusKeys,
+                 writer_factory=None, listen: str | None = None, keys_dir: str | None = None,
+                 resume: bool = False) -> None:
+        self.bus_keys = bus_keys
         self.context = zmq.Context()
         self.events = self.context.socket(zmq.PULL)
         self.events.setsockopt(zmq.RCVHWM, EVENTS_RCVHWM)
@@ -108,6 +121,7 @@ class Recorder:
         self.events_recorded = 0
         self.batches = 0
         self.bad_messages: dict[str, int] = {}
+        self.unwritten_refusals: dict[str, int] = {}  # since the last `refused` record
         self.gaps: list[messages.Gap] = []
         self.recording_error: str | None = None
         self.finished = False
@@ -121,9 +135,16 @@ class Recorder:
             self.events_recorded += covered
 
     # Messages ------------------------------------------------------------------------------------
-    def handle(self, raw: bytes) -> None:
+    def handle(self, frames: list[bytes]) -> None:
+        """One message off an events socket: [credential, message] (tracetool/bus_credentials.py)."""
+        raw = frames[-1]
         try:
             msg = messages.unpack(raw)
+            if isinstance(msg, (messages.Gap, messages.Refused)):  # the recorder's to write, never a sender's
+                raise BadMessage(f"{msg.TYPE} from a sender")
+            if len(frames) != 2:
+                raise CredentialError("no credential")
+            check_sender(self.bus_keys.verify(frames[0]), msg)
             if isinstance(msg, messages.ExitBatch):
                 self._exits(msg)
             elif isinstance(msg, messages.VmStart):
@@ -132,8 +153,6 @@ class Recorder:
                 self._vm_end(msg)
             elif isinstance(msg, messages.Lifecycle):
                 self._lifecycle(msg)
-            elif isinstance(msg, messages.Gap):  # a gap is ours to write, never a sender's
-                raise BadMessage(f"{msg.TYPE} from a sender")
             else:  # a record the recorder only stores (screen, input, …), checked by its class
                 self._write(lambda w: w.write_record(msg.TYPE, msg.to_msg()))
         except (BadMessage, schema.SchemaError) as e:
@@ -150,9 +169,20 @@ class Recorder:
         self.live.send(raw, flags=zmq.NOBLOCK, copy=False)
 
     def _refuse(self, cause: str) -> None:
-        if cause not in self.bad_messages and len(self.bad_messages) >= MAX_REFUSAL_CAUSES:
+        cause = cause[:messages.MAX_CAUSE_LEN]
+        if cause not in self.bad_messages and len(self.bad_messages) >= messages.MAX_REFUSAL_CAUSES:
             cause = "other"
         self.bad_messages[cause] = self.bad_messages.get(cause, 0) + 1
+        self.unwritten_refusals[cause] = self.unwritten_refusals.get(cause, 0) + 1
+
+    def _write_refusals(self) -> None:
+        """Refusals since the last record, as one `refused` record (written at most once per
+        flush, so a flood of forgeries costs the trace a record a second, not one per message)."""
+        if self.unwritten_refusals:
+            record = messages.Refused(causes=self.unwritten_refusals, total=sum(self.unwritten_refusals.values()),
+                                      t=time.monotonic_ns(), wall=time.time_ns())
+            self.unwritten_refusals = {}
+            self._write(lambda w: w.write_record(record.TYPE, record.to_msg()))
 
     def _vm(self, vm: int) -> VmStats:
         stats = self.vms.get(vm)
@@ -167,6 +197,8 @@ class Recorder:
         expected = self.next_seq.get(key, 0)
         if first_seq < expected:
             raise BadMessage("sequence overlap")
+        if first_seq - expected > MAX_SEQ_JUMP:
+            raise BadMessage(f"sequence jump of more than {MAX_SEQ_JUMP} events (more than can be in flight)")
         if first_seq > expected:
             self._gap(vm, vcpu, epoch, expected, first_seq - expected, "lost before reaching the recorder")
         self.next_seq[key] = first_seq + count
@@ -276,7 +308,7 @@ class Recorder:
                 for sock, _ in ready:
                     while True:
                         try:
-                            self.handle(sock.recv(flags=zmq.NOBLOCK, copy=True))
+                            self.handle(sock.recv_multipart(flags=zmq.NOBLOCK, copy=True))
                         except zmq.Again:
                             break
                 quiet_since = time.monotonic()
@@ -305,6 +337,7 @@ class Recorder:
                     self._gap(vm, vcpu, epoch, got, final - got, "not received before the recorder closed")
         for end in ended_without_record:  # workers that died without a vm-end record
             self._vm_end(end)
+        self._write_refusals()
         if self.writer is not None:
             try:
                 self.writer.close()
@@ -326,13 +359,14 @@ class Recorder:
             if time.monotonic() >= next_flush:
                 # The writer gathers batches into large blocks (better compression); pushing them
                 # out once a second bounds what a kill -9 of the recorder can lose.
+                self._write_refusals()
                 self._write(lambda w: w.flush())
                 next_flush = time.monotonic() + WRITER_FLUSH_SECONDS
             for sock, _ in poller.poll(200):
                 if sock is not self.control:
                     for _ in range(256):  # bounded, so control requests are never starved
                         try:
-                            self.handle(sock.recv(flags=zmq.NOBLOCK, copy=True))
+                            self.handle(sock.recv_multipart(flags=zmq.NOBLOCK, copy=True))
                         except zmq.Again:
                             break
                 else:
@@ -373,16 +407,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys-dir", default=None, help="CURVE keys for --listen (supervisor/keys.py)")
     parser.add_argument("--resume", action="store_true", help="continue an existing trace (a restarted recorder)")
     args = parser.parse_args(argv)
+    # The run secret comes on stdin (argv is public): it checks every sender's credential.
+    try:
+        bus_keys = BusKeys(Path(args.run_dir).name, bytes.fromhex(sys.stdin.readline().strip()))
+    except ValueError:
+        print("error: no run secret on stdin", flush=True)
+        return 2
     # Ctrl-C belongs to the supervisor, which asks us to finish; if the supervisor dies, the
     # kernel sends SIGTERM (PR_SET_PDEATHSIG) and we close the file cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM, 0, 0, 0)
-    from pathlib import Path
     run_dir = RunDir(Path(args.run_dir).name, Path(args.run_dir))
     try:
-        recorder = Recorder(run_dir, args.trace, json.loads(args.run_meta), listen=args.listen, keys_dir=args.keys_dir,
-                            resume=args.resume)
+        recorder = Recorder(run_dir, args.trace, json.loads(args.run_meta), bus_keys, listen=args.listen,
+                            keys_dir=args.keys_dir, resume=args.resume)
     except VmsupError as e:  # --listen: keys or the tcp endpoint
         print(f"error: {e}", flush=True)
         return 2

@@ -165,11 +165,12 @@ class Map(_Check):
     """A map whose content is the sender's (bounded by the unpack limits); `counts`: str → count."""
 
     counts: bool = False
+    max_key: int = 64  # characters of a name in a `counts` map
 
     def check(self, name, value):
         if not isinstance(value, dict):
             raise MessageError(f"field {name!r} is not a map")
-        if self.counts and not all(isinstance(k, str) and len(k) <= 64 and _is_int(n) and 0 <= n <= _U63
+        if self.counts and not all(isinstance(k, str) and len(k) <= self.max_key and _is_int(n) and 0 <= n <= _U63
                                    for k, n in value.items()):
             raise MessageError(f"field {name!r} is not a map of names to counts")
         return value
@@ -298,6 +299,7 @@ class VmEnd(Message):
     filtered_out: int | None = checked(Int())
     dropped_batches: int | None = checked(Int())
     blocked_seconds: float | None = checked(Number())
+    unclaimed: dict | None = checked(Map(counts=True))  # port/MMIO accesses no device claimed
     t: int | None = checked(Int())
     wall: int | None = checked(Int())
 
@@ -461,8 +463,25 @@ class ExitBatch(Message):
         return out
 
 
+# Refusal causes kept apart per record; beyond, they are counted under "other".
+MAX_REFUSAL_CAUSES = 64
+MAX_CAUSE_LEN = 200
+
+
+@dataclass(frozen=True)
+class Refused(Message):
+    """Bus messages the recorder refused since its previous such record, by cause (written by
+    the recorder, never taken from a sender): a forged or broken peer leaves a trace."""
+
+    TYPE: ClassVar[str] = schema.MSG_REFUSED
+    causes: dict = checked(Map(required=True, counts=True, max_key=MAX_CAUSE_LEN), default=None)
+    total: int = checked(Int(required=True), default=0)
+    t: int | None = checked(Int())
+    wall: int | None = checked(Int())
+
+
 MESSAGE_CLASSES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (ExitBatch, VmStart, VmEnd, Gap, Lifecycle, Screen, Input, KvmStats)}
+    cls.TYPE: cls for cls in (ExitBatch, VmStart, VmEnd, Gap, Lifecycle, Screen, Input, KvmStats, Refused)}
 assert set(MESSAGE_CLASSES) == set(schema.MESSAGE_TYPES), "a message type without its class"
 
 

@@ -23,13 +23,15 @@ _POLL_MS = 200
 class EventPublisher:
     """One PUSH socket (ZeroMQ sockets are not thread-safe: one per vCPU thread, one for the VM)."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, stopping=lambda: False) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, stopping=lambda: False, credential: bytes = b"") -> None:
         self.socket = context.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.socket.setsockopt(zmq.SNDTIMEO, _POLL_MS)
         self.socket.setsockopt(zmq.LINGER, int(STOPPING_SEND_TIMEOUT * 1000))
         self.socket.connect(endpoint)
         self.stopping = stopping  # callable: True once the VM is stopping
+        # The sender's credential (tracetool/bus_credentials.py), the first frame of every message.
+        self.credential = credential
         self.sent = 0
         self.dropped = 0  # messages given up on (the recorder stopped taking them while we stopped)
         self.blocked_seconds = 0.0  # time spent waiting on a full queue: backpressure, made visible
@@ -39,7 +41,7 @@ class EventPublisher:
         waited_since = None
         while True:
             try:
-                self.socket.send(payload, copy=False)
+                self.socket.send_multipart((self.credential, payload), copy=False)
                 self.sent += 1
                 if waited_since is not None:
                     self.blocked_seconds += time.monotonic() - waited_since

@@ -9,6 +9,7 @@ import time
 import zmq
 
 from tracetool import messages
+from tracetool.bus_credentials import Credential
 
 from .errors import SpecError
 from .event_batch import EventBatcher
@@ -27,12 +28,18 @@ class Recording:
             except FilterError as e:
                 raise SpecError(f"--record-only: {e}") from None
         self.context = zmq.Context()
+        # What the supervisor gave this worker to prove its streams are its own.
+        self.credential = Credential.from_env() or b""
         # The VM-level publisher (lifecycle records) and one per vCPU thread (event batches).
-        self.control = EventPublisher(self.context, spec.bus_endpoint)
+        self.control = self.publisher()
         self._control_lock = threading.Lock()
-        self.publishers = [EventPublisher(self.context, spec.bus_endpoint) for _ in range(spec.vcpus)]
+        self.publishers = [self.publisher() for _ in range(spec.vcpus)]
         self.batchers = [EventBatcher(p, spec.vm_id, i, spec.epoch, record_filter=record_filter)
                          for i, p in enumerate(self.publishers)]
+
+    def publisher(self, stopping=lambda: False) -> EventPublisher:
+        """A PUSH socket to the recorder, sending with this worker's credential."""
+        return EventPublisher(self.context, self.spec.bus_endpoint, stopping, credential=self.credential)
 
     def set_stopping_check(self, stopping) -> None:
         for p in (self.control, *self.publishers):

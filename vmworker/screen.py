@@ -240,7 +240,7 @@ class ScreenServices:
             return
 
         def publisher() -> EventPublisher:
-            p = EventPublisher(recording.context, spec.bus_endpoint, stopping)
+            p = recording.publisher(stopping)
             self._publishers.append(p)
             return p
 

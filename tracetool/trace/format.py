@@ -73,6 +73,7 @@ class BlockType(IntEnum):
     SCREEN = 7
     INPUT = 8
     KVM_STATS = 9
+    REFUSED = 10
 
 
 RECORD_BLOCK_TYPES: dict[str, BlockType] = {
@@ -83,6 +84,7 @@ RECORD_BLOCK_TYPES: dict[str, BlockType] = {
     schema.MSG_SCREEN: BlockType.SCREEN,
     schema.MSG_INPUT: BlockType.INPUT,
     schema.MSG_KVM_STATS: BlockType.KVM_STATS,
+    schema.MSG_REFUSED: BlockType.REFUSED,
 }
 # Records read only when asked for (TraceReader.records), not kept from the scan: the kernel's
 # counters come every second per vCPU, and a long fleet run holds more of them than a reader may
