@@ -309,7 +309,7 @@ def _report(outcome, foreground: bool) -> int:
         if rec is None:
             _err(f"the recorder did not report; {outcome.trace} may be incomplete")
         else:
-            _info(render.recording_line(outcome.trace, rec))
+            _info(render.recording_line(outcome.trace, rec, outcome.tally))
             if rec.get("recording_error"):
                 _err(rec["recording_error"])
     codes = []

@@ -63,8 +63,12 @@ class Ps(Command):
         vms = []
         for slot in launch.slots:
             row = slot.describe()
-            # Live exit counts come from the recorder (every epoch); the worker reports only at its end.
-            row["exits"] = max(row["exits"], recorded.get(str(slot.spec.vm_id), {}).get("events", 0))
+            # Exit counts come from the recorder's tally (every epoch, tracetool/exit_tally.py), the
+            # one count the end of the run and the trace give too; the worker reports only at its end.
+            mine = recorded.get(str(slot.spec.vm_id))
+            if mine is not None:
+                row["exits"] = mine.get("exits", 0)
+                row["unclaimed"] = sum((mine.get("unclaimed") or {}).values())
             vms.append(row)
         return {"run": launch.run_dir.run_id, "pid": __import__("os").getpid(), "started": launch.started_wall,
                 "uptime": time.time() - launch.started_wall, "trace": launch.trace_path, "vms": vms}

@@ -128,6 +128,7 @@ class LaunchOutcome:
     run_id: str = ""
     trace: str | None = None
     notes: list[str] = field(default_factory=list)
+    tally: dict | None = None  # exit_tally.RunTally.to_json(): from the trace when there is one
 
 
 class VmSlot:
@@ -166,7 +167,8 @@ class VmSlot:
         last = self.result or {}
         return {"vm": self.spec.vm_id, "name": self.spec.name, "state": self.state, "pid": self.pid,
                 "epoch": max(self.epoch, 0), "restarts": self.restarts, "uptime": uptime,
-                "exits": self.exits_before + (last.get("exits", 0) if self.worker is None or self.worker.done else 0),
+                "exits": self.exits_before,  # epochs that ended (_ended adds each once)
+                "unclaimed": sum((last.get("unclaimed") or {}).values()),
                 "status": last.get("status"), "detail": self.detail or last.get("detail", "")}
 
 
@@ -454,6 +456,7 @@ class Launch:
             self._lifecycle.close()
         if self.recorder_proc is not None:
             outcome.recorder = self._finish_recorder(results)
+        self._count_from_tally(outcome)
         self._control.close(linger=0)
         self._context.term()
         self.run_dir.remove()
@@ -477,6 +480,27 @@ class Launch:
         names = {slot.spec.vm_id: slot.spec.name for slot in self.slots}
         for vm_id in self._quiet.update(now, vms):
             self.on_quiet(names[vm_id], QUIET_TEXT)
+
+    def _count_from_tally(self, outcome: LaunchOutcome) -> None:
+        """Every figure printed at the end comes from one tally: the trace's own accounting
+        (across epochs and recorders) when there is a trace, else the recorder's."""
+        tally = (outcome.recorder or {}).get("tally")
+        if self.trace_path and os.path.exists(self.trace_path):
+            from tracetool.exit_tally import RunTally
+            from tracetool.trace import TraceError, TraceReader
+            try:
+                with TraceReader(self.trace_path) as reader:
+                    tally = RunTally.from_trace(reader).to_json()
+            except TraceError as e:
+                self.notes.append(f"counts from the recorder: the trace cannot be read ({e})")
+        outcome.tally = tally
+        for slot, result in zip(self.slots, outcome.results):
+            vm = (tally or {}).get("vms", {}).get(str(slot.spec.vm_id))
+            if vm is None:
+                continue
+            result["exits_all_epochs"] = vm["exits"]
+            if "exits" not in result:  # a worker that died without a result: how far its streams got
+                result["exits"] = vm["last_epoch_exits"]
 
     def _final_result(self, slot: VmSlot) -> dict:
         result = dict(slot.result or {"name": slot.spec.name, "status": End.WORKER_DIED})

@@ -27,6 +27,7 @@ import numpy as np
 import zmq
 
 from tracetool import messages, schema
+from tracetool.exit_tally import RunTally
 from tracetool.bus_credentials import BusKeys, CredentialError, check_sender
 from tracetool.trace.format import DEFAULT_BLOCK_EVENTS
 from vmworker.event_batch import DEFAULT_BATCH_EVENTS
@@ -101,9 +102,12 @@ class Recorder:
         self.control = control_socket(self.context, run_dir.recorder_endpoint)
         self.trace_path = trace_path
         self.writer = None
+        self.tally = RunTally()  # every VM's exits, all epochs (tracetool/exit_tally.py)
         if trace_path:
-            from tracetool.trace import TraceWriter
+            from tracetool.trace import TraceReader, TraceWriter
             if resume and os.path.exists(trace_path):
+                with TraceReader(trace_path) as reader:  # what the predecessors accounted for
+                    self.tally = RunTally.from_trace(reader)
                 # A restarted recorder continues the file its predecessor left; sequence numbers
                 # pick up where the file ends, so whatever died with it becomes a gap record.
                 self.writer = TraceWriter(trace_path, resume=True)
@@ -174,6 +178,7 @@ class Recorder:
             cause = "other"
         self.bad_messages[cause] = self.bad_messages.get(cause, 0) + 1
         self.unwritten_refusals[cause] = self.unwritten_refusals.get(cause, 0) + 1
+        self.tally.refused += 1
 
     def _write_refusals(self) -> None:
         """Refusals since the last record, as one `refused` record (written at most once per
@@ -202,6 +207,7 @@ class Recorder:
         if first_seq > expected:
             self._gap(vm, vcpu, epoch, expected, first_seq - expected, "lost before reaching the recorder")
         self.next_seq[key] = first_seq + count
+        self.tally.reached(vm, vcpu, epoch, first_seq + count)
         columns = {name: arrays[name] for name in (*schema.COLUMN_NAMES, schema.HANDLE_COLUMN.name) if name in arrays}
         self._write(lambda w: w.write_exits(vm, vcpu, epoch, first_seq, count, columns,
                                             seq=arrays.get("seq"), payloads=batch.payloads))
@@ -227,6 +233,7 @@ class Recorder:
         stats.state = "running"
         stats.epoch = start.epoch
         self.started[(start.vm, start.epoch)] = start.vcpus or 1
+        self.tally.started(start.vm, start.epoch, start.name)
         self._write(lambda w: w.write_record(start.TYPE, start.to_msg()))
 
     def _vm_end(self, end: messages.VmEnd) -> None:
@@ -234,6 +241,7 @@ class Recorder:
             finals = end.final_seq_map()
             self.final_seq[(end.vm, end.epoch)] = [finals.get(vcpu, 0) for vcpu in range(max(finals, default=-1) + 1)]
         self._vm(end.vm).state = end.status or "ended"
+        self.tally.ended(end.to_msg())
         self._write(lambda w: w.write_record(end.TYPE, end.to_msg()))
 
     def _lifecycle(self, event: messages.Lifecycle) -> None:
@@ -264,6 +272,7 @@ class Recorder:
         gap = messages.Gap(vm=vm, vcpu=vcpu, epoch=epoch, first_missing=first_missing, count=count, cause=cause,
                            count_known=count_known)
         self.gaps.append(gap)
+        self.tally.gap(gap.to_msg())
         self._write(lambda w: w.write_record(gap.TYPE, gap.to_msg()))
         self.live.send(messages.pack(gap), flags=zmq.NOBLOCK)
 
@@ -295,7 +304,9 @@ class Recorder:
                 "refused": sum(self.bad_messages.values()),
                 "gaps": len(self.gaps), "gap_events": sum(g.count for g in self.gaps),
                 "trace": self.trace_path, "recording_error": self.recording_error,
-                "vms": {str(vm): s.to_json() for vm, s in self.vms.items()}}
+                "vms": {str(vm): {**s.to_json(), "exits": self.tally.vm(vm).exits,
+                                  "unclaimed": self.tally.vm(vm).unclaimed} for vm, s in self.vms.items()},
+                "tally": self.tally.to_json()}
 
     def _drain(self, until: float) -> None:
         quiet_since = time.monotonic()

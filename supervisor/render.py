@@ -34,12 +34,21 @@ def register_lines(regs: dict) -> list[str]:
     return lines
 
 
-def recording_line(trace: str, rec: dict) -> str:
-    gaps = rec.get("gaps", 0)
-    gap_text = f"{gaps} gaps ({rec.get('gap_events', 0)} events lost)" if gaps else "no gaps"
-    bad = sum((rec.get("bad_messages") or {}).values())
+def recording_line(trace: str, rec: dict, tally: dict | None = None) -> str:
+    """The end line: figures from the trace's own accounting (`tally`, exit_tally.RunTally) when
+    there is one — what `vmtrace info` says — else from the last recorder's stats."""
+    figures = tally or rec
+    gaps = figures.get("gaps", 0)
+    if gaps:
+        lost = [f"{figures.get('gap_events', 0)} events lost"]
+        if figures.get("gaps_count_unknown"):
+            lost.append(f"{figures['gaps_count_unknown']} cut with the count unknown")
+        gap_text = f"{gaps} gap{'s' if gaps != 1 else ''} ({', '.join(lost)})"
+    else:
+        gap_text = "no gaps"
+    bad = figures.get("refused", sum((rec.get("bad_messages") or {}).values()))
     bad_text = f", {bad} malformed messages dropped" if bad else ""
-    return f"trace {trace}: {rec.get('events', 0)} events in {rec.get('batches', 0)} batches, {gap_text}{bad_text}"
+    return f"trace {trace}: {figures.get('events', 0)} events in {rec.get('batches', 0)} batches, {gap_text}{bad_text}"
 
 
 def _fleet_table(run, rates: dict, title: str):
@@ -54,7 +63,7 @@ def _fleet_table(run, rates: dict, title: str):
     for worker in run.workers:
         spec = worker.spec
         vm = vms.get(str(spec.vm_id), {})
-        events = vm.get("events", 0)
+        events = vm.get("exits", 0)
         before = rates.get(spec.vm_id)
         rate = (events - before[1]) / (now - before[0]) if before and now > before[0] else 0.0
         rates[spec.vm_id] = (now, events)
@@ -93,9 +102,10 @@ def summary_table(outcome, console) -> None:
         elif what == End.ERROR:
             what = f"error: {r.get('error', '')}"
         run_s = r.get("run_seconds", 0.0)
-        exits = r.get("exits", 0)
+        exits = r.get("exits_all_epochs", r.get("exits", 0))
+        # exits: every epoch's; the rate is the last epoch's (run_s is its run time)
         table.add_row(r.get("name", "?"), what, str(exits), f"{run_s:.3f}",
-                      f"{exits / run_s:,.0f}" if run_s else "-", str(r.get("exit_code", "?")))
+                      f"{r.get('exits', 0) / run_s:,.0f}" if run_s else "-", str(r.get("exit_code", "?")))
     console.print(table)
 
 

@@ -1,0 +1,131 @@
+"""How many exits each VM made, over all its epochs: the one count ps, the live table, the end
+line, the final table and the trace agree on.
+
+An epoch's count is the worker's own (its vm-end record's `exits`) once it said; before that, or
+when the worker died without saying, it is how far its streams got: the sequence numbers the
+recorder accounted for, stored or declared lost in a gap record (a kick — KVM_EXIT_INTR — takes a
+sequence number too, so a live count may run a few ahead of the worker's own).
+
+The recorder keeps a RunTally as batches and records arrive (and rebuilds it from the trace when
+it is restarted); `RunTally.from_trace` computes the same from a file, with the figures the end
+of a run prints (events stored, gaps and what they lost, refused messages).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import messages, schema
+
+
+@dataclass
+class EpochTally:
+    reached: dict[int, int] = field(default_factory=dict)  # vCPU → next sequence number accounted for
+    exits: int | None = None  # the worker's own count, from its vm-end
+    status: str | None = None
+    unclaimed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.exits if self.exits is not None else sum(self.reached.values())
+
+
+@dataclass
+class VmTally:
+    vm: int
+    name: str | None = None
+    epochs: dict[int, EpochTally] = field(default_factory=dict)
+
+    def epoch(self, epoch: int) -> EpochTally:
+        return self.epochs.setdefault(epoch, EpochTally())
+
+    @property
+    def exits(self) -> int:
+        return sum(e.total for e in self.epochs.values())
+
+    @property
+    def last_epoch(self) -> int:
+        return max(self.epochs, default=0)
+
+    @property
+    def status(self) -> str | None:
+        return self.epochs[self.last_epoch].status if self.epochs else None
+
+    @property
+    def unclaimed(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in self.epochs.values():
+            for k, n in e.unclaimed.items():
+                out[k] = out.get(k, 0) + n
+        return out
+
+    def to_json(self) -> dict:
+        return {"vm": self.vm, "name": self.name, "exits": self.exits, "status": self.status,
+                "epochs": len(self.epochs), "last_epoch_exits": self.epochs[self.last_epoch].total if self.epochs else 0,
+                "unclaimed": self.unclaimed}
+
+
+@dataclass
+class RunTally:
+    vms: dict[int, VmTally] = field(default_factory=dict)
+    events: int = 0  # events stored in the trace (rows)
+    gaps: int = 0  # gap records
+    lost: int = 0  # events the gap records with a known count lost
+    lost_unknown: int = 0  # gap records whose count only the kernel knew
+    refused: int = 0  # bus messages the recorder refused
+
+    def vm(self, vm: int) -> VmTally:
+        tally = self.vms.get(vm)
+        if tally is None:
+            tally = self.vms[vm] = VmTally(vm)
+        return tally
+
+    def reached(self, vm: int, vcpu: int, epoch: int, next_seq: int) -> None:
+        """A stream's events (stored or declared lost) go up to next_seq."""
+        reached = self.vm(vm).epoch(epoch).reached
+        reached[vcpu] = max(reached.get(vcpu, 0), next_seq)
+
+    def started(self, vm: int, epoch: int, name: str | None) -> None:
+        tally = self.vm(vm)
+        tally.epoch(epoch)
+        tally.name = name or tally.name
+
+    def ended(self, end: dict) -> None:
+        """A vm-end record (the worker's, or the supervisor's for a worker that could not say)."""
+        tally = self.vm(end["vm"])
+        tally.name = end.get("name") or tally.name
+        epoch = tally.epoch(end["epoch"])
+        if isinstance(end.get("exits"), int) and end.get("final_seq") is not None:
+            epoch.exits = end["exits"]  # the worker's own count; the supervisor's vm-end has none
+        epoch.status = end.get("status") or epoch.status
+        if isinstance(end.get("unclaimed"), dict):
+            epoch.unclaimed = dict(end["unclaimed"])
+
+    def gap(self, gap: dict) -> None:
+        self.gaps += 1
+        if gap.get("count_known", True):
+            self.lost += gap["count"]
+        else:
+            self.lost_unknown += 1
+        self.reached(gap["vm"], gap["vcpu"], gap["epoch"], gap["first_missing"] + gap["count"])
+
+    @classmethod
+    def from_trace(cls, reader) -> "RunTally":
+        """The tally of a trace file (a TraceReader), every epoch and every recorder's part."""
+        tally = cls(events=reader.event_count)
+        for st in reader.streams():
+            tally.reached(st.vm, st.vcpu, st.epoch, st.last_seq + 1)
+        for kind, take in ((schema.MSG_VM_START, lambda r: tally.started(r["vm"], r["epoch"], r.get("name"))),
+                           (schema.MSG_VM_END, tally.ended), (schema.MSG_GAP, tally.gap),
+                           (schema.MSG_REFUSED, lambda r: setattr(tally, "refused", tally.refused + r["total"]))):
+            for rec in reader.records(kind):
+                try:
+                    messages.validate_record(kind, rec)  # a hostile file's records count for nothing
+                except messages.MessageError:
+                    continue
+                take(rec)
+        return tally
+
+    def to_json(self) -> dict:
+        return {"events": self.events, "gaps": self.gaps, "gap_events": self.lost, "gaps_count_unknown": self.lost_unknown,
+                "refused": self.refused, "vms": {str(vm): t.to_json() for vm, t in sorted(self.vms.items())}}
