@@ -6,7 +6,7 @@ and in the trace's `refused` records, and the real stream stays whole."""
 
 from __future__ import annotations
 
-import os
+import dataclasses
 from pathlib import Path
 
 import msgpack
@@ -45,11 +45,10 @@ def test_messages_for_streams_the_sender_does_not_own_are_refused_recorded_and_h
     cred = Credential.from_frame(mine)
     assert (cred.vm, cred.epoch) == (0, 0)
     stolen_mac = Credential(cred.run, 1, 0, cred.mac).frame()  # vm 0's MAC claimed for vm 1
-    far_ahead = messages.ExitBatch(**{**EXAMPLES[messages.ExitBatch].__dict__, "vm": 0, "epoch": 0,
-                                      "first_seq": 10**9, "payloads": None})
+    far_ahead = dataclasses.replace(EXAMPLES[messages.ExitBatch], vm=0, epoch=0, first_seq=10**9, payloads=None)
     exit_lifecycle = messages.Lifecycle(vm=0, epoch=0, event="exit", status="halted", no_record=True)
     fake_vm = messages.VmStart(vm=77, epoch=0, name="fake", vcpus=1)
-    other_vm = messages.ExitBatch(**{**far_ahead.__dict__, "vm": 1, "first_seq": 0})
+    other_vm = dataclasses.replace(far_ahead, vm=1, first_seq=0)
     forged = {  # (frames, the cause the recorder gives)
         "no credential": [wire(far_ahead)],
         "no credential ": [b"not a credential", wire(exit_lifecycle)],
