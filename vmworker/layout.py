@@ -55,6 +55,22 @@ LINUX_CMDLINE_MAX = LINUX_AREA_END - LINUX_CMDLINE - 1  # bytes, without the NUL
 # boot.rst: a protected-mode kernel (bzImage, LOADED_HIGH) is loaded at 1 MiB.
 LINUX_KERNEL_ADDR = 0x100000
 
+# Firmware tables describing the CPUs to a kernel (vmworker.mptable, vmworker.acpi), written for
+# multiboot and bzImage kernels only. In the BIOS ROM area, where both specifications tell an OS to
+# search: MP spec 1.4 §4 ("the BIOS ROM address space between 0F0000h and 0FFFFFh") and ACPI 6.5
+# §5.2.5.1 (the RSDP "in the BIOS read-only memory space between 0E0000h and 0FFFFFh", 16-byte
+# aligned). Both memory maps report 640 KiB-1 MiB reserved, so kernels leave them alone.
+MP_FLOATING_POINTER = 0xF0000  # 16 bytes
+MP_CONFIG_TABLE = 0xF0010  # up to ACPI_RSDP: room for 1600 processor entries
+ACPI_RSDP = 0xF8000
+ACPI_RSDT = 0xF8020
+ACPI_MADT = 0xF8080  # after the RSDT (36 + 4 bytes); up to FIRMWARE_TABLES_END
+FIRMWARE_TABLES_END = 0x100000
+# The local APICs' and the I/O APIC's MMIO windows, where KVM's in-kernel irqchip answers (the PC's
+# defaults: Intel SDM Vol. 3A §11.4.1, 82093AA I/O APIC datasheet).
+LAPIC_BASE = 0xFEE0_0000
+IOAPIC_BASE = 0xFEC0_0000
+
 # The PC's low-memory map as a multiboot memory map describes it: conventional RAM below 640 KiB,
 # the VGA/ROM hole up to 1 MiB (reserved: the VGA text buffer lives at 0xB8000), RAM from 1 MiB.
 LOW_RAM_END = 0xA0000

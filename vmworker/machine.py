@@ -16,7 +16,7 @@ from . import kvm_abi as abi
 from . import layout, x86
 from .status import End, exit_code_for
 from .devices.bus import Bus
-from . import bzimage, multiboot
+from . import acpi, bzimage, mptable, multiboot
 from .errors import KvmError, SpecError
 from .emulate import InsnFallback
 from .halt_watch import HaltWatch
@@ -164,6 +164,10 @@ class Machine:
                          if image.multiboot else None)
             boot_params = bzimage.write_boot_params(self.memory, image, mem_size, plan, initrd) if plan else None
             cpuid = self.kvm.supported_cpuid()
+            if image.is_kernel:  # how a kernel finds its CPUs and starts the APs with INIT/SIPI
+                signature, features = x86.cpu_signature(cpuid)
+                mptable.write_mp_table(self.memory, vcpus, signature, features)
+                acpi.write_acpi_tables(self.memory, vcpus)
             load_addr = image.segments[0].gpa
             for i in range(vcpus):
                 vcpu = self.vm.create_vcpu(i)

@@ -111,6 +111,11 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
                 if ctx.halt_probe is not None:  # halt_watch asks whether this vCPU sleeps for good
                     stats.halted = ctx.halt_probe.answer(vcpu)
                 continue
+            except BlockingIOError:
+                # EAGAIN: an AP the in-kernel LAPIC held for INIT/SIPI woke with one of them
+                # (KVM_RUN of a vCPU in KVM_MP_STATE_UNINITIALIZED returns it, arch/x86/kvm/x86.c);
+                # entering again runs it from the STARTUP vector or blocks it until one comes.
+                continue
             t1 = now_ns()
             n += 1
             reason, direction, size, addr, count, data_offset = exit_at(run, reason_off)

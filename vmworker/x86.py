@@ -165,6 +165,15 @@ def max_real_mode_vcpus() -> int:
     return 0x10000 // layout.REAL_MODE_STACK_SLOT
 
 
+def cpu_signature(supported) -> tuple[int, int]:
+    """CPUID leaf 01H's EAX (family, model, stepping) and EDX (feature flags): what an MP table's
+    processor entries say (MP spec 1.4 §4.3.1)."""
+    for entry in supported.entries[:supported.nent]:
+        if entry.function == 0x1:
+            return entry.eax, entry.edx
+    return 0, 0
+
+
 def cpuid_for_vcpu(supported, vcpu_id: int):
     """KVM_GET_SUPPORTED_CPUID's table with the per-CPU fields made this vCPU's (a copy).
 
