@@ -9,10 +9,13 @@ from __future__ import annotations
 import calendar
 import io
 import re
+import subprocess
+import sys
 import time
 
 import pytest
 
+from conftest import REPO
 from vmworker import layout
 from vmworker.devices.console import Console
 from vmworker.devices.pci_host import config_address
@@ -147,3 +150,14 @@ def test_pcirtc_finds_the_host_bridge_and_reads_the_host_time(vmsup):
         assert before <= told <= after, (proc.stdout, before, after)
         assert b == ("02" if mode == "bcd" else "06")
     assert " d 80\n" in proc.stdout
+
+
+@pytest.mark.kvm
+def test_post_codes_are_in_the_trace_as_port_0x80_writes(vmsup, tmp_path):
+    trace = tmp_path / "pcirtc.vmtrace"
+    proc = vmsup("launch", "pcirtc", "--quiet", "--trace", str(trace))
+    assert proc.returncode == 0, proc.stderr
+    shown = subprocess.run([sys.executable, "-m", "tracetool", "show", str(trace), "--port", "0x80"],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert shown.returncode == 0, shown.stderr
+    assert re.findall(r"io out port=0x80 size=1 data=(0x\w+)", shown.stdout) == ["0x11", "0x22", "0x33"]
