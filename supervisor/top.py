@@ -15,6 +15,8 @@ import numpy as np
 
 from tracetool import schema
 
+from .kernel_view import SHOWN as KERNEL_SHOWN
+from .kernel_view import KernelView
 from .live import LiveSubscriber
 
 SORT_KEYS = ("rate", "total")
@@ -32,36 +34,7 @@ class _VmCounts:
     totals: np.ndarray = field(default_factory=lambda: np.zeros(_REASON_SLOTS, dtype=np.int64))
     previous: np.ndarray = field(default_factory=lambda: np.zeros(_REASON_SLOTS, dtype=np.int64))
     rates: np.ndarray = field(default_factory=lambda: np.zeros(_REASON_SLOTS, dtype=np.float64))
-    next_seq: dict[int, int] = field(default_factory=dict)  # vcpu → exits that reached vmsup (sequence numbers)
-    kernel: KernelCounts = field(default_factory=lambda: KernelCounts())
-
-
-# The kernel's counters shown beside vmsup's exits (kvm-stats messages; names as the kernel's).
-KERNEL_SHOWN = ("exits", "halt_exits", "irq_injections")
-
-
-@dataclass
-class KernelCounts:
-    """A VM's vCPU counters from its kvm-stats samples: current values, and rates between the
-    last two samples of each vCPU."""
-
-    values: dict[int, dict[str, int]] = field(default_factory=dict)  # vcpu → every counter, carried forward
-    rates: dict[int, dict[str, float]] = field(default_factory=dict)
-    sampled_at: dict[int, int] = field(default_factory=dict)
-
-    def add(self, vcpu: int, t: int, changed: dict) -> None:
-        before = self.values.get(vcpu)
-        now = {**(before or {}), **changed}
-        if before is not None and t > self.sampled_at[vcpu]:
-            dt = (t - self.sampled_at[vcpu]) / 1e9
-            self.rates[vcpu] = {k: (now.get(k, 0) - before.get(k, 0)) / dt for k in KERNEL_SHOWN}
-        self.values[vcpu], self.sampled_at[vcpu] = now, t
-
-    def total(self, name: str) -> int:
-        return sum(v.get(name, 0) for v in self.values.values())
-
-    def rate(self, name: str) -> float:
-        return sum(r.get(name, 0.0) for r in self.rates.values())
+    kernel: KernelView = field(default_factory=KernelView)  # the kernel's own counters (kvm-stats)
 
 
 class TopModel:
@@ -89,9 +62,10 @@ class TopModel:
             counts = self._vm(msg["vm"])
             if msg["epoch"] > counts.epoch:  # a restarted VM: same row, new epoch, not ended
                 counts.epoch, counts.status = msg["epoch"], None
-                counts.next_seq, counts.kernel = {}, KernelCounts()
+                counts.kernel = KernelView()
             if msg["epoch"] == counts.epoch:
-                counts.next_seq[msg["vcpu"]] = max(counts.next_seq.get(msg["vcpu"], 0), msg["first_seq"] + msg["count"])
+                counts.kernel.exits(msg["vcpu"], msg["columns"]["seq"], msg["columns"]["t_exit"],
+                                    msg["first_seq"] + msg["count"])
             if msg["rows"]:
                 reasons = msg["columns"]["reason"]
                 if self.event_filter is not None:
@@ -108,9 +82,9 @@ class TopModel:
             counts = self._vm(msg["vm"])
             if msg["epoch"] > counts.epoch:
                 counts.epoch, counts.status = msg["epoch"], None
-                counts.next_seq, counts.kernel = {}, KernelCounts()
+                counts.kernel = KernelView()
             if msg["epoch"] == counts.epoch and msg["vcpu"] >= 0:
-                counts.kernel.add(msg["vcpu"], msg["t"], msg["values"])
+                counts.kernel.sample(msg["vcpu"], msg["t"], msg["values"])
         elif kind == schema.MSG_VM_END:
             counts = self._vm(msg["vm"])
             if msg["epoch"] >= counts.epoch:
@@ -118,6 +92,8 @@ class TopModel:
                 counts.status = str(msg.get("status", "ended"))
                 if isinstance(msg.get("name"), str) and not counts.name:
                     counts.name = msg["name"]
+                if msg["epoch"] == counts.epoch and msg.get("final_seq"):
+                    counts.kernel.ended(msg["final_seq"])
 
     def know_vms(self, rows: list[dict]) -> None:
         """Every VM of the run, also those that sent nothing while we listened (ended before we
@@ -143,20 +119,6 @@ class TopModel:
             counts.previous = counts.totals.copy()
         self.tick_at, self.interval = now, dt
 
-    @staticmethod
-    def _kernel(c: _VmCounts) -> dict | None:
-        """The kernel's view of the VM's vCPUs (None before its first kvm-stats sample). in_kernel:
-        the kernel's exits minus those that reached vmsup (its sequence numbers), i.e. the exits
-        the kernel handled itself — a little high while batches are still on their way."""
-        k = c.kernel
-        if not k.values:
-            return None
-        out = {name: {"total": k.total(name), "rate": round(k.rate(name), 1)} for name in KERNEL_SHOWN}
-        user = sum(c.next_seq.values())
-        out["in_kernel"] = {"total": max(out["exits"]["total"] - user, 0),
-                            "rate": round(max(k.rate("exits") - float(c.rates.sum()), 0.0), 1)}
-        return out
-
     def snapshot(self, *, sort: str = "rate", vm: int | None = None, subscriber: LiveSubscriber | None = None,
                  run_id: str | None = None) -> dict:
         """Plain data: what the table shows and `--json` prints."""
@@ -181,12 +143,20 @@ class TopModel:
             reasons.sort(key=key)
             vms.append({"vm": v, "name": name, "epoch": c.epoch, "status": c.status or c.state or ("running" if c.seen else "not seen"),
                         "total": total, "rate": round(float(c.rates.sum()), 1),
-                        "missed": missed_by_vm.get(v, 0), "reasons": reasons, "kernel": self._kernel(c)})
+                        "missed": missed_by_vm.get(v, 0), "reasons": reasons, "kernel": c.kernel.snapshot()})
         snap = {"run": run_id, "interval": round(self.interval, 3), "sort": sort, "vm": vm, "vms": vms}
         if subscriber is not None:
             snap["missed_total"] = subscriber.missed_total
             snap["malformed"] = subscriber.malformed
         return snap
+
+
+def _or_dash(value):
+    return "-" if value is None else value
+
+
+def _num(value, fmt: str) -> str:
+    return value if isinstance(value, str) else format(value, fmt)
 
 
 def render_table(snap: dict, *, keys_help: bool = False):
@@ -206,6 +176,7 @@ def render_table(snap: dict, *, keys_help: bool = False):
     for i, vm in enumerate(snap["vms"]):
         kernel = [(f"  kernel: {'in-kernel exits' if name == 'in_kernel' else name}", vm["kernel"][name])
                   for name in ("exits", "in_kernel", *KERNEL_SHOWN[1:])] if vm.get("kernel") else []
+        kernel = [(label, {"total": _or_dash(k["total"]), "rate": _or_dash(k["rate"])}) for label, k in kernel]
         rows = [(f"  {r['reason']}", r, f"{r['percent']:.1f}", None) for r in vm["reasons"]]
         rows += [(label, k, "", "dim") for label, k in kernel]
         label = f"vm {vm['vm']}" + (f" {vm['name']}" if vm["name"] else "") + f" [{vm['status']}]"
@@ -213,7 +184,7 @@ def render_table(snap: dict, *, keys_help: bool = False):
                       f"{vm['rate']:,.0f}", f"{vm['missed']:,}" if vm["missed"] else "",
                       end_section=not rows and i < len(snap["vms"]) - 1)
         for j, (label, r, pct, style) in enumerate(rows):
-            table.add_row(Text(label, style=style or ""), f"{r['total']:,}", pct, f"{r['rate']:,.0f}", "",
+            table.add_row(Text(label, style=style or ""), _num(r["total"], ","), pct, _num(r["rate"], ",.0f"), "",
                           end_section=j == len(rows) - 1 and i < len(snap["vms"]) - 1, style=style)
     if not snap["vms"]:
         table.add_row(Text("(no exits seen yet)", style="dim"), "", "", "", "")

@@ -142,7 +142,7 @@ def test_sql_has_the_counters_as_a_table(tmp_path):
 
 
 # --- vmsup top: the kernel's counters beside vmsup's exits ---------------------------------------
-from test_live_views import bus, io_out  # noqa: E402,F401  (the live-bus fixture: a real socket, a real top)
+from test_live_views import T0, bus, io_out  # noqa: E402,F401  (the live-bus fixture: a real socket, a real top)
 
 from tracetool import messages  # noqa: E402
 
@@ -152,12 +152,12 @@ def test_top_shows_the_kernels_exits_beside_vmsups_and_those_it_handled_itself(b
     top = b.attach("top", "--once", "--json", "--interval", "60")
     b.vm_start(0, "mbkernel")
     batcher = b.batcher()
-    b.send(messages.KvmStats(vm=0, epoch=0, vcpu=-1, t=1_000, values={"remote_tlb_flush": 0}).to_msg())
-    b.send(messages.KvmStats(vm=0, epoch=0, vcpu=0, t=1_000, values={"exits": 0, "halt_exits": 0,
+    b.send(messages.KvmStats(vm=0, epoch=0, vcpu=-1, t=T0 - 1, values={"remote_tlb_flush": 0}).to_msg())
+    b.send(messages.KvmStats(vm=0, epoch=0, vcpu=0, t=T0 - 1, values={"exits": 0, "halt_exits": 0,
                                                                       "irq_injections": 0, "io_exits": 0}).to_msg())
     b.emit(batcher, [io_out(i) for i in range(5)])
     # 5 exits reached vmsup; the kernel saw 12: 7 HLTs it handled itself, 7 timer interrupts injected
-    b.send(messages.KvmStats(vm=0, epoch=0, vcpu=0, t=1_000 + 10**9,
+    b.send(messages.KvmStats(vm=0, epoch=0, vcpu=0, t=T0 - 1 + 10**9,
                              values={"exits": 12, "halt_exits": 7, "irq_injections": 7}, last=True).to_msg())
     b.vm_end(0, [batcher.next_seq])
     rc, out, err = b.finish(top)
@@ -166,7 +166,26 @@ def test_top_shows_the_kernels_exits_beside_vmsups_and_those_it_handled_itself(b
     assert vm["total"] == 5
     k = vm["kernel"]
     assert {name: k[name]["total"] for name in k} == {"exits": 12, "in_kernel": 7, "halt_exits": 7, "irq_injections": 7}
-    assert k["exits"]["rate"] == 12.0 and k["halt_exits"]["rate"] == 7.0
+    assert k["exits"]["rate"] == 12.0 and k["halt_exits"]["rate"] == 7.0 and k["in_kernel"]["rate"] == 7.0
+
+
+def test_top_lines_a_sample_up_with_the_exits_before_it(bus):  # noqa: F811
+    """A sample is compared with the exits up to its own time, not with later batches."""
+    b = bus()
+    top = b.attach("top", "--once", "--json", "--interval", "60")
+    b.vm_start(0, "mbkernel")
+    batcher = b.batcher()
+    b.emit(batcher, [io_out(i) for i in range(4)])  # t_exit: see io_out (ascending from its index)
+    t_after_two = (io_out(1)[0] + io_out(2)[0]) // 2
+    b.send(messages.KvmStats(vm=0, epoch=0, vcpu=0, t=t_after_two, values={"exits": 9}).to_msg())
+    b.emit(batcher, [io_out(i) for i in range(4, 8)])
+    b.send(messages.KvmStats(vm=0, epoch=0, vcpu=0, t=T0 + 10**6, values={"exits": 18}).to_msg())  # waits for the end
+    b.vm_end(0, [batcher.next_seq])
+    rc, out, err = b.finish(top)
+    assert rc == 0, err
+    k = json.loads(out)["vms"][0]["kernel"]
+    assert k["exits"]["total"] == 18 and k["in_kernel"]["total"] == 18 - 8  # the last sample, lined up at the end
+    assert k["in_kernel"]["rate"] == round(((18 - 8) - (9 - 2)) / ((T0 + 10**6 - t_after_two) / 1e9), 1)
 
 
 def test_top_table_has_the_kernel_rows(bus):  # noqa: F811
@@ -175,7 +194,7 @@ def test_top_table_has_the_kernel_rows(bus):  # noqa: F811
     b.vm_start(0, "mbkernel")
     batcher = b.batcher()
     b.emit(batcher, [io_out(i) for i in range(3)])
-    b.send(messages.KvmStats(vm=0, epoch=0, vcpu=0, t=5, values={"exits": 10, "halt_exits": 4,
+    b.send(messages.KvmStats(vm=0, epoch=0, vcpu=0, t=T0 + 10**6, values={"exits": 10, "halt_exits": 4,
                                                                   "irq_injections": 4}).to_msg())
     b.vm_end(0, [batcher.next_seq])
     rc, out, err = b.finish(top)
