@@ -120,6 +120,19 @@ def test_cmos_ram_keeps_what_is_written_and_the_nmi_bit_does_not_change_the_regi
     assert rtc_read(rtc, 0x0D) == 0x80
 
 
+def test_cmos_ram_holds_the_memory_sizes_firmware_leaves_there():
+    rtc = CmosRtc(clock=lambda: FIXED, mem_size=32 << 20)
+
+    def word(register: int) -> int:
+        return rtc_read(rtc, register) | rtc_read(rtc, register + 1) << 8
+
+    assert word(0x15) == 640  # KiB of base memory
+    assert word(0x17) == word(0x30) == 31 << 10  # KiB above 1 MiB
+    assert word(0x34) == 256  # 64 KiB blocks above 16 MiB
+    assert rtc_read(rtc, 0x2E) << 8 | rtc_read(rtc, 0x2F) == sum(rtc_read(rtc, r) for r in range(0x10, 0x2E))
+    assert CmosRtc(mem_size=1 << 30).ram[0x17:0x19] == b"\xff\xff"  # at most 0xFFFF KiB
+
+
 def test_post_codes_are_claimed_and_the_last_reads_back():
     devices, bus = port_bus()
     for code in (0x11, 0x22):

@@ -87,7 +87,7 @@ def run_spec(spec: VmSpec) -> dict:
         irqchip = spec.irqchip if spec.irqchip is not None else image.is_kernel
         out = sys.stdout.buffer
         console = Console(out, line_buffered=not spec.quiet)
-        devices = StandardDevices(console, _serial_input(spec.serial_in))
+        devices = StandardDevices(console, _serial_input(spec.serial_in), mem_size=spec.mem)
         exit_log = None if spec.quiet else ExitLog(out, multi_vcpu=spec.vcpus > 1)
         if spec.bus_endpoint:
             recording = Recording(spec, image)

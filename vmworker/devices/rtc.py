@@ -14,7 +14,11 @@ Registers (MC146818A datasheet, "Address Map" and "Registers A-D"):
     0x0D register D: bit 7 VRT, "valid RAM and time" (the battery is good)
     0x0E-0x7F battery-backed RAM; by the IBM PC/AT convention 0x32 holds the century, which here
          follows the clock and register B's DM bit like the time registers (as QEMU's, and as
-         Linux's mc146818_get_time decodes it)
+         Linux's mc146818_get_time decodes it), and the memory sizes firmware leaves there (binary,
+         little-endian pairs; IBM PC/AT Technical Reference, "CMOS RAM Address Map"): 0x15/0x16
+         base memory in KiB, 0x17/0x18 and 0x30/0x31 KiB above 1 MiB (at most 0xFFFF), 0x34/0x35
+         64 KiB blocks above 16 MiB (the Bochs/QEMU/SeaBIOS extension); 0x2E/0x2F the checksum
+         of 0x10-0x2D, big-endian
 
 The index port's bit 7 is the PC's NMI mask, kept and ignored. Time is UTC, as QEMU's default
 (`-rtc base=utc`) and Linux expect. A guest that sets the time (SET, write, clear SET) moves this
@@ -42,6 +46,9 @@ B_DEFAULT = B_24H  # BCD, 24-hour: the PC/AT BIOS's setting
 D_VRT = 0x80
 HOUR_PM = 0x80  # 12-hour mode: bit 7 of the hours register
 UPDATE_CYCLE = 244e-6  # seconds before each update during which UIP reads 1 (datasheet: tBUC)
+CMOS_BASE_MEMORY, CMOS_EXTENDED_MEMORY, CMOS_EXTENDED_MEMORY_POST, CMOS_MEMORY_ABOVE_16M = 0x15, 0x17, 0x30, 0x34
+CMOS_CHECKSUM, CHECKSUMMED = 0x2E, range(0x10, 0x2E)
+BASE_MEMORY_KIB = 640  # conventional memory: RAM below the VGA window at 0xA0000
 TIME_REGISTERS = (REG_SECONDS, REG_MINUTES, REG_HOURS, REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR, REG_CENTURY)
 
 
@@ -56,7 +63,7 @@ def from_bcd(value: int) -> int:
 class CmosRtc:
     """Index (offset 0) and data (offset 1) ports of the CMOS RTC."""
 
-    def __init__(self, name: str = "rtc", clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, name: str = "rtc", clock: Callable[[], float] = time.time, mem_size: int | None = None) -> None:
         self.name = name
         self.clock = clock
         self.index = 0
@@ -64,6 +71,16 @@ class CmosRtc:
         self.ram = bytearray(CMOS_SIZE)
         self.ram[REG_A], self.ram[REG_B], self.ram[REG_D] = A_DEFAULT, B_DEFAULT, D_VRT
         self._frozen: dict[int, int] | None = None  # the time registers while SET is 1
+        if mem_size is not None:
+            self._store_memory_sizes(mem_size)
+
+    def _store_memory_sizes(self, mem_size: int) -> None:
+        above_1m = min(max(0, mem_size - (1 << 20)) >> 10, 0xFFFF)
+        above_16m = min(max(0, mem_size - (16 << 20)) >> 16, 0xFFFF)
+        for register, value in ((CMOS_BASE_MEMORY, BASE_MEMORY_KIB), (CMOS_EXTENDED_MEMORY, above_1m),
+                                (CMOS_EXTENDED_MEMORY_POST, above_1m), (CMOS_MEMORY_ABOVE_16M, above_16m)):
+            self.ram[register:register + 2] = value.to_bytes(2, "little")
+        self.ram[CMOS_CHECKSUM:CMOS_CHECKSUM + 2] = sum(self.ram[r] for r in CHECKSUMMED).to_bytes(2, "big")
 
     def _now(self) -> float:
         return self.clock() + self.offset

@@ -31,7 +31,7 @@ from .vga import CRTC_LENGTH, VgaCrtc
 class StandardDevices:
     """Every device of the standard machine, by name, attached to `port_bus` and `mmio_bus`."""
 
-    def __init__(self, console: Console, serial_input: SerialInput) -> None:
+    def __init__(self, console: Console, serial_input: SerialInput, mem_size: int | None = None) -> None:
         self.port_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self.seed = self._place(self.port_bus, layout.SEED_PORT, 1, SeedPort())
@@ -42,7 +42,7 @@ class StandardDevices:
         # The VGA cursor; the text buffer itself is RAM.
         self.vga = self._place(self.port_bus, layout.VGA_CRTC_PORT, CRTC_LENGTH, VgaCrtc())
         # What real programs probe: the CMOS clock, POST codes, PCI bus 0 with its host bridge.
-        self.rtc = self._place(self.port_bus, layout.RTC_PORT, RTC_LENGTH, CmosRtc())
+        self.rtc = self._place(self.port_bus, layout.RTC_PORT, RTC_LENGTH, CmosRtc(mem_size=mem_size))
         self.post = self._place(self.port_bus, layout.POST_PORT, 1, PostCodePort())
         self.pci = self._place(self.port_bus, layout.PCI_CONFIG_PORT, PCI_LENGTH, PciHostBridge())
         self.mmio_test = self._place(self.mmio_bus, layout.MMIO_TEST_GPA, MMIO_TEST_LENGTH, MmioTestDevice())
