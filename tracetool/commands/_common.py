@@ -12,7 +12,7 @@ import json
 import sys
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import typer
 
@@ -78,6 +78,70 @@ def console(file=None, *, stderr: bool = False, pipe_width: int = PIPE_WIDTH):
     from rich.console import Console
     out = file or (sys.stderr if stderr else sys.stdout)
     return Console(file=out, highlight=False, width=None if out.isatty() else pipe_width)
+
+
+class Col(NamedTuple):
+    """A column of a table that must fit the terminal (fitted_table)."""
+
+    header: str  # "\n" splits it over lines, so a number column stays as narrow as its numbers
+    numeric: bool = True  # numbers never wrap and are never cut; text folds
+    drop: int = 0  # 0: always shown; otherwise dropped (highest first, equal ones together) when too wide
+
+
+# The narrowest a text column (a group's name) folds to before columns are dropped instead.
+_MIN_TEXT = 12
+
+
+def fitted_table(console, title: str, columns: list[Col], rows: list[list[str]], *, wide: bool = False):
+    """(rich Table, hidden column count): the table at the console's width — numbers never cut to
+    `1…`: text columns fold first, then optional columns go (highest `drop` first); `wide`: all
+    columns, as wide as they need (print_fitted prints it at that width)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    def natural(i: int, *, folded: bool = True) -> int:
+        cells = [len(line) for line in columns[i].header.split("\n")] + [len(r[i]) for r in rows]
+        width = max(cells)
+        return width if columns[i].numeric or not folded else min(width, _MIN_TEXT)
+
+    def total(keep: list[int]) -> int:  # each cell has a space either side and a border
+        return sum(natural(i) + 3 for i in keep) + 1
+
+    keep = list(range(len(columns)))
+    one_line = [col._replace(header=col.header.strip().replace("\n", " ")) for col in columns]
+    if wide or sum(max([len(col.header)] + [len(r[i]) for r in rows]) + 3
+                   for i, col in enumerate(one_line)) + 1 <= console.width:
+        columns = one_line  # room enough for every column with its header on one line
+    if not wide:
+        while total(keep) > console.width:
+            level = max((columns[i].drop for i in keep), default=0)
+            if not level:
+                break
+            keep = [i for i in keep if columns[i].drop != level]  # e.g. A, B and Δ% of one statistic
+    t = Table(title=title, title_justify="left", title_style="bold")
+    for i in keep:
+        col = columns[i]
+        t.add_column(col.header, justify="right" if col.numeric else "left", no_wrap=col.numeric,
+                     overflow="ellipsis" if col.numeric else "fold", min_width=natural(i) if col.numeric else None)
+    for r in rows:
+        t.add_row(*(Text(r[i]) for i in keep))  # Text: names from a file are never markup
+    if wide:  # every cell whole, on one line
+        t.width = max(console.width, sum(natural(i, folded=False) + 3 for i in keep) + 1)
+    return t, len(columns) - len(keep)
+
+
+def print_fitted(console, table, hidden: int, *, wide: bool = False) -> None:
+    """Print a fitted_table; say how many columns the width hid (`--wide` shows them)."""
+    from rich.text import Text
+    if wide:
+        console.print(table, width=table.width, crop=False)
+    else:
+        console.print(table)
+    if hidden:
+        console.print(Text(f"({hidden} more columns with --wide)", style="dim"))
+
+
+WIDE_OPT = typer.Option(False, "--wide", help="Every column, however wide the table gets.")
 
 
 def json_default(value):

@@ -203,7 +203,7 @@ def _divergence_line(d: dict) -> str:
     return head + f"{d['field']} differs: A {d['a']}, B {d['b']} [{others}] — A: {d['a_event']}; B: {d['b_event']}"
 
 
-def render(data: dict, console) -> None:
+def render(data: dict, console, *, wide: bool = False) -> None:
     from rich.table import Table
     from rich.text import Text
 
@@ -231,28 +231,37 @@ def render(data: dict, console) -> None:
     for count in data["counts"]:
         t.add_row(count["reason"], str(count["a"]), str(count["b"]), f"{count['delta']:+d}" if count["delta"] else "0")
     console.print(t)
-    t = Table(title="Timing per reason (µs; not a divergence: runs never repeat their timing)", title_justify="left",
-              title_style="bold")
-    t.add_column("reason")
-    cols = [("guest", "mean_ns"), ("guest", "p99_ns"), ("handle", "mean_ns"), ("handle", "p99_ns")]
-    for metric, stat in cols:
-        label = f"{metric} {stat[:-3]}"
-        for side in ("A", "B"):
-            t.add_column(f"{label} {side}", justify="right")
-        t.add_column("Δ%", justify="right")
-    for entry in data["timing"]:
+    columns, rows = timing_columns(data["timing"])
+    t, hidden = c.fitted_table(console, "Timing per reason (µs; not a divergence: runs never repeat their timing)",
+                               columns, rows, wide=wide)
+    c.print_fitted(console, t, hidden, wide=wide)
+
+
+# Timing columns: (metric, statistic, drop order of its A, B and Δ% columns; 0: always shown).
+_TIMING = (("guest", "mean_ns", 0), ("handle", "mean_ns", 0), ("guest", "p99_ns", 2), ("handle", "p99_ns", 1))
+
+
+def timing_columns(timing: list[dict]) -> tuple[list, list[list[str]]]:
+    """The timing table's columns (c.Col) and rows: A, B and Δ% of each statistic."""
+    columns = [c.Col("reason", numeric=False)]
+    for metric, stat, drop in _TIMING:
+        label = f"{metric}\n{stat[:-3]}"
+        columns += [c.Col(f"{label}\nA", drop=drop), c.Col(f"{label}\nB", drop=drop), c.Col("\n\nΔ%", drop=drop)]
+    rows = []
+    for entry in timing:
         cells = [entry["reason"]]
-        for metric, stat in cols:
+        for metric, stat, _ in _TIMING:
             v = entry[f"{metric}_{stat}"]
             cells += [c.usec(v["a"]), c.usec(v["b"]), "-" if v["change_pct"] is None else f"{v['change_pct']:+.1f}"]
-        t.add_row(*cells)
-    console.print(t)
+        rows.append(cells)
+    return columns, rows
 
 
 def run(
     trace_a: str = typer.Argument(..., metavar="A", help="The first trace."),
     trace_b: str = typer.Argument(..., metavar="B", help="The trace to compare with it."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document instead of tables."),
+    wide: bool = c.WIDE_OPT,
 ) -> None:
     """Compare two traces of the same guest: first divergence and count differences per reason.
     Exit 0 when they match, 1 when they differ (timing alone is not a difference)."""
@@ -262,5 +271,5 @@ def run(
     if as_json:
         c.dump_json(data)
     else:
-        render(data, c.console())
+        render(data, c.console(), wide=wide)
     raise typer.Exit(0 if data["same"] else c.EXIT_PROBLEMS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import asdict
 from datetime import datetime, timezone
 
@@ -91,17 +92,13 @@ def _vms(reader: TraceReader) -> list[dict]:
 
 
 def render(data: dict, console) -> None:
-    from rich.table import Table
     from rich.text import Text
 
-    def table(title: str, *columns: str) -> Table:
-        t = Table(title=title, title_justify="left", title_style="bold")
-        for col in columns:
-            t.add_column(col, overflow="fold")
-        return t
-
-    def row(t: Table, *cells) -> None:
-        t.add_row(*(Text(_text(cell)) for cell in cells))  # Text: file contents are never markup
+    def table(title: str, columns: list, rows: list[list]) -> None:
+        """Numbers whole, text folded (c.fitted_table); a column named with a leading "~" is text."""
+        cols = [c.Col(name.lstrip("~"), numeric=not name.startswith("~")) for name in columns]
+        t, _ = c.fitted_table(console, title, cols, [[_text(cell) for cell in r] for r in rows])
+        console.print(t)
 
     f = data["file"]
     console.print(Text(f"{f['path']}: {f['size']} bytes, trace format {f['format_version']}, "
@@ -115,43 +112,45 @@ def render(data: dict, console) -> None:
     console.print(Text(f"state: {state}"))
 
     if data["run"]:
-        t = table("Run", "key", "value")
-        for k, v in data["run"].items():
-            row(t, k, v)
-        console.print(t)
+        console.print(Text("Run", style="bold"))
+        for key, value in _run_lines(data["run"]):
+            console.print(Text(f"  {key}: {value}"))
 
-    t = table("VMs", "vm", "epoch", "name", "status", "exits", "in trace", "vcpus", "guest sha256", "spec")
+    rows = []
     for vm in data["vms"]:
         sha = vm.get("sha256")
         status = vm.get("status") or "(no vm-end)"
         if vm.get("detail"):
             status += f" ({vm['detail']})"
-        row(t, vm["vm"], vm["epoch"], vm.get("name"), status, vm.get("exits"), vm.get("events_in_trace"),
-            vm.get("vcpus"), sha[:16] if isinstance(sha, str) else sha, vm.get("spec"))
-    console.print(t)
+        rows.append([vm["vm"], vm["epoch"], vm.get("name"), status, vm.get("exits"), vm.get("events_in_trace"),
+                     vm.get("vcpus"), sha[:16] if isinstance(sha, str) else sha])
+    table("VMs", ["vm", "epoch", "~name", "~status", "exits", "in\ntrace", "vcpus", "~guest sha256"], rows)
+    for vm in data["vms"]:  # a spec is many settings: one line each, not one cell of JSON
+        if isinstance(vm.get("spec"), dict):
+            console.print(Text(f"vm {vm['vm']} epoch {vm['epoch']}" + (f" {vm['name']}" if vm.get("name") else "")
+                               + " spec (settings left at none omitted):", style="bold"))
+            for key, value in spec_lines(vm["spec"]):
+                console.print(Text(f"  {key}: {value}"))
 
-    t = table("Streams", "vm", "vcpu", "epoch", "events", "covered", "first seq", "last seq", "blocks")
-    for s in data["streams"]:
-        row(t, s["vm"], s["vcpu"], s["epoch"], s["events"], s["covered"], s["first_seq"], s["last_seq"], s["blocks"])
-    console.print(t)
+    table("Streams", ["vm", "vcpu", "epoch", "events", "covered", "first\nseq", "last\nseq", "blocks"],
+          [[s["vm"], s["vcpu"], s["epoch"], s["events"], s["covered"], s["first_seq"], s["last_seq"], s["blocks"]]
+           for s in data["streams"]])
 
-    t = table("Events", "vm", "reason", "events", "share")
+    rows = []
     for entry in data["events"]["by_vm"]:
         for reason, n in sorted(entry["by_reason"].items(), key=lambda kv: -kv[1]):
-            row(t, entry["vm"], reason, n, f"{100 * n / entry['total']:.1f}%" if entry["total"] else "-")
-    console.print(t)
+            rows.append([entry["vm"], reason, n, f"{100 * n / entry['total']:.1f}%" if entry["total"] else "-"])
+    table("Events", ["vm", "~reason", "events", "share"], rows)
 
     gaps = data["gaps"]
     if gaps["recorded"]:
-        t = table("Gaps (recorded)", "vm", "vcpu", "epoch", "first missing", "count", "cause")
-        for g in gaps["recorded"]:
-            row(t, g.get("vm"), g.get("vcpu"), g.get("epoch"), g.get("first_missing"), g.get("count"), g.get("cause"))
-        console.print(t)
+        table("Gaps (recorded)", ["vm", "vcpu", "epoch", "first\nmissing", "count", "~cause"],
+              [[g.get("vm"), g.get("vcpu"), g.get("epoch"), g.get("first_missing"), g.get("count"), g.get("cause")]
+               for g in gaps["recorded"]])
     if gaps["unexplained"]:
-        t = table("Gaps (unexplained)", "vm", "vcpu", "epoch", "first seq", "count", "kind", "offset")
-        for g in gaps["unexplained"]:
-            row(t, g["vm"], g["vcpu"], g["epoch"], g["first_seq"], g["count"], g["kind"], g["offset"])
-        console.print(t)
+        table("Gaps (unexplained)", ["vm", "vcpu", "epoch", "first\nseq", "count", "~kind", "offset"],
+              [[g["vm"], g["vcpu"], g["epoch"], g["first_seq"], g["count"], g["kind"], g["offset"]]
+               for g in gaps["unexplained"]])
 
     total = data["events"]["total"]
     span = data["time"]["span_s"] if data["time"] else 0.0
@@ -160,6 +159,29 @@ def render(data: dict, console) -> None:
         f"{total} events in {span:.6f} s; gaps: {len(gaps['recorded'])} recorded, "
         f"{len(gaps['unexplained'])} unexplained; "
         + (f"{per_event:.3f} bytes/event" if per_event is not None else "no events")))
+
+
+def spec_lines(spec: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """A VM's spec as (key, value) lines: nested settings as dotted keys, unset (None) ones left out."""
+    out = []
+    for key, value in spec.items():
+        if isinstance(value, dict):
+            out += spec_lines(value, f"{prefix}{key}.")
+        elif value is not None:
+            out.append((f"{prefix}{key}", _text(value)))
+    return out
+
+
+def _run_lines(run: dict) -> list[tuple[str, str]]:
+    """The run header as (key, value) lines; its VM specs are shown per VM, its argv as a command."""
+    out = []
+    for key, value in run.items():
+        if key == "vms" and isinstance(value, list):
+            value = f"{len(value)} (each VM's spec below)"
+        elif key == "argv" and isinstance(value, list):
+            value = shlex.join(str(a) for a in value)
+        out.append((key, _text(value)))
+    return out
 
 
 def _when(ns) -> str:

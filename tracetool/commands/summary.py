@@ -332,28 +332,31 @@ _TITLES = {"reason": "Exits by reason", "ioport": "I/O exits by port:direction",
            "symbol": "Exits by guest symbol", "line": "Exits by guest source line"}
 
 
-def render(data: dict, console) -> None:
-    from rich.table import Table
+# Which columns go first when the terminal is narrow (c.Col.drop: highest first; 0 stays).
+_STAT_DROP = {"mean_ns": (2, 1), "stddev_ns": (9, 9), "min_ns": (8, 8), "p50_ns": (6, 6), "p99_ns": (5, 3),
+              "max_ns": (7, 7)}  # (guest, handle)
+_STAT_HEADER = {"mean_ns": "mean", "stddev_ns": "±sd", "min_ns": "min", "p50_ns": "p50", "p99_ns": "p99",
+                "max_ns": "max"}
+
+
+def render(data: dict, console, *, wide: bool = False) -> None:
     from rich.text import Text
 
     title = _TITLES[data["by"]]
     if data["filter"]:
         title += f" ({data['filter']})"
-    t = Table(title=title + " — times in µs", title_justify="left", title_style="bold")
-    head = ["key", "count", "%", "time%"]
-    for metric in ("guest", "handle"):
-        head += [f"{metric} mean", "±sd", "min", "p50", "p99", "max"]
-    for i, name in enumerate(head):
-        t.add_column(name, justify="left" if i == 0 else "right")
+    columns = [c.Col("key", numeric=False), c.Col("count"), c.Col("%"), c.Col("time%", drop=4)]
+    for k, metric in enumerate(("guest", "handle")):
+        columns += [c.Col(f"{metric}\n{_STAT_HEADER[stat]}", drop=drops[k]) for stat, drops in _STAT_DROP.items()]
+    rows = []
     for g in data["groups"]:
         key = g["key"] + (f" ({g['name']})" if g.get("name") else "")
         cells = [key, str(g["count"]), f"{g['pct']:.2f}", f"{g['time_pct']:.2f}"]
         for metric in ("guest", "handle"):
-            m = g[metric]
-            cells += [c.usec(m["mean_ns"]), c.usec(m["stddev_ns"]), c.usec(m["min_ns"]), c.usec(m["p50_ns"]),
-                      c.usec(m["p99_ns"]), c.usec(m["max_ns"])]
-        t.add_row(*(Text(cell) for cell in cells))
-    console.print(t)
+            cells += [c.usec(g[metric][stat]) for stat in _STAT_DROP]
+        rows.append(cells)
+    t, hidden = c.fitted_table(console, title + " — times in µs", columns, rows, wide=wide)
+    c.print_fitted(console, t, hidden, wide=wide)
     note = (f"{data['events']} events; guest time {data['guest_total_ns'] / 1e9:.6f} s, "
             f"handling time {data['handle_total_ns'] / 1e9:.6f} s (time% is each group's share of it)")
     if not data["percentiles_exact"]:
@@ -371,6 +374,7 @@ def run(
     where: Optional[str] = c.FILTER_OPT,
     as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
     symbols: Optional[str] = SYMBOLS_OPT,
+    wide: bool = c.WIDE_OPT,
 ) -> None:
     """Exits per group with count, %, time% and min/max/mean/stddev/p50/p99 of guest and handling time."""
     if by not in GROUPINGS:
@@ -385,4 +389,4 @@ def run(
     if as_json:
         c.dump_json(data)
     else:
-        render(data, c.console())
+        render(data, c.console(), wide=wide)
