@@ -24,10 +24,16 @@ from supervisor.runtime import RunDir
 from tests.conftest import REPO, VMSUP
 from tracetool import messages, schema
 from tracetool.screen import encode_cells
+from tracetool.step_schema import REGISTERS
 from tracetool.trace import TraceReader, TraceWriter
 
 DEADLINE = 60.0
 _COLS = schema.columns_from_rows(b"\0" * schema.ROW_SIZE, 1)
+
+# One step: `inc %ax` at 0x10004 in 16-bit mode, changing rax and rip (tracetool/step_schema.py).
+_STEP_COLS = {"t": (5).to_bytes(8, "little"), "addr": (0x10004).to_bytes(8, "little"), "bits": bytes([16]),
+              "insn": b"\x40" + bytes(14), "changed": (1 | 1 << REGISTERS.index("rip")).to_bytes(4, "little"),
+              "values": (1).to_bytes(8, "little") + (5).to_bytes(8, "little")}
 
 # One valid example of every message, as its sender builds it.
 EXAMPLES = {
@@ -46,6 +52,8 @@ EXAMPLES = {
     messages.KvmStats: messages.KvmStats(vm=0, epoch=0, vcpu=-1, t=1, values={"exits": 12, "halt_exits": 3}, last=True),
     messages.Refused: messages.Refused(causes={"no credential": 2, "exits for a stream the sender does not own": 1},
                                        total=3, t=1, wall=2),
+    messages.StepBatch: messages.StepBatch(vm=0, vcpu=0, epoch=0, first_seq=0, count=1, cols=_STEP_COLS,
+                                           initial=[0] * len(REGISTERS), last=True, insn_emulation=1),
 }
 # A value of the wrong kind for each sort of check.
 WRONG = {messages.Int: "zz", messages.Number: "zz", messages.Str: 5, messages.Bytes: "zz", messages.Map: [1],
@@ -101,7 +109,10 @@ def test_the_trace_writer_refuses_every_record_its_class_refuses(tmp_path):
         with pytest.raises(ValueError, match="final_seq"):
             w.write_record(schema.MSG_VM_END, {"vm": 0, "epoch": 0, "final_seq": "zz"})
     with TraceReader(tmp_path / "w.vmtrace") as r:
-        assert [rec["type"] for rec in r.records()] == [cls.TYPE for cls in EXAMPLES if cls is not messages.ExitBatch]
+        # Step batches are stored like records but read on demand (reader.step_batches), not as records.
+        assert [rec["type"] for rec in r.records()] == [cls.TYPE for cls in EXAMPLES
+                                                        if cls not in (messages.ExitBatch, messages.StepBatch)]
+        assert [b.to_msg() for b in r.step_batches()] == [EXAMPLES[messages.StepBatch].to_msg()]
 
 
 def test_bytes_beyond_the_bus_limit_are_refused_before_unpacking():
@@ -223,6 +234,8 @@ def forged() -> dict[str, bytes]:
         "lifecycle: exit code not a number": wire(messages.Lifecycle, code="zz"),
         "screen: cells that are not a screen": wire(messages.Screen, cells=b"garbage"),
         "input: no scancodes": wire(messages.Input, scancodes=b""),
+        "steps: the masks name more registers than values holds": wire(
+            messages.StepBatch, cols={**_STEP_COLS, "values": bytes(8)}),
     }
 
 

@@ -59,6 +59,7 @@ COMMANDS = (
     "screen",
     "sql",
     "kvm-stats",
+    "steps",
 )
 for _name in COMMANDS:
     app.command(_name)(import_module(f".commands.{_name.replace('-', '_')}", __package__).run)

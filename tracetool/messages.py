@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from . import schema
+from . import schema, step_schema
 from .screen import COLS, ENCODING, ROWS, Snapshot, decode_cells
 
 
@@ -480,8 +480,47 @@ class Refused(Message):
     wall: int | None = checked(Int())
 
 
+@dataclass(frozen=True)
+class StepBatch(Message):
+    """Consecutive single-stepped instructions of one stream (vm, vcpu, epoch), columnar
+    (tracetool/step_schema.py). After from_msg, `cols` holds numpy arrays viewing the bytes.
+    `initial`: every register before the stream's first instruction (the batch at first_seq 0);
+    `insn_emulation`: in the stream's last batch, how far KVM's instruction counter rose while
+    stepping (exact only where the run's insn_count_exact says so)."""
+
+    TYPE: ClassVar[str] = schema.MSG_STEPS
+    vm: int = _vm()
+    vcpu: int = _vcpu()
+    epoch: int = _epoch()
+    first_seq: int = checked(Int(required=True, hi=(1 << 62) - 1))
+    count: int = checked(Int(required=True, hi=step_schema.MAX_STEP_BATCH))
+    cols: dict = checked(Map(required=True))
+    initial: list | None = checked(_Check())
+    last: bool | None = checked(Bool())  # the stream's last batch
+    insn_emulation: int | None = checked(Int(hi=_U64))
+
+    @classmethod
+    def from_msg(cls, msg) -> "StepBatch":
+        base = super().from_msg(msg)
+        try:
+            arrays = step_schema.decode_step_columns(base.cols, base.count)
+        except step_schema.StepSchemaError as e:
+            raise MessageError(f"{cls.TYPE}: {e}") from None
+        initial = base.initial
+        if initial is not None and (not isinstance(initial, list) or len(initial) != len(step_schema.REGISTERS)
+                                    or not all(_is_int(v) and 0 <= v <= _U64 for v in initial)):
+            raise MessageError(f"{cls.TYPE}: initial is not one u64 per register")
+        object.__setattr__(base, "cols", arrays)
+        return base
+
+    def to_msg(self) -> dict:
+        out = super().to_msg()
+        out["cols"] = {name: col if isinstance(col, bytes) else col.tobytes() for name, col in self.cols.items()}
+        return out
+
+
 MESSAGE_CLASSES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (ExitBatch, VmStart, VmEnd, Gap, Lifecycle, Screen, Input, KvmStats, Refused)}
+    cls.TYPE: cls for cls in (ExitBatch, VmStart, VmEnd, Gap, Lifecycle, Screen, Input, KvmStats, Refused, StepBatch)}
 assert set(MESSAGE_CLASSES) == set(schema.MESSAGE_TYPES), "a message type without its class"
 
 

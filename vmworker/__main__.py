@@ -73,6 +73,18 @@ def _type_keys(i8042, key_steps, typed_on=None) -> KeyFeeder | None:
     return feeder
 
 
+def _step_tracers(spec: VmSpec, machine: Machine, recording) -> list:
+    """--step-trace: one StepTracer per vCPU, sending on that vCPU's own publisher."""
+    if recording is None:
+        raise SpecError("--step-trace records into the trace; this VM has no recording")
+    from tracetool._alloc import keep_freed_memory
+    from .step_trace import StepTracer
+    keep_freed_memory()  # each batch's numpy arrays reuse memory instead of faulting in fresh pages
+    return [StepTracer(vcpu, machine.memory, publisher, spec.vm_id, spec.epoch, steps=spec.steps,
+                       from_exit=spec.from_exit, to_exit=spec.to_exit)
+            for vcpu, publisher in zip(machine.vm.vcpus, recording.publishers)]
+
+
 def run_spec(spec: VmSpec) -> dict:
     """Build and run the VM of `spec`; a JSON-able result, errors included."""
     recording = None
@@ -101,6 +113,8 @@ def run_spec(spec: VmSpec) -> dict:
                      send_stats=recording.kvm_stats if recording else None) as machine:
             if machine.irqchip:
                 devices.connect_irqs(machine.vm)
+            if spec.step_trace:
+                machine.ctx.step_tracers = _step_tracers(spec, machine, recording)
             if recording:
                 # Once the VM is stopping, a recorder that takes nothing may not hold it forever.
                 recording.set_stopping_check(lambda: machine.ctx.stopping)

@@ -56,6 +56,17 @@ def check_together(get: Callable[[str], Any], label: Callable[[str], str]) -> No
     `get(name)` is a setting's value, `label(name)` how the user spelled it."""
     if get("gdb_wait") and not get("gdb"):
         raise Invalid(f"{label('gdb_wait')} needs {label('gdb')} [HOST:]PORT", key="gdb_wait")
+    for name in ("steps", "from_exit", "to_exit"):
+        if get(name) is not None and not get("step_trace"):
+            raise Invalid(f"{label(name)} needs {label('step_trace')}", key=name)
+    if get("steps") is not None and (get("from_exit") is not None or get("to_exit") is not None):
+        raise Invalid(f"{label('steps')} and {label('from_exit')}/{label('to_exit')} are two ways to say "
+                      "which instructions to trace; give one", key="steps")
+    if get("from_exit") is not None and get("to_exit") is not None and get("to_exit") < get("from_exit"):
+        raise Invalid(f"{label('to_exit')} is before {label('from_exit')}", key="to_exit")
+    if get("step_trace") and get("gdb"):
+        raise Invalid(f"{label('step_trace')} and {label('gdb')} both single-step the vCPU; give one",
+                      key="step_trace")
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stats_interval", float, Number(), 1.0,
             "Sample the kernel's KVM counters (KVM_GET_STATS_FD) into the trace every this many seconds; "
             "0: off (default: 1)."),
+    Setting("step_trace", bool, Switch(), False,
+            "Single-step the vCPUs and record one row per instruction (vmtrace steps); one exit per instruction."),
+    Setting("steps", int | None, Integer(1), None, "With --step-trace: record this many instructions per vCPU, then run on."),
+    Setting("from_exit", int | None, Integer(0), None,
+            "With --step-trace: start stepping after this vCPU's exit number A (vmtrace show's seq)."),
+    Setting("to_exit", int | None, Integer(0), None, "With --step-trace: stop stepping at this vCPU's exit number B."),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -23,6 +23,7 @@ _EXIT_IO = abi.KVM_EXIT_IO
 _EXIT_MMIO = abi.KVM_EXIT_MMIO
 _EXIT_HLT = abi.KVM_EXIT_HLT
 _EXIT_INTR = abi.KVM_EXIT_INTR
+_EXIT_DEBUG = abi.KVM_EXIT_DEBUG
 _IO_OUT = abi.KVM_EXIT_IO_OUT
 _NEVER = float("inf")
 
@@ -84,6 +85,10 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
         flush_ns = batcher.flush_ns
     pos = 0
     flush_at = now_ns() + (flush_ns if recording else 0)
+    # --step-trace (vmworker/step_trace.py): its single steps are rows of their own, not exits.
+    tracer = ctx.step_tracers[vcpu_id] if recording and ctx.step_tracers else None
+    if tracer is not None and tracer.starts_at_entry():
+        tracer.arm(from_sync=False)
 
     stats.first_run = clock()
     try:
@@ -117,8 +122,11 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
                 # entering again runs it from the STARTUP vector or blocks it until one comes.
                 continue
             t1 = now_ns()
-            n += 1
             reason, direction, size, addr, count, data_offset = exit_at(run, reason_off)
+            if reason == _EXIT_DEBUG and tracer is not None and tracer.active:
+                tracer.step()
+                continue
+            n += 1
             stop = None
             done = False
             if reason == _EXIT_IO:
@@ -179,6 +187,9 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
                 rip = rip if cs_l else (cs_base + rip) & linear_32
                 pack_row(rows, pos, t1, t1 - t0, addr, data, count, reason, size, flags, rip)
                 pos += row_size
+                if tracer is not None:
+                    tracer.after_exit(batcher.next_seq + pos // row_size - 1, ctx,
+                                      (reason == _EXIT_IO or reason == _EXIT_MMIO) and not done and stop is None)
                 if pos >= rows_end or t1 >= flush_at:
                     batcher.flush(pos)
                     pos = 0
@@ -198,6 +209,8 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
         stats.exits = n
         if io_exits:
             by_reason[_EXIT_IO] = by_reason.get(_EXIT_IO, 0) + io_exits
+        if tracer is not None:
+            tracer.finish()
         if recording:
             batcher.flush(pos, final=True)  # a record-time filter's held-back row too
 

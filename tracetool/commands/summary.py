@@ -375,8 +375,13 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
     symbols: Optional[str] = SYMBOLS_OPT,
     wide: bool = c.WIDE_OPT,
+    steps: bool = typer.Option(False, "--steps", help="Count the step trace's instructions instead "
+                               "(--by symbol, line, addr or vcpu; see vmtrace steps)."),
 ) -> None:
     """Exits per group with count, %, time% and min/max/mean/stddev/p50/p99 of guest and handling time."""
+    if steps:
+        from .steps import summary_run
+        return summary_run(trace, by, vm, as_json, symbols)
     if by not in GROUPINGS:
         c.bad_input(f"unknown --by {by!r} (choose from {', '.join(GROUPINGS)})")
     if sort not in SORTS:

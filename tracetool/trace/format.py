@@ -74,6 +74,7 @@ class BlockType(IntEnum):
     INPUT = 8
     KVM_STATS = 9
     REFUSED = 10
+    STEPS = 11  # a step batch (tracetool/step_schema.py), zstd(msgpack) like a record, read on demand
 
 
 RECORD_BLOCK_TYPES: dict[str, BlockType] = {
@@ -85,6 +86,7 @@ RECORD_BLOCK_TYPES: dict[str, BlockType] = {
     schema.MSG_INPUT: BlockType.INPUT,
     schema.MSG_KVM_STATS: BlockType.KVM_STATS,
     schema.MSG_REFUSED: BlockType.REFUSED,
+    schema.MSG_STEPS: BlockType.STEPS,
 }
 # Records read only when asked for (TraceReader.records), not kept from the scan: the kernel's
 # counters come every second per vCPU, and a long fleet run holds more of them than a reader may

@@ -264,6 +264,14 @@ class TraceReader:
             record = self._decode_record(btype, payload)
             self._entries.append(_Entry(pos, btype, len(payload),
                                         ids=tuple(record.get(k) for k in ("vm", "vcpu", "epoch"))))
+        elif btype == BlockType.STEPS:
+            # Kept as a head only: a step trace can be far larger than the record budget allows
+            # in memory; step_batches() decodes the bodies one at a time.
+            record = unpack(decompress(self._dctx, payload, MAX_RECORD_BYTES, "steps block"), "steps block")
+            need(isinstance(record, dict), "steps block is not a map")
+            head = {k: record.get(k) for k in ("vm", "vcpu", "epoch", "first_seq", "count")}
+            need(all(is_int(v, 0, U64_LIMIT) for v in head.values()), "steps block lacks integer fields")
+            self._entries.append(_Entry(pos, btype, len(payload), record=head))
         elif btype in KIND_OF_TYPE and btype != BlockType.INDEX:
             kind = KIND_OF_TYPE[btype]
             raw = self._budgeted(decompress(self._dctx, payload, MAX_RECORD_BYTES, f"{kind} record"), pos)
@@ -387,7 +395,7 @@ class TraceReader:
             raise ValueError(f"unknown record kind {kind!r}")
         want = RECORD_BLOCK_TYPES.get(kind) if kind else None
         return [self._lazy_record(e) if e.type in LAZY_RECORD_TYPES else e.record for e in self._entries
-                if e.type in KIND_OF_TYPE and e.type not in (BlockType.EXITS, BlockType.INDEX)
+                if e.type in KIND_OF_TYPE and e.type not in (BlockType.EXITS, BlockType.INDEX, BlockType.STEPS)
                 and (want is None or e.type == want)]
 
     def _decode_record(self, btype: int, payload: bytes) -> dict:
@@ -404,6 +412,22 @@ class TraceReader:
             return self._decode_record(entry.type, payload)
         except Corrupt as e:
             raise TraceFormatError(self.path, entry.offset, str(e)) from None
+
+    def step_batches(self, vm: int | None = None, vcpu: int | None = None) -> Iterator:
+        """The step batches (messages.StepBatch, checked) in file order, decoded one at a time."""
+        from .. import messages
+        for e in self._entries:
+            if e.type != BlockType.STEPS or (vm is not None and e.record["vm"] != vm) or (
+                    vcpu is not None and e.record["vcpu"] != vcpu):
+                continue
+            payload = self._read_at(e.offset + BLOCK_HEAD.size, e.length)
+            try:
+                raw = decompress(self._dctx, payload, MAX_RECORD_BYTES, "steps block")
+                yield messages.StepBatch.from_msg(unpack(raw, "steps block"))
+            except (Corrupt, messages.MessageError) as err:
+                if not self.skip_corrupt:
+                    raise TraceFormatError(self.path, e.offset, str(err)) from None
+                self.corrupt.append((e.offset, str(err)))
 
     @property
     def gaps(self) -> list[dict]:
