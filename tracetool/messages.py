@@ -386,6 +386,31 @@ class Input(Message):
     scancodes: bytes = checked(Bytes(required=True, min_len=1, max_len=64), default=b"")  # set 1
 
 
+# A guest image embedded in a trace: the bundled guests are a few KiB; a record stays under
+# schema.MAX_RECORD_BYTES with room for the rest of it.
+MAX_EMBEDDED_IMAGE = 768 << 10
+
+
+@dataclass(frozen=True)
+class VmImage(Message):
+    """Everything a re-execution needs that the exits do not carry (written after vm-start): the
+    guest image's bytes (absent with --no-embed or when too large: then its path and sha256 only),
+    the CPUID table the vCPUs were given and vCPU 0's first registers (vmworker/rerun.py)."""
+
+    TYPE: ClassVar[str] = schema.MSG_VM_IMAGE
+    vm: int = _vm()
+    epoch: int = _epoch()
+    sha256: str = checked(Str(required=True, max_len=64), default="")
+    path: str | None = checked(Str(max_len=4096))
+    size: int | None = checked(Int())
+    image: bytes | None = checked(Bytes(max_len=MAX_EMBEDDED_IMAGE))
+    not_embedded: str | None = checked(Str(max_len=200))  # why the bytes are absent
+    cpuid: bytes | None = checked(Bytes(max_len=64 << 10))  # kvm_cpuid_entry2 × n, as KVM_SET_CPUID2 took them
+    registers: dict | None = checked(Map())  # vCPU 0 before its first instruction (machine.register_dump)
+    t: int | None = checked(Int())
+    wall: int | None = checked(Int())
+
+
 @dataclass(frozen=True)
 class KvmStats(Message):
     """The kernel's own counters of a VM (vcpu -1) or a vCPU (KVM_GET_STATS_FD), sampled by the
@@ -520,7 +545,7 @@ class StepBatch(Message):
 
 
 MESSAGE_CLASSES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (ExitBatch, VmStart, VmEnd, Gap, Lifecycle, Screen, Input, KvmStats, Refused, StepBatch)}
+    cls.TYPE: cls for cls in (ExitBatch, VmStart, VmEnd, Gap, Lifecycle, Screen, Input, KvmStats, Refused, StepBatch, VmImage)}
 assert set(MESSAGE_CLASSES) == set(schema.MESSAGE_TYPES), "a message type without its class"
 
 

@@ -123,7 +123,7 @@ def run_spec(spec: VmSpec) -> dict:
             signal.signal(PAUSE_SIGNAL, lambda *_: machine.pause())
             signal.signal(RESUME_SIGNAL, lambda *_: machine.resume())
             if recording:
-                recording.start()
+                recording.start(machine)
             if gdb_server:
                 gdb_server.start(machine, wait=spec.gdb_wait)
             # The VGA screen sampler and key input (vmworker/screen.py): threads of their own.

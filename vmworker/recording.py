@@ -16,6 +16,40 @@ from .event_batch import EventBatcher
 from .publisher import EventPublisher
 
 
+def rerun_inputs(spec, image, machine) -> dict:
+    """The vm-image record's fields: what `vmtrace rerun` needs besides the exits (vmworker/rerun.py).
+
+    Read before any vCPU runs: the image file again (embedded unless --no-embed or too large; its
+    sha256 must still be the loaded image's), vCPU 0's CPUID table and first registers."""
+    from .image import read_image_file, sha256_hex
+    from .machine import register_dump
+    fields: dict = {"sha256": image.sha256, "path": os.path.abspath(spec.guest)}
+    try:
+        data = read_image_file(spec.guest)
+    except Exception:  # the file went away since it was loaded: path and sha256 are all there is
+        data = None
+    if data is not None and sha256_hex(data) == image.sha256:
+        fields["size"] = len(data)
+        if not spec.embed:
+            fields["not_embedded"] = "--no-embed"
+        elif len(data) > messages.MAX_EMBEDDED_IMAGE:
+            fields["not_embedded"] = f"over {messages.MAX_EMBEDDED_IMAGE} bytes"
+        else:
+            fields["image"] = data
+    else:
+        fields["not_embedded"] = "the image file changed after it was loaded"
+    fields["cpuid"] = cpuid_table(machine.kvm)
+    fields["registers"] = register_dump(machine.vm.vcpus[0])
+    return fields
+
+
+def cpuid_table(kvm) -> bytes:
+    """vCPU 0's CPUID entries as Machine gives them (x86.cpuid_for_vcpu), packed kvm_cpuid_entry2s."""
+    from .x86 import cpuid_for_vcpu
+    table = cpuid_for_vcpu(kvm.supported_cpuid(), 0)
+    return b"".join(bytes(e) for e in table.entries[:table.nent])
+
+
 class Recording:
     def __init__(self, spec, image) -> None:
         self.spec = spec
@@ -61,10 +95,12 @@ class Recording:
         with self._control_lock:  # a zmq socket is not thread-safe: the gdb stub's thread sends too
             self.control.send(message.to_msg())
 
-    def start(self) -> None:
+    def start(self, machine=None) -> None:
         self._record(messages.VmStart, name=self.spec.name, spec=self.spec.to_json(), sha256=self.image.sha256,
                      mem_size=self.spec.mem, mode=self.image.mode, format=self.image.format,
                      vcpus=self.spec.vcpus, pid=os.getpid())
+        if machine is not None:
+            self._record(messages.VmImage, **rerun_inputs(self.spec, self.image, machine))
 
     def end(self, result: dict) -> dict:
         stats = {

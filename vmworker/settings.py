@@ -150,6 +150,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("from_exit", int | None, Integer(0), None,
             "With --step-trace: start stepping after this vCPU's exit number A (vmtrace show's seq)."),
     Setting("to_exit", int | None, Integer(0), None, "With --step-trace: stop stepping at this vCPU's exit number B."),
+    Setting("embed", bool, Switch(), True,
+            "Embed the guest image's bytes in the trace, so `vmtrace rerun` needs no file (--no-embed: path + sha256 only)."),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

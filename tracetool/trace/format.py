@@ -75,6 +75,7 @@ class BlockType(IntEnum):
     KVM_STATS = 9
     REFUSED = 10
     STEPS = 11  # a step batch (tracetool/step_schema.py), zstd(msgpack) like a record, read on demand
+    VM_IMAGE = 12
 
 
 RECORD_BLOCK_TYPES: dict[str, BlockType] = {
@@ -87,11 +88,12 @@ RECORD_BLOCK_TYPES: dict[str, BlockType] = {
     schema.MSG_KVM_STATS: BlockType.KVM_STATS,
     schema.MSG_REFUSED: BlockType.REFUSED,
     schema.MSG_STEPS: BlockType.STEPS,
+    schema.MSG_VM_IMAGE: BlockType.VM_IMAGE,
 }
 # Records read only when asked for (TraceReader.records), not kept from the scan: the kernel's
 # counters come every second per vCPU, and a long fleet run holds more of them than a reader may
 # keep in memory (MAX_RECORDS_TOTAL) just to open the file.
-LAZY_RECORD_TYPES = frozenset({BlockType.KVM_STATS})
+LAZY_RECORD_TYPES = frozenset({BlockType.KVM_STATS, BlockType.VM_IMAGE})  # and guest images: up to 768 KiB each
 KIND_OF_TYPE = {int(t): k for k, t in RECORD_BLOCK_TYPES.items()}
 KIND_OF_TYPE[BlockType.EXITS] = schema.MSG_EXITS
 KIND_OF_TYPE[BlockType.INDEX] = "index"
