@@ -35,6 +35,8 @@ EXAMPLES = {
     "kvm-stats": ["vmtrace kvm-stats t.vmtrace", "vmtrace kvm-stats t.vmtrace --vm 0 --counter halt_exits"],
     "sql": ["vmtrace sql 'select reason, count(*) from exits group by reason' t.vmtrace",
             "vmtrace sql 'select * from vms' 'traces/*.vmtrace' --csv"],
+    "rerun": ["vmtrace rerun t.vmtrace", "vmtrace rerun t.vmtrace --to-seq 812344 --json",
+              "vmtrace rerun t.vmtrace --trace again.vmtrace"],
 }
 
 
@@ -60,6 +62,7 @@ COMMANDS = (
     "sql",
     "kvm-stats",
     "steps",
+    "rerun",
 )
 for _name in COMMANDS:
     app.command(_name)(import_module(f".commands.{_name.replace('-', '_')}", __package__).run)
