@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tracetool.exit_tally import unclaimed_text
 from vmworker.status import End
 
 
@@ -15,8 +16,9 @@ def status_line(result: dict) -> str:
     exits = result.get("exits", 0)
     run = result.get("run_seconds", 0.0)
     rate = exits / run if run > 0 else 0.0
+    unclaimed = unclaimed_text(result.get("unclaimed"))
     return (f"vmsup: {name}: {what} — {exits} exits in {run:.6f} s ({rate:.0f} exits/s), "
-            f"wall {result.get('wall_seconds', 0.0):.3f} s")
+            f"wall {result.get('wall_seconds', 0.0):.3f} s" + (f"; unclaimed: {unclaimed}" if unclaimed else ""))
 
 
 def register_lines(regs: dict) -> list[str]:
@@ -125,5 +127,7 @@ def ps_table(replies: list[dict], console) -> None:
             table.add_row(reply["run"], "", "unreachable", "", "", "", "", reply["error"])
         for vm in reply.get("vms", []):
             table.add_row(reply["run"], vm["name"], vm["state"], str(vm["pid"] or "-"), _duration(vm["uptime"]),
-                          str(vm["exits"]), str(vm["restarts"]), vm.get("detail") or "")
+                          str(vm["exits"]), str(vm["restarts"]),
+                          "; ".join(filter(None, [vm.get("detail"), f"{vm['unclaimed']} unclaimed accesses"
+                                                  if vm.get("unclaimed") else ""])))
     console.print(table)

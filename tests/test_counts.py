@@ -106,3 +106,40 @@ def data_exits(trace, vm: int, live: bool = False) -> int:
     from tracetool.exit_tally import RunTally
     with TraceReader(trace) as r:
         return RunTally.from_trace(r).vm(vm).exits
+
+
+UNCLAIMED = bytes.fromhex(  # real mode: accesses to a port no device claims, then hlt
+    "ba3412"  # mov dx, 0x1234
+    "ec"  # in al, dx
+    "ee"  # out dx, al
+    "ee"  # out dx, al
+    "f4")  # hlt
+
+
+def test_unclaimed_accesses_are_in_the_vm_end_the_status_line_summary_info_and_ps(launches, tmp_path, vmsup):
+    image = tmp_path / "unclaimed.bin"
+    image.write_bytes(UNCLAIMED)
+    trace = tmp_path / "u.vmtrace"
+    proc = vmsup("launch", str(image), "-q", "--trace", str(trace))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("; unclaimed: 1 port read, 2 port writes")
+    with TraceReader(trace) as r:
+        [end] = r.records(schema.MSG_VM_END)
+    assert end["unclaimed"] == {"pio_unclaimed_reads": 1, "pio_unclaimed_writes": 2,
+                                "mmio_unclaimed_reads": 0, "mmio_unclaimed_writes": 0}
+    assert info(trace)["vms"][0]["unclaimed"] == end["unclaimed"]
+    text = subprocess.run([sys.executable, "-m", "tracetool", "info", str(trace)], cwd=REPO, capture_output=True,
+                          text=True).stdout
+    assert "vm 0 epoch 0: unclaimed accesses (no device there): 1 port read, 2 port writes" in text
+    summary = subprocess.run([sys.executable, "-m", "tracetool", "summary", str(trace)], cwd=REPO,
+                             capture_output=True, text=True).stdout
+    assert "vm 0: unclaimed accesses (no device there): 1 port read, 2 port writes" in summary
+
+    launch = launches(str(image), "seed16", "-q", "--no-trace")
+    rd = launch.run_dir()
+    wait_for(lambda: vm_row(rd, "unclaimed")["state"] == "exited", "the unclaimed guest to end")
+    assert vm_row(rd, "unclaimed")["unclaimed"] == 3
+    proc = vmsup("ps")
+    assert "3 unclaimed accesses" in proc.stdout
+    vmsup("kill", "--all")
+    launch.wait()

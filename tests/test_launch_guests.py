@@ -19,7 +19,8 @@ pytestmark = pytest.mark.kvm
 
 # render.status_line: `vmsup: NAME: <status> — N exits in T s (R exits/s), wall W s`
 STATUS_LINE = re.compile(r"^vmsup: (?P<name>\S+): (?P<status>.+) — (?P<exits>\d+) exits in (?P<run>\d+\.\d+) s "
-                         r"\((?P<rate>\d+) exits/s\), wall (?P<wall>\d+\.\d+) s$")
+                         r"\((?P<rate>\d+) exits/s\), wall (?P<wall>\d+\.\d+) s"
+                         r"(?:; unclaimed: (?P<unclaimed>.+))?$")
 
 
 def status_of(stderr: str) -> dict:

@@ -18,6 +18,19 @@ from dataclasses import dataclass, field
 from . import messages, schema
 
 
+def unclaimed_text(counts: dict[str, int] | None) -> str:
+    """'3 port reads, 1 mmio write' from a vm-end's `unclaimed` map ({bus}_unclaimed_{reads|writes}:
+    accesses no device claimed, vmworker/devices/bus.py); '' when there were none."""
+    parts = []
+    for key, n in sorted((counts or {}).items()):
+        if n:
+            bus, _, what = key.partition("_unclaimed_")
+            bus = {"pio": "port"}.get(bus, bus)
+            what = what.removesuffix("s") if n == 1 else what
+            parts.append(f"{n} {bus} {what}" if what else f"{n} {key}")
+    return ", ".join(parts)
+
+
 @dataclass
 class EpochTally:
     reached: dict[int, int] = field(default_factory=dict)  # vCPU → next sequence number accounted for

@@ -112,7 +112,7 @@ class Recording:
         self._record(messages.VmEnd, name=self.spec.name, status=result["status"],
                      guest_code=result.get("guest_code"), detail=result.get("detail", ""),
                      registers=result.get("registers"), exits=result.get("exits", 0), kicks=result.get("kicks", 0),
-                     by_reason=result.get("by_reason", {}), **stats)
+                     by_reason=result.get("by_reason", {}), unclaimed=result.get("unclaimed") or None, **stats)
         return stats
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 import typer
 
 from .. import schema
+from ..exit_tally import unclaimed_text
 from ..analysis import events_by_vm_and_reason
 from ..trace import TraceReader
 from . import _common as c
@@ -73,7 +74,8 @@ def _vms(reader: TraceReader) -> list[dict]:
         key = (rec.get("vm"), rec.get("epoch"))
         entry = vms.setdefault(key, {"vm": key[0], "epoch": key[1], "name": None})
         entry.update({"status": rec.get("status"), "guest_code": rec.get("guest_code"),
-                      "detail": rec.get("detail"), "exits": rec.get("exits"), "ended_ns": rec.get("t")})
+                      "detail": rec.get("detail"), "exits": rec.get("exits"), "ended_ns": rec.get("t"),
+                      "unclaimed": rec.get("unclaimed")})
     for rec in reader.records(schema.MSG_LIFECYCLE):
         # The supervisor's verdict, as `vmsup launch` printed it, wins over the worker's own end:
         # a VM stopped on request is "stopped (on request, after terminated)", not "terminated".
@@ -131,6 +133,11 @@ def render(data: dict, console) -> None:
                                + " spec (settings left at none omitted):", style="bold"))
             for key, value in spec_lines(vm["spec"]):
                 console.print(Text(f"  {key}: {value}"))
+
+    for vm in data["vms"]:
+        if unclaimed_text(vm.get("unclaimed")):
+            console.print(Text(f"vm {vm['vm']} epoch {vm['epoch']}: unclaimed accesses (no device there): "
+                               f"{unclaimed_text(vm['unclaimed'])}"))
 
     table("Streams", ["vm", "vcpu", "epoch", "events", "covered", "first\nseq", "last\nseq", "blocks"],
           [[s["vm"], s["vcpu"], s["epoch"], s["events"], s["covered"], s["first_seq"], s["last_seq"], s["blocks"]]

@@ -19,6 +19,7 @@ import numpy as np
 import typer
 
 from .. import schema
+from ..exit_tally import RunTally, unclaimed_text
 from ..analysis import vm_names
 from ..filters import EventFilter
 from ..handling import Stitcher
@@ -324,6 +325,7 @@ def _result(reader: TraceReader, acc: _Summary, by: str, sort: str, where: Event
         "events": events, "guest_total_ns": guest_total, "handle_total_ns": handle_total,
         "percentiles": list(PERCENTILES), "percentiles_exact": acc.budget.exact,
         "groups": groups,
+        "unclaimed": {str(vm): t.unclaimed for vm, t in RunTally.from_trace(reader).vms.items() if any(t.unclaimed.values())},
     }
 
 
@@ -362,6 +364,8 @@ def render(data: dict, console, *, wide: bool = False) -> None:
     if not data["percentiles_exact"]:
         note += "; percentiles approximate (too many outliers to keep: log histogram, <0.4% error)"
     console.print(Text(note))
+    for vm, counts in data.get("unclaimed", {}).items():
+        console.print(Text(f"vm {vm}: unclaimed accesses (no device there): {unclaimed_text(counts)}"))
 
 
 def run(
