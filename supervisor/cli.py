@@ -151,7 +151,7 @@ def launch(
           + (f" (the previous file of that name kept as {run.kept_trace})" if run.kept_trace else ""))
     if foreground and screen:
         from .screen_cli import watch_launch
-        outcome = watch_launch(run, specs[0].vm_id, specs[0].name)
+        outcome = watch_launch(run, specs[0].vm_id, specs[0].name, consoles[0])
     elif foreground:
         run.on_quiet = lambda name, text: _info(f"{name}: {text}")
         outcome = run.wait()

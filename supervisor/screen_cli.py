@@ -11,16 +11,14 @@ import typer
 from vmworker import status
 from vmworker.errors import VmsupError
 
-from tracetool.screen import COLS
-
-from .screen_view import NO_SCREEN_WAIT, ScreenFeed, ScreenView, TerminalKeys, render_panel
+from .screen_view import NO_SCREEN_WAIT, PANEL_COLS, ScreenFeed, ScreenView, TerminalKeys, framed, render_panel
 
 
 def _console():
     from rich.console import Console
     console = Console()
     # Piped: the panel is printed once at the end; give it its full width rather than 80 columns.
-    return console if console.is_terminal else Console(width=COLS + 4)
+    return console if console.is_terminal else Console(width=PANEL_COLS)
 
 
 def _end_line(console) -> None:
@@ -33,20 +31,29 @@ def _fail(message: str, code: int = status.EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code)
 
 
-def watch_launch(run, vm: int, name: str):
+def serial_note(console_path: str | None) -> str:
+    """Where the guest's serial (UART) and debug-port text goes while the screen has the terminal."""
+    if console_path is None:
+        return "the guest's serial output is not kept (--no-trace)"
+    return f"the guest's serial output goes to {console_path}"
+
+
+def watch_launch(run, vm: int, name: str, console_path: str | None = None):
     """Run a foreground launch with its VM's screen in the terminal; the launch's outcome."""
     from rich.live import Live
 
     feed = ScreenFeed(run.run_dir, vm)
     console = _console()
+    typer.echo(f"vmsup: {serial_note(console_path)}", err=True)
     try:
-        with TerminalKeys() as keys, Live(render_panel(None, name), console=console, auto_refresh=False,
-                                          transient=False) as live:
+        with TerminalKeys() as keys, Live(render_panel(None, name, frame=framed(console)), console=console,
+                                          auto_refresh=False, transient=False) as live:
             view = ScreenView(feed, keys, live, name)
             outcome = run.wait(on_tick=view.tick, tick=0.05)
             feed.poll(100)  # the last snapshot, taken as the VM ended
             view.draw()
         _end_line(console)
+        typer.echo(f"vmsup: {serial_note(console_path)}", err=True)  # said again: the screen hid the first
         return outcome
     finally:
         feed.close()
@@ -93,8 +100,8 @@ def screen(
             sys.stdout.write("\n".join(feed.latest.lines()) + "\n")
             return
         console = _console()
-        with TerminalKeys() as keys, Live(render_panel(feed.latest, name), console=console, auto_refresh=False,
-                                          transient=False) as live:
+        with TerminalKeys() as keys, Live(render_panel(feed.latest, name, frame=framed(console)), console=console,
+                                          auto_refresh=False, transient=False) as live:
             view = ScreenView(feed, keys, live, name)
             try:
                 while not feed.ended and run_dir.path.is_dir():

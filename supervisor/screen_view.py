@@ -143,14 +143,28 @@ class ScreenFeed:
         self.context.term()
 
 
-def render_panel(snap: Snapshot | None, title: str, note: str = ""):
+# A frame (border and padding) around the screen needs this much room; an 80×24 terminal has not.
+PANEL_COLS, PANEL_ROWS = COLS + 4, ROWS + 2
+
+
+def framed(console) -> bool:
+    """Whether the console has room for the screen in a titled frame; without it the screen is
+    drawn bare, all 80 columns, and the title and note go to the window title (status elsewhere)."""
+    return console.width >= PANEL_COLS and console.height >= PANEL_ROWS
+
+
+def render_panel(snap: Snapshot | None, title: str, note: str = "", *, frame: bool = True):
+    """The screen as a rich renderable: in a titled frame, or bare (exactly 80 columns × 25 rows)."""
     from rich.panel import Panel
     from rich.text import Text
     if snap is None:
         body = Text("waiting for the VM's screen…".ljust(COLS) + "\n" * (ROWS - 1), no_wrap=True)
     else:
         body = rich_text(snap.cells, snap.cursor)
-    return Panel(body, title=title, subtitle=note or None, width=COLS + 4, expand=False, padding=(0, 1))
+    if not frame:
+        body.no_wrap = True
+        return body
+    return Panel(body, title=title, subtitle=note or None, width=PANEL_COLS, expand=False, padding=(0, 1))
 
 
 class TerminalKeys:
@@ -217,7 +231,11 @@ class ScreenView:
 
     def draw(self) -> None:
         self._dirty = False
-        self.live.update(render_panel(self.feed.latest, self.title, self._note()), refresh=True)
+        console = self.live.console
+        frame = framed(console)
+        if not frame and console.is_terminal:
+            console.set_window_title(" · ".join(x for x in (self.title, self._note()) if x))
+        self.live.update(render_panel(self.feed.latest, self.title, self._note(), frame=frame), refresh=True)
 
     def _note(self) -> str:
         return "typing goes to the guest · Ctrl-C ends" if self.keys.tty else ""

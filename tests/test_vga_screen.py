@@ -89,6 +89,28 @@ def test_terminal_bytes_become_key_names():
                                                           "ctrl+c"]
 
 
+def test_the_screen_view_shows_all_80_columns_and_25_rows_in_an_80x24_terminal():
+    import io
+
+    from rich.console import Console
+
+    from supervisor.screen_cli import serial_note
+    from supervisor.screen_view import framed, render_panel
+    from tracetool.screen import COLS, ROWS, Snapshot
+    rows = [f"{r:02d}" + "".join(chr(ord("A") + (r + c) % 26) for c in range(COLS - 6)) + "|END" for r in range(ROWS)]
+    cells = bytes(b for line in rows for ch in line.encode() for b in (ch, 0x07))
+    snap = Snapshot(vm=0, epoch=0, t=0, cells=cells, cursor=None)
+    small = Console(file=io.StringIO(), width=80, height=24, color_system=None)
+    assert not framed(small)  # a frame would cut the last 4 columns
+    small.print(render_panel(snap, "mbkernel", "typing goes to the guest", frame=framed(small)))
+    assert small.file.getvalue().splitlines() == rows
+    big = Console(file=io.StringIO(), width=120, height=40, color_system=None)
+    assert framed(big)
+    big.print(render_panel(snap, "mbkernel", frame=framed(big)))
+    assert all(row in big.file.getvalue() for row in rows) and "mbkernel" in big.file.getvalue()
+    assert serial_note("t.hello.console") == "the guest's serial output goes to t.hello.console"
+
+
 # --- with KVM ----------------------------------------------------------------------------------
 def _snapshots(trace) -> list:
     with TraceReader(trace) as reader:
