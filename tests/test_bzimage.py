@@ -200,3 +200,16 @@ def test_bad_bzimages_and_initrds_are_one_line_and_exit_2(vmsup, tmp_path):
     assert_one_error_line(vmsup("launch", "hello", "--no-trace", "--boot-entry", "64"), "--boot-entry applies to bzImage")
     assert_one_error_line(vmsup("launch", "bzguest", "--no-trace", "--mode", "real"), "--mode applies to flat")
     assert_one_error_line(vmsup("launch", "bzguest", "--no-trace", "--boot-entry", "16"), "--boot-entry")
+
+
+@pytest.mark.kvm
+def test_a_fleet_file_gives_initrd_relative_to_itself_and_the_boot_entry(vmsup, tmp_path):
+    (tmp_path / "rd.img").write_bytes(b"\x01\x02\x03")
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f'[[vm]]\nname = "bz"\nguest = "{BZGUEST}"\ninitrd = "rd.img"\nboot_entry = "32"\n'
+                     'cmdline = "from the fleet"\n')
+    proc = vmsup("launch", "--fleet", str(fleet), "--quiet", "--no-trace")
+    assert proc.returncode == 0, proc.stderr
+    got = report(proc.stdout)
+    assert got["entry"][0] == "32" and got["cmdline"] == "from the fleet"
+    assert got["initrd"].split()[1:] == ["00000003", "sum", "00000006"]

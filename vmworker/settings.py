@@ -131,7 +131,7 @@ SETTINGS: tuple[Setting, ...] = (
             "UART input: a file, '-' for stdin, or 'none' (default: -)."),
     Setting("record_only", str | None, ExitFilter(), None, "Record only matching exits, e.g. reason=io,port=0x3f8."),
     Setting("irqchip", bool | None, Switch(), None,
-            "In-kernel PIC, IOAPIC, LAPIC and PIT (default: on for multiboot kernels)."),
+            "In-kernel PIC, IOAPIC, LAPIC and PIT (default: on for kernels: multiboot, bzImage)."),
     Setting("cmdline", str, Text(also=_cmdline), "", "Kernels (multiboot, bzImage): the command line they are given."),
     Setting("initrd", str | None, InputFile(what="initrd"), None,
             "bzImage kernels: an initial ramdisk, loaded high in RAM (ramdisk_image/ramdisk_size)."),
