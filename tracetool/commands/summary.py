@@ -31,22 +31,45 @@ from ._symbols import NO_ID, SYMBOLS_OPT, table_for, vm_tables
 GROUPINGS = ("reason", "ioport", "mmio", "vcpu", "vm", "rip", "symbol", "line")
 # Groupings by where the guest was (the rip column); their keys are (vm, address or symbol/line id).
 ADDRESS_GROUPINGS = ("rip", "symbol", "line")
+KEY_LENGTH = {"reason": 1, "ioport": 2, "mmio": 2, "vcpu": 2, "vm": 1, "rip": 2, "symbol": 2, "line": 2}
 UNKNOWN_ADDRESS = -2  # symbol/line id of an event whose rip is unknown (traces of schema 1)
 SORTS = ("count", "time", "max")
 EXACT_LIMIT = 1 << 24  # outliers kept for exact percentiles, all groups together (8 bytes each)
+TOP_TARGETS = 3  # ports/addresses named per row of a grouping by where the guest was
+
+
+def parse_by(text: str) -> tuple[str, ...]:
+    """`symbol` or `symbol,reason` → its groupings (ValueError naming what is wrong)."""
+    bys = tuple(part.strip() for part in text.split(","))
+    unknown = [b for b in bys if b not in GROUPINGS]
+    if unknown or not 1 <= len(bys) <= 2 or len(set(bys)) != len(bys):
+        raise ValueError(f"unknown --by {text!r} (one of {', '.join(GROUPINGS)}, or two of them joined by a comma)")
+    if {"ioport", "mmio"} <= set(bys):
+        raise ValueError("--by ioport,mmio: an exit is either port I/O or MMIO, never both")
+    return bys
+
+
+def _where_name(by: str) -> str:
+    return f"where_{by}"
 
 
 class _Group:
-    __slots__ = ("guest", "handle")
+    __slots__ = ("guest", "handle", "targets")
 
     def __init__(self, budget: Budget) -> None:
         self.guest = Metric(budget)
         self.handle = Metric(budget)
+        self.targets: dict[int, int] = {}  # target code (see _target_codes) → exits
+
+    def count_targets(self, codes: np.ndarray) -> None:
+        values, counts = np.unique(codes, return_counts=True)
+        for value, count in zip(values.tolist(), counts.tolist()):
+            self.targets[value] = self.targets.get(value, 0) + count
 
 
 class _Summary:
-    def __init__(self, by: str, exact_limit: int) -> None:
-        self.by = by
+    def __init__(self, bys: tuple[str, ...], exact_limit: int) -> None:
+        self.bys = bys
         self.groups: dict[tuple, _Group] = {}
         self.budget = Budget(exact_limit)
 
@@ -57,13 +80,16 @@ class _Summary:
         return g
 
     def add(self, keys: list[tuple], starts: np.ndarray | None, guest: np.ndarray, handle: np.ndarray,
-            has_handle: np.ndarray | None) -> None:
+            has_handle: np.ndarray | None, targets: np.ndarray | None = None) -> None:
         """Add one block's events, sorted by group (`starts`: where each group begins; None for
-        one group). `has_handle` masks the rows whose handling time is known (None: all)."""
+        one group). `has_handle` masks the rows whose handling time is known (None: all);
+        `targets`: each row's target code, counted per group (None: not wanted)."""
         if starts is None:
             g = self.group(keys[0])
             g.guest.add(guest)
             g.handle.add(handle if has_handle is None else handle[has_handle])
+            if targets is not None:
+                g.count_targets(targets)
             return
         bounds = [*starts.tolist(), len(guest)]
         for key, a, b in zip(keys, bounds, bounds[1:]):
@@ -71,19 +97,47 @@ class _Summary:
             g.guest.add(guest[a:b])
             h = handle[a:b]
             g.handle.add(h if has_handle is None else h[has_handle[a:b]])
+            if targets is not None:
+                g.count_targets(targets[a:b])
 
 
-def _block_keys(by: str, batch: ExitBatch, cols: dict) -> tuple[list[tuple], np.ndarray | None, np.ndarray | None]:
-    """Group of every row: (keys, order, starts). `order` sorts the rows by group (None when the
-    block is one group, `starts` then None too)."""
+# A row's target in one int64: port I/O (port, direction), MMIO (guest-physical address below
+# 2^52, x86's widest physical address, and R/W), or else the exit reason.
+_TARGET_IO, _TARGET_MMIO, _TARGET_OTHER = 1 << 60, 2 << 60, 3 << 60
+_GPA_MASK = (1 << 52) - 1
+
+
+def _target_codes(cols: dict) -> np.ndarray:
+    reason = cols["reason"]
+    write = (cols["flags"] & schema.FLAG_WRITE).astype(np.int64)
+    addr = cols["addr"]
+    io = ((addr & np.uint64(0xFFFF)).astype(np.int64) << 1) | write | _TARGET_IO
+    mmio = ((addr & np.uint64(_GPA_MASK)).astype(np.int64) << 1) | write | _TARGET_MMIO
+    other = reason.astype(np.int64) | _TARGET_OTHER
+    return np.where(reason == schema.REASON_IO, io, np.where(reason == schema.REASON_MMIO, mmio, other))
+
+
+def target_text(code: int) -> str:
+    """`0x3fd:in`, `0xfee00000:W`, or a reason name."""
+    kind, value = code & (3 << 60), code & ((1 << 60) - 1)
+    if kind == _TARGET_IO:
+        return f"{value >> 1:#x}:{'out' if value & 1 else 'in'}"
+    if kind == _TARGET_MMIO:
+        return f"{value >> 1:#x}:{'W' if value & 1 else 'R'}"
+    return schema.reason_name(value)
+
+
+def _row_index(by: str, batch: ExitBatch, cols: dict) -> tuple[list[tuple], np.ndarray | None]:
+    """Group of every row under one grouping: (keys, index), index[i] the position of row i's key
+    in keys (None when the block is one group)."""
     if by == "vm":
-        return [(batch.vm,)], None, None
+        return [(batch.vm,)], None
     if by == "vcpu":
-        return [(batch.vm, batch.vcpu)], None, None
+        return [(batch.vm, batch.vcpu)], None
     if by == "reason":
         local = cols["reason"]
         if not len(local) or local.min() == local.max():
-            return [(int(local[0]) if len(local) else 0,)], None, None
+            return [(int(local[0]) if len(local) else 0,)], None
         present = np.flatnonzero(np.bincount(local, minlength=256))
         lut = np.zeros(256, np.uint8)
         lut[present] = np.arange(len(present))
@@ -95,14 +149,14 @@ def _block_keys(by: str, batch: ExitBatch, cols: dict) -> tuple[list[tuple], np.
         counts = np.bincount(local, minlength=1)
         present = np.flatnonzero(counts)
         if len(present) == 1:
-            return [(int(present[0]) >> 1, int(present[0]) & 1)], None, None
+            return [(int(present[0]) >> 1, int(present[0]) & 1)], None
         lut = np.zeros(len(counts), np.int64)
         lut[present] = np.arange(len(present))
         index = lut[local]
         keys = [(int(k) >> 1, int(k) & 1) for k in present]
     elif by in ADDRESS_GROUPINGS:
-        # cols["where"]: the rip (by rip) or the symbol/line id (see _where_column); one per row.
-        values = cols["where"]
+        # the rip (by rip) or the symbol/line id (see _where_column); one per row.
+        values = cols[_where_name(by)]
         if by == "rip":
             uniq, index = np.unique(values, return_inverse=True)
             keys = [(batch.vm, int(u)) for u in uniq]
@@ -115,20 +169,41 @@ def _block_keys(by: str, batch: ExitBatch, cols: dict) -> tuple[list[tuple], np.
             index = lut[shifted]
             keys = [(batch.vm, int(p) + UNKNOWN_ADDRESS) for p in present]
         if len(keys) == 1:
-            return keys, None, None
+            return keys, None
     elif by == "mmio":
         addrs, inverse = np.unique(cols["addr"], return_inverse=True)
         local = inverse.astype(np.int64) * 2 + (cols["flags"] & schema.FLAG_WRITE)
         present = np.flatnonzero(np.bincount(local))
         if len(present) == 1:
             k = int(present[0])
-            return [(int(addrs[k >> 1]), k & 1)], None, None
+            return [(int(addrs[k >> 1]), k & 1)], None
         lut = np.zeros(int(local.max()) + 1, np.int64)
         lut[present] = np.arange(len(present))
         index = lut[local]
         keys = [(int(addrs[k >> 1]), k & 1) for k in present]
     else:
         raise ValueError(f"unknown grouping {by!r}")
+    return keys, index
+
+
+def _block_keys(bys: tuple[str, ...], batch: ExitBatch, cols: dict) -> tuple[list[tuple], np.ndarray | None, np.ndarray | None]:
+    """Group of every row under one or two groupings (a key is their keys joined): (keys, order,
+    starts). `order` sorts the rows by group (None when the block is one group, `starts` then
+    None too)."""
+    keys, index = _row_index(bys[0], batch, cols)
+    if len(bys) == 2:
+        inner, inner_index = _row_index(bys[1], batch, cols)
+        if index is None and inner_index is None:
+            return [keys[0] + inner[0]], None, None
+        n = len(cols["reason"])
+        outer = np.zeros(n, np.int64) if index is None else index.astype(np.int64)
+        pairs = outer * len(inner) + (0 if inner_index is None else inner_index.astype(np.int64))
+        present, index = np.unique(pairs, return_inverse=True)
+        keys = [keys[int(p) // len(inner)] + inner[int(p) % len(inner)] for p in present]
+        if len(keys) == 1:
+            return keys, None, None
+    if index is None:
+        return keys, None, None
     small = index.astype(np.uint8 if len(keys) <= 256 else np.uint16 if len(keys) <= 65536 else np.int64)
     order = np.argsort(small, kind="stable")  # a radix sort for 8/16-bit keys
     starts = np.searchsorted(small[order], np.arange(len(keys)))
@@ -153,35 +228,37 @@ def _where_column(by: str, rip: np.ndarray, table) -> np.ndarray:
 
 def summarize(reader: TraceReader, by: str = "reason", sort: str = "count", where: EventFilter | None = None,
               exact_limit: int = EXACT_LIMIT, symbols: dict | None = None) -> dict:
-    """The summary as JSON-ready data: totals, one entry per group in `sort` order. `symbols`:
+    """The summary as JSON-ready data: totals, one entry per group in `sort` order. `by`: one
+    grouping or two joined by a comma (`symbol,reason`: each symbol's exits by reason). `symbols`:
     {vm: SymbolTable | None} (commands._symbols.vm_tables) for the address groupings."""
-    if by not in GROUPINGS:
-        raise ValueError(f"unknown grouping {by!r} (known: {', '.join(GROUPINGS)})")
+    bys = parse_by(by)
     if sort not in SORTS:
         raise ValueError(f"unknown sort key {sort!r} (known: {', '.join(SORTS)})")
-    acc = _Summary(by, exact_limit)
-    only_reason = _REASON_OF.get(by)
+    acc = _Summary(bys, exact_limit)
+    only_reason = next((_REASON_OF[b] for b in bys if b in _REASON_OF), None)
     handles = Stitcher()
     last_key: dict[tuple[int, int, int], tuple] = {}  # stream → group of its last event, if kept
     columns = {"t_exit", "guest_ns", "reason"}
-    if by in ("ioport", "mmio") or where is not None:
+    with_targets = len(bys) == 1 and bys[0] in ADDRESS_GROUPINGS
+    if {"ioport", "mmio"} & set(bys) or where is not None or with_targets:
         columns |= {"addr", "flags"}
-    if by in ADDRESS_GROUPINGS:
+    if set(bys) & set(ADDRESS_GROUPINGS):
         columns |= {"rip"}
     symbols = symbols or {}
     with np.errstate(all="ignore"):  # a hostile file may overflow int64 arithmetic; no warnings
         for batch in reader.exit_batches(where=where, columns=columns):
-            if by in ADDRESS_GROUPINGS:
-                batch.columns["where"] = _where_column(by, batch.columns["rip"], table_for(symbols, batch.vm))
-            _add_batch(acc, batch, by, only_reason, where, handles, last_key)
+            for b in bys:
+                if b in ADDRESS_GROUPINGS:
+                    batch.columns[_where_name(b)] = _where_column(b, batch.columns["rip"], table_for(symbols, batch.vm))
+            _add_batch(acc, batch, bys, only_reason, where, handles, last_key, with_targets)
         for stream, handle in handles.unclaimed().items():  # kept by a record-time filter
             if stream in last_key:
                 acc.group(last_key[stream]).handle.add(np.array([handle], np.int64))
-    return _result(reader, acc, by, sort, where, symbols)
+    return _result(reader, acc, sort, where, symbols)
 
 
 def _event_key(by: str, batch: ExitBatch, reason: int, addr: int, flags: int) -> tuple:
-    """The group of one event (the same keys _block_keys gives)."""
+    """The group of one event under one grouping (the same keys _row_index gives)."""
     if by == "vm":
         return (batch.vm,)
     if by == "vcpu":
@@ -191,12 +268,12 @@ def _event_key(by: str, batch: ExitBatch, reason: int, addr: int, flags: int) ->
     if by == "ioport":
         return (addr & 0xFFFF, flags & schema.FLAG_WRITE)
     if by in ADDRESS_GROUPINGS:
-        return (batch.vm, int(batch.columns["where"][-1]))
+        return (batch.vm, int(batch.columns[_where_name(by)][-1]))
     return (addr, flags & schema.FLAG_WRITE)
 
 
-def _add_batch(acc: _Summary, batch: ExitBatch, by: str, only_reason: int | None, where: EventFilter | None,
-               handles: Stitcher, last_key: dict) -> None:
+def _add_batch(acc: _Summary, batch: ExitBatch, bys: tuple[str, ...], only_reason: int | None,
+               where: EventFilter | None, handles: Stitcher, last_key: dict, with_targets: bool) -> None:
     cols = batch.columns
     n = batch.n_rows
     if not n:
@@ -220,17 +297,18 @@ def _add_batch(acc: _Summary, batch: ExitBatch, by: str, only_reason: int | None
     if keep is not None and keep.all():
         keep = None
 
+    targets = _target_codes(cols) if with_targets else None
     if keep is None and contiguous:
-        keys, order, starts = _block_keys(by, batch, cols)
+        keys, order, starts = _block_keys(bys, batch, cols)
         if order is None:  # the common case: one group, every handling time known
-            acc.add(keys, None, g, handle, None)
+            acc.add(keys, None, g, handle, None, targets)
         else:
             full = np.empty(n, np.int64)
             full[:-1] = handle
             full[-1] = 0
             known = np.ones(n, bool)
             known[-1] = False
-            acc.add(keys, starts, g[order], full[order], known[order])
+            acc.add(keys, starts, g[order], full[order], known[order], None if targets is None else targets[order])
     else:
         full = np.empty(n, np.int64)
         full[:-1] = handle
@@ -239,18 +317,30 @@ def _add_batch(acc: _Summary, batch: ExitBatch, by: str, only_reason: int | None
         known[:-1] = True if contiguous else block.follows
         sub = cols
         if keep is not None:
-            sub = {name: cols[name][keep] for name in ("reason", "addr", "flags", "where") if name in cols}
+            sub = {name: cols[name][keep] for name in cols
+                   if name in ("reason", "addr", "flags") or name.startswith("where_")}
             g, full, known = g[keep], full[keep], known[keep]
+            targets = None if targets is None else targets[keep]
         if len(g):
-            keys, order, starts = _block_keys(by, batch, sub)
+            keys, order, starts = _block_keys(bys, batch, sub)
             if order is not None:
                 g, full, known = g[order], full[order], known[order]
-            acc.add(keys, starts, g, full, known)
+                targets = None if targets is None else targets[order]
+            acc.add(keys, starts, g, full, known, targets)
     if keep is None or keep[-1]:
-        wide = by in ("ioport", "mmio")
-        key = _event_key(by, batch, int(cols["reason"][-1]), int(cols["addr"][-1]) if wide else 0,
-                         int(cols["flags"][-1]) if wide else 0)
-        last_key[stream] = key
+        wide = bool({"ioport", "mmio"} & set(bys))
+        reason, addr, flags = (int(cols["reason"][-1]), int(cols["addr"][-1]) if wide else 0,
+                               int(cols["flags"][-1]) if wide else 0)
+        last_key[stream] = sum((_event_key(b, batch, reason, addr, flags) for b in bys), ())
+
+
+def _split(bys: tuple[str, ...], key: tuple) -> list[tuple[str, tuple]]:
+    """A group's key → [(grouping, its part of the key)]."""
+    parts, at = [], 0
+    for b in bys:
+        parts.append((b, key[at:at + KEY_LENGTH[b]]))
+        at += KEY_LENGTH[b]
+    return parts
 
 
 def _where_label(by: str, key: tuple, symbols: dict) -> str:
@@ -300,28 +390,48 @@ def _key_fields(by: str, key: tuple, symbols: dict) -> dict:
     return {"vm": key[0]}
 
 
-def _result(reader: TraceReader, acc: _Summary, by: str, sort: str, where: EventFilter | None,
-            symbols: dict) -> dict:
+def _result(reader: TraceReader, acc: _Summary, sort: str, where: EventFilter | None, symbols: dict) -> dict:
+    bys = acc.bys
     results = {key: (g.guest.result(), g.handle.result()) for key, g in acc.groups.items()}
     events = sum(gr["count"] for gr, _ in results.values())
     handle_total = sum(hr["total_ns"] for _, hr in results.values())
     guest_total = sum(gr["total_ns"] for gr, _ in results.values())
-    names = vm_names(reader) if by == "vm" else {}
+    names = vm_names(reader) if "vm" in bys else {}
     groups = []
     for key, (gr, hr) in results.items():
-        entry = {"key": _label(by, key, symbols), **_key_fields(by, key, symbols), "count": gr["count"],
-                 "pct": 100 * gr["count"] / events if events else 0.0,
-                 "time_pct": 100 * hr["total_ns"] / handle_total if handle_total else 0.0,
-                 "guest_pct": 100 * gr["total_ns"] / guest_total if guest_total else 0.0,
-                 "guest": gr, "handle": hr}
-        if by == "vm" and key[0] in names:
+        parts = _split(bys, key)
+        labels = [_label(b, k, symbols) for b, k in parts]
+        entry = {"key": " / ".join(labels)}
+        if len(bys) == 2:
+            entry["group"], entry["subgroup"] = labels
+        for b, k in parts:
+            entry.update(_key_fields(b, k, symbols))
+        entry.update({"count": gr["count"],
+                      "pct": 100 * gr["count"] / events if events else 0.0,
+                      "time_pct": 100 * hr["total_ns"] / handle_total if handle_total else 0.0,
+                      "guest_pct": 100 * gr["total_ns"] / guest_total if guest_total else 0.0,
+                      "guest": gr, "handle": hr})
+        targets = acc.groups[key].targets
+        if targets or (len(bys) == 1 and bys[0] in ADDRESS_GROUPINGS):
+            top = sorted(targets.items(), key=lambda item: (-item[1], item[0]))[:TOP_TARGETS]
+            entry["top"] = [{"target": target_text(code), "count": n} for code, n in top]
+        if bys == ("vm",) and key[0] in names:
             entry["name"] = names[key[0]]
         groups.append(entry)
     metric = {"count": lambda e: e["count"], "time": lambda e: e["handle"]["total_ns"],
               "max": lambda e: e["handle"]["max_ns"] if e["handle"]["max_ns"] is not None else -(1 << 63)}[sort]
-    groups.sort(key=lambda e: (-metric(e), e["key"]))
+    if len(bys) == 2:  # each outer group (ordered by its total) with its inner groups under it
+        outer: dict[str, list] = {}
+        for e in groups:
+            outer.setdefault(e["group"], []).append(e)
+        outer_rank = {label: sum(e["count"] for e in members) if sort == "count" else
+                      sum(e["handle"]["total_ns"] for e in members) if sort == "time" else
+                      max(metric(e) for e in members) for label, members in outer.items()}
+        groups.sort(key=lambda e: (-outer_rank[e["group"]], e["group"], -metric(e), e["key"]))
+    else:
+        groups.sort(key=lambda e: (-metric(e), e["key"]))
     return {
-        "by": by, "sort": sort, "filter": None if where is None else str(where),
+        "by": ",".join(bys), "sort": sort, "filter": None if where is None else str(where),
         "events": events, "guest_total_ns": guest_total, "handle_total_ns": handle_total,
         "percentiles": list(PERCENTILES), "percentiles_exact": acc.budget.exact,
         "groups": groups,
@@ -341,23 +451,46 @@ _STAT_HEADER = {"mean_ns": "mean", "stddev_ns": "±sd", "min_ns": "min", "p50_ns
                 "max_ns": "max"}
 
 
+def _title(data: dict) -> str:
+    bys = data["by"].split(",")
+    title = _TITLES[bys[0]] + "".join(f", then by {b}" for b in bys[1:])
+    if data["filter"]:
+        title += f" ({data['filter']})"
+    return title + " — times in µs"
+
+
+def _keys(data: dict) -> list[str]:
+    """Each row's key: under two groupings an outer group's first row names both, the rest of its
+    rows (indented) only their inner group."""
+    keys, outer = [], None
+    for g in data["groups"]:
+        key = g["key"] + (f" ({g['name']})" if g.get("name") else "")
+        if "group" in g:
+            if g["group"] == outer:
+                key = "  " + g["subgroup"]
+            outer = g["group"]
+        keys.append(key)
+    return keys
+
+
 def render(data: dict, console, *, wide: bool = False) -> None:
     from rich.text import Text
 
-    title = _TITLES[data["by"]]
-    if data["filter"]:
-        title += f" ({data['filter']})"
     columns = [c.Col("key", numeric=False), c.Col("count"), c.Col("%"), c.Col("time%", drop=4)]
     for k, metric in enumerate(("guest", "handle")):
         columns += [c.Col(f"{metric}\n{_STAT_HEADER[stat]}", drop=drops[k]) for stat, drops in _STAT_DROP.items()]
+    with_top = any("top" in g for g in data["groups"])
+    if with_top:  # by where the guest was: the ports/addresses of each place
+        columns.append(c.Col("top ports/\naddresses", numeric=False))
     rows = []
-    for g in data["groups"]:
-        key = g["key"] + (f" ({g['name']})" if g.get("name") else "")
+    for key, g in zip(_keys(data), data["groups"]):
         cells = [key, str(g["count"]), f"{g['pct']:.2f}", f"{g['time_pct']:.2f}"]
         for metric in ("guest", "handle"):
             cells += [c.usec(g[metric][stat]) for stat in _STAT_DROP]
+        if with_top:
+            cells.append(" ".join(f"{x['target']}×{x['count']}" for x in g.get("top", [])))
         rows.append(cells)
-    t, hidden = c.fitted_table(console, title + " — times in µs", columns, rows, wide=wide)
+    t, hidden = c.fitted_table(console, _title(data), columns, rows, wide=wide)
     c.print_fitted(console, t, hidden, wide=wide)
     note = (f"{data['events']} events; guest time {data['guest_total_ns'] / 1e9:.6f} s, "
             f"handling time {data['handle_total_ns'] / 1e9:.6f} s (time% is each group's share of it)")
@@ -371,7 +504,8 @@ def render(data: dict, console, *, wide: bool = False) -> None:
 def run(
     trace: str = c.TRACE_ARG,
     by: str = typer.Option("reason", "--by", help="Group by reason, ioport (port:direction), mmio (address:R/W), vcpu, "
-                           "vm, or where the guest was: rip (its instruction address), symbol or line."),
+                           "vm, or where the guest was: rip (its instruction address), symbol or line; two joined by "
+                           "a comma (symbol,reason) group by the first, then the second."),
     sort: str = typer.Option("count", "--sort", help="Order groups by count, time (total handling time) or max (longest handling)."),
     vm: Optional[str] = c.VM_OPT, vcpu: Optional[str] = c.VCPU_OPT, epoch: Optional[str] = c.EPOCH_OPT,
     reason: Optional[str] = c.REASON_OPT, port: Optional[str] = c.PORT_OPT, addr: Optional[str] = c.ADDR_OPT,
@@ -386,14 +520,16 @@ def run(
     if steps:
         from .steps import summary_run
         return summary_run(trace, by, vm, as_json, symbols)
-    if by not in GROUPINGS:
-        c.bad_input(f"unknown --by {by!r} (choose from {', '.join(GROUPINGS)})")
+    try:
+        bys = parse_by(by)
+    except ValueError as e:
+        c.bad_input(str(e))
     if sort not in SORTS:
         c.bad_input(f"unknown --sort {sort!r} (choose from {', '.join(SORTS)})")
     event_filter = c.event_filter(vm, vcpu, epoch, reason, port, addr, where)
     with c.reading(trace) as reader:
         c.require_vms(reader, trace, event_filter)
-        tables = vm_tables(reader, symbols) if by in ADDRESS_GROUPINGS else {}
+        tables = vm_tables(reader, symbols) if set(bys) & set(ADDRESS_GROUPINGS) else {}
         data = summarize(reader, by=by, sort=sort, where=event_filter, symbols=tables)
     if as_json:
         c.dump_json(data)

@@ -1,0 +1,86 @@
+"""Hot spots: `vmtrace summary` by where the guest was with each place's top ports, two-level
+groupings (`--by symbol,ioport`), and `--storms` (polling loops named).
+
+Real traces of the bundled mbkernel guest: its print() polls the UART line-status register
+(`in 0x3fd`, LSR.THRE) before every character it writes to 0x3f8.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.kvm
+
+
+def vmtrace(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tracetool", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def mbkernel_trace(tmp_path_factory):
+    from tests.conftest import run_vmsup
+    trace = tmp_path_factory.mktemp("hot") / "mb.vmtrace"
+    proc = run_vmsup("launch", "mbkernel", "--cmdline", "maxticks=5", "--timeout", "60", "-q", "--trace", str(trace))
+    assert proc.returncode == 0, proc.stderr
+    return trace
+
+
+def summary_json(trace, *args) -> dict:
+    proc = vmtrace("summary", trace, *args, "--json")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_each_address_row_names_its_top_ports(mbkernel_trace):
+    data = summary_json(mbkernel_trace, "--by", "rip")
+    poll = [g for g in data["groups"] if g["top"] and g["top"][0]["target"] == "0x3fd:in"]
+    assert len(poll) == 1 and "<print+" in poll[0]["key"]
+    assert poll[0]["top"] == [{"target": "0x3fd:in", "count": poll[0]["count"]}]
+    for g in data["groups"]:
+        assert sum(t["count"] for t in g["top"]) <= g["count"]
+        assert {"count", "pct", "time_pct"} <= set(g) and {"p50_ns", "p99_ns"} <= set(g["guest"]) & set(g["handle"])
+
+
+def test_two_level_grouping_splits_each_symbol_by_port(mbkernel_trace):
+    by_symbol = {g["symbol"]: g["count"] for g in summary_json(mbkernel_trace, "--by", "symbol")["groups"]}
+    data = summary_json(mbkernel_trace, "--by", "symbol,ioport")
+    assert data["by"] == "symbol,ioport"
+    pairs = {(g["symbol"], g["port"], g["direction"]): g["count"] for g in data["groups"]}
+    assert pairs[("print", 0x3fd, "in")] == pairs[("print", 0x3f8, "out")] > 0
+    # each outer group's rows come together, and hold every port exit of that symbol
+    outers = [g["group"] for g in data["groups"]]
+    assert outers == sorted(outers, key=outers.index)
+    assert sum(n for (s, _, _), n in pairs.items() if s == "print") == by_symbol["print"]
+    by_reason = summary_json(mbkernel_trace, "--by", "symbol,reason")
+    assert sum(g["count"] for g in by_reason["groups"]) == by_reason["events"] == sum(by_symbol.values())
+
+
+def test_hot_spot_tables_fit_80_columns(mbkernel_trace):
+    from rich.console import Console
+
+    from tracetool.commands import _symbols, summary
+    from tracetool.trace import TraceReader
+
+    with TraceReader(str(mbkernel_trace)) as reader:
+        for by in ("rip", "symbol", "line", "symbol,reason", "line,ioport"):
+            out = io.StringIO()
+            summary.render(summary.summarize(reader, by=by, symbols=_symbols.vm_tables(reader, None)),
+                           Console(file=out, width=80))
+            lines = out.getvalue().splitlines()
+            assert len(lines) > 3 and max(map(len, lines)) <= 80, by
+    text = vmtrace("summary", mbkernel_trace, "--by", "rip").stdout
+    assert "0x3fd:in×" in text
+
+
+@pytest.mark.parametrize("by", ["symbol,nothing", "symbol,symbol", "ioport,mmio", "a,b,c"])
+def test_a_bad_two_level_grouping_is_one_line_and_exit_2(mbkernel_trace, by):
+    proc = vmtrace("summary", mbkernel_trace, "--by", by)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
