@@ -84,3 +84,25 @@ def test_hot_spot_tables_fit_80_columns(mbkernel_trace):
 def test_a_bad_two_level_grouping_is_one_line_and_exit_2(mbkernel_trace, by):
     proc = vmtrace("summary", mbkernel_trace, "--by", by)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_storms_name_mbkernels_uart_status_poll_with_its_symbol(mbkernel_trace):
+    data = summary_json(mbkernel_trace, "--storms")
+    by_port = summary_json(mbkernel_trace, "--by", "ioport")
+    lsr_reads = next(g["count"] for g in by_port["groups"] if g["port"] == 0x3fd and g["direction"] == "in")
+    storm = next(s for s in data["storms"] if s["target"] == "0x3fd:in")
+    assert storm["symbol"] == "print" and storm["line"].startswith("mbkernel.c:")
+    assert storm["where"].startswith(f"{storm['rip']:#x} <print+")
+    assert storm["data"] & 0x20  # LSR.THRE set: the transmitter was ready every time
+    assert storm["count"] == storm["saved"] == lsr_reads >= data["min_count"]
+    assert storm["rate_per_s"] >= data["min_rate_per_s"]
+    assert storm["time_ns"] == storm["guest_ns"] + storm["handle_ns"] > 0
+    # no write is ever a storm, and nothing below the count threshold
+    assert all(s["target"].endswith((":in", ":R")) and s["count"] >= 100 for s in data["storms"])
+    text = vmtrace("summary", mbkernel_trace, "--storms")
+    assert text.returncode == 0 and "<print+" in text.stdout and "0x3fd:in" in text.stdout
+
+
+def test_storms_of_a_trace_without_addresses_are_none():
+    data = summary_json(REPO / "tests" / "data" / "schema1_main.vmtrace", "--storms")
+    assert data["storms"] == []

@@ -26,6 +26,8 @@ from ..handling import Stitcher
 from ..streaming_stats import PERCENTILES, Budget, Metric
 from ..trace import ExitBatch, TraceReader
 from . import _common as c
+from .. import storms as storm_finder
+from ._hot_spots import render_storms, target_codes, target_text
 from ._symbols import NO_ID, SYMBOLS_OPT, table_for, vm_tables
 
 GROUPINGS = ("reason", "ioport", "mmio", "vcpu", "vm", "rip", "symbol", "line")
@@ -59,7 +61,7 @@ class _Group:
     def __init__(self, budget: Budget) -> None:
         self.guest = Metric(budget)
         self.handle = Metric(budget)
-        self.targets: dict[int, int] = {}  # target code (see _target_codes) → exits
+        self.targets: dict[int, int] = {}  # target code (see _hot_spots.target_codes) → exits
 
     def count_targets(self, codes: np.ndarray) -> None:
         values, counts = np.unique(codes, return_counts=True)
@@ -99,32 +101,6 @@ class _Summary:
             g.handle.add(h if has_handle is None else h[has_handle[a:b]])
             if targets is not None:
                 g.count_targets(targets[a:b])
-
-
-# A row's target in one int64: port I/O (port, direction), MMIO (guest-physical address below
-# 2^52, x86's widest physical address, and R/W), or else the exit reason.
-_TARGET_IO, _TARGET_MMIO, _TARGET_OTHER = 1 << 60, 2 << 60, 3 << 60
-_GPA_MASK = (1 << 52) - 1
-
-
-def _target_codes(cols: dict) -> np.ndarray:
-    reason = cols["reason"]
-    write = (cols["flags"] & schema.FLAG_WRITE).astype(np.int64)
-    addr = cols["addr"]
-    io = ((addr & np.uint64(0xFFFF)).astype(np.int64) << 1) | write | _TARGET_IO
-    mmio = ((addr & np.uint64(_GPA_MASK)).astype(np.int64) << 1) | write | _TARGET_MMIO
-    other = reason.astype(np.int64) | _TARGET_OTHER
-    return np.where(reason == schema.REASON_IO, io, np.where(reason == schema.REASON_MMIO, mmio, other))
-
-
-def target_text(code: int) -> str:
-    """`0x3fd:in`, `0xfee00000:W`, or a reason name."""
-    kind, value = code & (3 << 60), code & ((1 << 60) - 1)
-    if kind == _TARGET_IO:
-        return f"{value >> 1:#x}:{'out' if value & 1 else 'in'}"
-    if kind == _TARGET_MMIO:
-        return f"{value >> 1:#x}:{'W' if value & 1 else 'R'}"
-    return schema.reason_name(value)
 
 
 def _row_index(by: str, batch: ExitBatch, cols: dict) -> tuple[list[tuple], np.ndarray | None]:
@@ -297,7 +273,7 @@ def _add_batch(acc: _Summary, batch: ExitBatch, bys: tuple[str, ...], only_reaso
     if keep is not None and keep.all():
         keep = None
 
-    targets = _target_codes(cols) if with_targets else None
+    targets = target_codes(cols) if with_targets else None
     if keep is None and contiguous:
         keys, order, starts = _block_keys(bys, batch, cols)
         if order is None:  # the common case: one group, every handling time known
@@ -515,6 +491,13 @@ def run(
     wide: bool = c.WIDE_OPT,
     steps: bool = typer.Option(False, "--steps", help="Count the step trace's instructions instead "
                                "(--by symbol, line, addr or vcpu; see vmtrace steps)."),
+    storms: bool = typer.Option(
+        False, "--storms",
+        help=f"List polling loops instead: guest addresses that read one port/MMIO address and get one value back "
+             f"at least {storm_finder.MIN_COUNT} times, at a rate of at least {storm_finder.MIN_RATE:.0f}/s "
+             "(1 / the median interval between its consecutive exits on a vCPU: the rate while it polls, "
+             "idle time between bursts left out), with the time spent and the exits an interrupt-driven driver "
+             "would save (all of them: the interrupt tells it what the reads keep returning)."),
 ) -> None:
     """Exits per group with count, %, time% and min/max/mean/stddev/p50/p99 of guest and handling time."""
     if steps:
@@ -529,9 +512,12 @@ def run(
     event_filter = c.event_filter(vm, vcpu, epoch, reason, port, addr, where)
     with c.reading(trace) as reader:
         c.require_vms(reader, trace, event_filter)
-        tables = vm_tables(reader, symbols) if set(bys) & set(ADDRESS_GROUPINGS) else {}
-        data = summarize(reader, by=by, sort=sort, where=event_filter, symbols=tables)
+        if storms:
+            data = storm_finder.find_storms(reader, where=event_filter, symbols=vm_tables(reader, symbols))
+        else:
+            tables = vm_tables(reader, symbols) if set(bys) & set(ADDRESS_GROUPINGS) else {}
+            data = summarize(reader, by=by, sort=sort, where=event_filter, symbols=tables)
     if as_json:
         c.dump_json(data)
     else:
-        render(data, c.console(), wide=wide)
+        (render_storms if storms else render)(data, c.console(), wide=wide)
