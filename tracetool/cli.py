@@ -23,7 +23,7 @@ EXAMPLES = {
     "info": ["vmtrace info t.vmtrace", "vmtrace info t.vmtrace --json"],
     "show": ["vmtrace show t.vmtrace -n 20", "vmtrace show t.vmtrace --reason io,hlt --port 0x3f8",
              "vmtrace show t.vmtrace --from 0.5 --to 1 --json"],
-    "summary": ["vmtrace summary t.vmtrace", "vmtrace summary t.vmtrace --by ioport --sort time",
+    "summary": ["vmtrace summary t.vmtrace --by ioport --sort time",
                 "vmtrace summary t.vmtrace --by symbol,reason", "vmtrace summary t.vmtrace --storms"],
     "console": ["vmtrace console t.vmtrace", "vmtrace console t.vmtrace --vm 1 --source uart"],
     "verify": ["vmtrace verify t.vmtrace", "vmtrace verify t.vmtrace --json"],
