@@ -423,6 +423,8 @@ _TITLES = {"reason": "Exits by reason", "ioport": "I/O exits by port:direction",
 # Which columns go first when the terminal is narrow (c.Col.drop: highest first; 0 stays).
 _STAT_DROP = {"mean_ns": (2, 1), "stddev_ns": (9, 9), "min_ns": (8, 8), "p50_ns": (6, 6), "p99_ns": (5, 3),
               "max_ns": (7, 7)}  # (guest, handle)
+_HOT_STAT_DROP = {"mean_ns": (5, 4), "stddev_ns": (9, 9), "min_ns": (8, 8), "p50_ns": (2, 2), "p99_ns": (1, 1),
+                  "max_ns": (7, 6)}
 _STAT_HEADER = {"mean_ns": "mean", "stddev_ns": "±sd", "min_ns": "min", "p50_ns": "p50", "p99_ns": "p99",
                 "max_ns": "max"}
 
@@ -452,19 +454,20 @@ def _keys(data: dict) -> list[str]:
 def render(data: dict, console, *, wide: bool = False) -> None:
     from rich.text import Text
 
-    columns = [c.Col("key", numeric=False), c.Col("count"), c.Col("%"), c.Col("time%", drop=4)]
+    # by where the guest was, or two groupings: p50/p99 and time% stay longest, and each place's
+    # top ports/addresses go under its key (`0x3fd:in×413`)
+    hot = "," in data["by"] or data["by"] in ADDRESS_GROUPINGS
+    drops = _HOT_STAT_DROP if hot else _STAT_DROP
+    columns = [c.Col("key", numeric=False), c.Col("count"), c.Col("%"), c.Col("time%", drop=3 if hot else 4)]
     for k, metric in enumerate(("guest", "handle")):
-        columns += [c.Col(f"{metric}\n{_STAT_HEADER[stat]}", drop=drops[k]) for stat, drops in _STAT_DROP.items()]
-    with_top = any("top" in g for g in data["groups"])
-    if with_top:  # by where the guest was: the ports/addresses of each place
-        columns.append(c.Col("top ports/\naddresses", numeric=False))
+        columns += [c.Col(f"{metric}\n{_STAT_HEADER[stat]}", drop=drop[k]) for stat, drop in drops.items()]
     rows = []
     for key, g in zip(_keys(data), data["groups"]):
+        if g.get("top"):
+            key += "\n  " + " ".join(f"{x['target']}×{x['count']}" for x in g["top"])
         cells = [key, str(g["count"]), f"{g['pct']:.2f}", f"{g['time_pct']:.2f}"]
         for metric in ("guest", "handle"):
-            cells += [c.usec(g[metric][stat]) for stat in _STAT_DROP]
-        if with_top:
-            cells.append(" ".join(f"{x['target']}×{x['count']}" for x in g.get("top", [])))
+            cells += [c.usec(g[metric][stat]) for stat in drops]
         rows.append(cells)
     t, hidden = c.fitted_table(console, _title(data), columns, rows, wide=wide)
     c.print_fitted(console, t, hidden, wide=wide)
