@@ -31,7 +31,7 @@ def two_vms(tmp_path_factory):
 
 
 @pytest.mark.parametrize("command", [("show",), ("summary",), ("replay", "--speed", "inf"),
-                                     ("export", "--format", "csv", "-o", "-"), ("console",)])
+                                     ("export", "--format", "csv", "-o", "-"), ("console",), ("kvm-stats",)])
 def test_a_vm_the_trace_does_not_have_is_an_error_naming_its_vms(two_vms, command):
     proc = vmtrace(command[0], two_vms, *command[1:], "--vm", "9")
     assert_one_error_line(proc, "vm 9", "its VMs: 0 (seed16), 1 (hello)")

@@ -108,6 +108,7 @@ def run(
 ) -> None:
     """The kernel's KVM counters per VM and vCPU over time, beside the exits the trace recorded."""
     with c.reading(trace) as reader:
+        c.require_vms(reader, trace, None if vm is None else c.event_filter(vm=str(vm)))
         data = kvm_stats(reader, vm)
     if as_json:
         c.dump_json(data)
