@@ -33,6 +33,7 @@ from tracetool.trace.format import DEFAULT_BLOCK_EVENTS
 from vmworker.event_batch import DEFAULT_BATCH_EVENTS
 from vmworker.publisher import SEND_HWM
 from vmworker.errors import VmsupError
+from vmworker.status import End
 
 from .commands import RECORDER_COMMANDS, ControlError, call_endpoint, control_socket, serve_one
 from .runtime import RunDir
@@ -103,11 +104,14 @@ class Recorder:
         self.trace_path = trace_path
         self.writer = None
         self.tally = RunTally()  # every VM's exits, all epochs (tracetool/exit_tally.py)
+        prior: dict[str, list[dict]] | None = None  # a resumed trace's records
         if trace_path:
             from tracetool.trace import TraceReader, TraceWriter
             if resume and os.path.exists(trace_path):
                 with TraceReader(trace_path) as reader:  # what the predecessors accounted for
                     self.tally = RunTally.from_trace(reader)
+                    prior = {kind: reader.records(kind) for kind in
+                             (schema.MSG_VM_START, schema.MSG_VM_END, schema.MSG_GAP, schema.MSG_LIFECYCLE)}
                 # A restarted recorder continues the file its predecessor left; sequence numbers
                 # pick up where the file ends, so whatever died with it becomes a gap record.
                 self.writer = TraceWriter(trace_path, resume=True)
@@ -121,6 +125,10 @@ class Recorder:
         # (vm, epoch) -> vCPUs, from vm-start: a worker killed before its first batch still had streams.
         self.started: dict[tuple[int, int], int] = {}
         self.cut: set[tuple[int, int]] = set()  # (vm, epoch) whose streams got a count-unknown gap
+        self.exited: set[tuple[int, int]] = set()  # (vm, epoch) the supervisor saw end (lifecycle exit)
+        self.ended: set[tuple[int, int]] = set()  # (vm, epoch) with a vm-end record
+        if prior is not None:
+            self._take_over(prior)
         self.vms: dict[int, VmStats] = {}
         self.events_recorded = 0
         self.batches = 0
@@ -137,6 +145,29 @@ class Recorder:
             stats.events += covered
             stats.epoch = max(stats.epoch, epoch)
             self.events_recorded += covered
+
+    def _take_over(self, prior: dict[str, list[dict]]) -> None:
+        """What the predecessors wrote decides what this recorder still owes: epochs already cut,
+        ended or seen to end get no second gap or vm-end (one cause per gap)."""
+        for rec in prior[schema.MSG_VM_START]:
+            self.started[(rec["vm"], rec["epoch"])] = rec.get("vcpus") or 1
+        for rec in prior[schema.MSG_VM_END]:
+            self.ended.add((rec["vm"], rec["epoch"]))
+            if rec.get("final_seq") is not None:
+                finals = messages.VmEnd.from_msg(rec).final_seq_map()
+                self.final_seq[(rec["vm"], rec["epoch"])] = [finals.get(v, 0) for v in range(max(finals, default=-1) + 1)]
+        for rec in prior[schema.MSG_GAP]:
+            if rec.get("count_known") is False:
+                self.cut.add((rec["vm"], rec["epoch"]))
+        for rec in prior[schema.MSG_LIFECYCLE]:
+            if rec.get("event") == "exit":
+                self.exited.add((rec["vm"], rec["epoch"]))
+        # Where each stream stands: its blocks and its gaps (a gap may reach past the last block).
+        for vm, tally in self.tally.vms.items():
+            for epoch, e in tally.epochs.items():
+                for vcpu, reached in e.reached.items():
+                    key = (vm, vcpu, epoch)
+                    self.next_seq[key] = max(self.next_seq.get(key, 0), reached)
 
     # Messages ------------------------------------------------------------------------------------
     def handle(self, frames: list[bytes]) -> None:
@@ -241,6 +272,7 @@ class Recorder:
             finals = end.final_seq_map()
             self.final_seq[(end.vm, end.epoch)] = [finals.get(vcpu, 0) for vcpu in range(max(finals, default=-1) + 1)]
         self._vm(end.vm).state = end.status or "ended"
+        self.ended.add((end.vm, end.epoch))
         self.tally.ended(end.to_msg())
         self._write(lambda w: w.write_record(end.TYPE, end.to_msg()))
 
@@ -251,6 +283,8 @@ class Recorder:
             stats.name = event.name
         if event.event in ("exit", "give-up", "stop"):
             stats.state = event.status or event.event
+        if event.event == "exit":
+            self.exited.add((vm, epoch))
         self._write(lambda w: w.write_record(event.TYPE, event.to_msg()))
         if event.event == "exit" and event.no_record and (vm, epoch) not in self.final_seq:
             # The worker died without saying how far it got: whatever it had not yet flushed is
@@ -260,9 +294,16 @@ class Recorder:
     def _cut(self, vm: int, epoch: int, why: str) -> None:
         """A count-unknown gap at the end of each stream of (vm, epoch): every vCPU its vm-start
         announced (even one whose first batch never came) and every stream seen."""
+        if (vm, epoch) in self.cut:
+            return  # one cause per gap: the first one to see the cut says why
         streams = {vcpu: 0 for vcpu in range(self.started.get((vm, epoch), 0))}
         streams.update({vcpu: n for (svm, vcpu, sepoch), n in self.next_seq.items() if (svm, sepoch) == (vm, epoch)})
         self.cut.add((vm, epoch))
+        if not streams and (vm, epoch) not in self.ended:
+            # Killed before its vm-start: no stream to cut, but the epoch was: say it never ran.
+            self._vm_end(messages.VmEnd(vm=vm, epoch=epoch, status=str(End.WORKER_DIED),
+                                        detail=f"{why} before its VM started: no guest code ran"))
+            return
         for vcpu, next_seq in sorted(streams.items()):
             self._gap(vm, vcpu, epoch, next_seq, 0, f"{why}: events after this point were lost, count unknown",
                       count_known=False)
@@ -339,7 +380,7 @@ class Recorder:
         self._drain(time.monotonic() + FINISH_DEADLINE)
         if cut_unended:
             seen = {*self.started, *((vm, epoch) for vm, _, epoch in self.next_seq)}
-            for vm, epoch in sorted(seen - set(self.final_seq) - self.cut):
+            for vm, epoch in sorted(seen - set(self.final_seq) - self.cut - self.exited):
                 self._cut(vm, epoch, cut_unended)
         for (vm, epoch), finals in self.final_seq.items():
             for vcpu, final in enumerate(finals):
@@ -347,7 +388,8 @@ class Recorder:
                 if got < final:
                     self._gap(vm, vcpu, epoch, got, final - got, "not received before the recorder closed")
         for end in ended_without_record:  # workers that died without a vm-end record
-            self._vm_end(end)
+            if (end.vm, end.epoch) not in self.ended:
+                self._vm_end(end)
         self._write_refusals()
         if self.writer is not None:
             try:
