@@ -206,6 +206,40 @@ def test_stepi_advances_one_instruction_at_a_time(stubbed):
     assert values[4] == "2"
 
 
+def _step_trace(tmp_path, guest: str, steps: int) -> tuple[list[int], list[int]]:
+    """(addresses, rax before each instruction) of a `vmsup launch --step-trace` run of `guest`."""
+    trace = tmp_path / f"{guest}.vmtrace"
+    subprocess.run([*VMSUP, "launch", guest, "--step-trace", "--steps", str(steps), "--timeout", "20", "--quiet",
+                    "--serial-in", "none", "--trace", str(trace)], capture_output=True, timeout=GDB_TIMEOUT, cwd=REPO)
+    with TraceReader(trace) as reader:
+        batches = list(reader.step_batches())
+    addrs, rax = [], []
+    value = batches[0].initial[0]  # rax is REGISTERS[0] (tracetool/step_schema.py): bit 0 of changed
+    values = iter(int(v) for b in batches for v in b.cols["values"])
+    for b in batches:
+        for addr, changed in zip(b.cols["addr"].tolist(), b.cols["changed"].tolist()):
+            addrs.append(addr)
+            rax.append(value)
+            consumed = [next(values) for _ in range(bin(changed).count("1"))]
+            if changed & 1:
+                value = consumed[0]
+    return addrs, rax
+
+
+@pytest.mark.parametrize("guest, mode", [("seed16", "real"), ("protected32", "protected")])
+def test_stepi_n_times_matches_the_step_trace(stubbed, tmp_path, guest, mode):
+    # seed16 steps over `out` (a port-I/O exit inside the step) every third instruction.
+    n = 24
+    addrs, rax = _step_trace(tmp_path, guest, n)
+    assert len(addrs) == n
+    vm = stubbed(f"{guest}.bin", mode)
+    steps = [c for _ in range(n - 1) for c in ("stepi", "p/x $pc", "p/x $rax")]
+    values = printed(vm.gdb("p/x $pc", "p/x $rax", *steps, "kill"), [])
+    pcs, raxes = [int(v, 16) for v in values[0::2]], [int(v, 16) for v in values[1::2]]
+    assert pcs == addrs, values
+    assert raxes == rax
+
+
 def test_ctrl_c_stops_a_spinning_guest_where_it_is(stubbed):
     vm = stubbed("seed16.bin", "real", quiet=False)  # quiet=False: one output line per exit shows progress
     gdb = subprocess.Popen(vm.gdb_command("continue", "p $rax > 0", "info registers rip", "kill"),

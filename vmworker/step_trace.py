@@ -18,7 +18,6 @@ single-stepping is switched off and the VM runs on.
 
 from __future__ import annotations
 
-import fcntl
 import struct
 import time
 
@@ -167,25 +166,16 @@ class StepTracer:
             self._flush(last=False)
 
     def complete(self, ctx) -> None:
-        """After a port-I/O or MMIO exit: this host finishes the instruction at the next KVM_RUN
-        without the single-step trap, so the next debug exit would come one instruction late. A
-        KVM_RUN with immediate_exit set completes it (api.rst, immediate_exit: pending I/O is
-        completed first) and returns EINTR with the registers synced: that is the step's end."""
+        """After a port-I/O or MMIO exit: finish its instruction now (Vcpu.complete_pending_io; a
+        normal KVM_RUN would run the next one too before trapping); the registers KVM syncs at
+        that EINTR are the step's end."""
         self._run_to_completion(ctx)
         self.step()
 
     def _run_to_completion(self, ctx) -> None:
-        vcpu = self.vcpu
-        vcpu.set_immediate_exit(True)
-        try:
-            fcntl.ioctl(vcpu.fd, abi.KVM_RUN, 0)
-        except InterruptedError:
-            pass
-        else:  # not expected: the kernel ran the guest; its exit is unaccounted, say so loudly
-            raise RuntimeError("KVM_RUN with immediate_exit set entered the guest")
-        vcpu.set_immediate_exit(False)
-        if ctx.stopping or ctx.paused:  # a kick that came meanwhile must not be lost
-            vcpu.set_immediate_exit(True)
+        self.vcpu.complete_pending_io()
+        if not (ctx.stopping or ctx.paused):  # else a kick came meanwhile and must not be lost
+            self.vcpu.set_immediate_exit(False)
 
     def _note_next(self, n: int) -> None:
         """Row n's address and bytes, from the register block before it runs."""

@@ -194,6 +194,8 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
                     batcher.flush(pos)
                     pos = 0
                     flush_at = t1 + flush_ns
+            if ctx.debugger is not None and stop is None and (reason == _EXIT_IO or reason == _EXIT_MMIO):
+                ctx.debugger.after_io(vcpu)  # gdb's stepi over an I/O instruction ends here
             if stop is not None:
                 ctx.stop(stop.reason, code=stop.code, detail=stop.detail)
                 break

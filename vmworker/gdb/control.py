@@ -69,6 +69,7 @@ class Debugger:
         self._stop: Stop | None = None if not wait else Stop(0, SIGTRAP)
         self._stepping: int | None = None  # the vCPU single-stepping (others stay parked)
         self._stepping_over: int | None = None  # a step gdb did not ask for: past a breakpoint, then on
+        self._step_from: int | None = None  # where the step began (linear pc)
         self._enabled = False  # guest debug on (a gdb is attached)
         self.hw: list[int | None] = [None] * DEBUG_REGISTERS  # linear addresses in DR0-DR3
         self.sw: dict[int, _Planted] = {}  # linear address → planted int3
@@ -115,22 +116,37 @@ class Debugger:
         if not self._enabled:
             return
         if exit_.dr6 & DR6_BS or self._stepping == vcpu.id:
-            if self._stepping_over == vcpu.id:  # past the breakpoint: put it back and go on
-                with self._cond:
-                    self._stepping_over = self._stepping = None
-                    self._plant_all()
-                    self._run = set(range(len(self.vcpus)))
-                    control, debugreg = self._guest_debug_for(vcpu.id)
-                    self._cond.notify_all()
-                vcpu.set_guest_debug(control, debugreg)
-                return
-            self._report(Stop(vcpu.id, SIGTRAP))
+            self._step_done(vcpu)
             return
         hit = next((i for i in range(DEBUG_REGISTERS) if exit_.dr6 & (1 << i) and self.hw[i] is not None), None)
         why = "hwbreak"
         if hit is not None and self._hw_kind.get(self.hw[hit]) == "sw":
             why = "swbreak"
         self._report(Stop(vcpu.id, SIGTRAP, why))
+
+    def after_io(self, vcpu) -> None:
+        """A port-I/O or MMIO exit of the vCPU gdb is single-stepping: finish its instruction now
+        (Vcpu.complete_pending_io) and end the step there. Finished by a normal KVM_RUN, it would
+        raise no single-step trap on this host and the next instruction would run too. The vCPU
+        keeps immediate_exit set: its next KVM_RUN returns at once, and it parks or goes on."""
+        if not self._enabled or self._stepping != vcpu.id:
+            return
+        vcpu.complete_pending_io()
+        if self._pc(vcpu.id) != self._step_from:  # else a `rep ins/outs` with iterations left: go on
+            self._step_done(vcpu)
+
+    def _step_done(self, vcpu) -> None:
+        """vCPU `vcpu` finished the one instruction it was stepping."""
+        if self._stepping_over == vcpu.id:  # past the breakpoint: put it back and go on
+            with self._cond:
+                self._stepping_over = self._stepping = None
+                self._plant_all()
+                self._run = set(range(len(self.vcpus)))
+                control, debugreg = self._guest_debug_for(vcpu.id)
+                self._cond.notify_all()
+            vcpu.set_guest_debug(control, debugreg)
+            return
+        self._report(Stop(vcpu.id, SIGTRAP))
 
     def caught(self, what: str, watch: int | None = None) -> None:
         """A catch (catch.py) or a write watchpoint (watch.py) saw its exit, on the calling vCPU
@@ -199,11 +215,13 @@ class Debugger:
             self._stop = None
             if step is not None:
                 self._stepping = step
+                self._step_from = self._pc(step)
                 self._run = {step}
             else:
                 over = next((i for i in sorted(self._parked) if self._at_breakpoint(i)), None)
                 if over is not None:
                     self._stepping = self._stepping_over = over
+                    self._step_from = self._pc(over)
                     self._unplant_at(self._pc(over))
                     self._run = {over}
                 else:
