@@ -122,8 +122,8 @@ def test_a_missing_key_script_with_fleet_is_refused_before_it_is_read(vmsup, tmp
 LIMITS = [s for s in SETTINGS if isinstance(s.kind, Limit)]
 
 
-def test_the_limits_are_timeout_max_exits_and_rss_limit():
-    assert {s.name for s in LIMITS} == {"timeout", "max_exits", "rss_limit"}
+def test_the_limits_are_timeout_max_exits_rss_limit_and_console_limit():
+    assert {s.name for s in LIMITS} == {"timeout", "max_exits", "rss_limit", "console_limit"}
 
 
 @pytest.mark.kvm

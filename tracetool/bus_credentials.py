@@ -30,8 +30,6 @@ CREDENTIAL_ENV = "VMSUP_BUS_CREDENTIAL"
 SECRET_BYTES = 32
 _MAX_FRAME = 512  # a credential frame is ~60 bytes; anything bigger is not one
 _SUPERVISOR = -1  # vm and epoch of the supervisor's credential: it speaks for every VM
-# Lifecycle events a worker reports itself (its gdb stub, vmworker/gdb/); all others are the supervisor's.
-WORKER_LIFECYCLE_PREFIX = "gdb-"
 
 
 class CredentialError(messages.MessageError):
@@ -122,5 +120,5 @@ def check_sender(cred: Credential, msg: messages.Message) -> None:
         return
     if (msg.vm, msg.epoch) != (cred.vm, cred.epoch):
         raise CredentialError(f"{msg.TYPE} for a stream the sender does not own")
-    if is_lifecycle and not msg.event.startswith(WORKER_LIFECYCLE_PREFIX):
+    if is_lifecycle and msg.event not in messages.WORKER_LIFECYCLE_EVENTS:
         raise CredentialError(f"lifecycle {msg.event!r} not from the supervisor")

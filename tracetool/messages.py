@@ -323,8 +323,11 @@ class Gap(Message):
 
 
 # From the supervisor, then from the worker's gdb stub (vmworker/gdb/).
-LIFECYCLE_EVENTS = ("spawn", "exit", "restart", "give-up", "stop", "pause", "resume", "kill",
-                    "gdb-attach", "gdb-stop", "gdb-continue", "gdb-step", "gdb-detach", "gdb-gone")
+# What a worker reports of itself (its gdb stub; its console file reaching console_limit); every
+# other lifecycle event is the supervisor's to send (tracetool/bus_credentials.py checks).
+WORKER_LIFECYCLE_EVENTS = ("gdb-attach", "gdb-stop", "gdb-continue", "gdb-step", "gdb-detach", "gdb-gone",
+                           "console-limit")
+LIFECYCLE_EVENTS = ("spawn", "exit", "restart", "give-up", "stop", "pause", "resume", "kill", *WORKER_LIFECYCLE_EVENTS)
 
 
 @dataclass(frozen=True)

@@ -98,11 +98,13 @@ def run_spec(spec: VmSpec) -> dict:
         # In-kernel PIC/IOAPIC/LAPIC + PIT: asked for, or by default for a kernel (multiboot, bzImage).
         irqchip = spec.irqchip if spec.irqchip is not None else image.is_kernel
         out = sys.stdout.buffer
-        console = Console(out, line_buffered=not spec.quiet)
+        console = Console(out, line_buffered=not spec.quiet, file_limit=spec.console_limit)
         devices = StandardDevices(console, _serial_input(spec.serial_in), mem_size=spec.mem)
         exit_log = None if spec.quiet else ExitLog(out, multi_vcpu=spec.vcpus > 1)
         if spec.bus_endpoint:
             recording = Recording(spec, image)
+            console.on_limit = lambda: recording.lifecycle(
+                "console-limit", detail=f"the console file stopped at {console.file_limit} bytes (console_limit)")
         if spec.gdb:  # bound before the VM exists: a port in use is bad input, and no VM runs
             gdb_server = GdbServer(spec.gdb, describe=lambda: f"VM {spec.name}: {spec.guest}, {spec.vcpus} vCPU(s)",
                                    record=recording.lifecycle if recording else None)

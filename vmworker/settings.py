@@ -127,6 +127,9 @@ SETTINGS: tuple[Setting, ...] = (
             home="policy"),
     Setting("retries", int | None, Integer(0), None, "Starts in a row that end within --startsecs before FATAL (default: 5).",
             home="policy"),
+    Setting("console_limit", int | None, Limit(Size()), 64 << 20,
+            "Cap each VM's console file (TRACE.NAME.console) at this size, e.g. 64M; then a note, and the output "
+            "stays only in the trace; none, 0 or inf: no cap (default: 64M)."),
     Setting("serial_in", str | None, InputFile(("-", "none"), "serial input"), "-",
             "UART input: a file, '-' for stdin, or 'none' (default: -)."),
     Setting("record_only", str | None, ExitFilter(), None, "Record only matching exits, e.g. reason=io,port=0x3f8."),

@@ -22,8 +22,15 @@ class Console:
     middle of a guest's line. ``stream=None`` only captures. Several vCPU threads may write.
     """
 
-    def __init__(self, stream: BinaryIO | None, line_buffered: bool) -> None:
+    def __init__(self, stream: BinaryIO | None, line_buffered: bool, file_limit: int | None = None) -> None:
         self._stream = stream
+        # A stream that is a regular file (a console file) stops at file_limit bytes, with a note.
+        self.file_limit = file_limit if file_limit and _file_size(stream) is not None else None
+        self._file_bytes = _file_size(stream) or 0
+        # A restarted VM appends to its file: an earlier epoch may have written the note already.
+        self._note_due = self.file_limit is not None and self._file_bytes < self.file_limit
+        self.limit_reached = False
+        self.on_limit = None  # called once (no arguments) when the file reaches its limit
         self.line_buffered = line_buffered
         self._lock = threading.Lock()
         self._pending = bytearray()
@@ -66,6 +73,35 @@ class Console:
 
     def _emit(self, chunk: bytes) -> None:
         # Called with the lock held: chunks from different threads never interleave.
-        if self._stream is not None:
-            self._stream.write(chunk)
+        if self._stream is None or self.limit_reached:
+            return
+        if self.file_limit is not None and self._file_bytes + len(chunk) > self.file_limit:
+            self._stop_at_limit(chunk)
+            return
+        self._file_bytes += len(chunk)
+        self._stream.write(chunk)
+        self._stream.flush()
+
+    def _stop_at_limit(self, chunk: bytes) -> None:
+        room = max(0, self.file_limit - self._file_bytes)
+        self.limit_reached = True
+        if self._note_due:
+            self._stream.write(chunk[:room] + LIMIT_NOTE.format(limit=self.file_limit).encode())
             self._stream.flush()
+        if self.on_limit is not None:
+            self.on_limit()
+
+
+LIMIT_NOTE = ("\n[vmsup: this console file reached its limit of {limit} bytes (console_limit); the guest's "
+              "further output is only in the trace's exits]\n")
+
+
+def _file_size(stream) -> int | None:
+    """The size of a stream that is a regular file; None for a terminal, pipe or no stream."""
+    import os
+    import stat
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
