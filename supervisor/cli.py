@@ -80,8 +80,9 @@ def _with_vm_flags(func):
     params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     for setting in settings.FLAGGED:
         switch = isinstance(setting.kind, Switch)
+        text = Optional[list[str]] if getattr(setting.kind, "repeatable", False) else Optional[str]
         params.append(inspect.Parameter(
-            setting.param, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool] if switch else Optional[str],
+            setting.param, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool] if switch else text,
             default=typer.Option(None, *setting.flags, help=setting.help, show_default=False,
                                  metavar=None if switch else setting.kind.metavar)))
     func.__signature__ = own.replace(parameters=params)

@@ -204,3 +204,21 @@ def test_ioctl_numbers_match_linux_header(header: HeaderLayout) -> None:
     mismatches = [f"{macro}: header {header.ioctls[macro]:#x}, kvm_abi {value:#x}"
                   for macro, value in kvm_abi.IOCTLS.items() if header.ioctls[macro] != value]
     assert not mismatches, _report(mismatches)
+
+
+def test_coalesced_ring_slots_and_caps_match_linux_header(tmp_path) -> None:
+    """KVM_COALESCED_MMIO_MAX (defined with the kernel's PAGE_SIZE, which user space supplies)
+    and the capability numbers vmworker/coalesce.py asks for."""
+    from vmworker.coalesce import ring_slots
+    src = tmp_path / "ring.c"
+    src.write_text("#include <stdio.h>\n#define PAGE_SIZE 4096\n#include <linux/kvm.h>\n"
+                   "int main(void) { printf(\"%d %d %d\\n\", (int)KVM_COALESCED_MMIO_MAX, "
+                   "KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO); return 0; }\n")
+    exe = tmp_path / "ring"
+    res = subprocess.run(["cc", "-o", str(exe), str(src)], capture_output=True, text=True)
+    if res.returncode:
+        pytest.skip(f"cc cannot compile a program including <linux/kvm.h>: {res.stderr.strip()[:200]}")
+    slots, cap_mmio, cap_pio = map(int, subprocess.run([str(exe)], capture_output=True, text=True,
+                                                       check=True).stdout.split())
+    assert (ring_slots(4096), kvm_abi.KVM_CAP_COALESCED_MMIO, kvm_abi.KVM_CAP_COALESCED_PIO) == (slots, cap_mmio, cap_pio)
+    assert slots == 170

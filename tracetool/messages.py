@@ -491,6 +491,28 @@ class ExitBatch(Message):
         return out
 
 
+@dataclass(frozen=True)
+class CoalescedWrites(Message):
+    """Guest writes a vCPU thread drained from KVM's coalesced ring, in ring order: columns of
+    schema.COALESCED_COLUMNS (little-endian bytes, `count` rows each). Not exits (schema.py says why)."""
+
+    TYPE: ClassVar[str] = schema.MSG_COALESCED
+    vm: int = _vm()
+    vcpu: int = _vcpu()
+    epoch: int = _epoch()
+    count: int = checked(Int(required=True, hi=schema.MAX_COALESCED_ROWS), default=0)
+    cols: dict = checked(Map(required=True), default=None)
+
+    @classmethod
+    def from_msg(cls, msg) -> "CoalescedWrites":
+        base = super().from_msg(msg)
+        for c in schema.COALESCED_COLUMNS:
+            raw = base.cols.get(c.name)
+            if not isinstance(raw, bytes) or len(raw) != base.count * c.itemsize:
+                raise MessageError(f"{cls.TYPE}: column {c.name!r} missing or not {base.count} × {c.itemsize} bytes")
+        return base
+
+
 # Refusal causes kept apart per record; beyond, they are counted under "other".
 MAX_REFUSAL_CAUSES = 64
 MAX_CAUSE_LEN = 200
@@ -548,7 +570,8 @@ class StepBatch(Message):
 
 
 MESSAGE_CLASSES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (ExitBatch, VmStart, VmEnd, Gap, Lifecycle, Screen, Input, KvmStats, Refused, StepBatch, VmImage)}
+    cls.TYPE: cls for cls in (ExitBatch, VmStart, VmEnd, Gap, Lifecycle, Screen, Input, KvmStats, Refused, StepBatch, VmImage,
+                              CoalescedWrites)}
 assert set(MESSAGE_CLASSES) == set(schema.MESSAGE_TYPES), "a message type without its class"
 
 

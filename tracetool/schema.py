@@ -89,6 +89,30 @@ REQUIRED_COLUMNS = tuple(c.name for c in EXIT_COLUMNS if c.missing is None)
 
 FLAG_WRITE = 1
 
+# --- Coalesced writes -----------------------------------------------------------------------------
+# A guest write KVM queued in its coalesced ring instead of exiting (vmworker/coalesce.py) is not
+# an exit: no KVM_RUN returned for it, it has no guest time, handling time, rip or exact time.
+# Coalesced writes therefore have their own record stream ("coalesced", one per vCPU that drained
+# them) with their own column table, never rows of EXIT_COLUMNS: exit counts, handling-time
+# stitching (tracetool/handling.py) and the kvm_userspace_exit check read exit blocks only, so
+# they stay right without a branch each (a `kind` column would have needed one in every one of
+# them). The same Column type describes both tables. A write's time is known only as an interval:
+# after t_after and before t_before (both exact monotonic ns); `exit_seq` links it to the exit of
+# the same stream before whose handling it was drained (program order: the write came first).
+COALESCED_COLUMNS: tuple[Column, ...] = (
+    Column("addr", "<u8", "Q", "port (pio) or guest-physical address written", "port/gpa"),
+    Column("data", "<u8", "8s", "the value written (little-endian, up to 8 bytes)", "value"),
+    Column("size", "<u4", "I", "bytes written", "bytes"),
+    Column("pio", "<u4", "I", "1: a port write; 0: an MMIO write", "bits"),
+    Column("exit_seq", "<u8", "Q", "sequence number of the exit (same stream) before whose handling it was drained",
+           "count"),
+    Column("t_after", "<i8", "q", "written after this CLOCK_MONOTONIC ns (the VM's previous drain); exact time "
+           "unknown", "ns"),
+    Column("t_before", "<i8", "q", "written before this CLOCK_MONOTONIC ns (the drain that found it)", "ns"),
+)
+COALESCED_NAMES = tuple(c.name for c in COALESCED_COLUMNS)
+MAX_COALESCED_ROWS = 16384  # per record: 48 bytes each, well inside MAX_RECORD_BYTES
+
 
 # --- The packed row of the vCPU loop (derived) -------------------------------------------------
 _VIEW_FORMAT = {"i1": "b", "u1": "B", "i2": "h", "u2": "H", "i4": "i", "u4": "I", "i8": "q", "u8": "Q"}
@@ -239,8 +263,9 @@ MSG_KVM_STATS = "kvm-stats"  # the kernel's KVM counters of a VM or vCPU, sample
 MSG_VM_IMAGE = "vm-image"  # what a rerun needs besides the exits: the guest image, CPUID, first registers
 MSG_STEPS = "steps"  # a batch of single-stepped instructions of one stream (tracetool/step_schema.py)
 MSG_REFUSED = "refused"  # bus messages the recorder refused, by cause (written by the recorder only)
+MSG_COALESCED = "coalesced"  # guest writes drained from KVM's coalesced ring (COALESCED_COLUMNS)
 MESSAGE_TYPES = (MSG_EXITS, MSG_VM_START, MSG_VM_END, MSG_GAP, MSG_LIFECYCLE, MSG_SCREEN, MSG_INPUT, MSG_KVM_STATS,
-                 MSG_REFUSED, MSG_STEPS, MSG_VM_IMAGE)
+                 MSG_REFUSED, MSG_STEPS, MSG_VM_IMAGE, MSG_COALESCED)
 
 # Bounds for untrusted messages (bus or file): enough for real batches, small enough to be safe.
 MAX_MESSAGE_BYTES = 64 << 20  # one trace block's payload (a bus message: messages.BUS, smaller)

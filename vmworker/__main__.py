@@ -112,7 +112,7 @@ def run_spec(spec: VmSpec) -> dict:
                      exit_log=exit_log, max_exits=spec.max_exits, timeout=spec.timeout,
                      batchers=recording.batchers if recording else None, irqchip=irqchip,
                      cmdline=spec.cmdline, initrd=initrd, stats_interval=spec.stats_interval,
-                     send_stats=recording.kvm_stats if recording else None) as machine:
+                     send_stats=recording.kvm_stats if recording else None, coalesce=spec.coalesce) as machine:
             if machine.irqchip:
                 devices.connect_irqs(machine.vm)
             if spec.step_trace:

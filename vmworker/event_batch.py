@@ -13,6 +13,7 @@ import struct
 from tracetool import messages, schema
 
 ROW = struct.Struct(schema.ROW_STRUCT_FORMAT)
+COALESCED_ENTRY_SIZE = 24  # sizeof(struct kvm_coalesced_mmio), linux/kvm.h (vmworker/coalesce.py checks it)
 DEFAULT_BATCH_EVENTS = 4096
 DEFAULT_FLUSH_NS = 50_000_000  # a live viewer sees an exit at most ~50 ms after it happened
 
@@ -35,6 +36,43 @@ class EventBatcher:
         # monotonic ns of the oldest unflushed row (0 = none): a vCPU that sits in KVM_RUN with
         # rows pending is kicked by the machine so live viewers are not kept waiting.
         self.pending_since = 0
+        # Writes drained from KVM's coalesced ring (vmworker/coalesce.py) since the last flush: the
+        # raw 24-byte entries, and per drain (exit seq, entries, t_after, t_before). `drain(pos)`,
+        # set by the machine with --coalesce, empties the VM's ring into them at every flush.
+        self.coalesced = bytearray()
+        self.drains: list[tuple[int, int, int, int]] = []
+        self.drain = None
+
+    def seq_at(self, pos: int) -> int:
+        """The sequence number the row at `pos` of the buffer has (or will have)."""
+        return self.next_seq + (len(self.held) + pos) // ROW.size
+
+    def add_coalesced(self, raw: bytes, pos: int, t_after: int, t_before: int) -> None:
+        """Entries one drain found, linked to the exit at row position `pos` (not yet packed)."""
+        n = len(raw) // COALESCED_ENTRY_SIZE
+        self.coalesced += raw
+        self.drains.append((self.seq_at(pos), n, t_after, t_before))
+        if len(self.coalesced) >= schema.MAX_COALESCED_ROWS * COALESCED_ENTRY_SIZE // 2:
+            self._send_coalesced()
+
+    def _send_coalesced(self) -> None:
+        """The drained entries as messages.CoalescedWrites records (columns cut in C, no numpy)."""
+        raw, drains = self.coalesced, self.drains
+        self.coalesced, self.drains = bytearray(), []
+        step = schema.MAX_COALESCED_ROWS * COALESCED_ENTRY_SIZE
+        per_drain = [(struct.pack("<Q", seq) * n, struct.pack("<q", lo) * n, struct.pack("<q", hi) * n)
+                     for seq, n, lo, hi in drains]
+        link = [b"".join(d[i] for d in per_drain) for i in range(3)]
+        for start in range(0, len(raw), step):
+            chunk = memoryview(raw)[start:start + step]
+            n = len(chunk) // COALESCED_ENTRY_SIZE
+            q, w = chunk.cast("Q"), chunk.cast("I")  # kvm_coalesced_mmio: u64 phys_addr, u32 len, u32 pio, u8 data[8]
+            first = start // COALESCED_ENTRY_SIZE
+            cols = {"addr": q[0::3].tobytes(), "data": q[2::3].tobytes(), "size": w[2::6].tobytes(),
+                    "pio": w[3::6].tobytes(), "exit_seq": link[0][first * 8:(first + n) * 8],
+                    "t_after": link[1][first * 8:(first + n) * 8], "t_before": link[2][first * 8:(first + n) * 8]}
+            message = messages.CoalescedWrites(vm=self.vm, vcpu=self.vcpu, epoch=self.epoch, count=n, cols=cols)
+            self.publisher.send(message.to_msg())
 
     def add_payload(self, pos: int, data: bytes) -> None:
         # Bounded so a batch stays within the bus's message size (messages.BUS).
@@ -50,6 +88,10 @@ class EventBatcher:
         next row holds — and that row may be filtered out."""
         n = pos // ROW.size
         self.pending_since = 0
+        if self.drain is not None:
+            self.drain(pos)  # what other vCPUs queued meanwhile; linked to this stream's next exit
+        if self.coalesced:  # before the exits they precede
+            self._send_coalesced()
         if self.filter is not None:
             self._flush_filtered(bytes(self.rows[:pos]), final)
             return

@@ -246,6 +246,12 @@ class kvm_coalesced_mmio(Structure):
     _fields_ = [("phys_addr", c_uint64), ("len", c_uint32), ("pio", c_uint32), ("data", c_uint8 * 8)]
 
 
+class kvm_coalesced_mmio_ring(Structure):
+    # Followed by `struct kvm_coalesced_mmio coalesced_mmio[]` (a flexible array: not mirrored,
+    # vmworker/coalesce.py reads entries at sizeof(this) + i * sizeof(kvm_coalesced_mmio)).
+    _fields_ = [("first", c_uint32), ("last", c_uint32)]
+
+
 # struct kvm_run's exit members (the anonymous union in the header).
 class _kvm_run_hw(Structure):
     _fields_ = [("hardware_exit_reason", c_uint64)]
@@ -422,6 +428,7 @@ ABI_STRUCTS: dict[str, type] = {
     "kvm_userspace_memory_region": kvm_userspace_memory_region, "kvm_irq_level": kvm_irq_level,
     "kvm_pit_config": kvm_pit_config, "kvm_guest_debug": kvm_guest_debug,
     "kvm_coalesced_mmio_zone": kvm_coalesced_mmio_zone, "kvm_coalesced_mmio": kvm_coalesced_mmio,
+    "kvm_coalesced_mmio_ring": kvm_coalesced_mmio_ring,
     "kvm_run": kvm_run, "kvm_mp_state": kvm_mp_state, "kvm_translation": kvm_translation, "kvm_stats_header": kvm_stats_header,
     "kvm_stats_desc": kvm_stats_desc, "kvm_vcpu_events": kvm_vcpu_events, "kvm_sync_regs": kvm_sync_regs,
 }

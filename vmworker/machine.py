@@ -17,6 +17,7 @@ from . import layout, x86
 from .status import End, exit_code_for
 from .devices.bus import Bus
 from . import acpi, bzimage, mptable, multiboot
+from .coalesce import CoalescedRing
 from .errors import KvmError, SpecError
 from .emulate import InsnFallback
 from .halt_watch import HaltWatch
@@ -98,6 +99,7 @@ class VcpuContext:
         self.insn_fallback = None  # emulate.InsnFallback: instructions the VMM does when KVM's emulator cannot
         self.debugger = None  # gdb.control.Debugger while a gdb stub serves this VM
         self.step_tracers = None  # per vCPU: step_trace.StepTracer with --step-trace
+        self.coalesced = None  # coalesce.CoalescedRing with --coalesce: drained before every exit
         self.paused = False
         self._resumed = threading.Event()
         self._resumed.set()
@@ -126,7 +128,7 @@ class Machine:
                  exit_log=None, max_exits: int | None = None, timeout: float | None = None,
                  kvm_path: str = "/dev/kvm", batchers: list | None = None, irqchip: bool = False,
                  cmdline: str = "", initrd: bytes | None = None, stats_interval: float = 0.0,
-                 send_stats=None) -> None:
+                 send_stats=None, coalesce: list[str] | None = None) -> None:
         self.name = name
         # The kernel's counters (vmworker.kernel_counters): sampled every stats_interval s, 0 = off.
         self.stats_interval, self.send_stats = stats_interval, send_stats
@@ -184,9 +186,21 @@ class Machine:
                     # An in-kernel LAPIC parks APs until INIT/SIPI. Flat and ELF guests start every
                     # vCPU at the entry (guest/README.md); a kernel gets the BSP only.
                     vcpu.set_mp_state(abi.KVM_MP_STATE_RUNNABLE)
+            if coalesce:
+                self._coalesce(coalesce, exit_log)
         except BaseException:
             self.close()
             raise
+
+    def _coalesce(self, zones: list[str], exit_log) -> None:
+        """--coalesce: register the zones; every vCPU drains the VM's ring before each exit (the
+        vCPU loop) and each recording vCPU at each batch flush (event_batch)."""
+        ring = CoalescedRing(self.vm, self.kvm, zones, self.port_bus, self.mmio_bus, exit_log)
+        ring.attach(self.vm.vcpus[0])
+        self.ctx.coalesced = ring
+        for vcpu, batcher in zip(self.vm.vcpus, self.batchers):
+            if batcher is not None:
+                batcher.drain = lambda pos, b=batcher, i=vcpu.id: ring.drain(b.add_coalesced, pos, i)
 
     # Stopping -----------------------------------------------------------------------------------
     def stop(self, reason: End, code: int | None = None, detail: str = "", vcpu=None) -> None:

@@ -294,6 +294,29 @@ class ExitFilter(Kind):
 
 
 @dataclass(frozen=True)
+class CoalesceZones(Kind):
+    """Port or MMIO ranges whose writes KVM may queue (vmworker/coalesce.py): a list, or one
+    comma-separated text; each checked against the standard devices."""
+
+    metavar = "PORT[-PORT]|mmio:ADDR[-ADDR]"
+    repeatable = True  # the flag may be given more than once
+
+    def check(self, value, label, base_dir):
+        from .coalesce import check_zones
+
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(i, str) and i.strip() for i in items):
+            raise Invalid(f"{label}: expected PORT[-PORT] or mmio:ADDR[-ADDR], or a list of them")
+        try:
+            return check_zones(items)
+        except SpecError as e:
+            raise Invalid(f"{label}: {e}") from None
+
+    def from_flag(self, value, label):
+        return ",".join(value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True)
 class Table(Kind):
     """A small table of numbers (backoff = { initial = 0.5, max = 30.0 }); its flag sets `flag_key`."""
 

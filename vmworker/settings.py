@@ -23,7 +23,7 @@ from typing import Any, Callable
 from .errors import SpecError
 from .bzimage import BOOT_ENTRIES
 from .image import MODES
-from .setting_values import (Address, Choice, ExitFilter, InputFile, Integer, Invalid, Kind, KeyScript, Limit, Number,
+from .setting_values import (Address, Choice, CoalesceZones, ExitFilter, InputFile, Integer, Invalid, Kind, KeyScript, Limit, Number,
                              Size, Switch, Table, Text)
 
 REQUIRED = object()  # the default of a setting every VM must give (its guest)
@@ -155,6 +155,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("to_exit", int | None, Integer(0), None, "With --step-trace: stop stepping at this vCPU's exit number B."),
     Setting("embed", bool, Switch(), True,
             "Embed the guest image's bytes in the trace, so `vmtrace rerun` needs no file (--no-embed: path + sha256 only)."),
+    Setting("coalesce", list | None, CoalesceZones(), None,
+            "Let KVM queue writes to these ports (PORT[-PORT]) or MMIO ranges (mmio:ADDR[-ADDR]) without an exit; "
+            "repeatable or comma-separated; only devices whose writes the guest cannot observe at once."),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

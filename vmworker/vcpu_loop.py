@@ -89,6 +89,11 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
     tracer = ctx.step_tracers[vcpu_id] if recording and ctx.step_tracers else None
     if tracer is not None and tracer.starts_at_entry():
         tracer.arm(from_sync=False)
+    # --coalesce (vmworker/coalesce.py): writes KVM queued instead of exiting reach their device
+    # before this exit is handled, so they keep their order with the exit's own access.
+    coalesced = ctx.coalesced
+    if coalesced is not None:
+        drain, sink = coalesced.drain, batcher.add_coalesced if recording else None
 
     stats.first_run = clock()
     try:
@@ -100,6 +105,8 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
                 # A kick (signal + immediate_exit): not a guest exit, but a return the kernel counts.
                 t1 = now_ns()
                 stats.kicks += 1
+                if coalesced is not None:
+                    drain(sink, pos, vcpu_id)
                 if recording:
                     rip, cs_base, cs_l = sync_at(run, rip_off)  # the kernel syncs them on EINTR too
                     rip = rip if cs_l else (cs_base + rip) & linear_32
@@ -122,6 +129,8 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
                 # entering again runs it from the STARTUP vector or blocks it until one comes.
                 continue
             t1 = now_ns()
+            if coalesced is not None:
+                drain(sink, pos, vcpu_id)
             reason, direction, size, addr, count, data_offset = exit_at(run, reason_off)
             if reason == _EXIT_DEBUG and tracer is not None and tracer.active:
                 tracer.step()

@@ -76,6 +76,7 @@ class BlockType(IntEnum):
     REFUSED = 10
     STEPS = 11  # a step batch (tracetool/step_schema.py), zstd(msgpack) like a record, read on demand
     VM_IMAGE = 12
+    COALESCED = 13  # coalesced writes (schema.COALESCED_COLUMNS), read on demand
 
 
 RECORD_BLOCK_TYPES: dict[str, BlockType] = {
@@ -89,11 +90,13 @@ RECORD_BLOCK_TYPES: dict[str, BlockType] = {
     schema.MSG_REFUSED: BlockType.REFUSED,
     schema.MSG_STEPS: BlockType.STEPS,
     schema.MSG_VM_IMAGE: BlockType.VM_IMAGE,
+    schema.MSG_COALESCED: BlockType.COALESCED,
 }
 # Records read only when asked for (TraceReader.records), not kept from the scan: the kernel's
 # counters come every second per vCPU, and a long fleet run holds more of them than a reader may
 # keep in memory (MAX_RECORDS_TOTAL) just to open the file.
-LAZY_RECORD_TYPES = frozenset({BlockType.KVM_STATS, BlockType.VM_IMAGE})  # and guest images: up to 768 KiB each
+LAZY_RECORD_TYPES = frozenset({BlockType.KVM_STATS, BlockType.VM_IMAGE,  # and guest images: up to 768 KiB each
+                               BlockType.COALESCED})
 KIND_OF_TYPE = {int(t): k for k, t in RECORD_BLOCK_TYPES.items()}
 KIND_OF_TYPE[BlockType.EXITS] = schema.MSG_EXITS
 KIND_OF_TYPE[BlockType.INDEX] = "index"

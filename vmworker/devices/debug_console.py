@@ -17,6 +17,10 @@ class DebugConsole:
     wide and the upper bytes of an ``out %ax`` belong to the next port, which is not this device.
     """
 
+    # Writes may wait in KVM's coalesced ring (vmworker/coalesce.py): nothing the guest sees changes
+    # before its next exit, which drains the ring first.
+    deferrable_writes = True
+
     def __init__(self, console: Console, name: str = "debugcon") -> None:
         self.name = name
         self._console = console

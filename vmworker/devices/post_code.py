@@ -10,6 +10,10 @@ from __future__ import annotations
 
 
 class PostCodePort:
+    # Writes may wait in KVM's coalesced ring (vmworker/coalesce.py): nothing the guest sees changes
+    # before its next exit, which drains the ring first.
+    deferrable_writes = True
+
     def __init__(self, name: str = "post") -> None:
         self.name = name
         self.last = 0xFF

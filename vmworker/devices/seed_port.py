@@ -12,6 +12,10 @@ class SeedPort:
     writes is the number of port-0x10 exits, which the vCPU loop and the trace count already.
     """
 
+    # Writes may wait in KVM's coalesced ring (vmworker/coalesce.py): nothing the guest sees changes
+    # before its next exit, which drains the ring first.
+    deferrable_writes = True
+
     def __init__(self, name: str = "seed") -> None:
         self.name = name
         self._last = b"\0"
