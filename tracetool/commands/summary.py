@@ -21,6 +21,7 @@ import typer
 from .. import schema
 from ..exit_tally import RunTally, unclaimed_text
 from ..analysis import vm_names
+from ..coalesced import exits_avoided
 from ..filters import EventFilter
 from ..handling import Stitcher
 from ..streaming_stats import PERCENTILES, Budget, Metric
@@ -478,6 +479,10 @@ def render(data: dict, console, *, wide: bool = False) -> None:
     console.print(Text(note))
     for vm, counts in data.get("unclaimed", {}).items():
         console.print(Text(f"vm {vm}: unclaimed accesses (no device there): {unclaimed_text(counts)}"))
+    avoided = data.get("coalesced") or {}
+    if avoided.get("total"):
+        console.print(Text(f"exits avoided: {avoided['total']} coalesced writes (--coalesce; not exits, times "
+                           "approximate) — " + ", ".join(f"{k}: {n}" for k, n in avoided["by_target"].items())))
 
 
 def run(
@@ -520,6 +525,7 @@ def run(
         else:
             tables = vm_tables(reader, symbols) if set(bys) & set(ADDRESS_GROUPINGS) else {}
             data = summarize(reader, by=by, sort=sort, where=event_filter, symbols=tables)
+            data["coalesced"] = exits_avoided(reader, event_filter)  # not exits: beside the table, never in it
     if as_json:
         c.dump_json(data)
     else:
