@@ -56,6 +56,8 @@ EXAMPLES = {
                                            initial=[0] * len(REGISTERS), last=True, insn_emulation=1),
     messages.VmImage: messages.VmImage(vm=0, epoch=0, sha256="ab" * 32, path="/g.bin", size=3, image=b"\xf4\x90\x90",
                                        cpuid=b"", registers={"rip": 0}, t=1),
+    messages.CoalescedWrites: messages.CoalescedWrites(vm=0, vcpu=0, epoch=0, count=1, cols={
+        c.name: bytes(c.itemsize) for c in schema.COALESCED_COLUMNS}),
 }
 # A value of the wrong kind for each sort of check.
 WRONG = {messages.Int: "zz", messages.Number: "zz", messages.Str: 5, messages.Bytes: "zz", messages.Map: [1],
