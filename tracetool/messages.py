@@ -394,6 +394,29 @@ class Input(Message):
 MAX_EMBEDDED_IMAGE = 768 << 10
 
 
+INTERRUPT_CLOCKS = ("insns", "exits")
+
+
+@dataclass(frozen=True)
+class Interrupt(Message):
+    """An interrupt vector a --deterministic VM's vCPU was given (KVM_INTERRUPT, vmworker/deterministic.py),
+    at an exit: `at` is the vCPU's clock then — guest instructions since its start where the run's
+    insn_count_exact holds, else guest exits — and `rip` the guest's linear address. A rerun gives
+    the same vector at the same (at, rip)."""
+
+    TYPE: ClassVar[str] = schema.MSG_INTERRUPT
+    vm: int = _vm()
+    vcpu: int = _vcpu()
+    epoch: int = _epoch()
+    at: int = checked(Int(required=True, hi=_U64), default=0)
+    clock: str = checked(Str(required=True, max_len=8, choices=INTERRUPT_CLOCKS), default="insns")
+    rip: int = checked(Int(required=True, hi=_U64), default=0)
+    vector: int = checked(Int(required=True, hi=255), default=0)
+    virtual_ns: int | None = checked(Int(hi=_U64))
+    t: int | None = checked(Int())
+    wall: int | None = checked(Int())
+
+
 @dataclass(frozen=True)
 class VmImage(Message):
     """Everything a re-execution needs that the exits do not carry (written after vm-start): the
@@ -571,7 +594,7 @@ class StepBatch(Message):
 
 MESSAGE_CLASSES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (ExitBatch, VmStart, VmEnd, Gap, Lifecycle, Screen, Input, KvmStats, Refused, StepBatch, VmImage,
-                              CoalescedWrites)}
+                              CoalescedWrites, Interrupt)}
 assert set(MESSAGE_CLASSES) == set(schema.MESSAGE_TYPES), "a message type without its class"
 
 

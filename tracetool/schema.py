@@ -260,12 +260,13 @@ MSG_LIFECYCLE = "lifecycle"  # what the supervisor did to or saw of a worker
 MSG_SCREEN = "screen"  # the VGA text screen, when it changed (tracetool/screen.py)
 MSG_INPUT = "input"  # a key pressed on the VM's keyboard
 MSG_KVM_STATS = "kvm-stats"  # the kernel's KVM counters of a VM or vCPU, sampled by the worker
+MSG_INTERRUPT = "interrupt"  # an interrupt a --deterministic VM's vCPU was given, and where (clock, rip)
 MSG_VM_IMAGE = "vm-image"  # what a rerun needs besides the exits: the guest image, CPUID, first registers
 MSG_STEPS = "steps"  # a batch of single-stepped instructions of one stream (tracetool/step_schema.py)
 MSG_REFUSED = "refused"  # bus messages the recorder refused, by cause (written by the recorder only)
 MSG_COALESCED = "coalesced"  # guest writes drained from KVM's coalesced ring (COALESCED_COLUMNS)
 MESSAGE_TYPES = (MSG_EXITS, MSG_VM_START, MSG_VM_END, MSG_GAP, MSG_LIFECYCLE, MSG_SCREEN, MSG_INPUT, MSG_KVM_STATS,
-                 MSG_REFUSED, MSG_STEPS, MSG_VM_IMAGE, MSG_COALESCED)
+                 MSG_REFUSED, MSG_STEPS, MSG_VM_IMAGE, MSG_COALESCED, MSG_INTERRUPT)
 
 # Bounds for untrusted messages (bus or file): enough for real batches, small enough to be safe.
 MAX_MESSAGE_BYTES = 64 << 20  # one trace block's payload (a bus message: messages.BUS, smaller)

@@ -30,6 +30,7 @@ from .gdb.server import GdbServer
 from .image import read_image_file
 from .loader import load_image
 from .machine import Machine
+from . import deterministic
 from .recording import Recording
 from .screen import ScreenServices
 from .signals import PAUSE_SIGNAL, RESUME_SIGNAL
@@ -97,6 +98,8 @@ def run_spec(spec: VmSpec) -> dict:
         key_steps = parse_key_script(spec.keys) if spec.keys else None
         # In-kernel PIC/IOAPIC/LAPIC + PIT: asked for, or by default for a kernel (multiboot, bzImage).
         irqchip = spec.irqchip if spec.irqchip is not None else image.is_kernel
+        if spec.deterministic:
+            irqchip = False  # its own PIC and PIT (vmworker/deterministic.py)
         out = sys.stdout.buffer
         console = Console(out, line_buffered=not spec.quiet, file_limit=spec.console_limit)
         devices = StandardDevices(console, _serial_input(spec.serial_in), mem_size=spec.mem)
@@ -117,6 +120,8 @@ def run_spec(spec: VmSpec) -> dict:
                 devices.connect_irqs(machine.vm)
             if spec.step_trace:
                 machine.ctx.step_tracers = _step_tracers(spec, machine, recording)
+            if spec.deterministic:
+                machine.ctx.deterministic = deterministic.for_machine(machine, devices.port_bus, recording)
             if recording:
                 # Once the VM is stopping, a recorder that takes nothing may not hold it forever.
                 recording.set_stopping_check(lambda: machine.ctx.stopping)

@@ -65,6 +65,11 @@ class kvm_dtable(Structure):
     _fields_ = [("base", c_uint64), ("limit", c_uint16), ("padding", c_uint16 * 3)]
 
 
+class kvm_interrupt(Structure):
+    """KVM_INTERRUPT's argument: the vector to inject (a userspace irqchip only)."""
+    _fields_ = [("irq", c_uint32)]
+
+
 class kvm_sregs(Structure):
     _fields_ = [
         ("cs", kvm_segment), ("ds", kvm_segment), ("es", kvm_segment), ("fs", kvm_segment),
@@ -408,6 +413,7 @@ KVM_GET_STATS_FD = _IO(KVMIO, 0xCE)
 KVM_RUN = _IO(KVMIO, 0x80)
 KVM_GET_REGS = _IOR(KVMIO, 0x81, kvm_regs)
 KVM_SET_REGS = _IOW(KVMIO, 0x82, kvm_regs)
+KVM_INTERRUPT = _IOW(KVMIO, 0x86, kvm_interrupt)
 KVM_TRANSLATE = _IOWR(KVMIO, 0x85, kvm_translation)
 KVM_GET_SREGS = _IOR(KVMIO, 0x83, kvm_sregs)
 KVM_SET_SREGS = _IOW(KVMIO, 0x84, kvm_sregs)

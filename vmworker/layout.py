@@ -102,6 +102,10 @@ MMIO_TEST_GPA = 0xD000_0000
 # I/O ports of the standard devices (vmworker.devices.standard), each the first port of its range.
 # The kvmsample seed guest writes its counter here (`out %ax, $0x10`).
 SEED_PORT = 0x10
+# --deterministic only (vmworker/deterministic.py): the PC's 8259 pair and 8254 PIT in user space.
+PIC_MASTER_PORT = 0x20
+PIC_SLAVE_PORT = 0xA0
+PIT_PORT = 0x40  # counters 0-2 at 0x40-0x42, control word at 0x43
 # The i8042 data (0x60) and status/command (0x64) ports of the PC/AT keyboard controller.
 I8042_PORT = 0x60
 # The PC/AT's CMOS RTC (MC146818A): index 0x70, data 0x71.

@@ -98,6 +98,7 @@ class VcpuContext:
         self.halt_probe = None  # set by halt_watch while it asks the vCPU threads whether they sleep for good
         self.insn_fallback = None  # emulate.InsnFallback: instructions the VMM does when KVM's emulator cannot
         self.debugger = None  # gdb.control.Debugger while a gdb stub serves this VM
+        self.deterministic = None  # deterministic.Deterministic with --deterministic: interrupts at exits
         self.step_tracers = None  # per vCPU: step_trace.StepTracer with --step-trace
         self.coalesced = None  # coalesce.CoalescedRing with --coalesce: drained before every exit
         self.paused = False

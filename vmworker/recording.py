@@ -90,6 +90,10 @@ class Recording:
         with self._control_lock:
             self.control.send(message.to_msg())
 
+    def interrupt(self, **fields) -> None:
+        """An interrupt a --deterministic vCPU was given (vmworker/deterministic.py), from its thread."""
+        self._record(messages.Interrupt, vcpu=0, **fields)
+
     def _record(self, kind, **fields) -> None:
         message = kind(vm=self.spec.vm_id, epoch=self.spec.epoch, t=time.monotonic_ns(), wall=time.time_ns(), **fields)
         with self._control_lock:  # a zmq socket is not thread-safe: the gdb stub's thread sends too

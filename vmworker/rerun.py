@@ -35,6 +35,7 @@ from tracetool.trace import TraceError, TraceReader, TraceWriter
 
 from . import exits as ex
 from . import kvm_abi as abi
+from .deterministic import inject, request_window
 from .devices.bus import Bus
 from .errors import GuestImageError, KvmError, SpecError, VmsupError
 from .image import read_image_file, sha256_hex
@@ -47,6 +48,7 @@ from .spec import VmSpec
 EXIT_IDENTICAL, EXIT_DIVERGED, EXIT_BAD_INPUT = 0, 1, 2
 STALL_SECONDS = 5.0  # no exit for this long (plus 10× the recorded guest time) where the trace has one
 _INTR, _IO, _MMIO, _HLT = abi.KVM_EXIT_INTR, abi.KVM_EXIT_IO, abi.KVM_EXIT_MMIO, abi.KVM_EXIT_HLT
+_IRQ_WINDOW = abi.KVM_EXIT_IRQ_WINDOW_OPEN
 IRQCHIP_CAUSE = "interrupt timing: the in-kernel PIT was in use; record with --deterministic"
 
 
@@ -173,6 +175,13 @@ class Rerun:
             raise RerunInputError(f"guest image sha256 {self.image.sha256}, recorded {rec.image_record['sha256']}")
         initrd = read_image_file(spec.initrd) if spec.initrd else None
         self.irqchip = spec.irqchip if spec.irqchip is not None else self.image.is_kernel
+        if spec.deterministic:
+            self.irqchip = False  # interrupts come from the trace's interrupt records instead
+        self.interrupts = [r for r in rec.reader.records(schema.MSG_INTERRUPT)
+                           if r["vm"] == rec.vm and r["epoch"] == rec.epoch]
+        self.next_interrupt = 0
+        self.guest_exits = 0
+        self.counter, self.count_base = None, 0
         rec.irqchip = self.irqchip
         # No devices: every value the guest reads comes from the trace.
         self.machine = Machine(spec.name, self.image, spec.mem, 1, Bus("port"), Bus("mmio"), irqchip=self.irqchip,
@@ -200,6 +209,10 @@ class Rerun:
             except KeyError:
                 counter = None
         start_count = counter.read() if counter is not None else 0
+        self.counter, self.count_base = counter, start_count
+        if self.interrupts and self.interrupts[0]["clock"] == "insns" and counter is None:
+            raise RerunInputError("the trace's interrupts are placed by instruction count, which this host "
+                                  "cannot count exactly")
         if self.writer is not None:
             for kind in (schema.MSG_VM_START, schema.MSG_VM_IMAGE):
                 for r in rec.reader.records(kind):
@@ -265,6 +278,7 @@ class Rerun:
         ex.sync_exit_registers(run)
         out = {name: [] for name in schema.COLUMN_NAMES}
         out_seq, out_payloads = [], []
+        deterministic = bool(self.rec.spec.deterministic)
         matched = 0
         stopped = None
         try:
@@ -275,6 +289,8 @@ class Rerun:
                 if to_seq is not None and seq >= to_seq:
                     stopped = seq
                     break
+                if deterministic:
+                    request_window(run, reason == _IRQ_WINDOW)
                 t0 = now_ns()
                 deadline = watchdog.deadline_ns = t0 + int(STALL_SECONDS * 1e9) + 10 * guest_ns[i]
                 while True:
@@ -346,6 +362,8 @@ class Rerun:
                     elif r == _MMIO:
                         run[ex.MMIO_DATA_OFFSET:ex.MMIO_DATA_OFFSET + size] = datas[i].to_bytes(8, "little")[:size]
                 matched += 1
+                if deterministic:
+                    self._give_interrupts(vcpu, seq, i, cols, rip, matched)
                 if self.writer is not None:
                     for name, v in (("t_exit", t1), ("guest_ns", t1 - t0), ("addr", port), ("data", datas[i]),
                                     ("count", count), ("reason", r), ("size", size), ("flags", write), ("rip", rip)):
@@ -356,6 +374,27 @@ class Rerun:
         finally:
             self._write_rows(batch, out, out_seq, out_payloads)
         return stopped is not None, matched, stopped
+
+    def _give_interrupts(self, vcpu, seq, i, cols, rip, matched) -> None:
+        """After a guest exit of a --deterministic recording: the interrupts it was given here."""
+        self.guest_exits += 1
+        pending = self.interrupts
+        if self.next_interrupt >= len(pending):
+            return
+        first = pending[self.next_interrupt]
+        at = self.counter.read() - self.count_base if first["clock"] == "insns" else self.guest_exits
+        while self.next_interrupt < len(pending):
+            irq = pending[self.next_interrupt]
+            if irq["at"] > at:
+                return
+            if irq["at"] < at:
+                self._diverge(seq, "interrupt", f"vector {irq['vector']:#x} at {irq['clock']} {irq['at']}",
+                              f"{irq['clock']} {at} already", i, cols, f"past the interrupt's place", rip, matched)
+            if irq["rip"] != rip:
+                self._diverge(seq, "interrupt", f"vector {irq['vector']:#x} at rip {irq['rip']:#x}",
+                              f"rip {rip:#x}", i, cols, "at the interrupt's count", rip, matched)
+            inject(vcpu, irq["vector"])
+            self.next_interrupt += 1
 
     def _write_rows(self, batch, out, out_seq, payloads) -> None:
         if self.writer is None or not out_seq:

@@ -56,6 +56,16 @@ def check_together(get: Callable[[str], Any], label: Callable[[str], str]) -> No
     `get(name)` is a setting's value, `label(name)` how the user spelled it."""
     if get("gdb_wait") and not get("gdb"):
         raise Invalid(f"{label('gdb_wait')} needs {label('gdb')} [HOST:]PORT", key="gdb_wait")
+    if get("deterministic"):  # vmworker/deterministic.py: one vCPU, every exit recorded, its own PIC/PIT
+        if get("record_only"):
+            raise Invalid(f"{label('deterministic')} records every exit a rerun needs: not with {label('record_only')}",
+                          key="deterministic")
+        if (get("vcpus") or 1) > 1:
+            raise Invalid(f"{label('deterministic')} runs one vCPU: not with {label('vcpus')} {get('vcpus')}",
+                          key="deterministic")
+        if get("irqchip"):
+            raise Invalid(f"{label('deterministic')} has its own PIC and PIT: not with {label('irqchip')}",
+                          key="deterministic")
     for name in ("steps", "from_exit", "to_exit"):
         if get(name) is not None and not get("step_trace"):
             raise Invalid(f"{label(name)} needs {label('step_trace')}", key=name)
@@ -153,6 +163,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("from_exit", int | None, Integer(0), None,
             "With --step-trace: start stepping after this vCPU's exit number A (vmtrace show's seq)."),
     Setting("to_exit", int | None, Integer(0), None, "With --step-trace: stop stepping at this vCPU's exit number B."),
+    Setting("deterministic", bool, Switch(), False,
+            "Interrupts only at exits, from a user-space PIC/PIT on a virtual clock (instruction count), so "
+            "`vmtrace rerun` reruns timer-driven guests exactly; one vCPU, no --irqchip, no --record-only."),
     Setting("embed", bool, Switch(), True,
             "Embed the guest image's bytes in the trace, so `vmtrace rerun` needs no file (--no-embed: path + sha256 only)."),
     Setting("coalesce", list | None, CoalesceZones(), None,

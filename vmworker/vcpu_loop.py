@@ -94,6 +94,10 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
     coalesced = ctx.coalesced
     if coalesced is not None:
         drain, sink = coalesced.drain, batcher.add_coalesced if recording else None
+    # --deterministic (vmworker/deterministic.py): interrupts injected after guest exits only.
+    det = ctx.deterministic
+    if det is not None:
+        ex.sync_exit_registers(run)
 
     stats.first_run = clock()
     try:
@@ -205,6 +209,10 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
                     flush_at = t1 + flush_ns
             if ctx.debugger is not None and stop is None and (reason == _EXIT_IO or reason == _EXIT_MMIO):
                 ctx.debugger.after_io(vcpu)  # gdb's stepi over an I/O instruction ends here
+            if det is not None and stop is None and (not done or reason == _EXIT_HLT):
+                asleep = det.after_exit(vcpu, ex.linear_rip(run), reason == _EXIT_HLT)
+                if reason == _EXIT_HLT:
+                    stats.halted = done = asleep
             if stop is not None:
                 ctx.stop(stop.reason, code=stop.code, detail=stop.detail)
                 break

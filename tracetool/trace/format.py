@@ -77,6 +77,7 @@ class BlockType(IntEnum):
     STEPS = 11  # a step batch (tracetool/step_schema.py), zstd(msgpack) like a record, read on demand
     VM_IMAGE = 12
     COALESCED = 13  # coalesced writes (schema.COALESCED_COLUMNS), read on demand
+    INTERRUPT = 14
 
 
 RECORD_BLOCK_TYPES: dict[str, BlockType] = {
@@ -91,6 +92,7 @@ RECORD_BLOCK_TYPES: dict[str, BlockType] = {
     schema.MSG_STEPS: BlockType.STEPS,
     schema.MSG_VM_IMAGE: BlockType.VM_IMAGE,
     schema.MSG_COALESCED: BlockType.COALESCED,
+    schema.MSG_INTERRUPT: BlockType.INTERRUPT,
 }
 # Records read only when asked for (TraceReader.records), not kept from the scan: the kernel's
 # counters come every second per vCPU, and a long fleet run holds more of them than a reader may
