@@ -106,3 +106,31 @@ def test_storms_name_mbkernels_uart_status_poll_with_its_symbol(mbkernel_trace):
 def test_storms_of_a_trace_without_addresses_are_none():
     data = summary_json(REPO / "tests" / "data" / "schema1_main.vmtrace", "--storms")
     assert data["storms"] == []
+
+
+def test_every_export_format_carries_symbol_and_line_like_show_json(mbkernel_trace, tmp_path):
+    import csv
+
+    import pyarrow.parquet as pq
+
+    shown = [json.loads(line) for line in vmtrace("show", mbkernel_trace, "--json").stdout.splitlines()]
+    assert {"symbol", "line"} <= set(shown[0])
+    polls = [e for e in shown if e["addr"] == 0x3fd and not e["write"]]
+    assert polls and {e["symbol"] for e in polls} == {"print"} and all(e["line"].startswith("mbkernel.c:") for e in polls)
+    for fmt, name in (("csv", "t.csv"), ("parquet", "t.parquet"), ("perfetto", "t.json")):
+        assert vmtrace("export", mbkernel_trace, "--format", fmt, "-o", tmp_path / name).returncode == 0
+    rows = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert [(r["symbol"], r["line"]) for r in rows] == [(e["symbol"], e["line"]) for e in shown]
+    table = pq.read_table(tmp_path / "t.parquet")
+    assert table.column("symbol").to_pylist() == [e["symbol"] for e in shown]
+    assert table.column("line").to_pylist() == [e["line"] for e in shown]
+    slices = [e for e in json.loads((tmp_path / "t.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    assert [(s["args"]["symbol"], s["args"]["line"]) for s in slices] == [(e["symbol"], e["line"]) for e in shown]
+
+
+def test_a_trace_without_addresses_exports_null_symbols(tmp_path):
+    trace = REPO / "tests" / "data" / "schema1_main.vmtrace"
+    assert vmtrace("export", trace, "--format", "csv", "-o", tmp_path / "t.csv").returncode == 0
+    import csv
+    rows = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert rows and all(r["symbol"] == r["line"] == "" for r in rows)

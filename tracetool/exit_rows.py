@@ -10,18 +10,56 @@ column shows up here with no code of its own); the README's "One exit" table is 
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 
 from . import schema
 from .handling import NO_HANDLE
+from .symbols import NO_ID
+
+
+class Labels(NamedTuple):
+    """A derived text field of a chunk of events: texts[codes[i]] is event i's (texts[0]: None)."""
+
+    codes: np.ndarray  # int32, one per event
+    texts: list
+
+    def values(self) -> list:
+        return [self.texts[i] for i in self.codes.tolist()]
+
+
+def add_places(cols: dict, tables: Mapping, stream: Mapping[str, int] | None = None) -> None:
+    """Add the derived fields `symbol` and `line` (schema.PLACE_FIELDS) to a chunk of events as
+    Labels, from each event's rip and its VM's SymbolTable. tables: {vm: SymbolTable or None;
+    None: the table for any other VM} (commands._symbols.vm_tables); "vm" per event in cols unless
+    `stream` gives it for the whole chunk."""
+    rip = cols["rip"]
+    n = len(rip)
+    vms = np.full(n, stream["vm"]) if stream and "vm" in stream else cols["vm"]
+    known = rip != np.uint64(schema.RIP_UNKNOWN)
+    places = {"symbol": (np.zeros(n, np.int32), [None]), "line": (np.zeros(n, np.int32), [None])}
+    for vm in np.unique(vms).tolist():
+        table = tables.get(vm, tables.get(None))
+        if table is None:
+            continue
+        rows = np.flatnonzero((vms == vm) & known)
+        for name, ids, texts in (("symbol", table.symbol_ids(rip[rows]), table.names),
+                                 ("line", table.line_ids(rip[rows]), [f"{f}:{line}" for f, line in table.lines])):
+            codes, all_texts = places[name]
+            codes[rows] = np.where(ids == NO_ID, 0, ids + len(all_texts))
+            all_texts += texts
+    for name, (codes, texts) in places.items():
+        cols[name] = Labels(codes, texts)
 
 
 def _values(field: schema.EventField, cols: Mapping[str, np.ndarray], n: int, stream: Mapping[str, int]) -> list:
     """One field's values for n events, as plain Python (None where unknown)."""
     if field.column in stream:
         return [int(stream[field.column])] * n
+    if field.kind in ("symbol", "line"):
+        labels = cols.get(field.name)
+        return [None] * n if labels is None else labels.values()
     values = cols.get(field.name if field.kind == "handle" else field.column)
     if values is None:  # handle_ns of a batch nobody stitched, or a stream id not given
         return [None] * n
@@ -41,7 +79,8 @@ def json_rows(cols: Mapping[str, np.ndarray], stream: Mapping[str, int] | None =
     """One dict per event, fields in schema.EVENT_FIELDS order.
 
     cols: the exit columns, "seq", optionally "handle_ns" (handling.NO_HANDLE or absent: null),
-    and "vm"/"vcpu"/"epoch" per event unless `stream` gives them for the whole batch."""
+    "symbol"/"line" (add_places; absent: null), and "vm"/"vcpu"/"epoch" per event unless `stream`
+    gives them for the whole batch."""
     stream = stream or {}
     n = len(cols["t_exit"])
     names = [f.name for f in schema.EVENT_FIELDS]

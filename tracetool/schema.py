@@ -217,7 +217,8 @@ def describe_exit(reason: int, flags: int, addr: int, size: int, data: int, coun
 class EventField(NamedTuple):
     name: str
     column: str  # the column (or stream id) it is made from or, for handle_ns, follows
-    kind: str  # "int"; "name" (reason's name); "bool" (a flag bit); "handle" (handling.py's, may be null)
+    kind: str  # "int"; "name" (reason's name); "bool" (a flag bit); "handle" (handling.py's, may be null);
+    # "symbol"/"line" (named from rip: exit_rows.add_places)
     unit: str
     meaning: str
 
@@ -240,8 +241,17 @@ _SHOWN_AS: dict[str, tuple[EventField, ...]] = {
                EventField("reason_code", "reason", "int", "code", "the KVM_EXIT_* number of linux/kvm.h")),
     "flags": (EventField("write", "flags", "bool", "bool", "io: out; mmio: write (false for other reasons)"),),
 }
+# Derived from rip and the guest's symbols (tracetool/symbols.py), never stored: null where the
+# address is unknown, nothing covers it, or no symbols are at hand (vmsup tail has none).
+PLACE_FIELDS = (
+    EventField("symbol", "rip", "symbol", "name", "derived: the guest symbol (function) holding rip, from the "
+               "guest's ELF or a --symbols map (null: unknown)"),
+    EventField("line", "rip", "line", "file:line", "derived: the source line of rip, from the guest's DWARF "
+               "line table (null: unknown)"),
+)
 EVENT_FIELDS: tuple[EventField, ...] = (*_STREAM_FIELDS, *(
-    f for c in EXIT_COLUMNS for f in _SHOWN_AS.get(c.name, (EventField(c.name, c.name, "int", c.unit, c.meaning),))))
+    f for c in EXIT_COLUMNS for f in _SHOWN_AS.get(c.name, (EventField(c.name, c.name, "int", c.unit, c.meaning),))),
+    *PLACE_FIELDS)
 EXPORT_COLUMNS: tuple[str, ...] = tuple(f.name for f in EVENT_FIELDS)
 
 

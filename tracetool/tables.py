@@ -22,16 +22,18 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from . import analysis, schema
+from . import analysis, exit_rows, schema
 from .handling import NO_HANDLE
 from .trace import TraceReader
 
 TRACE_COLUMN = "trace"
 
 _REASON_NAMES = pa.array([schema.reason_name(code) for code in range(256)], pa.string())
+_PLACES = tuple(f.name for f in schema.PLACE_FIELDS)
 _TRACE_TYPE = pa.dictionary(pa.int32(), pa.string())
 _EXIT_TYPES = {"t_exit_ns": pa.int64(), "handle_ns": pa.int64(), "reason": pa.dictionary(pa.uint8(), pa.string()),
                "reason_code": pa.uint8(), "write": pa.bool_(),
+               **{f.name: pa.dictionary(pa.int32(), pa.string()) for f in schema.PLACE_FIELDS},
                **{name: pa.uint32() for name in schema.STREAM_COLUMNS}}
 
 
@@ -64,6 +66,13 @@ def _exit_array(c: dict[str, np.ndarray], name: str) -> pa.Array:
         return pa.array(c["reason"])
     if name == "write":
         return pa.array((c["flags"] & schema.FLAG_WRITE).astype(bool))
+    if name in _PLACES:  # exit_rows.Labels, or null without symbols
+        labels = c.get(name)
+        if labels is None:
+            return pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(c["t_exit"]), np.int32),
+                                                           mask=np.ones(len(c["t_exit"]), bool)), pa.array([], pa.string()))
+        return pa.DictionaryArray.from_arrays(pa.array(labels.codes, mask=labels.codes == 0),
+                                              pa.array(["", *labels.texts[1:]], pa.string()))
     return pa.array(c[name], mask=_missing_mask(c, name))
 
 
@@ -79,15 +88,20 @@ def exit_batch(c: dict[str, np.ndarray], arrow_schema: pa.Schema, trace: str | N
     return pa.RecordBatch.from_arrays(arrays, schema=arrow_schema)
 
 
-def exit_batches(reader: TraceReader, trace: str | None = None, where=None) -> Iterator[pa.RecordBatch]:
-    """Every (matching) event of the trace in time order, as record batches."""
+def exit_batches(reader: TraceReader, trace: str | None = None, where=None,
+                 symbols: dict | None = None) -> Iterator[pa.RecordBatch]:
+    """Every (matching) event of the trace in time order, as record batches; `symbols`:
+    {vm: SymbolTable | None} naming each rip (symbol and line; None: null)."""
     arrow_schema = exit_schema(with_trace=trace is not None)
     for c in analysis.events_in_time_order(reader, where):
+        if symbols is not None:
+            exit_rows.add_places(c, symbols)
         yield exit_batch(c, arrow_schema, trace)
 
 
-def exits_table(reader: TraceReader, trace: str | None = None) -> pa.Table:
-    return pa.Table.from_batches(list(exit_batches(reader, trace)), schema=exit_schema(with_trace=trace is not None))
+def exits_table(reader: TraceReader, trace: str | None = None, symbols: dict | None = None) -> pa.Table:
+    return pa.Table.from_batches(list(exit_batches(reader, trace, symbols=symbols)),
+                                 schema=exit_schema(with_trace=trace is not None))
 
 
 # --- records and VMs (a few per VM: built row by row) ------------------------------------------
@@ -185,7 +199,7 @@ BUILDERS = {"exits": exits_table, "records": records_table, "vms": vms_table, "k
 
 # --- A Hive-partitioned Parquet dataset (vmtrace export --partition-by) --------------------------
 def write_partitioned(reader: TraceReader, out_dir: str, keys: list[str], where=None, metadata: dict | None = None,
-                      progress=None) -> int:
+                      progress=None, symbols: dict | None = None) -> int:
     """Write the exits as a Hive-partitioned Parquet dataset split by `keys` (of
     schema.STREAM_COLUMNS): out_dir/vm=0/epoch=0/part-0.parquet, the partition columns in the
     directory names only, as DuckDB and Spark expect. Whole or not
@@ -207,6 +221,8 @@ def write_partitioned(reader: TraceReader, out_dir: str, keys: list[str], where=
     def batches():
         nonlocal total
         for c in analysis.events_in_time_order(reader, where):
+            if symbols is not None:
+                exit_rows.add_places(c, symbols)
             batch = exit_batch(c, arrow_schema)
             total += batch.num_rows
             if progress is not None:

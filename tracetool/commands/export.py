@@ -7,13 +7,14 @@ Perfetto/Chrome JSON trace event format: one process per VM ("vm 0 seed16"), one
 vCPU ("vcpu 0"), named by metadata ("M") events; each exit is a complete ("X") slice that starts
 when KVM_RUN returned and lasts its handling time (until the vCPU entered the guest again), so
 the gaps between slices are guest time; its args hold seq, epoch, address or port, size, count,
-data, guest_ns and handle_ns. Times are µs with ns precision, from the trace's first exit.
+data, guest_ns, handle_ns, the guest address rip and its symbol and source line (null where unknown). Times are µs with ns precision, from the trace's first exit.
 VM start and end, gap, lifecycle and key input records become instant ("i") events. Thread ids are unique
 across VMs (Perfetto keys threads by tid alone).
 
 CSV: one header line, one row per event, the columns named as an exit's JSON fields
 (schema.EVENT_FIELDS, the README's "One exit" table); `handle_ns` is empty where unknown,
-`write` is true or false.
+`write` is true or false; `symbol` and `line` are named from rip with the guest's symbols (the
+image the trace names, or --symbols), empty where unknown.
 Parquet: the same columns with types (reason as a dictionary-encoded string, handle_ns null
 where unknown), the run metadata in the file's key-value metadata; needs pyarrow
 (`pip install 'vmsup[parquet]'`).
@@ -30,14 +31,16 @@ import numpy as np
 import typer
 
 from .. import _text as T
-from .. import analysis, schema
+from .. import analysis, exit_rows, schema
 from .._output import OutputError, output_path
 from ..filters import EventFilter
 from ..handling import NO_HANDLE
 from ..trace import TraceReader
 from . import _common as common
+from ._symbols import SYMBOLS_OPT, vm_tables
 
 FORMATS = ("perfetto", "csv", "parquet")
+_PLACES = tuple(f.name for f in schema.PLACE_FIELDS)  # derived: named from rip (exit_rows.add_places)
 CSV_COLUMNS = schema.EXPORT_COLUMNS  # CSV and Parquet: one column each, in this order
 _PARQUET_ROWS = 1 << 20  # rows per Parquet row group
 _RECORD_WINDOW_NS = 3600 * 10**9  # records further before the first exit are not on the timeline
@@ -51,14 +54,18 @@ class ExportError(Exception):
 Progress = Callable[[int], None]
 
 
-def _chunks(reader: TraceReader, where: EventFilter | None) -> Iterator[dict[str, np.ndarray]]:
-    return analysis.events_in_time_order(reader, where)
+def _chunks(reader: TraceReader, where: EventFilter | None, symbols: dict) -> Iterator[dict[str, np.ndarray]]:
+    """Events in time order with their derived `symbol` and `line` (exit_rows.add_places)."""
+    for c in analysis.events_in_time_order(reader, where):
+        exit_rows.add_places(c, symbols)
+        yield c
 
 
 def export(reader: TraceReader, fmt: str, out_path: str, where: EventFilter | None = None,
-           progress: Progress | None = None) -> dict:
+           progress: Progress | None = None, symbols: dict | None = None) -> dict:
     """Write the export to out_path (see tracetool._output: whole or not at all; "-" is
-    standard output). Returns {"events": n, "path": out_path, "bytes": size or None}."""
+    standard output). Returns {"events": n, "path": out_path, "bytes": size or None}.
+    `symbols`: {vm: SymbolTable | None} (commands._symbols.vm_tables) naming each exit's rip."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
     writer = {"perfetto": _perfetto, "csv": _csv, "parquet": _parquet}[fmt]
@@ -66,7 +73,7 @@ def export(reader: TraceReader, fmt: str, out_path: str, where: EventFilter | No
         _need_pyarrow()
     try:
         with output_path(out_path, inputs=(reader.path,)) as path:
-            n = writer(reader, path, where, progress or (lambda k: None))
+            n = writer(reader, path, where, progress or (lambda k: None), symbols or {})
             size = os.path.getsize(path) if os.path.isfile(path) else None
     except OutputError as e:
         raise ExportError(str(e)) from None
@@ -89,8 +96,18 @@ def _missing_mask(c: dict[str, np.ndarray], name: str) -> np.ndarray | None:
     return c[name] == c[name].dtype.type(column.missing)
 
 
+def _csv_text(text: str) -> bytes:
+    """A CSV cell (RFC 4180: quoted when it holds a comma, quote or line break)."""
+    if any(ch in text for ch in ',"\r\n'):
+        text = '"' + text.replace('"', '""') + '"'
+    return text.encode()
+
+
 def _csv_field(c: dict[str, np.ndarray], name: str, reasons: list[bytes]) -> np.ndarray:
     """One export column (schema.EXPORT_COLUMNS) as text cells."""
+    if name in _PLACES:
+        labels = c[name]
+        return T.lookup([b""] + [_csv_text(t) for t in labels.texts[1:]], labels.codes)
     if name == "t_exit_ns":
         return T.decimal(c["t_exit"])
     if name == "handle_ns":
@@ -106,12 +123,12 @@ def _csv_field(c: dict[str, np.ndarray], name: str, reasons: list[bytes]) -> np.
     return T.decimal(c[name]) if unknown is None else T.blank(T.decimal(c[name]), unknown)
 
 
-def _csv(reader: TraceReader, path: str, where, progress: Progress) -> int:
+def _csv(reader: TraceReader, path: str, where, progress: Progress, symbols: dict) -> int:
     reasons = _reason_table()
     n_total = 0
     with open(path, "wb") as f:
         f.write((",".join(CSV_COLUMNS) + "\n").encode())
-        for c in _chunks(reader, where):
+        for c in _chunks(reader, where, symbols):
             n = len(c["t_exit"])
             comma = T.const(b",", n)
             pieces = []
@@ -205,7 +222,17 @@ def _perfetto_other_args(c: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
     return pieces
 
 
-def _perfetto(reader: TraceReader, path: str, where, progress: Progress) -> int:
+def _perfetto_places(c: dict, n: int) -> list[np.ndarray]:
+    """`,"symbol":"print","line":"mbkernel.c:88"` (null where unknown)."""
+    pieces = []
+    for name in _PLACES:
+        labels = c[name]
+        pieces += [T.const(f',"{name}":'.encode(), n),
+                   T.lookup([b"null"] + [json.dumps(t).encode() for t in labels.texts[1:]], labels.codes)]
+    return pieces
+
+
+def _perfetto(reader: TraceReader, path: str, where, progress: Progress, symbols: dict) -> int:
     t0 = _timeline_start(reader)
     reasons = _reason_table()
     # name: "io out 0x3f8" / "mmio W 0xd0000000" / "hlt": the reason, a direction for io and mmio
@@ -225,7 +252,7 @@ def _perfetto(reader: TraceReader, path: str, where, progress: Progress) -> int:
         for ev in _metadata(reader):
             f.write((b"" if first else b",\n") + json.dumps(ev, separators=(",", ":")).encode())
             first = False
-        for c in _chunks(reader, where):
+        for c in _chunks(reader, where, symbols):
             n = len(c["t_exit"])
             rel = c["t_exit"] - np.int64(t0)
             handle = c["handle_ns"]
@@ -254,6 +281,7 @@ def _perfetto(reader: TraceReader, path: str, where, progress: Progress) -> int:
                 T.const(b'","write":', n), T.lookup([b"false", b"true"], w),
                 T.const(b',"guest_ns":', n), T.decimal(c["guest_ns"]),
                 *_perfetto_other_args(c, n),
+                *_perfetto_places(c, n),
                 T.const(b',"handle_ns":', n),
                 T.lookup([b"null", b""], known.astype(np.intp)),
                 T.blank(T.decimal(np.where(known, handle, 0)), ~known),
@@ -286,7 +314,7 @@ def _parquet_metadata(reader: TraceReader) -> dict:
             b"vmsup.run": json.dumps(reader.run, default=str).encode()}
 
 
-def _parquet(reader: TraceReader, path: str, where, progress: Progress) -> int:
+def _parquet(reader: TraceReader, path: str, where, progress: Progress, symbols: dict) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -301,12 +329,19 @@ def _parquet(reader: TraceReader, path: str, where, progress: Progress) -> int:
         nonlocal pending, rows
         if not pending:
             return
-        c = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+        c = {k: np.concatenate([p[k] for p in pending]) for k in pending[0] if k not in _PLACES}
+        for name in _PLACES:  # each chunk's codes index its own texts: offset them into one list
+            texts, codes = [None], []
+            for p in pending:
+                labels = p[name]
+                codes.append(np.where(labels.codes == 0, 0, labels.codes + (len(texts) - 1)).astype(np.int32))
+                texts += labels.texts[1:]
+            c[name] = exit_rows.Labels(np.concatenate(codes), texts)
         writer.write_table(pa.Table.from_batches([tables.exit_batch(c, pa_schema)]), row_group_size=_PARQUET_ROWS)
         pending, rows = [], 0
 
     with pq.ParquetWriter(path, pa_schema, compression="zstd") as writer:
-        for c in _chunks(reader, where):
+        for c in _chunks(reader, where, symbols):
             n = len(c["t_exit"])
             pending.append(c)
             rows += n
@@ -327,12 +362,12 @@ def partition_keys(text: str) -> list[str]:
 
 
 def export_partitioned(reader: TraceReader, out_dir: str, keys: list[str], where: EventFilter | None = None,
-                       progress: Progress | None = None) -> dict:
+                       progress: Progress | None = None, symbols: dict | None = None) -> dict:
     """A Hive-partitioned Parquet dataset in out_dir (tracetool.tables.write_partitioned)."""
     _need_pyarrow()
     from .. import tables
     try:
-        n = tables.write_partitioned(reader, out_dir, keys, where, _parquet_metadata(reader), progress)
+        n = tables.write_partitioned(reader, out_dir, keys, where, _parquet_metadata(reader), progress, symbols)
     except OSError as e:
         raise ExportError(str(e) if isinstance(e, FileExistsError) else f"{out_dir}: cannot write: {e.strerror or e}") from None
     return {"events": n, "path": out_dir, "bytes": None, "format": "parquet"}
@@ -351,6 +386,7 @@ def run(
     addr: Optional[str] = common.ADDR_OPT, where: Optional[str] = common.FILTER_OPT,
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="A progress bar on stderr [default: when stderr is a terminal]."),
+    symbols: Optional[str] = SYMBOLS_OPT,
 ) -> None:
     """Write the events as a Perfetto timeline (open it in ui.perfetto.dev), CSV or Parquet."""
     if fmt not in FORMATS:
@@ -367,8 +403,8 @@ def run(
 
     def export_to(reader, *args):
         if partition_by is None:
-            return export(reader, fmt, out, *args)
-        return export_partitioned(reader, out, keys, *args)
+            return export(reader, fmt, out, *args, symbols=vm_tables(reader, symbols))
+        return export_partitioned(reader, out, keys, *args, symbols=vm_tables(reader, symbols))
 
     with common.reading(trace) as reader:
         common.require_vms(reader, trace, event_filter)

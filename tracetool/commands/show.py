@@ -53,7 +53,8 @@ def text_lines(chunk: dict, t0: int, names: AddressNames) -> list[str]:
 
 def json_lines(chunk: dict, t0: int, names: AddressNames) -> list[str]:
     """One JSON object per event and line, for scripts (the one shape: tracetool/exit_rows.py,
-    with the address as `rip`; symbols are for people, in text_lines)."""
+    with the address as `rip` and its `symbol` and `line` where known)."""
+    exit_rows.add_places(chunk, names.tables)
     return exit_rows.json_lines(chunk)
 
 

@@ -26,6 +26,7 @@ import typer
 
 from ..trace import TraceError, TraceReader
 from . import _common as common
+from ._symbols import vm_tables
 
 EXTRA_HINT = "pip install 'vmsup[sql]'"
 _TABLE_WIDTH = 80  # a table piped into a file or a pager
@@ -86,7 +87,8 @@ def query(sql: str, traces: list[str]):
         else:
             with TraceReader(path) as reader:
                 for name in wanted:
-                    parts[name].append(tables.BUILDERS[name](reader, trace=path))
+                    extra = {"symbols": vm_tables(reader, None)} if name == "exits" else {}  # symbol, line
+                    parts[name].append(tables.BUILDERS[name](reader, trace=path, **extra))
     con = duckdb.connect(":memory:")
     try:
         for name, pieces in parts.items():
