@@ -270,6 +270,21 @@ for _name in ("stop", "pause", "resume", "kill"):
     app.command(name=_name)(_target_command(_name))
 
 
+@app.command()
+def gdb(vm: str = typer.Argument(..., help="VM name (or id)."),
+        run: Optional[str] = typer.Option(None, "--run", help="The run (when several are running)."),
+        endpoint: str = typer.Option("127.0.0.1:1234", "--gdb", help="[HOST:]PORT the stub listens on.")) -> None:
+    """Open a gdb stub on a running VM; the VM stops when gdb attaches (commands.Gdb)."""
+    try:
+        reply = call(_run_of_vm(vm, run), COMMANDS["gdb"].request(vm, endpoint), timeout=10.0)
+    except VmsupError as e:
+        _err(str(e))
+        raise typer.Exit(status.EXIT_BAD_INPUT)
+    where = reply["endpoint"]
+    already = " (it already had one)" if reply.get("already") else ""
+    _info(f"{reply['vm']}: gdb stub on {where}{already}: gdb -ex 'target remote {where}'")
+
+
 def _image_lines(specs: list[VmSpec]) -> list[str]:
     """`NAME: multiboot ELF32 kernel, entry 0x100000` — the format each distinct guest was loaded as."""
     from vmworker.loader import load_image

@@ -125,7 +125,42 @@ class Resume(_EachVm):
         return launch.pause_slot(slot, False)
 
 
-COMMANDS: dict[str, Command] = {c.name: c for c in (Ps(), Stop(), Kill(), Pause(), Resume())}
+class Gdb(Command):
+    name = "gdb"
+    help = "Open a gdb stub on a running VM ([HOST:]PORT, default 127.0.0.1:1234); the VM stops when gdb attaches."
+    takes_target = True
+    REPLY_SECONDS = 3.0  # the worker answers from its main thread within ~0.1 s
+
+    def request(self, target: str | None = None, endpoint: str = "127.0.0.1:1234") -> dict:
+        if not target:
+            raise ControlError("gdb: name a VM")
+        return {"cmd": self.name, "vm": target, "endpoint": endpoint}
+
+    def execute(self, launch, req: dict) -> dict:
+        from vmworker.errors import SpecError
+        from vmworker.gdb import on_request
+        from vmworker.gdb.server import parse_endpoint
+        from vmworker.signals import GDB_SIGNAL
+        slot, = self.targets(launch, {"vm": req.get("vm")})
+        worker = slot.worker
+        if worker is None or worker.done or slot.state not in ("starting", "running", "paused"):
+            raise ControlError(f"VM {slot.spec.name} is not running ({slot.state})")
+        try:
+            host, port = parse_endpoint(str(req.get("endpoint"))[:256], "--gdb")
+        except SpecError as e:
+            raise ControlError(str(e)) from None
+        base = on_request.request_base(launch.run_dir.path, slot.spec.vm_id)
+        on_request.send_request(base, f"{host}:{port}")
+        worker.signal(GDB_SIGNAL)
+        reply = on_request.wait_reply(base, self.REPLY_SECONDS, alive=lambda: not worker.done)
+        if reply is None:
+            raise ControlError(f"VM {slot.spec.name}: its worker did not answer (it may have ended)")
+        if "error" in reply:
+            raise ControlError(f"VM {slot.spec.name}: {reply['error']}")
+        return {"vm": slot.spec.name, "endpoint": str(reply.get("endpoint")), "already": bool(reply.get("already"))}
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (Ps(), Stop(), Kill(), Pause(), Resume(), Gdb())}
 
 
 # --- The recorder's commands (server: supervisor.recorder.Recorder) -----------------------------

@@ -23,6 +23,7 @@ import zmq
 from tracetool import messages
 from tracetool.bus_credentials import CREDENTIAL_ENV, BusKeys, Credential
 from tracetool.run_files import open_private_append
+from vmworker.gdb.on_request import request_base
 from vmworker import insn_counter, status
 from vmworker.status import End
 from vmworker.errors import VmsupError
@@ -291,6 +292,7 @@ class Launch:
         spec.bus_endpoint = self.run_dir.events_endpoint if self.record else None
         # Where the worker takes typed keys (vmsup screen): inside the private run dir.
         spec.input_endpoint = f"ipc://{self.run_dir.path / f'vm-{spec.vm_id}-input.sock'}"
+        spec.gdb_request = request_base(self.run_dir.path, spec.vm_id)  # `vmsup gdb` (commands.Gdb)
         credential = self.bus_keys.worker(spec.vm_id, spec.epoch)
         if self.foreground and not spec.screen:
             worker = Worker(spec, credential=credential)

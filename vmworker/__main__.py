@@ -26,6 +26,7 @@ from .devices.serial_input import SerialInput
 from .devices.standard import StandardDevices
 from .errors import GuestImageError, KvmError, SpecError, VmsupError
 from .exit_log import ExitLog
+from .gdb.on_request import StubOnRequest
 from .gdb.server import GdbServer
 from .image import read_image_file
 from .loader import load_image
@@ -33,7 +34,7 @@ from .machine import Machine
 from . import deterministic
 from .recording import Recording
 from .screen import ScreenServices
-from .signals import PAUSE_SIGNAL, RESUME_SIGNAL
+from .signals import GDB_SIGNAL, PAUSE_SIGNAL, RESUME_SIGNAL
 from .spec import VmSpec
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -86,10 +87,30 @@ def _step_tracers(spec: VmSpec, machine: Machine, recording) -> list:
             for vcpu, publisher in zip(machine.vm.vcpus, recording.publishers)]
 
 
+def _gdb_on_request(spec: VmSpec, machine: Machine, gdb_server, recording) -> StubOnRequest | None:
+    """`vmsup gdb VM`: a stub opened on request (GDB_SIGNAL) while the VM runs."""
+    if not spec.gdb_request:
+        return None
+
+    def make_server(endpoint: str) -> GdbServer:
+        if spec.step_trace:
+            raise SpecError("this VM is single-stepped by --step-trace; a gdb stub would fight it for the vCPUs")
+        server = GdbServer(endpoint, describe=lambda: f"VM {spec.name}: {spec.guest}, {spec.vcpus} vCPU(s)",
+                           record=recording.lifecycle if recording else None)
+        server.start(machine, wait=False)
+        return server
+
+    on_request = StubOnRequest(spec.gdb_request, make_server)
+    on_request.server = gdb_server  # --gdb already serves one: a request gets its endpoint
+    signal.signal(GDB_SIGNAL, on_request)
+    return on_request
+
+
 def run_spec(spec: VmSpec) -> dict:
     """Build and run the VM of `spec`; a JSON-able result, errors included."""
     recording = None
     gdb_server = None
+    on_request = None
     try:
         spec.validate()
         image = load_image(spec.guest, load_addr=spec.load_addr, entry=spec.entry, mode=spec.mode,
@@ -133,12 +154,14 @@ def run_spec(spec: VmSpec) -> dict:
                 recording.start(machine)
             if gdb_server:
                 gdb_server.start(machine, wait=spec.gdb_wait)
+            on_request = _gdb_on_request(spec, machine, gdb_server, recording)
             # The VGA screen sampler and key input (vmworker/screen.py): threads of their own.
             screen = ScreenServices(spec, machine.memory, devices, recording, lambda: machine.ctx.stopping)
             try:
                 screen.start()
                 feeder = _type_keys(devices.i8042, key_steps, screen.keyboard_for_script(devices.i8042))
                 result = machine.run()
+                gdb_server = on_request.server if on_request else gdb_server  # `vmsup gdb` may have opened one
                 if gdb_server:
                     gdb_server.finish(result.exit_code)
                 if feeder is not None:
@@ -168,6 +191,7 @@ def run_spec(spec: VmSpec) -> dict:
     except VmsupError as e:
         return {"status": End.ERROR, "error": str(e), "exit_code": status.EXIT_VM_ERROR}
     finally:
+        gdb_server = on_request.server if on_request else gdb_server
         if gdb_server:
             gdb_server.close()
         if recording:

@@ -11,3 +11,4 @@ import signal
 KICK_SIGNAL = signal.SIGUSR1
 PAUSE_SIGNAL = signal.SIGRTMIN + 1
 RESUME_SIGNAL = signal.SIGRTMIN + 2
+GDB_SIGNAL = signal.SIGRTMIN + 3  # open a gdb stub now (`vmsup gdb`; vmworker/gdb/on_request.py)

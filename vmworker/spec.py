@@ -27,6 +27,9 @@ class RunWiring:
     # its key input socket (a PULL in the private run dir; None = no typing).
     screen: bool = False
     input_endpoint: str | None = None
+    # `vmsup gdb VM`: the run-dir path (without suffix) of its request and reply files
+    # (vmworker/gdb/on_request.py); None = no stub on request.
+    gdb_request: str | None = None
     # What only the supervisor reads: "policy" (RestartPolicy as a dict), "rss_limit" (bytes or None).
     extra: dict = field(default_factory=dict)
 
