@@ -132,3 +132,16 @@ def test_kernel_counts_every_port_write_as_an_exit_or_a_coalesced_write(perf, tm
     assert io_exits + len(cols["addr"]) == kernel["kvm:kvm_pio"]
     assert len(ev["seq"]) + probe_exits == kernel["kvm:kvm_userspace_exit"]  # coalesced writes never exit
     assert_counts_up_from_zero(values)
+
+
+def test_fleet_key_takes_a_list_or_a_comma_list_and_refuses_a_device_that_reads_back(tmp_path):
+    from supervisor.fleet import FleetError, load_fleet
+    good = tmp_path / "good.toml"
+    good.write_text('[[vm]]\nguest = "seed16"\ncoalesce = ["0x10", "0xe9"]\n\n'
+                    '[[vm]]\nguest = "seed16"\nname = "b"\ncoalesce = "0x10,0x80"\n')
+    a, b = load_fleet(str(good))
+    assert (a.coalesce, b.coalesce) == (["0x10", "0xe9"], ["0x10", "0x80"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[vm]]\nguest = "seed16"\ncoalesce = ["0x60"]\n')
+    with pytest.raises(FleetError, match=r"bad.toml:3: .*overlaps i8042"):
+        load_fleet(str(bad))
