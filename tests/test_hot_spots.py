@@ -134,3 +134,23 @@ def test_a_trace_without_addresses_exports_null_symbols(tmp_path):
     import csv
     rows = list(csv.DictReader((tmp_path / "t.csv").open()))
     assert rows and all(r["symbol"] == r["line"] == "" for r in rows)
+
+
+def test_plot_by_symbol_draws_each_symbols_exits_by_port(mbkernel_trace, tmp_path):
+    pytest.importorskip("matplotlib")
+    from tracetool.commands import _symbols, plot
+    from tracetool.trace import TraceReader
+
+    with TraceReader(str(mbkernel_trace)) as reader:
+        data = plot.symbol_data(reader, symbols=_symbols.vm_tables(reader, None))
+    bars = {b["symbol"]: b for b in data["bars"]}
+    assert bars["print"]["targets"]["0x3fd:in"] == bars["print"]["targets"]["0x3f8:out"] > 0
+    assert all(sum(b["targets"].values()) == b["count"] for b in data["bars"])
+    for name in ("s.png", "s.html"):
+        proc = vmtrace("plot", mbkernel_trace, "--by", "symbol", "-o", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "s.png").read_bytes().startswith(b"\x89PNG")
+    page = (tmp_path / "s.html").read_text()
+    assert "<svg" in page and "print" in page and "0x3fd:in" in page
+    bad = vmtrace("plot", mbkernel_trace, "--by", "port", "-o", tmp_path / "x.png")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1

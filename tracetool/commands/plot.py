@@ -1,5 +1,7 @@
 """`vmtrace plot`: two pictures of a trace — exit rate over time per VM, and a histogram of
-handling time (log-spaced bins: the tail is where the interesting time goes).
+handling time (log-spaced bins: the tail is where the interesting time goes); with `--by symbol`
+a horizontal bar chart of exits per guest symbol, each bar split by reason and port/address
+(symbol → reason → port; the counts are summary --by symbol's).
 
 The numbers come from numpy over one decoded block at a time (bin counts only); drawing uses
 matplotlib (optional extra `vmsup[plot]`) with its Agg canvas, no display or pyplot state. PNG
@@ -24,9 +26,12 @@ from ..filters import EventFilter
 from ..handling import Stitcher
 from ..trace import TraceReader
 from . import _common as common
+from ._symbols import SYMBOLS_OPT, vm_tables
 
 FORMATS = {".png": "png", ".html": "html", ".htm": "html"}
 RATE_BINS = 200
+MAX_SYMBOLS = 25  # bars of --by symbol (the symbols with most exits)
+MAX_TARGETS = 12  # ports/addresses with a colour of their own; the rest are "other"
 # handling time histogram: 20 bins per decade from 100 ns to 10 s
 _HANDLE_EDGES = np.logspace(2, 10, 8 * 20 + 1)
 
@@ -136,6 +141,59 @@ def _figure(data: dict, title: str):
     return fig
 
 
+def symbol_data(reader: TraceReader, where: EventFilter | None = None, symbols: dict | None = None) -> dict:
+    """Exits per guest symbol, each split by target (port/address and direction, else reason)."""
+    from .summary import summarize
+    data = summarize(reader, by="symbol", where=where, symbols=symbols, top=None)
+    return {"by": "symbol", "events": data["events"],
+            "bars": [{"symbol": g["key"], "count": g["count"],
+                      "targets": {t["target"]: t["count"] for t in g["top"]}} for g in data["groups"]]}
+
+
+def _symbol_figure(data: dict, title: str):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PlotError("plot needs matplotlib: pip install 'vmsup[plot]'") from None
+    bars = data["bars"][:MAX_SYMBOLS]
+    fig = Figure(figsize=(10, 1.8 + 0.4 * max(len(bars), 1)), layout="constrained")
+    ax = fig.subplots()
+    totals: dict[str, int] = {}
+    for bar in bars:
+        for target, n in bar["targets"].items():
+            totals[target] = totals.get(target, 0) + n
+    coloured = sorted(totals, key=lambda t: (-totals[t], t))[:MAX_TARGETS]
+    # targets sorted by reason first (0x…:in/out are io, :R/:W mmio, else the reason's name) so a
+    # bar reads symbol → reason → port
+    kind = {t: ("io" if t.endswith((":in", ":out")) else "mmio" if t.endswith((":R", ":W")) else t) for t in coloured}
+    coloured.sort(key=lambda t: (kind[t], -totals[t]))
+    y = np.arange(len(bars))
+    left = np.zeros(len(bars))
+    for target in [*coloured, "other"]:
+        if target == "other":
+            widths = np.array([sum(n for t, n in b["targets"].items() if t not in coloured) for b in bars], float)
+        else:
+            widths = np.array([b["targets"].get(target, 0) for b in bars], float)
+        if widths.any():
+            ax.barh(y, widths, left=left, label=target if target == "other" or target == kind[target]
+                    else f"{kind[target]} {target}")
+            left += widths
+    ax.set_yticks(y, [b["symbol"] for b in bars])
+    ax.invert_yaxis()  # most exits on top
+    ax.set_xlabel("exits")
+    ax.set_title("Exits per guest symbol, by reason and port/address")
+    ax.grid(True, axis="x", alpha=0.3)
+    if bars:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")  # beside the bars, never over them
+    else:
+        ax.text(0.5, 0.5, "no events", ha="center", va="center", transform=ax.transAxes)
+    if len(data["bars"]) > MAX_SYMBOLS:
+        ax.text(0.99, 0.01, f"{len(data['bars']) - MAX_SYMBOLS} more symbols not shown", ha="right", va="bottom",
+                transform=ax.transAxes, fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
 def render(data: dict, out_path: str, title: str, inputs=()) -> int:
     """Draw the figure into out_path (.png or .html); returns the bytes written."""
     kind = output_kind(out_path)
@@ -146,7 +204,7 @@ def render(data: dict, out_path: str, title: str, inputs=()) -> int:
 
 
 def _render(data: dict, out_path: str, title: str, kind: str, buf: io.BytesIO, inputs) -> int:
-    fig = _figure(data, title)
+    fig = (_symbol_figure if data.get("by") == "symbol" else _figure)(data, title)
     if kind == "png":
         fig.savefig(buf, format="png", dpi=100)
         payload = buf.getvalue()
@@ -170,8 +228,13 @@ def run(
     vm: Optional[str] = common.VM_OPT, vcpu: Optional[str] = common.VCPU_OPT, epoch: Optional[str] = common.EPOCH_OPT,
     reason: Optional[str] = common.REASON_OPT, port: Optional[str] = common.PORT_OPT,
     addr: Optional[str] = common.ADDR_OPT, where: Optional[str] = common.FILTER_OPT,
+    by: Optional[str] = typer.Option(None, "--by", help="symbol: instead, a bar chart of exits per guest symbol, "
+                                     "each bar split by reason and port/address."),
+    symbols: Optional[str] = SYMBOLS_OPT,
 ) -> None:
     """Exit rate over time per VM and a histogram of handling time, as a picture."""
+    if by not in (None, "symbol"):
+        common.bad_input(f"unknown --by {by!r} (the one choice: symbol)")
     try:
         output_kind(out)
     except PlotError as e:
@@ -180,13 +243,19 @@ def run(
     event_filter = common.event_filter(vm, vcpu, epoch, reason, port, addr, where)
     with common.reading(trace) as reader:
         common.require_vms(reader, trace, event_filter)
-        data = plot_data(reader, event_filter)
-    title = f"{os.path.basename(trace)}: {data['events']} exits over {data['span_ns'] / 1e9:.3f} s"
+        if by == "symbol":
+            data = symbol_data(reader, event_filter, vm_tables(reader, symbols))
+        else:
+            data = plot_data(reader, event_filter)
+    if by == "symbol":
+        title = f"{os.path.basename(trace)}: {data['events']} exits"
+    else:
+        title = f"{os.path.basename(trace)}: {data['events']} exits over {data['span_ns'] / 1e9:.3f} s"
     try:
         size = render(data, out, title, inputs=(trace,))
     except PlotError as e:
         common.bad_input(str(e))
     typer.echo(f"vmtrace: wrote {out} ({size} bytes)", err=True)
-    if not data["handle_counts"].sum():
+    if by is None and not data["handle_counts"].sum():
         typer.echo("vmtrace: note: the handling-time histogram is empty: " + NO_HANDLING_NOTE.split(": ", 1)[1]
                    .replace("\n", " "), err=True)

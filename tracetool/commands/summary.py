@@ -204,10 +204,11 @@ def _where_column(by: str, rip: np.ndarray, table) -> np.ndarray:
 
 
 def summarize(reader: TraceReader, by: str = "reason", sort: str = "count", where: EventFilter | None = None,
-              exact_limit: int = EXACT_LIMIT, symbols: dict | None = None) -> dict:
+              exact_limit: int = EXACT_LIMIT, symbols: dict | None = None, top: int | None = TOP_TARGETS) -> dict:
     """The summary as JSON-ready data: totals, one entry per group in `sort` order. `by`: one
     grouping or two joined by a comma (`symbol,reason`: each symbol's exits by reason). `symbols`:
-    {vm: SymbolTable | None} (commands._symbols.vm_tables) for the address groupings."""
+    {vm: SymbolTable | None} (commands._symbols.vm_tables) for the address groupings; `top`: how
+    many ports/addresses each of their rows names (None: all)."""
     bys = parse_by(by)
     if sort not in SORTS:
         raise ValueError(f"unknown sort key {sort!r} (known: {', '.join(SORTS)})")
@@ -231,7 +232,7 @@ def summarize(reader: TraceReader, by: str = "reason", sort: str = "count", wher
         for stream, handle in handles.unclaimed().items():  # kept by a record-time filter
             if stream in last_key:
                 acc.group(last_key[stream]).handle.add(np.array([handle], np.int64))
-    return _result(reader, acc, sort, where, symbols)
+    return _result(reader, acc, sort, where, symbols, top)
 
 
 def _event_key(by: str, batch: ExitBatch, reason: int, addr: int, flags: int) -> tuple:
@@ -367,7 +368,8 @@ def _key_fields(by: str, key: tuple, symbols: dict) -> dict:
     return {"vm": key[0]}
 
 
-def _result(reader: TraceReader, acc: _Summary, sort: str, where: EventFilter | None, symbols: dict) -> dict:
+def _result(reader: TraceReader, acc: _Summary, sort: str, where: EventFilter | None, symbols: dict,
+            top_n: int | None) -> dict:
     bys = acc.bys
     results = {key: (g.guest.result(), g.handle.result()) for key, g in acc.groups.items()}
     events = sum(gr["count"] for gr, _ in results.values())
@@ -390,7 +392,7 @@ def _result(reader: TraceReader, acc: _Summary, sort: str, where: EventFilter | 
                       "guest": gr, "handle": hr})
         targets = acc.groups[key].targets
         if targets or (len(bys) == 1 and bys[0] in ADDRESS_GROUPINGS):
-            top = sorted(targets.items(), key=lambda item: (-item[1], item[0]))[:TOP_TARGETS]
+            top = sorted(targets.items(), key=lambda item: (-item[1], item[0]))[:top_n]
             entry["top"] = [{"target": target_text(code), "count": n} for code, n in top]
         if bys == ("vm",) and key[0] in names:
             entry["name"] = names[key[0]]
