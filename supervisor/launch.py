@@ -37,6 +37,7 @@ from .quiet import QUIET_TEXT, QuietWatch
 from .commands import control_socket, serve_one
 from .recorder import RecorderClient
 from .trace_path import keep_previous
+from .worker_template import WorkerTemplate
 
 # A worker ends itself at --timeout; if it is wedged past this grace, the supervisor kills it.
 TIMEOUT_GRACE = 5.0
@@ -62,7 +63,7 @@ class Worker:
     """One worker process and the thread that collects its result."""
 
     def __init__(self, spec: VmSpec, stdout=None, stdin=None, own_group: bool = False,
-                 credential: Credential | None = None) -> None:
+                 credential: Credential | None = None, template: WorkerTemplate | None = None) -> None:
         self.spec = spec
         self.result: dict | None = None
         self.started = time.monotonic()
@@ -71,8 +72,12 @@ class Worker:
             # own_group: a background worker is out of the terminal's reach (Ctrl-C goes to the
             # supervisor, which stops it in order); a foreground one shares the terminal for stdin.
             env = None if credential is None else {**os.environ, CREDENTIAL_ENV: credential.hex()}
-            self.proc = subprocess.Popen(worker_command(spec, write_fd), pass_fds=(write_fd,), stdout=stdout, stdin=stdin,
-                                         process_group=0 if own_group else None, env=env)
+            # Forked from the worker template when there is one (supervisor/worker_template.py),
+            # else spawned: the same worker, with the same fds, environment and process group.
+            forked = template.fork(spec.to_json(), write_fd, stdin=stdin, stdout=stdout, env=env,
+                                   own_group=own_group) if template is not None else None
+            self.proc = forked or subprocess.Popen(worker_command(spec, write_fd), pass_fds=(write_fd,), stdout=stdout,
+                                                   stdin=stdin, process_group=0 if own_group else None, env=env)
         finally:
             os.close(write_fd)
         self._thread = threading.Thread(target=self._collect, args=(read_fd,), name=f"collect-{spec.name}", daemon=True)
@@ -219,6 +224,7 @@ class Launch:
         self._context: zmq.Context | None = None
         self._lifecycle: EventPublisher | None = None
         self._control = None
+        self.template: WorkerTemplate | None = None
         self.started_wall = time.time()
 
     @property
@@ -233,8 +239,17 @@ class Launch:
         self.bus_keys = BusKeys.new(self.run_dir.run_id)
         # The previous trace of that name is kept as PATH.N (supervisor/trace_path.py).
         self.kept_trace = keep_previous(self.trace_path) if self.trace_path else None
+        # A foreground VM shares the terminal and is spawned; the others are forked from the template.
+        if any(spec.screen or not self.foreground for spec in self.specs):
+            self.template = WorkerTemplate()
+            self.template.start()  # it imports while the recorder starts
         if self.record:
-            self._start_recorder()
+            try:
+                self._start_recorder()
+            except LaunchError:
+                if self.template is not None:
+                    self.template.close()
+                raise
             self._lifecycle = EventPublisher(self._context, self.run_dir.events_endpoint, lambda: True,
                                              credential=self.bus_keys.supervisor().frame())
         self._control = control_socket(self._context, self.run_dir.control_endpoint)
@@ -302,7 +317,8 @@ class Launch:
             # it; a --screen VM's keys come from the screen view instead.
             stdin = None if spec.serial_in == "-" and not self.foreground else subprocess.DEVNULL
             try:
-                worker = Worker(spec, stdout=out, stdin=stdin, own_group=True, credential=credential)
+                worker = Worker(spec, stdout=out, stdin=stdin, own_group=True, credential=credential,
+                                template=self.template)
             finally:
                 if slot.console:
                     out.close()
@@ -459,6 +475,8 @@ class Launch:
         if self.recorder_proc is not None:
             outcome.recorder = self._finish_recorder(results)
         self._count_from_tally(outcome)
+        if self.template is not None:
+            self.template.close()
         self._control.close(linger=0)
         self._context.term()
         self.run_dir.remove()

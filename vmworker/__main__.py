@@ -198,6 +198,26 @@ def run_spec(spec: VmSpec) -> dict:
             recording.close()
 
 
+def run_and_report(spec_json, result_fd: int | None, started: dict | None = None) -> int:
+    """Run the VM of a spec (JSON) and hand its result to the supervisor; the exit code. Shared by
+    a spawned worker (main) and one forked from the template (vmworker/forkserver.py)."""
+    try:
+        spec = VmSpec.from_json(spec_json)
+    except (ValueError, TypeError) as e:
+        print(f"vmworker: bad --spec-json: {e}", file=sys.stderr)
+        return status.EXIT_BAD_INPUT
+    result = run_spec(spec)
+    if started is not None:
+        result["worker_start"] = started
+    payload = json.dumps(result).encode()
+    if result_fd is not None:
+        with os.fdopen(result_fd, "wb") as f:
+            f.write(payload)
+    else:
+        sys.stderr.write(payload.decode() + "\n")
+    return int(result.get("exit_code", status.EXIT_VM_ERROR))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vmworker", description="Run one VM (started by vmsup).")
     parser.add_argument("--spec-json", required=True, help="the VmSpec as JSON")
@@ -205,18 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _die_with_parent()
     try:
-        spec = VmSpec.from_json(json.loads(args.spec_json))
-    except (ValueError, TypeError) as e:
+        spec_json = json.loads(args.spec_json)
+    except ValueError as e:
         print(f"vmworker: bad --spec-json: {e}", file=sys.stderr)
         return status.EXIT_BAD_INPUT
-    result = run_spec(spec)
-    payload = json.dumps(result).encode()
-    if args.result_fd is not None:
-        with os.fdopen(args.result_fd, "wb") as f:
-            f.write(payload)
-    else:
-        sys.stderr.write(payload.decode() + "\n")
-    return int(result.get("exit_code", status.EXIT_VM_ERROR))
+    return run_and_report(spec_json, args.result_fd)
 
 
 if __name__ == "__main__":
