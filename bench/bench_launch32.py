@@ -39,8 +39,9 @@ def _clean(trace) -> None:
         path.unlink()
 
 
-def launch(vms: int, trace) -> dict:
-    """Run the launch; per VM: name, spawn, vm-start and first-exit latencies (seconds)."""
+def launch(vms: int, trace, cwd=REPO, env: dict | None = None) -> dict:
+    """Run the launch (from `cwd`, with `env`: bench_fork_server.py runs an older tree so); per VM:
+    name, spawn, vm-start and first-exit latencies (seconds)."""
     from tracetool import schema
     from tracetool.trace import TraceReader
 
@@ -49,7 +50,7 @@ def launch(vms: int, trace) -> dict:
     if vms > 1:
         cmd[3:3] = ["--vms", str(vms)]
     t0 = time.monotonic_ns()
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     wall = (time.monotonic_ns() - t0) / 1e9
     if res.returncode != 0:
         raise BenchError(f"`{' '.join(cmd)}` exited {res.returncode}:\n{tail_of(res.stderr)}")

@@ -215,6 +215,7 @@ class Launch:
             slot_policy = RestartPolicy(**spec.extra["policy"]) if "policy" in spec.extra else (policy or RestartPolicy())
             self.slots.append(VmSlot(spec, slot_policy, spec.extra.get("rss_limit", rss_limit), console))
         self._signalled = None
+        self._previous_handlers: dict = {}
         self.recorder_restarts = 0
         self.notes: list[str] = []
         # Called (vm name, text) once when a VM makes no exit for a while (supervisor/quiet.py);
@@ -232,6 +233,21 @@ class Launch:
         return [s.worker for s in self.slots if s.worker is not None]
 
     def start(self) -> None:
+        # Ctrl-C and SIGTERM are the launch's from here on, not only once wait() runs: a forked
+        # worker makes its first exits before start() has returned.
+        self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._start()
+        except BaseException:
+            self._restore_signals()
+            raise
+
+    def _restore_signals(self) -> None:
+        for s, handler in self._previous_handlers.items():
+            signal.signal(s, handler)
+        self._previous_handlers = {}
+
+    def _start(self) -> None:
         self.run_dir = runtime.create_run()
         self.run_dir.write_info({"id": self.run_dir.run_id, "pid": os.getpid(), "started": self.started_wall,
                                  "trace": self.trace_path, "vms": [s.name for s in self.specs]})
@@ -445,7 +461,8 @@ class Launch:
                 self.stop_slot(slot)
 
     def wait(self, on_tick=None, tick: float = 0.5) -> LaunchOutcome:
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        if not self._previous_handlers:
+            self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             next_tick = next_rss = next_quiet = time.monotonic()
             stopping_all = False
@@ -466,8 +483,7 @@ class Launch:
                     on_tick(self)
                     next_tick = now + tick
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            self._restore_signals()
         results = [self._final_result(slot) for slot in self.slots]
         outcome = LaunchOutcome(results=results, run_id=self.run_dir.run_id, trace=self.trace_path, notes=self.notes)
         if self._lifecycle is not None:
