@@ -23,6 +23,7 @@ pytestmark = pytest.mark.kvm
 
 FORKED = b"vmworker.forkserver"  # a forked worker keeps the template's command line
 SPAWNED = b"--spec-json"
+TEMPLATE_NAME = "vmsup-template"  # its name once ready, as the README says (ps -o comm)
 
 
 def cmdline(pid: int) -> bytes:
@@ -138,6 +139,7 @@ def test_a_killed_template_falls_back_to_spawn_is_restarted_and_running_vms_carr
     new_template = wait_for(lambda: next((pid for pid, cmd in children(launch.pid).items()
                                           if FORKED in cmd and pid not in first), None), "a new template")
     assert new_template != template
+    wait_for(lambda: comm(new_template) == TEMPLATE_NAME, "the new template to be ready (its name says so)")
     os.kill(spawned, signal.SIGKILL)  # the next restart forks again, from the new template (once ready)
     forked = wait_for(lambda: restarted("seed16-0", 2), "seed16-0's second restart")
     assert FORKED in cmdline(forked) and parent(forked) == launch.pid

@@ -27,14 +27,11 @@ held at the fork stays locked forever in the child. Each fork checks /proc/self/
 
 from __future__ import annotations
 
-import signal
-
-signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-
-import argparse  # noqa: E402
+import argparse
 import ctypes
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -57,6 +54,7 @@ from .signals import KICK_SIGNAL, PAUSE_SIGNAL, RESUME_SIGNAL
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15  # the 16-byte comm (ps, top, /proc/PID/comm)
 COMM_BYTES = 15
+TEMPLATE_NAME = "vmsup-template"
 MAX_REQUEST = 1 << 20  # a spec and an environment: a few KiB
 REQUEST_FDS = 4  # result pipe, stdin, stdout, stderr
 ADOPTION_TIMEOUT = 5.0
@@ -135,8 +133,7 @@ def _become_worker(sock, request: dict, fds: list[int], go_read: int, supervisor
         for signum in (signal.SIGTERM, signal.SIGCHLD, KICK_SIGNAL, PAUSE_SIGNAL, RESUME_SIGNAL):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        name = f"vm {request['spec'].get('name', '')}".encode()[:COMM_BYTES]
-        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+        set_name(f"vm {request['spec'].get('name', '')}")
         # random re-seeds itself in a forked child (random.py registers os.register_at_fork); no zmq
         # Context or socket exists in the template, so the worker's are its own.
         code = worker_main.run_and_report(request["spec"], result_fd, {"forked": True, "template_threads": threads})
@@ -154,7 +151,12 @@ def _become_worker(sock, request: dict, fds: list[int], go_read: int, supervisor
         os._exit(code)
 
 
+def set_name(name: str) -> None:
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:COMM_BYTES]), 0, 0, 0)
+
+
 def serve(sock: socket.socket, supervisor: int) -> None:
+    set_name(TEMPLATE_NAME)  # once ready, so one can see it is (ps -o comm)
     sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
     while True:
         try:
@@ -188,6 +190,7 @@ def serve(sock: socket.socket, supervisor: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vmworker.forkserver",
                                      description="The worker template vmsup forks each VM's worker from.")
+    # Started in a process group of its own, out of the terminal's Ctrl-C (supervisor/worker_template.py).
     parser.add_argument("--socket-fd", type=int, required=True)
     parser.add_argument("--supervisor", type=int, required=True, help="the supervisor's pid")
     args = parser.parse_args(argv)
