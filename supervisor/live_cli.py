@@ -113,19 +113,23 @@ def top(
     interval: float = typer.Option(1.0, "--interval", min=0.05, help="Seconds between refreshes (with --once: how long to sample)."),
     once: bool = typer.Option(False, "--once", help="Sample for --interval seconds, print one table, exit."),
     json_out: bool = typer.Option(False, "--json", help="Print the data as JSON instead of a table (one object per refresh)."),
+    by: str = typer.Option("reason", "--by", help="Group each VM's exits by reason, or by guest symbol (from the "
+                           "image its vm-start names: VMs that start while top watches)."),
 ) -> None:
     """Exits per VM and exit reason, live, like kvm_stat: total, share and rate."""
-    from .top import SORT_KEYS
+    from .top import GROUPINGS, SORT_KEYS
     if sort not in SORT_KEYS:
         raise _fail(f"--sort must be one of {', '.join(SORT_KEYS)}, not {sort!r}")
+    if by not in GROUPINGS:
+        raise _fail(f"--by must be one of {', '.join(GROUPINGS)}, not {by!r}")
     event_filter = _event_filter(vm, vcpu, epoch, reason, port, addr, where)
     run_dir, subscriber = _attach(run)
     try:
         with subscriber:
             if once:
-                _top_once(run_dir, subscriber, sort, interval, json_out, event_filter)
+                _top_once(run_dir, subscriber, sort, interval, json_out, event_filter, by)
             else:
-                _top_live(run_dir, subscriber, sort, interval, json_out, event_filter)
+                _top_live(run_dir, subscriber, sort, interval, json_out, event_filter, by)
     except KeyboardInterrupt:
         pass
     except _StdoutClosed:
@@ -137,11 +141,11 @@ def _drain(subscriber, model, timeout_ms: int) -> None:
         model.feed(msg)
 
 
-def _top_once(run_dir, subscriber, sort: str, interval: float, json_out: bool, event_filter) -> None:
+def _top_once(run_dir, subscriber, sort: str, interval: float, json_out: bool, event_filter, by: str) -> None:
     from rich.console import Console
 
     from .top import TopModel, render_table
-    model = TopModel(event_filter)
+    model = TopModel(event_filter, by=by)
     deadline = time.monotonic() + interval
     # Sample for the interval, or less if the run ends first (its numbers are then complete).
     while (left := deadline - time.monotonic()) > 0:
@@ -170,13 +174,13 @@ def _run_vms(run_dir, subscriber) -> list[dict]:
     return [{"vm": vm, "name": name} for vm, name in enumerate(subscriber.vm_names)]
 
 
-def _top_live(run_dir, subscriber, sort: str, interval: float, json_out: bool, event_filter) -> None:
+def _top_live(run_dir, subscriber, sort: str, interval: float, json_out: bool, event_filter, by: str) -> None:
     import zmq
     from rich.console import Console
     from rich.live import Live
 
     from .top import SORT_KEYS, TopModel, render_table
-    model = TopModel(event_filter)
+    model = TopModel(event_filter, by=by)
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() and not json_out else None
     poller = zmq.Poller()
     poller.register(subscriber.socket, zmq.POLLIN)

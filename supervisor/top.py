@@ -18,8 +18,10 @@ from tracetool import schema
 from .kernel_view import SHOWN as KERNEL_SHOWN
 from .kernel_view import KernelView
 from .live import LiveSubscriber
+from .top_symbols import SymbolCounts
 
 SORT_KEYS = ("rate", "total")
+GROUPINGS = ("reason", "symbol")  # --by
 _REASON_SLOTS = 256  # the reason column is a u1: every code has a slot
 
 
@@ -35,12 +37,14 @@ class _VmCounts:
     previous: np.ndarray = field(default_factory=lambda: np.zeros(_REASON_SLOTS, dtype=np.int64))
     rates: np.ndarray = field(default_factory=lambda: np.zeros(_REASON_SLOTS, dtype=np.float64))
     kernel: KernelView = field(default_factory=KernelView)  # the kernel's own counters (kvm-stats)
+    symbols: SymbolCounts = field(default_factory=SymbolCounts)  # --by symbol
 
 
 class TopModel:
     """Per-VM, per-reason exit counts since we attached, and rates over the last tick."""
 
-    def __init__(self, event_filter=None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, event_filter=None, clock: Callable[[], float] = time.monotonic, by: str = "reason") -> None:
+        self.by = by
         # The filter flags (tracetool/filters.py), as tail and vmtrace take them: count only those exits.
         self.event_filter = None if event_filter is None or event_filter.matches_everything else event_filter
         self.clock = clock
@@ -68,16 +72,22 @@ class TopModel:
                                     msg["first_seq"] + msg["count"])
             if msg["rows"]:
                 reasons = msg["columns"]["reason"]
-                if self.event_filter is not None:
-                    reasons = reasons[self.event_filter.mask(msg["columns"], vm=msg["vm"], vcpu=msg["vcpu"],
-                                                             epoch=msg["epoch"])]
+                keep = None if self.event_filter is None else self.event_filter.mask(
+                    msg["columns"], vm=msg["vm"], vcpu=msg["vcpu"], epoch=msg["epoch"])
+                if keep is not None:
+                    reasons = reasons[keep]
                 counts.totals += np.bincount(reasons, minlength=_REASON_SLOTS)
+                if self.by == "symbol" and "rip" in msg["columns"]:
+                    rip = msg["columns"]["rip"]
+                    counts.symbols.add(rip if keep is None else rip[keep])
         elif kind == schema.MSG_VM_START:
             counts = self._vm(msg["vm"])
             if msg["epoch"] >= counts.epoch:
                 counts.epoch, counts.status = msg["epoch"], None
                 if isinstance(msg.get("name"), str):
                     counts.name = msg["name"]
+                if self.by == "symbol":
+                    counts.symbols.start(msg)
         elif kind == schema.MSG_KVM_STATS:
             counts = self._vm(msg["vm"])
             if msg["epoch"] > counts.epoch:
@@ -117,6 +127,7 @@ class TopModel:
         for counts in self.vms.values():
             counts.rates = (counts.totals - counts.previous) / dt
             counts.previous = counts.totals.copy()
+            counts.symbols.tick(dt)
         self.tick_at, self.interval = now, dt
 
     def snapshot(self, *, sort: str = "rate", vm: int | None = None, subscriber: LiveSubscriber | None = None,
@@ -144,7 +155,9 @@ class TopModel:
             vms.append({"vm": v, "name": name, "epoch": c.epoch, "status": c.status or c.state or ("running" if c.seen else "not seen"),
                         "total": total, "rate": round(float(c.rates.sum()), 1),
                         "missed": missed_by_vm.get(v, 0), "reasons": reasons, "kernel": c.kernel.snapshot()})
-        snap = {"run": run_id, "interval": round(self.interval, 3), "sort": sort, "vm": vm, "vms": vms}
+            if self.by == "symbol":
+                vms[-1]["symbols"] = c.symbols.rows(sort)
+        snap = {"run": run_id, "interval": round(self.interval, 3), "sort": sort, "by": self.by, "vm": vm, "vms": vms}
         if subscriber is not None:
             snap["missed_total"] = subscriber.missed_total
             snap["malformed"] = subscriber.malformed
@@ -168,7 +181,7 @@ def render_table(snap: dict, *, keys_help: bool = False):
     if snap.get("vm") is not None:
         title += f" — vm {snap['vm']}"
     table = Table(title=title, title_justify="left", expand=False)
-    table.add_column("VM / exit reason", no_wrap=True)
+    table.add_column("VM / guest symbol" if snap.get("by") == "symbol" else "VM / exit reason", no_wrap=True)
     table.add_column("Total" + (" ▼" if snap["sort"] == "total" else ""), justify="right")
     table.add_column("%", justify="right")
     table.add_column("Rate/s" + (" ▼" if snap["sort"] == "rate" else ""), justify="right")
@@ -177,7 +190,8 @@ def render_table(snap: dict, *, keys_help: bool = False):
         kernel = [(f"  kernel: {'in-kernel exits' if name == 'in_kernel' else name}", vm["kernel"][name])
                   for name in ("exits", "in_kernel", *KERNEL_SHOWN[1:])] if vm.get("kernel") else []
         kernel = [(label, {"total": _or_dash(k["total"]), "rate": _or_dash(k["rate"])}) for label, k in kernel]
-        rows = [(f"  {r['reason']}", r, f"{r['percent']:.1f}", None) for r in vm["reasons"]]
+        rows = [(f"  {r['symbol'] if 'symbol' in r else r['reason']}", r, f"{r['percent']:.1f}", None)
+                for r in vm.get("symbols", vm["reasons"])]
         rows += [(label, k, "", "dim") for label, k in kernel]
         label = f"vm {vm['vm']}" + (f" {vm['name']}" if vm["name"] else "") + f" [{vm['status']}]"
         table.add_row(Text(label, style="bold"), f"{vm['total']:,}", "100.0" if vm["total"] else "-",

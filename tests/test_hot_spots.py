@@ -154,3 +154,33 @@ def test_plot_by_symbol_draws_each_symbols_exits_by_port(mbkernel_trace, tmp_pat
     assert "<svg" in page and "print" in page and "0x3fd:in" in page
     bad = vmtrace("plot", mbkernel_trace, "--by", "port", "-o", tmp_path / "x.png")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_top_by_symbol_counts_a_vms_exits_per_symbol_from_its_vm_start(mbkernel_trace):
+    """The live model fed the messages the recorder republished, as they are in the trace."""
+    from rich.console import Console
+
+    from supervisor.top import TopModel, render_table
+    from tracetool import schema as sch
+    from tracetool.trace import TraceReader
+
+    now = [0.0]
+    model = TopModel(by="symbol", clock=lambda: now[0])
+    with TraceReader(str(mbkernel_trace)) as reader:
+        for record in reader.records(sch.MSG_VM_START):
+            model.feed({**record, "type": sch.MSG_VM_START})
+        for batch in reader.exit_batches():
+            cols = batch.columns
+            model.feed({"type": sch.MSG_EXITS, "vm": batch.vm, "vcpu": batch.vcpu, "epoch": batch.epoch,
+                        "columns": cols, "rows": batch.n_rows, "first_seq": int(cols["seq"][0]),
+                        "count": batch.n_rows})
+    now[0] = 2.0
+    model.tick()
+    snap = model.snapshot(sort="total")
+    by_symbol = {r["symbol"]: r["total"] for r in snap["vms"][0]["symbols"]}
+    expected = {g["symbol"]: g["count"] for g in summary_json(mbkernel_trace, "--by", "symbol")["groups"]}
+    assert by_symbol == expected and by_symbol["print"] > 0
+    assert snap["vms"][0]["symbols"][0]["rate"] == snap["vms"][0]["symbols"][0]["total"] / 2
+    out = io.StringIO()
+    Console(file=out, width=80).print(render_table(snap))
+    assert "VM / guest symbol" in out.getvalue() and "print" in out.getvalue()
