@@ -279,6 +279,7 @@ class Rerun:
         out = {name: [] for name in schema.COLUMN_NAMES}
         out_seq, out_payloads = [], []
         deterministic = bool(self.rec.spec.deterministic)
+        stall_ns, kvm_run, io_out, flag_write = int(STALL_SECONDS * 1e9), abi.KVM_RUN, abi.KVM_EXIT_IO_OUT, schema.FLAG_WRITE
         matched = 0
         stopped = None
         try:
@@ -292,10 +293,10 @@ class Rerun:
                 if deterministic:
                     request_window(run, reason == _IRQ_WINDOW)
                 t0 = now_ns()
-                deadline = watchdog.deadline_ns = t0 + int(STALL_SECONDS * 1e9) + 10 * guest_ns[i]
+                deadline = watchdog.deadline_ns = t0 + stall_ns + 10 * guest_ns[i]
                 while True:
                     try:
-                        ioctl(fd, abi.KVM_RUN, 0)
+                        ioctl(fd, kvm_run, 0)
                         break
                     except InterruptedError:
                         if now_ns() >= deadline:
@@ -308,14 +309,13 @@ class Rerun:
                 r, direction, size, port, count, data_offset = exit_at(run, reason_off)
                 rip, cs_base, cs_l = sync_at(run, rip_off)
                 rip = rip if cs_l else (cs_base + rip) & linear_32
-                self.now_rip = rip
                 write = 0
                 payload = None
                 if r != reason:
                     self._diverge(seq, "reason", schema.reason_name(reason), schema.reason_name(r), i, cols,
                                   self._now_text(run, r), rip, matched)
                 if r == _IO:
-                    write = 1 if direction == abi.KVM_EXIT_IO_OUT else 0
+                    write = 1 if direction == io_out else 0
                     nbytes = size * count
                     if write:
                         data = run[data_offset:data_offset + nbytes]
@@ -339,7 +339,7 @@ class Rerun:
                     count = 1
                     value = int.from_bytes(self._slow_exit(vcpu)[:8].ljust(8, b"\0"), "little")
                     now = (0, 0, 0, 1)
-                recorded = (flags[i] & schema.FLAG_WRITE, addrs[i], sizes[i], counts[i])
+                recorded = (flags[i] & flag_write, addrs[i], sizes[i], counts[i])
                 if now != recorded:
                     for name, a, b in zip(("direction", "addr", "size", "count"), recorded, now):
                         if a != b:
