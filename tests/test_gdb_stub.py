@@ -287,6 +287,42 @@ def test_monitor_catch_io_stops_at_each_uart_write_and_catch_off_lets_it_finish(
     assert vm.console == "Hello from vmsup!\n"
 
 
+def test_monitor_catch_mmio_stops_at_the_device_access_and_catch_off_lets_it_finish(stubbed):
+    vm = stubbed("mmio.bin", "protected")
+    out = vm.gdb("monitor catch mmio 0xd0000008-0xd000000b", "continue", "monitor catch", "monitor exits",
+                 "monitor catch mmio zz", "monitor catch off", "continue")
+    assert "catch mmio 0xd0000008-0xd000000b: the guest stops at each such exit" in out
+    assert "caught: mmio read from 0xd0000008, 4 byte(s)" in out  # guest/mmio.S: movl MMIO+0x8, %eax
+    assert out.count("Program received signal SIGTRAP") == 1
+    assert "this VM's exits are not recorded" in out  # a worker without a trace keeps none
+    assert "usage: monitor catch mmio ADDR[-ADDR]" in out
+    assert "exited normally" in out
+    assert "mmio: ok" in vm.console
+
+
+def test_monitor_exits_lists_the_last_exits_with_their_guest_addresses(tmp_path):
+    port = free_port()
+    launch = _launch("seed16", "--gdb", str(port), "--gdb-wait", "-q", "--serial-in", "none",
+                     "--trace", str(tmp_path / "exits.vmtrace"))
+    try:
+        out = subprocess.run(["gdb", "-nx", "-batch", "-ex", f"target remote 127.0.0.1:{port}",
+                              "-ex", "monitor catch io 0x10", "-ex", "continue", "-ex", "continue", "-ex", "continue",
+                              "-ex", "monitor exits 4", "-ex", "monitor exits 0", "-ex", "kill"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=GDB_TIMEOUT).stdout
+        launch.communicate(timeout=GDB_TIMEOUT)
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+            launch.wait()
+    lines = [line for line in out.splitlines() if line.startswith("vcpu 0 seq=")]
+    assert len(lines) == 4, out
+    # the seed's third write (AX = 2), at the instruction after its `out` (rip: tracetool/schema.py)
+    assert any(line.endswith("io out port=0x10 size=2 data=0x2 rip=0x10004") for line in lines), out
+    seqs = [int(line.split()[2].removeprefix("seq=")) for line in lines]
+    assert seqs == sorted(seqs)
+    assert "usage: monitor exits [N]" in out
+
+
 @pytest.mark.parametrize("guest, mode, watch, value, pc", [
     # protected32 pushes the sum (500500) at the stack top, 16 MiB - 4; paging off
     ("protected32.bin", "protected", "*(int*)0xfffffc", "500500", "0x10014"),

@@ -15,7 +15,8 @@ from tracetool import messages, schema
 ROW = struct.Struct(schema.ROW_STRUCT_FORMAT)
 COALESCED_ENTRY_SIZE = 24  # sizeof(struct kvm_coalesced_mmio), linux/kvm.h (vmworker/coalesce.py checks it)
 DEFAULT_BATCH_EVENTS = 4096
-DEFAULT_FLUSH_NS = 50_000_000  # a live viewer sees an exit at most ~50 ms after it happened
+DEFAULT_FLUSH_NS = 50_000_000
+RECENT_EXITS = 256  # rows each vCPU keeps after flushing them, for gdb's `monitor exits`  # a live viewer sees an exit at most ~50 ms after it happened
 
 
 class EventBatcher:
@@ -42,6 +43,8 @@ class EventBatcher:
         self.coalesced = bytearray()
         self.drains: list[tuple[int, int, int, int]] = []
         self.drain = None
+        self.recent = b""  # the last RECENT_EXITS rows flushed, for gdb's `monitor exits`
+        self.recent_seq = 0  # the sequence number after them
 
     def seq_at(self, pos: int) -> int:
         """The sequence number the row at `pos` of the buffer has (or will have)."""
@@ -88,6 +91,8 @@ class EventBatcher:
         next row holds — and that row may be filtered out."""
         n = pos // ROW.size
         self.pending_since = 0
+        if n:
+            self._keep_recent(memoryview(self.rows)[:pos], n)
         if self.drain is not None:
             self.drain(pos)  # what other vCPUs queued meanwhile; linked to this stream's next exit
         if self.coalesced:  # before the exits they precede
@@ -100,6 +105,12 @@ class EventBatcher:
         cols = schema.columns_from_rows(memoryview(self.rows)[:pos], n)
         payloads, self.payloads, self.payload_bytes = self.payloads, [], 0
         self._send(n, cols, payloads)
+
+    def _keep_recent(self, rows, n: int) -> None:
+        """Keep the last RECENT_EXITS rows, every exit (a record-time filter's too), for gdb's
+        `monitor exits` (vmworker/gdb/recent_exits.py)."""
+        self.recent = (self.recent + bytes(rows))[-RECENT_EXITS * ROW.size:]
+        self.recent_seq += n
 
     def _flush_filtered(self, rows: bytes, final: bool) -> None:
         """Send the rows the filter keeps, each with its handling time (schema.HANDLE_COLUMN)."""

@@ -208,7 +208,8 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
                     pos = 0
                     flush_at = t1 + flush_ns
             if ctx.debugger is not None and stop is None and (reason == _EXIT_IO or reason == _EXIT_MMIO):
-                ctx.debugger.after_io(vcpu)  # gdb's stepi over an I/O instruction ends here
+                # gdb's stepi over an I/O instruction ends here; `monitor catch mmio` stops here
+                ctx.debugger.after_io(vcpu, (addr, data, flags) if reason == _EXIT_MMIO else None)
             if det is not None and stop is None and (not done or reason == _EXIT_HLT):
                 asleep = det.after_exit(vcpu, ex.linear_rip(run), reason == _EXIT_HLT)
                 if reason == _EXIT_HLT:

@@ -1,10 +1,13 @@
-"""`monitor catch io PORT[-PORT] [in|out]`: stop the guest at a port I/O exit.
+"""`monitor catch io PORT[-PORT] [in|out]` and `monitor catch mmio ADDR[-ADDR]`: stop the guest at
+a port I/O or MMIO exit.
 
 A catch sits in front of a port's device: the port bus routes each caught port to an `IoCatch`
 (through its live claimant cache, which the vCPU loop's fast path and the bus's own lookups both
 consult first, vmworker/devices/bus.py), which lets the original device (or the empty-bus
 behaviour) serve the access and then reports a stop to the debugger. The exit itself is handled
-and recorded as usual; the vCPU parks at its next KVM_RUN. `monitor catch off` removes every catch.
+and recorded as usual; the vCPU parks at its next KVM_RUN. An MMIO catch is a range the debugger
+checks after each MMIO exit (Debugger.after_io), once the bus served it. `monitor catch off`
+removes every catch.
 """
 
 from __future__ import annotations
@@ -99,4 +102,53 @@ class IoCatches:
         cache = self.bus.claimant_cache()
         for port in [p for p, (_, device) in cache.items() if isinstance(device, IoCatch)]:
             del cache[port]  # the bus looks the claimant up again on the next access
+        self.specs.clear()
+
+
+@dataclass(frozen=True)
+class MmioCatchSpec:
+    first: int
+    last: int
+
+    def describe(self) -> str:
+        where = f"{self.first:#x}" if self.first == self.last else f"{self.first:#x}-{self.last:#x}"
+        return f"mmio {where}"
+
+    def covers(self, addr: int, length: int) -> bool:
+        return addr <= self.last and self.first < addr + max(length, 1)
+
+
+MAX_MMIO_CATCHES = 64
+
+
+def parse_mmio_catch(words: list[str]) -> MmioCatchSpec:
+    """`ADDR[-ADDR]` (guest-physical, hex or decimal) → MmioCatchSpec."""
+    usage = "usage: monitor catch mmio ADDR[-ADDR], e.g. monitor catch mmio 0xd0000000"
+    if len(words) != 1:
+        raise CatchError(usage)
+    first_s, _, last_s = words[0].partition("-")
+    try:
+        first, last = int(first_s, 0), int(last_s or first_s, 0)
+    except ValueError:
+        raise CatchError(usage) from None
+    if not 0 <= first <= last < 1 << 64:
+        raise CatchError("addresses are 0-0xffffffffffffffff, the first not above the last")
+    return MmioCatchSpec(first, last)
+
+
+class MmioCatches:
+    """The MMIO catches of one debugger: ranges checked after each MMIO exit."""
+
+    def __init__(self) -> None:
+        self.specs: list[MmioCatchSpec] = []
+
+    def add(self, spec: MmioCatchSpec) -> None:
+        if len(self.specs) >= MAX_MMIO_CATCHES:
+            raise CatchError(f"at most {MAX_MMIO_CATCHES} MMIO catches")
+        self.specs.append(spec)
+
+    def hit(self, addr: int, length: int) -> bool:
+        return any(spec.covers(addr, length) for spec in self.specs)
+
+    def clear(self) -> None:
         self.specs.clear()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .. import kvm_abi as abi
 from . import regs as R
-from .catch import IoCatches
+from .catch import IoCatches, MmioCatches
 from .watch import WatchError, WriteWatches
 
 log = logging.getLogger("vmsup.gdb")
@@ -77,6 +77,7 @@ class Debugger:
         self._thread_vcpu: dict[int, int] = {}  # vCPU thread ident → vCPU index
         self.notes: list[str] = []  # what the stub tells gdb before the next stop reply
         self.io_catches = IoCatches(machine.port_bus, self)
+        self.mmio_catches = MmioCatches()
         self.watches = WriteWatches(machine, self)
         self._wake_r, self._wake_w = os.pipe()  # makes the stub's select() see a stop
         os.set_blocking(self._wake_w, False)
@@ -124,12 +125,21 @@ class Debugger:
             why = "swbreak"
         self._report(Stop(vcpu.id, SIGTRAP, why))
 
-    def after_io(self, vcpu) -> None:
+    def after_io(self, vcpu, mmio: tuple[int, bytes, int] | None = None) -> None:
         """A port-I/O or MMIO exit of the vCPU gdb is single-stepping: finish its instruction now
         (Vcpu.complete_pending_io) and end the step there. Finished by a normal KVM_RUN, it would
         raise no single-step trap on this host and the next instruction would run too. The vCPU
-        keeps immediate_exit set: its next KVM_RUN returns at once, and it parks or goes on."""
-        if not self._enabled or self._stepping != vcpu.id:
+        keeps immediate_exit set: its next KVM_RUN returns at once, and it parks or goes on.
+        `mmio`: (address, data, is_write) of an MMIO exit, checked against `monitor catch mmio`."""
+        if not self._enabled:
+            return
+        if mmio is not None and self.mmio_catches.specs and self.mmio_catches.hit(mmio[0], len(mmio[1])):
+            addr, data, write = mmio
+            with self._cond:
+                self.notes.append(f"caught: mmio {'write to' if write else 'read from'} {addr:#x}, "
+                                  f"{len(data)} byte(s) {data.hex()}")
+            self._report(Stop(vcpu.id, SIGTRAP))
+        if self._stepping != vcpu.id:
             return
         vcpu.complete_pending_io()
         if self._pc(vcpu.id) != self._step_from:  # else a `rep ins/outs` with iterations left: go on
@@ -232,6 +242,7 @@ class Debugger:
     def detach(self) -> None:
         """Remove every breakpoint, turn guest debug off and let the VM run on."""
         self.io_catches.clear()
+        self.mmio_catches.clear()
         self.watches.clear()
         with self._cond:
             for addr in list(self.sw):

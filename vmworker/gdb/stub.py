@@ -16,7 +16,8 @@ from ..errors import VmsupError
 from ..status import End
 from . import packets as P
 from . import regs as R
-from .catch import CatchError, parse_io_catch
+from .catch import CatchError, parse_io_catch, parse_mmio_catch
+from .recent_exits import DEFAULT_EXITS, MAX_EXITS, recent_exit_lines
 from .control import SIGINT, SIGTRAP, BreakpointError, Debugger, Stop
 from .target_xml import TARGET_XML
 from .watch import WatchError
@@ -341,27 +342,48 @@ class Stub:
         words = command.split()
         if not words or words[0] == "help":
             text = ("vmsup monitor commands:\n  help   this list\n  info   the VM's name, vCPUs and state\n"
+                    "  exits [N]      this VM's last N exits (default 10), with guest addresses\n"
                     "  catch io PORT[-PORT] [in|out]   stop at port I/O exits there\n"
+                    "  catch mmio ADDR[-ADDR]          stop at MMIO exits there (guest-physical)\n"
                     "  catch          the catches set\n  catch off      remove every catch\n")
         elif words[0] == "info":
             text = self.describe() + "\n"
         elif words[0] == "catch":
             text = self._catch(words[1:])
+        elif words[0] == "exits":
+            text = self._exits(words[1:])
         else:
             text = f"unknown monitor command {words[0]!r}; try 'monitor help'\n"
         self.send(b"O" + text.encode().hex().encode())
         return b"OK"
 
+    def _exits(self, words: list[str]) -> str:
+        try:
+            n = int(words[0], 0) if words else DEFAULT_EXITS
+            if len(words) > 1 or not 0 < n <= MAX_EXITS:
+                raise ValueError
+        except ValueError:
+            return f"usage: monitor exits [N], N from 1 to {MAX_EXITS}\n"
+        batchers = getattr(self.dbg.machine, "batchers", None) or []
+        if not any(b is not None for b in batchers):
+            return "this VM's exits are not recorded (no trace): none kept\n"
+        return "".join(line + "\n" for line in recent_exit_lines(batchers, n)) or "no exits yet\n"
+
     def _catch(self, words: list[str]) -> str:
-        catches = self.dbg.io_catches
+        catches, mmio = self.dbg.io_catches, self.dbg.mmio_catches
         if not words:
-            return "".join(f"catch {c.describe()}\n" for c in catches.specs) or "no catches\n"
+            return "".join(f"catch {c.describe()}\n" for c in (*catches.specs, *mmio.specs)) or "no catches\n"
         if words == ["off"]:
             catches.clear()
+            mmio.clear()
             return "every catch removed\n"
-        if words[0] != "io":
-            return "usage: monitor catch io PORT[-PORT] [in|out] | monitor catch off\n"
+        if words[0] not in ("io", "mmio"):
+            return "usage: monitor catch io PORT[-PORT] [in|out] | monitor catch mmio ADDR[-ADDR] | monitor catch off\n"
         try:
+            if words[0] == "mmio":
+                spec = parse_mmio_catch(words[1:])
+                mmio.add(spec)
+                return f"catch {spec.describe()}: the guest stops at each such exit\n"
             spec = parse_io_catch(words[1:])
         except CatchError as e:
             return f"{e}\n"
