@@ -72,27 +72,32 @@ def main() -> int:
     trace = fresh_trace("faults.vmtrace")
     launch = Launch(["seed16", "--vms", str(args.vms), "-q", "--trace", str(trace), "--restart", "always",
                      "--startsecs", "0", "--backoff-max", "0.2"], BUILD / "faults.err")
-    plan = ["worker"] * args.worker_kills + ["recorder"] * args.recorder_kills
-    rng.shuffle(plan)
-    done = {"worker": 0, "recorder": 0}
-    started = time.monotonic()
-    for what in plan:
-        time.sleep(rng.uniform(0.2, 1.2))
-        if what == "recorder":
-            old = launch.recorder()
-            if old is None:
-                continue
-            os.kill(old, signal.SIGKILL)
-            wait_for(lambda: launch.recorder() not in (None, old), "a new recorder")
-        else:
-            running = [vm for vm in launch.ps() if vm.get("pid")]
-            if not running:
-                continue
-            try:
-                os.kill(rng.choice(running)["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-        done[what] += 1
+    try:
+        plan = ["worker"] * args.worker_kills + ["recorder"] * args.recorder_kills
+        rng.shuffle(plan)
+        done = {"worker": 0, "recorder": 0}
+        started = time.monotonic()
+        for what in plan:
+            time.sleep(rng.uniform(0.2, 1.2))
+            if what == "recorder":
+                old = launch.recorder()
+                if old is None:
+                    continue
+                os.kill(old, signal.SIGKILL)
+                wait_for(lambda: launch.recorder() not in (None, old), "a new recorder")
+            else:
+                running = [vm for vm in launch.ps() if vm.get("pid")]
+                if not running:
+                    continue
+                try:
+                    os.kill(rng.choice(running)["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+            done[what] += 1
+    except BaseException:
+        print(f"faults: gave up; the launch's log:\n{launch.stderr[-2000:]}")
+        launch.kill()
+        raise
     time.sleep(1.0)
     code = launch.stop()
     took = time.monotonic() - started

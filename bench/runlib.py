@@ -58,6 +58,12 @@ class Launch:
             return []
         return next((r["vms"] for r in runs if r.get("pid") == self.pid), [])
 
+    def kill(self) -> None:
+        """kill -9 the whole run (a bench that gives up must leave nothing running)."""
+        if self.proc.poll() is None:
+            os.killpg(self.pid, signal.SIGKILL)
+            self.proc.wait()
+
     def stop(self, timeout: float = 120.0) -> int:
         if self.proc.poll() is None:
             os.kill(self.pid, signal.SIGTERM)

@@ -43,6 +43,7 @@ from .worker_template import WorkerTemplate
 TIMEOUT_GRACE = 5.0
 MAX_RESULT_BYTES = 1 << 20  # a result is a few KiB; more means a broken or hostile worker
 RECORDER_START_TIMEOUT = 10.0
+MAX_RECORDER_START_FAILURES = 5
 
 
 class LaunchError(VmsupError):
@@ -217,6 +218,7 @@ class Launch:
         self._signalled = None
         self._previous_handlers: dict = {}
         self.recorder_restarts = 0
+        self.recorder_start_failures = 0  # restarts in a row that did not come up
         self.notes: list[str] = []
         # Called (vm name, text) once when a VM makes no exit for a while (supervisor/quiet.py);
         # None: nobody to tell (the --screen view owns the terminal).
@@ -423,9 +425,14 @@ class Launch:
                 pass
         try:
             self._start_recorder(resume=True)
+            self.recorder_start_failures = 0
         except LaunchError as e:
-            self.notes.append(str(e))
-            self.recorder_proc = None
+            # One that dies while it starts (killed again, say) is tried again at the next tick;
+            # only a recorder that cannot start several times in a row ends the recording.
+            self.recorder_start_failures += 1
+            if self.recorder_start_failures >= MAX_RECORDER_START_FAILURES:
+                self.notes.append(str(e))
+                self.recorder_proc = None
 
     def _tick(self, now: float, check_rss: bool) -> None:
         self._check_recorder()

@@ -67,3 +67,23 @@ def test_a_worker_killed_before_its_vm_started_leaves_a_record_that_it_never_ran
         pytest.skip("the kill landed after epoch 0's vm-start this time (the machine was quick)")
     assert ends[0]["status"] == "worker-died"
     assert ends[0]["detail"].endswith("before its VM started: no guest code ran")
+
+
+def test_a_recorder_killed_while_it_restarts_is_restarted_again(launches, tmp_path):
+    trace = tmp_path / "twice.vmtrace"
+    launch = launches("seed16", "--max-exits", "300000", "-q", "--trace", str(trace))
+    rd = launch.run_dir()
+    wait_for(lambda: ps(rd)["vms"][0]["exits"] > 20_000, "the first exits")
+    first = recorder_pid(launch.pid)
+    os.kill(first, signal.SIGKILL)
+    # Kill the new one as soon as it exists: before it has read the trace and said "ready".
+    second = wait_for(lambda: next((p for p, cmd in children(launch.pid).items()
+                                    if p != first and b"supervisor.recorder" in cmd), None), "a new recorder",
+                      interval=0.001)
+    os.kill(second, signal.SIGKILL)
+    assert launch.wait() == 0, launch.stderr
+    assert "could not be restarted" not in launch.stderr
+    with TraceReader(trace) as r:
+        assert r.closed_cleanly and r.unexplained_gaps == []
+        [end] = r.records(schema.MSG_VM_END)
+    assert end["exits"] == 300_000
