@@ -440,7 +440,7 @@ HOSTILE_FLEET = """\
 [[vm]]
 name = "seed"
 guest = "seed16"
-count = 2
+vms = 2
 max_exits = 200000
 
 [[vm]]
