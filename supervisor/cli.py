@@ -42,6 +42,7 @@ EXAMPLES = {
     "pause": ["vmsup pause seed16-0"],
     "resume": ["vmsup resume seed16-0"],
     "kill": ["vmsup kill seed16-1"],
+    "snapshot": ["vmsup snapshot seed16 s.vmsnap", "vmsup launch seed16 --restore s.vmsnap"],
     "tail": ["vmsup tail", "vmsup tail --vm 0 --reason io,hlt -n 20", "vmsup tail --port 0x3f8 --json"],
     "top": ["vmsup top", "vmsup top --once --json", "vmsup top --sort total --run 213149-4457"],
     "keys": ["vmsup keys", "vmsup keys --dir ./keys --force"],
@@ -283,6 +284,25 @@ def gdb(vm: str = typer.Argument(..., help="VM name (or id)."),
     where = reply["endpoint"]
     already = " (it already had one)" if reply.get("already") else ""
     _info(f"{reply['vm']}: gdb stub on {where}{already}: gdb -ex 'target remote {where}'")
+
+
+@app.command()
+def snapshot(vm: str = typer.Argument(..., help="VM name (or id)."),
+             file: str = typer.Argument(..., help="The snapshot file to write."),
+             run: Optional[str] = typer.Option(None, "--run", help="The run (when several are running)."),
+             json_out: bool = typer.Option(False, "--json", help="JSON for scripts.")) -> None:
+    """Save a running VM to FILE; it runs on. `vmsup launch GUEST --restore FILE` continues from it."""
+    command = COMMANDS["snapshot"]
+    try:
+        reply = call(_run_of_vm(vm, run), command.request(vm, file), timeout=command.TIMEOUT)
+    except VmsupError as e:
+        _err(str(e))
+        raise typer.Exit(status.EXIT_BAD_INPUT)
+    if json_out:
+        typer.echo(json.dumps(reply))
+        return
+    _info(f"snapshot: {reply['vm']} → {reply['path']} ({reply['bytes']:,} bytes, {reply['seconds']:.2f} s, "
+          f"next seq {', '.join(str(n) for n in reply['next_seq'])})")
 
 
 def _image_lines(specs: list[VmSpec]) -> list[str]:

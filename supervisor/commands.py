@@ -160,7 +160,37 @@ class Gdb(Command):
         return {"vm": slot.spec.name, "endpoint": str(reply.get("endpoint")), "already": bool(reply.get("already"))}
 
 
-COMMANDS: dict[str, Command] = {c.name: c for c in (Ps(), Stop(), Kill(), Pause(), Resume(), Gdb())}
+class Snapshot(Command):
+    name = "snapshot"
+    help = "Save a running VM to FILE (memory, CPU, interrupt controllers, devices, trace position); it runs on."
+    takes_target = True
+    TIMEOUT = 120.0  # a 1 GiB guest's memory is read and compressed while its vCPUs wait
+
+    def request(self, target: str | None = None, path: str = "") -> dict:
+        if not target:
+            raise ControlError(f"{self.name}: name a VM")
+        if not path:
+            raise ControlError(f"{self.name}: name a FILE to write")
+        import os
+        path = os.path.abspath(path)  # the worker's working directory need not be the client's
+        if not os.path.isdir(os.path.dirname(path)):
+            raise ControlError(f"{self.name}: no directory {os.path.dirname(path)}")
+        return {"cmd": self.name, "vm": target, "path": path}
+
+    def execute(self, launch, req: dict) -> dict:
+        (slot,) = self.targets(launch, req)
+        path = req.get("path")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ControlError("snapshot: the file must be an absolute path")
+        if slot.worker is None or slot.worker.done or slot.state not in ("starting", "running", "paused"):
+            raise ControlError(f"snapshot: VM {slot.spec.name} is not running ({slot.state})")
+        reply = call_endpoint(launch.worker_control_endpoint(slot.spec.vm_id), {"cmd": "worker-snapshot", "path": path},
+                              self.TIMEOUT, f"VM {slot.spec.name}'s worker")
+        reply["vm"] = slot.spec.name
+        return reply
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (Ps(), Stop(), Kill(), Pause(), Resume(), Gdb(), Snapshot())}
 
 
 # --- The recorder's commands (server: supervisor.recorder.Recorder) -----------------------------

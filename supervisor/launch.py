@@ -326,6 +326,7 @@ class Launch:
         # Where the worker takes typed keys (vmsup screen): inside the private run dir.
         spec.input_endpoint = f"ipc://{self.run_dir.path / f'vm-{spec.vm_id}-input.sock'}"
         spec.gdb_request = request_base(self.run_dir.path, spec.vm_id)  # `vmsup gdb` (commands.Gdb)
+        spec.control_endpoint = self.worker_control_endpoint(spec.vm_id)
         credential = self.bus_keys.worker(spec.vm_id, spec.epoch)
         if self.foreground and not spec.screen:
             worker = Worker(spec, credential=credential)
@@ -402,6 +403,10 @@ class Launch:
             slot.worker.signal(signal.SIGKILL if kill else signal.SIGTERM)
             slot.state = "stopping"
             slot.stop_deadline = time.monotonic() + self.STOP_TIMEOUT
+
+    def worker_control_endpoint(self, vm_id: int) -> str:
+        """Where VM vm_id's worker takes control commands (vmworker/control.py), in the private run dir."""
+        return f"ipc://{self.run_dir.path / f'vm-{vm_id}-control.sock'}"
 
     def pause_slot(self, slot: VmSlot, pause: bool) -> bool:
         if slot.worker is None or slot.worker.done or slot.state not in (("starting", "running") if pause else ("paused",)):

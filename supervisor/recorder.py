@@ -264,7 +264,10 @@ class Recorder:
         stats.state = "running"
         stats.epoch = start.epoch
         self.started[(start.vm, start.epoch)] = start.vcpus or 1
-        self.tally.started(start.vm, start.epoch, start.name)
+        first = start.first_seq()
+        for vcpu, n in first.items():  # a restored epoch carries on its snapshot's numbering
+            self.next_seq.setdefault((start.vm, vcpu, start.epoch), n)
+        self.tally.started(start.vm, start.epoch, start.name, first)
         self._write(lambda w: w.write_record(start.TYPE, start.to_msg()))
 
     def _vm_end(self, end: messages.VmEnd) -> None:

@@ -35,12 +35,16 @@ def unclaimed_text(counts: dict[str, int] | None) -> str:
 class EpochTally:
     reached: dict[int, int] = field(default_factory=dict)  # vCPU → next sequence number accounted for
     exits: int | None = None  # the worker's own count, from its vm-end
+    # vCPU → first sequence number: not 0 in an epoch restored from a snapshot (vm-start's parent)
+    first: dict[int, int] = field(default_factory=dict)
     status: str | None = None
     unclaimed: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return self.exits if self.exits is not None else sum(self.reached.values())
+        if self.exits is not None:
+            return self.exits
+        return sum(max(n - self.first.get(vcpu, 0), 0) for vcpu, n in self.reached.items())
 
 
 @dataclass
@@ -98,9 +102,9 @@ class RunTally:
         reached = self.vm(vm).epoch(epoch).reached
         reached[vcpu] = max(reached.get(vcpu, 0), next_seq)
 
-    def started(self, vm: int, epoch: int, name: str | None) -> None:
+    def started(self, vm: int, epoch: int, name: str | None, first_seq: dict[int, int] | None = None) -> None:
         tally = self.vm(vm)
-        tally.epoch(epoch)
+        tally.epoch(epoch).first.update(first_seq or {})
         tally.name = name or tally.name
 
     def ended(self, end: dict) -> None:

@@ -277,6 +277,17 @@ class VmStart(Message):
     pid: int | None = checked(Int(hi=1 << 32))
     t: int | None = checked(Int())
     wall: int | None = checked(Int())
+    # A VM restored from a snapshot (vmsup launch --restore): the snapshot and the epoch it was
+    # taken of ({"snapshot", "vm", "name", "epoch", "next_seq", "wall"}); its streams carry on
+    # that epoch's sequence numbers from next_seq (per vCPU).
+    parent: dict | None = checked(Map())
+
+    def first_seq(self) -> dict[int, int]:
+        """Per vCPU, the first sequence number of this epoch's streams (0 unless restored)."""
+        seqs = (self.parent or {}).get("next_seq")
+        if not isinstance(seqs, list):
+            return {}
+        return {vcpu: n for vcpu, n in enumerate(seqs) if isinstance(n, int) and 0 <= n < 1 << 63}
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from .devices.keyboard import KeyFeeder, parse_key_script
 from .devices.serial_input import SerialInput
 from .devices.standard import StandardDevices
 from .errors import GuestImageError, KvmError, SpecError, VmsupError
+from .control import WorkerControl
 from .exit_log import ExitLog
 from .gdb.on_request import StubOnRequest
 from .gdb.server import GdbServer
@@ -35,6 +36,7 @@ from . import deterministic
 from .recording import Recording
 from .screen import ScreenServices
 from .signals import GDB_SIGNAL, PAUSE_SIGNAL, RESUME_SIGNAL
+from .snapshot import Snapshot, command_handler
 from .spec import VmSpec
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -111,6 +113,7 @@ def run_spec(spec: VmSpec) -> dict:
     recording = None
     gdb_server = None
     on_request = None
+    control = None
     try:
         spec.validate()
         image = load_image(spec.guest, load_addr=spec.load_addr, entry=spec.entry, mode=spec.mode,
@@ -125,10 +128,15 @@ def run_spec(spec: VmSpec) -> dict:
         console = Console(out, line_buffered=not spec.quiet, file_limit=spec.console_limit)
         devices = StandardDevices(console, _serial_input(spec.serial_in), mem_size=spec.mem)
         exit_log = None if spec.quiet else ExitLog(out, multi_vcpu=spec.vcpus > 1)
+        restored = Snapshot(spec.restore) if spec.restore else None
+        if restored is not None:  # refused before any VM exists when it is not this VM's
+            restored.check_fits(spec, image.sha256, irqchip)
         if spec.bus_endpoint:
             recording = Recording(spec, image)
             console.on_limit = lambda: recording.lifecycle(
                 "console-limit", detail=f"the console file stopped at {console.file_limit} bytes (console_limit)")
+            if restored is not None:
+                recording.continue_from(restored.parent(), restored.next_seq)
         if spec.gdb:  # bound before the VM exists: a port in use is bad input, and no VM runs
             gdb_server = GdbServer(spec.gdb, describe=lambda: f"VM {spec.name}: {spec.guest}, {spec.vcpus} vCPU(s)",
                                    record=recording.lifecycle if recording else None)
@@ -139,6 +147,9 @@ def run_spec(spec: VmSpec) -> dict:
                      send_stats=recording.kvm_stats if recording else None, coalesce=spec.coalesce) as machine:
             if machine.irqchip:
                 devices.connect_irqs(machine.vm)
+            if restored is not None:
+                restored.restore(machine, devices)
+                restored = None  # its memory copy is not needed any more
             if spec.step_trace:
                 machine.ctx.step_tracers = _step_tracers(spec, machine, recording)
             if spec.deterministic:
@@ -155,6 +166,11 @@ def run_spec(spec: VmSpec) -> dict:
             if gdb_server:
                 gdb_server.start(machine, wait=spec.gdb_wait)
             on_request = _gdb_on_request(spec, machine, gdb_server, recording)
+            if spec.control_endpoint:  # vmsup snapshot, forwarded by the supervisor
+                control = WorkerControl(spec.control_endpoint,
+                                        {"worker-snapshot": command_handler(machine, devices, recording, spec, image.sha256)},
+                                        lambda: machine.ctx.stopping)
+                control.start()
             # The VGA screen sampler and key input (vmworker/screen.py): threads of their own.
             screen = ScreenServices(spec, machine.memory, devices, recording, lambda: machine.ctx.stopping)
             try:
@@ -168,6 +184,9 @@ def run_spec(spec: VmSpec) -> dict:
                     feeder.stop()
             finally:  # its sockets must close before the recording's context ends
                 screen_stats = screen.stop()
+                if control is not None:  # before the VM's fds close: a snapshot in progress finishes first
+                    control.close()
+                    control = None
             if recording:
                 recording.set_stopping_check(lambda: True)
         console.flush()
@@ -192,6 +211,8 @@ def run_spec(spec: VmSpec) -> dict:
         return {"status": End.ERROR, "error": str(e), "exit_code": status.EXIT_VM_ERROR}
     finally:
         gdb_server = on_request.server if on_request else gdb_server
+        if control is not None:
+            control.close()
         if gdb_server:
             gdb_server.close()
         if recording:

@@ -116,6 +116,23 @@ class Vm:
     def create_pit2(self, flags: int = 0) -> None:
         _ioctl(self.fd, abi.KVM_CREATE_PIT2, abi.kvm_pit_config(flags=flags))
 
+    def get_irqchip(self, chip_id: int) -> abi.kvm_irqchip:
+        """One in-kernel controller's state (abi.KVM_IRQCHIP_PIC_MASTER/_SLAVE/_IOAPIC)."""
+        chip = abi.kvm_irqchip(chip_id=chip_id)
+        _ioctl(self.fd, abi.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: abi.kvm_irqchip) -> None:
+        _ioctl(self.fd, abi.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> abi.kvm_pit_state2:
+        pit = abi.kvm_pit_state2()
+        _ioctl(self.fd, abi.KVM_GET_PIT2, pit)
+        return pit
+
+    def set_pit2(self, pit: abi.kvm_pit_state2) -> None:
+        _ioctl(self.fd, abi.KVM_SET_PIT2, pit)
+
     def irq_line(self, irq: int, level: int) -> None:
         _ioctl(self.fd, abi.KVM_IRQ_LINE, abi.kvm_irq_level(irq=irq, level=level))
 
@@ -196,6 +213,23 @@ class Vcpu:
 
     def set_xsave(self, xsave: abi.kvm_xsave) -> None:
         _ioctl(self.fd, abi.KVM_SET_XSAVE, xsave)
+
+    def get_lapic(self) -> abi.kvm_lapic_state:
+        lapic = abi.kvm_lapic_state()
+        _ioctl(self.fd, abi.KVM_GET_LAPIC, lapic)
+        return lapic
+
+    def set_lapic(self, lapic: abi.kvm_lapic_state) -> None:
+        _ioctl(self.fd, abi.KVM_SET_LAPIC, lapic)
+
+    def get_vcpu_events(self) -> abi.kvm_vcpu_events:
+        """Pending exceptions, interrupts, NMIs and the interrupt shadow (api.rst, KVM_GET_VCPU_EVENTS)."""
+        events = abi.kvm_vcpu_events()
+        _ioctl(self.fd, abi.KVM_GET_VCPU_EVENTS, events)
+        return events
+
+    def set_vcpu_events(self, events: abi.kvm_vcpu_events) -> None:
+        _ioctl(self.fd, abi.KVM_SET_VCPU_EVENTS, events)
 
     def set_cpuid2(self, cpuid) -> None:
         _ioctl(self.fd, abi.KVM_SET_CPUID2, cpuid)

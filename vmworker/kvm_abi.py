@@ -217,6 +217,38 @@ KVM_MP_STATE_HALTED = 3  # executed HLT, waiting for an interrupt (in-kernel LAP
 KVM_MP_STATE_SIPI_RECEIVED = 4
 
 
+class kvm_lapic_state(Structure):
+    """The in-kernel LAPIC's register page (KVM_APIC_REG_SIZE = 0x400 bytes, as the APIC maps it)."""
+
+    _fields_ = [("regs", c_uint8 * 0x400)]
+
+
+class kvm_irqchip(Structure):
+    """One in-kernel interrupt controller's state, chosen by chip_id (KVM_IRQCHIP_*): the union of
+    struct kvm_pic_state / kvm_ioapic_state is kept as the header's 512 opaque bytes (`dummy`)."""
+
+    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", c_uint8 * 512)]
+
+
+# kvm_irqchip.chip_id (asm/kvm.h).
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+
+
+class kvm_pit_channel_state(Structure):
+    _fields_ = [
+        ("count", c_uint32), ("latched_count", c_uint16), ("count_latched", c_uint8),
+        ("status_latched", c_uint8), ("status", c_uint8), ("read_state", c_uint8), ("write_state", c_uint8),
+        ("write_latch", c_uint8), ("rw_mode", c_uint8), ("mode", c_uint8), ("bcd", c_uint8), ("gate", c_uint8),
+        ("count_load_time", ctypes.c_int64),
+    ]
+
+
+class kvm_pit_state2(Structure):
+    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", c_uint32), ("reserved", c_uint32 * 9)]
+
+
 class kvm_stats_header(Structure):
     """The head of a KVM_GET_STATS_FD file (Documentation/virt/kvm/api.rst, "KVM_GET_STATS_FD")."""
 
@@ -408,6 +440,11 @@ KVM_IRQ_LINE = _IOW(KVMIO, 0x61, kvm_irq_level)
 KVM_REGISTER_COALESCED_MMIO = _IOW(KVMIO, 0x67, kvm_coalesced_mmio_zone)
 KVM_UNREGISTER_COALESCED_MMIO = _IOW(KVMIO, 0x68, kvm_coalesced_mmio_zone)
 KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, kvm_pit_config)
+# The header really declares GET as _IOWR and SET as _IOR (chip_id goes in both ways).
+KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, kvm_irqchip)
+KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, kvm_irqchip)
+KVM_GET_PIT2 = _IOR(KVMIO, 0x9F, kvm_pit_state2)
+KVM_SET_PIT2 = _IOW(KVMIO, 0xA0, kvm_pit_state2)
 KVM_GET_STATS_FD = _IO(KVMIO, 0xCE)
 # ioctls on a vCPU fd.
 KVM_RUN = _IO(KVMIO, 0x80)
@@ -421,6 +458,10 @@ KVM_GET_FPU = _IOR(KVMIO, 0x8C, kvm_fpu)
 KVM_SET_FPU = _IOW(KVMIO, 0x8D, kvm_fpu)
 KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, kvm_xsave)
 KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, kvm_xsave)
+KVM_GET_LAPIC = _IOR(KVMIO, 0x8E, kvm_lapic_state)
+KVM_SET_LAPIC = _IOW(KVMIO, 0x8F, kvm_lapic_state)
+KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, kvm_vcpu_events)
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
 KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
@@ -439,6 +480,9 @@ ABI_STRUCTS: dict[str, type] = {
     "kvm_stats_desc": kvm_stats_desc, "kvm_vcpu_events": kvm_vcpu_events, "kvm_sync_regs": kvm_sync_regs,
 }
 ABI_STRUCTS.update(kvm_fpu=kvm_fpu, kvm_xsave=kvm_xsave)  # x87 state for vmworker/emulate/
+# Interrupt controller and timer state for snapshots (vmworker/snapshot.py).
+ABI_STRUCTS.update(kvm_lapic_state=kvm_lapic_state, kvm_irqchip=kvm_irqchip,
+                   kvm_pit_channel_state=kvm_pit_channel_state, kvm_pit_state2=kvm_pit_state2)
 
 # Every ioctl number, by header name, for the oracle test.
 IOCTLS: dict[str, int] = {name: globals()[name] for name in (
@@ -450,6 +494,9 @@ IOCTLS: dict[str, int] = {name: globals()[name] for name in (
     "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_TRANSLATE")}
 IOCTLS.update(KVM_GET_FPU=KVM_GET_FPU, KVM_SET_FPU=KVM_SET_FPU, KVM_GET_XSAVE=KVM_GET_XSAVE,
               KVM_SET_XSAVE=KVM_SET_XSAVE)
+IOCTLS.update({name: globals()[name] for name in (
+    "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP", "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_LAPIC", "KVM_SET_LAPIC",
+    "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS")})
 
 # Prevent a silent struct drift: the union must be exactly the header's 256 bytes.
 assert sizeof(_kvm_run_exit) == 256, sizeof(_kvm_run_exit)

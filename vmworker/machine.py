@@ -104,10 +104,18 @@ class VcpuContext:
         self.paused = False
         self._resumed = threading.Event()
         self._resumed.set()
+        self.parked = 0  # vCPU threads waiting in wait_while_paused (Machine.wait_parked counts them)
+        self._parked_lock = threading.Lock()
 
     def wait_while_paused(self) -> None:
         """Block a vCPU thread (outside KVM_RUN, without the GIL) until resumed or stopping."""
-        self._resumed.wait()
+        with self._parked_lock:
+            self.parked += 1
+        try:
+            self._resumed.wait()
+        finally:
+            with self._parked_lock:
+                self.parked -= 1
 
     def stop(self, reason: End, code: int | None = None, detail: str = "", vcpu=None) -> None:
         self._machine.stop(reason, code=code, detail=detail, vcpu=vcpu)
@@ -232,6 +240,19 @@ class Machine:
         with self._lock:
             self.ctx.paused = False
             self.ctx._resumed.set()
+
+    def wait_parked(self, timeout: float) -> bool:
+        """After `pause`: wait until every vCPU thread is parked (or has ended); False on timeout
+        or when the VM stops meanwhile. A parked vCPU's state is complete (see vmworker/snapshot.py)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ctx.stopping or not self.ctx.paused:
+                return False
+            ended = sum(1 for i in range(len(self.vm.vcpus)) if self.vcpu_ended(i))
+            if self._threads and self.ctx.parked + ended >= len(self.vm.vcpus):
+                return True
+            self._done.wait(0.001)
+        return False
 
     def kick_vcpus(self) -> None:
         """Make every vCPU thread return from KVM_RUN once; each goes back in unless stopping or paused."""

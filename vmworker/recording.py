@@ -70,6 +70,13 @@ class Recording:
         self.publishers = [self.publisher() for _ in range(spec.vcpus)]
         self.batchers = [EventBatcher(p, spec.vm_id, i, spec.epoch, record_filter=record_filter)
                          for i, p in enumerate(self.publishers)]
+        self.parent: dict | None = None  # restored from a snapshot: vm-start names it (continue_from)
+
+    def continue_from(self, parent: dict, next_seq: list[int]) -> None:
+        """A restored VM: its streams carry on the snapshot's sequence numbers."""
+        self.parent = parent
+        for batcher, seq in zip(self.batchers, next_seq):
+            batcher.next_seq = seq
 
     def publisher(self, stopping=lambda: False) -> EventPublisher:
         """A PUSH socket to the recorder, sending with this worker's credential."""
@@ -102,7 +109,7 @@ class Recording:
     def start(self, machine=None) -> None:
         self._record(messages.VmStart, name=self.spec.name, spec=self.spec.to_json(), sha256=self.image.sha256,
                      mem_size=self.spec.mem, mode=self.image.mode, format=self.image.format,
-                     vcpus=self.spec.vcpus, pid=os.getpid())
+                     vcpus=self.spec.vcpus, pid=os.getpid(), parent=self.parent)
         if machine is not None:
             self._record(messages.VmImage, **rerun_inputs(self.spec, self.image, machine))
 

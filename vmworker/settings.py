@@ -77,6 +77,12 @@ def check_together(get: Callable[[str], Any], label: Callable[[str], str]) -> No
     if get("step_trace") and get("gdb"):
         raise Invalid(f"{label('step_trace')} and {label('gdb')} both single-step the vCPU; give one",
                       key="step_trace")
+    if get("restore"):
+        from .snapshot import check_file  # a snapshot of this format, of this much memory
+        try:
+            check_file(get("restore"), get("mem"))
+        except SpecError as e:
+            raise Invalid(f"{label('restore')}: {e}", key="restore") from None
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("coalesce", list | None, CoalesceZones(), None,
             "Let KVM queue writes to these ports (PORT[-PORT]) or MMIO ranges (mmio:ADDR[-ADDR]) without an exit; "
             "repeatable or comma-separated; only devices whose writes the guest cannot observe at once."),
+    Setting("restore", str | None, InputFile(what="snapshot"), None,
+            "Continue from a snapshot (vmsup snapshot) of this guest: memory, CPU, interrupt controller and device "
+            "state; the trace carries on its sequence numbers."),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

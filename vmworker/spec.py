@@ -30,6 +30,9 @@ class RunWiring:
     # `vmsup gdb VM`: the run-dir path (without suffix) of its request and reply files
     # (vmworker/gdb/on_request.py); None = no stub on request.
     gdb_request: str | None = None
+    # Where the worker binds its control socket (vmworker/control.py: vmsup snapshot), a REP in
+    # the private run dir; None = no control commands.
+    control_endpoint: str | None = None
     # What only the supervisor reads: "policy" (RestartPolicy as a dict), "rss_limit" (bytes or None).
     extra: dict = field(default_factory=dict)
 

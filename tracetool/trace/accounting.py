@@ -48,10 +48,26 @@ def stream_ends(vm_ends: Iterable[tuple[int, dict]]) -> dict[StreamKey, tuple[in
     return ends
 
 
+def stream_starts(vm_starts: Iterable[dict]) -> dict[StreamKey, int]:
+    """Where each stream's numbering starts when not at 0: an epoch restored from a snapshot
+    carries on its parent's (the vm-start record's parent.next_seq, per vCPU)."""
+    starts: dict[StreamKey, int] = {}
+    for rec in vm_starts:
+        parent = rec.get("parent")
+        seqs = parent.get("next_seq") if isinstance(parent, dict) else None
+        if not isinstance(seqs, list) or not (is_int(rec.get("vm"), 0, U64_LIMIT) and is_int(rec.get("epoch"), 0, U64_LIMIT)):
+            continue
+        for vcpu, n in enumerate(seqs):
+            if is_int(n, 0, U64_LIMIT):
+                starts[(rec["vm"], vcpu, rec["epoch"])] = n
+    return starts
+
+
 def find_discontinuities(blocks: Iterable, gaps: Iterable[dict],
-                         vm_ends: Iterable[tuple[int, dict]]) -> list[Discontinuity]:
+                         vm_ends: Iterable[tuple[int, dict]], starts: dict[StreamKey, int] | None = None) -> list[Discontinuity]:
     """`blocks`: the EXITS blocks in file order (anything with offset, vm, vcpu, epoch,
-    first_seq, count); `gaps`: the gap records; `vm_ends`: (offset, vm-end record) pairs."""
+    first_seq, count); `gaps`: the gap records; `vm_ends`: (offset, vm-end record) pairs;
+    `starts`: streams that do not start at 0 (stream_starts)."""
     explained: dict[StreamKey, list[tuple[int, int]]] = {}
     for g in gaps:
         explained.setdefault((g["vm"], g["vcpu"], g["epoch"]), []).append(
@@ -70,7 +86,7 @@ def find_discontinuities(blocks: Iterable, gaps: Iterable[dict],
             out.append(Discontinuity(*key, a, b - a, offset))
 
     for key, refs in sorted(by_key.items()):
-        expected = 0  # sequence numbers of a stream start at 0
+        expected = (starts or {}).get(key, 0)  # sequence numbers of a stream start at 0, unless restored
         for ref in refs:
             if ref.first_seq > expected:
                 missing(key, expected, ref.first_seq, ref.offset)

@@ -16,7 +16,7 @@ import zstandard
 
 from .. import schema
 from ..filters import EventFilter
-from .accounting import Discontinuity, find_discontinuities
+from .accounting import Discontinuity, find_discontinuities, stream_starts
 from .codec import SEQ
 from .exits_block import ExitBatch, decode_exits_body, read_exits_head
 from .format import (BLOCK_HEAD, BLOCK_MAGIC, FILE_HEAD, FORMAT_VERSION, GAP_FIELDS, INDEX_FIELDS, INDEX_NO_ID,
@@ -534,7 +534,8 @@ class TraceReader:
 
     def _find_discontinuities(self) -> list[Discontinuity]:
         vm_ends = [(e.offset, e.record) for e in self._entries if e.type == BlockType.VM_END]
-        return find_discontinuities(self.exit_blocks(), self.gaps, vm_ends)
+        starts = stream_starts(e.record for e in self._entries if e.type == BlockType.VM_START)
+        return find_discontinuities(self.exit_blocks(), self.gaps, vm_ends, starts)
 
 
 def _index_columns(listed) -> dict[str, np.ndarray] | None:

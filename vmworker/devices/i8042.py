@@ -8,6 +8,7 @@ from typing import Callable
 
 from ..status import End
 from .bus import StopVm
+from .saved_state import SavedFields
 
 # Offsets within the device, which spans ports 0x60-0x64 as one range.
 DATA = 0  # port 0x60
@@ -69,7 +70,7 @@ OUTPUT_QUEUE_LIMIT = 16
 KEYBOARD_BUFFER = 16
 
 
-class I8042:
+class I8042(SavedFields):
     """An 8042 keyboard controller and the PS/2 keyboard on its first port.
 
     Controller: commands 0x20, 0x60, 0xAA, 0xAB, 0xAD, 0xAE, 0xD0, 0xD1 and the output-line pulses
@@ -90,6 +91,9 @@ class I8042:
     typematic, scancode set, enable/disable scanning → FA, echo → EE; anything else → FE); reset,
     disable and set-defaults also empty its buffer, as a real keyboard does.
     """
+
+    SAVED = ("_out", "_kbd", "_kbd_replies", "command_byte", "output_port", "_last_write_was_command",
+             "_pending", "_kbd_pending", "_scanning")  # guest-visible state a snapshot keeps
 
     def __init__(self, name: str = "i8042") -> None:
         self.name = name

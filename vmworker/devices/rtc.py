@@ -32,6 +32,8 @@ import calendar
 import time
 from typing import Callable
 
+from .saved_state import SavedFields
+
 LENGTH = 2  # 0x70 index, 0x71 data
 REG_SECONDS, REG_MINUTES, REG_HOURS = 0x00, 0x02, 0x04
 REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR = 0x06, 0x07, 0x08, 0x09
@@ -60,8 +62,10 @@ def from_bcd(value: int) -> int:
     return (value >> 4) * 10 + (value & 0xF)
 
 
-class CmosRtc:
+class CmosRtc(SavedFields):
     """Index (offset 0) and data (offset 1) ports of the CMOS RTC."""
+
+    SAVED = ("index", "offset", "ram")  # guest-visible state a snapshot keeps
 
     def __init__(self, name: str = "rtc", clock: Callable[[], float] = time.time, mem_size: int | None = None) -> None:
         self.name = name

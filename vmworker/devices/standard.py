@@ -8,6 +8,7 @@ plus one `_place` line here.
 from __future__ import annotations
 
 from .. import layout
+from ..errors import SpecError
 from .bus import Bus, Device
 from .console import Console
 from .debug_console import DebugConsole
@@ -54,6 +55,23 @@ class StandardDevices:
     def by_name(self) -> dict[str, Device]:
         """{device.name: device} of every device on the buses."""
         return {dev.name: dev for _base, _end, dev in self.port_bus.devices() + self.mmio_bus.devices()}
+
+    def saved_state(self) -> dict:
+        """{device name: state} of every device that keeps guest-visible state (snapshots)."""
+        return {name: dev.state() for name, dev in self.by_name().items() if hasattr(dev, "state")}
+
+    def restore_saved_state(self, states: dict, path: str) -> None:
+        """Put back what saved_state gave; a device the snapshot lacks keeps its reset state."""
+        if not isinstance(states, dict):
+            raise SpecError(f"{path}: corrupt snapshot (devices)")
+        devices = self.by_name()
+        for name, state in states.items():
+            dev = devices.get(name)
+            if dev is not None and hasattr(dev, "restore"):
+                try:
+                    dev.restore(state)
+                except (TypeError, ValueError, SpecError) as e:
+                    raise SpecError(f"{path}: corrupt snapshot ({e})") from None
 
     def connect_irqs(self, vm) -> None:
         """Wire the devices' interrupt lines into the VM's in-kernel irqchip (KVM_IRQ_LINE)."""

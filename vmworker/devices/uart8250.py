@@ -6,6 +6,7 @@ import threading
 
 from .console import Console
 from .serial_input import SerialInput
+from .saved_state import SavedFields
 
 # Register offsets from the base (16550 datasheet, register summary table).
 RBR_THR = 0  # DLL when LCR.DLAB
@@ -36,7 +37,7 @@ MSR_DSR = 0x20
 MSR_DCD = 0x80
 
 
-class Uart8250:
+class Uart8250(SavedFields):
     """A 16550-compatible UART whose transmitter writes to a `Console` and receiver reads a `SerialInput`.
 
     Transmit never blocks: every THR byte goes straight to the console, so LSR.THRE and
@@ -56,6 +57,8 @@ class Uart8250:
     Accesses wider than a byte act like an ISA bus splitting them into byte cycles at
     consecutive offsets; offsets past the 8 registers read 0xFF.
     """
+
+    SAVED = ("ier", "lcr", "mcr", "fcr", "scr", "dll", "dlm", "_thre_pending")  # guest-visible state a snapshot keeps
 
     def __init__(self, console: Console, serial_input: SerialInput, name: str = "com1") -> None:
         self.name = name

@@ -11,6 +11,7 @@ first cell shown), 0x0E/0x0F cursor location (a cell index, high byte first).
 from __future__ import annotations
 
 from ..layout import VGA_TEXT_BUFFER
+from .saved_state import SavedFields
 
 COLS, ROWS = 80, 25
 CELL_BYTES = 2
@@ -24,13 +25,15 @@ REG_START_HIGH, REG_START_LOW = 0x0C, 0x0D
 REG_CURSOR_HIGH, REG_CURSOR_LOW = 0x0E, 0x0F
 
 
-class VgaCrtc:
+class VgaCrtc(SavedFields):
     """CRTC index (offset 0) and data (offset 1) ports. Unknown registers are stored and read back.
 
     A 16-bit `out %ax, $0x3d4` writes index (AL) and data (AH) at once, as kernels often do.
     Writes come from a vCPU thread and reads from the screen sampler: each is one store or load
     of a bytearray item, atomic under the GIL, so no lock is needed.
     """
+
+    SAVED = ("index", "regs")  # guest-visible state a snapshot keeps
 
     def __init__(self, name: str = "vga") -> None:
         self.name = name
