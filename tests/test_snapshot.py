@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import struct
+import subprocess
+import sys
 import time
 import zlib
 
@@ -88,6 +90,15 @@ def test_seed16_restored_from_a_snapshot_continues_the_uninterrupted_runs_exits(
     assert n > 100
     assert np.array_equal(seq_a[after][:n], seq_b[:n])
     assert np.array_equal(data_a[after][:n], data_b[:n])
+
+    # vmtrace diff compares the restored epoch with the matching range of the original.
+    proc = subprocess.run([sys.executable, "-m", "tracetool", "diff", trace, restored, "--json"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    report = json.loads(proc.stdout)
+    (span,) = report["restored_ranges"]
+    assert span["first_seq"] == next_seq and span["last_seq"] >= next_seq + 100
+    assert report["first_divergence"] is None
 
     with TraceReader(restored) as reader:
         (start,) = reader.records("vm-start")

@@ -10,6 +10,10 @@ of each stream is reported (seq, field, both values), and the earliest of them i
 counts and mean / p50 / p99 of guest and handling time in both traces.
 
 Streams are compared block by block with numpy (one decoded block of each side at a time).
+
+A trace restored from a snapshot (`vmsup launch --restore`) carries on the original's sequence
+numbers from the snapshot on: a stream that starts past 0 in either trace (its vm-start names a
+parent) is compared over the range both traces hold, and the report names that range.
 """
 
 from __future__ import annotations
@@ -40,10 +44,17 @@ def describe(ev: dict) -> str:
     return schema.reason_name(reason) + (f" data={ev['data']:#x}" if ev["data"] else "")
 
 
-def _chunks(reader: TraceReader, key: tuple[int, int, int]) -> Iterator[dict[str, np.ndarray]]:
+def _chunks(reader: TraceReader, key: tuple[int, int, int],
+            span: tuple[int, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Stream `key`'s events block by block; with `span` (lo, hi) only seqs lo..hi."""
     for batch in reader.exit_batches(*key):
         if batch.n_rows:
-            yield {name: batch.columns[name] for name in _COLS}
+            cols = {name: batch.columns[name] for name in _COLS}
+            if span is not None:
+                keep = (cols[_SEQ] >= span[0]) & (cols[_SEQ] <= span[1])
+                cols = {name: col[keep] for name, col in cols.items()}
+            if len(cols[_SEQ]):
+                yield cols
 
 
 def _row(cols: dict, i: int) -> dict:
@@ -75,9 +86,10 @@ def _divergence(key, seq: int, a: dict | None, b: dict | None, t0: int | None) -
     return out
 
 
-def _first_divergence(ra: TraceReader, rb: TraceReader, key, t0: int | None) -> dict | None:
+def _first_divergence(ra: TraceReader, rb: TraceReader, key, t0: int | None,
+                      span: tuple[int, int] | None = None) -> dict | None:
     """The first event of stream `key` where A and B differ, or None when they are the same."""
-    ia, ib = _chunks(ra, key), _chunks(rb, key)
+    ia, ib = _chunks(ra, key, span), _chunks(rb, key, span)
     a = b = None
     while True:
         if a is None or not len(a[_SEQ]):
@@ -107,6 +119,12 @@ def _first_divergence(ra: TraceReader, rb: TraceReader, key, t0: int | None) -> 
         b = {name: col[m:] for name, col in b.items()}
 
 
+def _restored_starts(reader: TraceReader) -> dict:
+    """Streams of epochs restored from a snapshot: (vm, vcpu, epoch) → first seq."""
+    from ..trace.accounting import stream_starts
+    return {key: n for key, n in stream_starts(reader.records(schema.MSG_VM_START)).items() if n > 0}
+
+
 def _guests(reader: TraceReader) -> dict[int, dict]:
     out = {}
     for rec in reader.records(schema.MSG_VM_START):
@@ -124,7 +142,8 @@ def diff(path_a, path_b) -> dict:
         sa = {(s.vm, s.vcpu, s.epoch): s for s in ra.streams() if s.events}
         sb = {(s.vm, s.vcpu, s.epoch): s for s in rb.streams() if s.events}
         t0 = analysis.trace_start(ra)
-        streams = []
+        restored = {**_restored_starts(ra), **_restored_starts(rb)}
+        streams, ranges = [], []
         for key in sorted(set(sa) | set(sb)):
             if key not in sb or key not in sa:
                 present = sa.get(key) or sb.get(key)
@@ -133,6 +152,10 @@ def diff(path_a, path_b) -> dict:
                      "b": f"{sb[key].events} events" if key in sb else None, "fields": {},
                      "t_ns": present.t_first, "t_rel_ns": None if t0 is None or present.t_first is None
                      else present.t_first - t0}
+            elif key in restored:  # one side continues the other from a snapshot: the range both hold
+                span = (max(sa[key].first_seq, sb[key].first_seq), min(sa[key].last_seq, sb[key].last_seq))
+                ranges.append({"vm": key[0], "vcpu": key[1], "epoch": key[2], "first_seq": span[0], "last_seq": span[1]})
+                d = _first_divergence(ra, rb, key, t0, span)
             else:
                 d = _first_divergence(ra, rb, key, t0)
             if d is not None:
@@ -146,8 +169,10 @@ def diff(path_a, path_b) -> dict:
                    "same": guests_a.get(vm) == guests_b.get(vm)} for vm in sorted(set(guests_a) | set(guests_b))]
         events = (ra.event_count, rb.event_count)
     count_diffs = [c for c in counts if c["delta"]]
+    # Over a restored range the whole traces' counts differ by what lies outside it: not a divergence.
+    same = first is None and (not count_diffs or bool(ranges))
     return {"a": str(path_a), "b": str(path_b), "events": {"a": events[0], "b": events[1]},
-            "same": first is None and not count_diffs, "first_divergence": first, "stream_divergences": streams,
+            "same": same, "first_divergence": first, "stream_divergences": streams, "restored_ranges": ranges,
             "compared_fields": list(FIELDS), "counts": counts, "count_differences": count_diffs,
             "timing": timing, "guests": guests, "warnings": warnings}
 
@@ -215,6 +240,9 @@ def render(data: dict, console, *, wide: bool = False) -> None:
         else:
             console.print(Text(f"vm {g['vm']}: A {a.get('name')} ({str(a.get('sha256'))[:16]}), "
                                f"B {b.get('name')} ({str(b.get('sha256'))[:16]}) — different guests"))
+    for r in data.get("restored_ranges", []):
+        console.print(Text(f"vm {r['vm']} vcpu {r['vcpu']} epoch {r['epoch']}: restored from a snapshot; "
+                           f"compared seq {r['first_seq']}–{r['last_seq']}, the range both traces hold"))
     first = data["first_divergence"]
     if first is None:
         console.print(Text(f"no divergence: every event matches in {', '.join(data['compared_fields'])}"))
