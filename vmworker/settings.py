@@ -77,6 +77,8 @@ def check_together(get: Callable[[str], Any], label: Callable[[str], str]) -> No
     if get("step_trace") and get("gdb"):
         raise Invalid(f"{label('step_trace')} and {label('gdb')} both single-step the vCPU; give one",
                       key="step_trace")
+    if get("restore") and get("deterministic"):  # its user-space PIC/PIT are not in a snapshot yet
+        raise Invalid(f"{label('restore')} cannot go with {label('deterministic')} yet", key="restore")
     if get("restore"):
         from .snapshot import check_file  # a snapshot of this format, of this much memory
         try:

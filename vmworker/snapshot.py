@@ -86,6 +86,8 @@ def command_handler(machine, devices, recording, spec, image_sha256: str):
         path = req.get("path")
         if not isinstance(path, str) or not path.startswith("/"):
             raise SpecError("snapshot: the file must be an absolute path")
+        if getattr(spec, "deterministic", False):
+            raise SpecError("snapshot: a --deterministic VM's user-space PIC/PIT are not saved yet")
         was_paused = machine.ctx.paused
         machine.pause()
         try:
