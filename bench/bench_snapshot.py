@@ -44,7 +44,7 @@ GUEST = str(REPO / "guest" / "seed16.bin")
 
 def _machine(mem: int):
     image = load_image(GUEST)
-    devices = StandardDevices(Console(open(os.devnull, "wb")), SerialInput.empty(), mem_size=mem)
+    devices = StandardDevices(Console(open(os.devnull, "wb"), line_buffered=False), SerialInput.empty(), mem_size=mem)
     return image, devices, Machine("bench", image, mem, 1, devices.port_bus, devices.mmio_bus)
 
 
@@ -57,15 +57,25 @@ def take_once(mem: int, path: str, random_fill: bool) -> tuple[float, int]:
             step = 1 << 24
             for off in range(1 << 20, mem, step):
                 region[off:min(off + step, mem)] = os.urandom(min(step, mem - off))
-        runner = threading.Thread(target=machine.run, daemon=True)
-        runner.start()
-        time.sleep(0.2)  # let it count
-        machine.pause()
-        if not machine.wait_parked(10):
-            raise SystemExit("the vCPU did not park")
-        reply = take(path, machine, devices, [None], spec, image.sha256)
-        machine.stop(End.STOPPED)
-        runner.join()
+        replies: list = []
+
+        def snapshotter() -> None:  # machine.run() must own the main thread (it sets a signal handler)
+            try:
+                time.sleep(0.2)  # let it count
+                machine.pause()
+                if not machine.wait_parked(10):
+                    raise RuntimeError("the vCPU did not park")
+                replies.append(take(path, machine, devices, [None], spec, image.sha256))
+            except Exception as e:
+                replies.append(e)
+            finally:
+                machine.stop(End.STOPPED)
+
+        threading.Thread(target=snapshotter, daemon=True).start()
+        machine.run()
+    reply = replies[0]
+    if isinstance(reply, Exception):
+        raise SystemExit(f"snapshot failed: {reply}")
     return reply["seconds"], reply["bytes"]
 
 
