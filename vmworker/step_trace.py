@@ -60,6 +60,19 @@ _NO_INSN = bytes(MAX_INSN_BYTES)
 _TRANSLATIONS_KEPT = 4096  # pages whose translation is cached (per CR3)
 
 
+_BLOCK_DTYPE = None
+
+
+def _block_dtype():
+    """A numpy view of one register block: REGISTERS as named fields at their kvm_run offsets."""
+    global _BLOCK_DTYPE
+    if _BLOCK_DTYPE is None:
+        import numpy as np
+        _BLOCK_DTYPE = np.dtype({"names": list(REGISTERS), "formats": [f"<u{_REG_SIZES[r]}" for r in REGISTERS],
+                                 "offsets": [_REG_OFFSETS[r] for r in REGISTERS], "itemsize": _BLOCK_SIZE})
+    return _BLOCK_DTYPE
+
+
 class StepTracer:
     """One vCPU's step trace. Built by the worker; driven by that vCPU's thread only."""
 
@@ -221,12 +234,14 @@ class StepTracer:
         n = self.n
         size = _BLOCK_SIZE
         blocks = np.frombuffer(self.blocks, np.uint8, (n + 1) * size).reshape(n + 1, size)
+        fields = np.frombuffer(self.blocks, _block_dtype(), n + 1)
         regs = np.empty((n + 1, len(REGISTERS)), np.uint64)
         for i, name in enumerate(REGISTERS):
-            off, width = _REG_OFFSETS[name], _REG_SIZES[name]
-            regs[:, i] = np.ascontiguousarray(blocks[:, off:off + width]).view(f"<u{width}")[:, 0]
+            regs[:, i] = fields[name]
         diff = regs[1:] != regs[:-1]
-        changed = (diff.astype(np.uint32) << np.arange(len(REGISTERS), dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
+        # bit i of `changed` = REGISTERS[i]: little-endian bit order, 28 bits padded to 4 bytes
+        changed = np.packbits(diff, axis=1, bitorder="little")
+        changed = np.pad(changed, ((0, 0), (0, 4 - changed.shape[1]))).view("<u4")[:, 0]
         values = regs[1:][diff]  # row-major: each row's changed registers in REGISTERS order
         before = blocks[:-1]
         pe = (regs[:-1, REGISTERS.index("cr0")] & np.uint64(CR0_PE)) != 0
