@@ -100,6 +100,10 @@ def test_seed16_restored_from_a_snapshot_continues_the_uninterrupted_runs_exits(
     assert span["first_seq"] == next_seq and span["last_seq"] >= next_seq + 100
     assert report["first_divergence"] is None
 
+    proc = subprocess.run([sys.executable, "-m", "tracetool", "info", restored], capture_output=True, text=True,
+                          timeout=120)
+    assert f"restored from snapshot {snap}" in proc.stdout and f"from seq {next_seq}" in proc.stdout, proc.stdout
+
     with TraceReader(restored) as reader:
         (start,) = reader.records("vm-start")
         assert start["parent"]["next_seq"] == [next_seq] and start["parent"]["snapshot"] == snap
@@ -212,3 +216,61 @@ def test_launch_refuses_a_snapshot_it_cannot_use_before_the_vm_starts(vmsup, tmp
     trace = tmp_path / "t.trace"
     proc = vmsup("launch", "seed16", "--quiet", "--max-exits", "10", "--trace", str(trace), "--restore", path, *flags)
     _one_line_refusal(proc, *words)
+
+
+def test_device_state_goes_back_into_a_fresh_device_set():
+    import io
+
+    from vmworker.devices.console import Console
+    from vmworker.devices.serial_input import SerialInput
+    from vmworker.devices.standard import StandardDevices
+
+    def fresh() -> StandardDevices:
+        return StandardDevices(Console(io.BytesIO(), line_buffered=False), SerialInput.empty(), mem_size=16 << 20)
+
+    before = fresh()
+    before.com1.write(3, b"\x83")  # LCR: DLAB on, 8 bits
+    before.com1.write(0, b"\x0c")  # divisor 12
+    before.vga.write(0, b"\x0e")
+    before.vga.write(1, b"\x07")  # cursor high byte
+    before.rtc.write(0, b"\x20")
+    before.rtc.write(1, b"\x5a")  # a CMOS RAM byte
+    before.i8042.write(4, b"\x60")
+    before.i8042.write(0, b"\x45")  # command byte
+    saved = before.saved_state()
+    assert {"com1", "i8042", "rtc", "vga"} <= set(saved)
+
+    after = fresh()
+    after.restore_saved_state(saved, "s.vmsnap")
+    assert after.saved_state() == saved
+    assert (after.com1.lcr, after.com1.dll) == (0x83, 0x0C)
+    assert after.vga.regs[0x0E] == 0x07 and after.rtc.ram[0x20] == 0x5A and after.i8042.command_byte == 0x45
+
+
+def test_a_device_state_that_does_not_fit_is_a_corrupt_snapshot():
+    import io
+
+    from vmworker.devices.console import Console
+    from vmworker.devices.serial_input import SerialInput
+    from vmworker.devices.standard import StandardDevices
+    from vmworker.errors import SpecError
+
+    devices = StandardDevices(Console(io.BytesIO(), line_buffered=False), SerialInput.empty())
+    with pytest.raises(SpecError, match=r"s.vmsnap: corrupt snapshot \(device rtc: saved ram has the wrong size\)"):
+        devices.restore_saved_state({"rtc": {"ram": b"short"}}, "s.vmsnap")
+
+
+@pytest.mark.kvm
+def test_snapshot_of_a_vm_the_run_lacks_is_one_line(vmsup, tmp_path):
+    trace = str(tmp_path / "t.trace")
+    proc = vmsup("launch", "seed16", "--quiet", "--timeout", "60", "--trace", trace, "--detach")
+    assert proc.returncode == 0, proc.stderr
+    try:
+        wait_for(lambda: vm_exits(vmsup, "seed16") > 0, "seed16 to run")
+        proc = vmsup("snapshot", "nosuchvm", str(tmp_path / "s.vmsnap"))
+        _one_line_refusal(proc, "nosuchvm")
+        proc = vmsup("snapshot", "seed16", str(tmp_path / "no" / "dir" / "s.vmsnap"))
+        _one_line_refusal(proc, "no directory")
+    finally:
+        vmsup("stop", "--all")
+    wait_for(lambda: vmsup("ps", "--json").stdout.strip() in ("", "[]"), "the run to end")

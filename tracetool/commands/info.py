@@ -69,7 +69,8 @@ def _vms(reader: TraceReader) -> list[dict]:
         vms[key] = {"vm": rec.get("vm"), "epoch": rec.get("epoch"), "name": rec.get("name"),
                     "spec": rec.get("spec"), "sha256": rec.get("sha256"), "mode": rec.get("mode"),
                     "vcpus": rec.get("vcpus"), "mem_size": rec.get("mem_size"), "pid": rec.get("pid"),
-                    "started_ns": rec.get("t"), "status": None}
+                    "started_ns": rec.get("t"), "status": None,
+                    "parent": rec.get("parent") if isinstance(rec.get("parent"), dict) else None}
     for rec in reader.records(schema.MSG_VM_END):
         key = (rec.get("vm"), rec.get("epoch"))
         entry = vms.setdefault(key, {"vm": key[0], "epoch": key[1], "name": None})
@@ -135,6 +136,11 @@ def render(data: dict, console) -> None:
                 console.print(Text(f"  {key}: {value}"))
 
     for vm in data["vms"]:
+        parent = vm.get("parent")
+        if parent:  # vmsup launch --restore: where this epoch's numbering comes from
+            console.print(Text(f"vm {vm['vm']} epoch {vm['epoch']}: restored from snapshot {parent.get('snapshot')} "
+                               f"(VM {parent.get('name')} epoch {parent.get('epoch')}); streams go on from seq "
+                               f"{', '.join(str(n) for n in parent.get('next_seq') or [])}"))
         if unclaimed_text(vm.get("unclaimed")):
             console.print(Text(f"vm {vm['vm']} epoch {vm['epoch']}: unclaimed accesses (no device there): "
                                f"{unclaimed_text(vm['unclaimed'])}"))
