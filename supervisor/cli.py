@@ -47,6 +47,7 @@ EXAMPLES = {
     "top": ["vmsup top", "vmsup top --once --json", "vmsup top --sort total --run 213149-4457"],
     "keys": ["vmsup keys", "vmsup keys --dir ./keys --force"],
     "screen": ["vmsup screen mbkernel", "vmsup screen mbkernel --once"],
+    "gdb": ["vmsup gdb mbkernel", "vmsup gdb seed16 --gdb 127.0.0.1:1235"],
 }
 
 

@@ -97,6 +97,11 @@ class Recorder:
             self.auth, self.remote = curve_server(self.context, zmq.PULL, listen, keys_dir, messages.BUS)
             self.remote.setsockopt(zmq.RCVHWM, EVENTS_RCVHWM)
         self.event_sockets = [s for s in (self.events, self.remote) if s is not None]
+        # Remote senders (--listen) hold no run credential: CURVE authenticated them, and a VM id
+        # belongs to the first client key that speaks for it. This run's own VMs stay the local
+        # workers' alone.
+        self.local_vms = {v.get("vm_id", i) for i, v in enumerate(run_meta.get("vms") or []) if isinstance(v, dict)}
+        self.remote_owners: dict[int, str] = {}
         self.live = self.context.socket(zmq.PUB)
         self.live.setsockopt(zmq.SNDHWM, LIVE_HWM)
         self.live.bind(run_dir.live_endpoint)
@@ -170,16 +175,28 @@ class Recorder:
                     self.next_seq[key] = max(self.next_seq.get(key, 0), reached)
 
     # Messages ------------------------------------------------------------------------------------
-    def handle(self, frames: list[bytes]) -> None:
-        """One message off an events socket: [credential, message] (tracetool/bus_credentials.py)."""
+    def receive(self, sock) -> None:
+        """Take one message off an events socket (zmq.Again when there is none)."""
+        if sock is self.remote:
+            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            self.handle([f.bytes for f in frames], remote_key=frames[-1].get("User-Id") or "")
+        else:
+            self.handle(sock.recv_multipart(flags=zmq.NOBLOCK, copy=True))
+
+    def handle(self, frames: list[bytes], remote_key: str | None = None) -> None:
+        """One message off an events socket: [credential, message] (tracetool/bus_credentials.py),
+        or [message] from a CURVE-authenticated remote sender whose public key is `remote_key`."""
         raw = frames[-1]
         try:
             msg = messages.unpack(raw)
             if isinstance(msg, (messages.Gap, messages.Refused)):  # the recorder's to write, never a sender's
                 raise BadMessage(f"{msg.TYPE} from a sender")
-            if len(frames) != 2:
+            if remote_key is not None:
+                self._check_remote(remote_key, msg)
+            elif len(frames) != 2:
                 raise CredentialError("no credential")
-            check_sender(self.bus_keys.verify(frames[0]), msg)
+            else:
+                check_sender(self.bus_keys.verify(frames[0]), msg)
             if isinstance(msg, messages.ExitBatch):
                 self._exits(msg)
             elif isinstance(msg, messages.VmStart):
@@ -202,6 +219,14 @@ class Recorder:
             self._refuse(cause)
             return
         self.live.send(raw, flags=zmq.NOBLOCK, copy=False)
+
+    def _check_remote(self, key: str, msg: messages.Message) -> None:
+        if isinstance(msg, messages.Lifecycle) and msg.event not in messages.WORKER_LIFECYCLE_EVENTS:
+            raise CredentialError(f"lifecycle {msg.event!r} not from the supervisor")
+        if msg.vm in self.local_vms:
+            raise CredentialError(f"{msg.TYPE} from a remote sender for one of this run's own VMs")
+        if self.remote_owners.setdefault(msg.vm, key) != key:
+            raise CredentialError(f"{msg.TYPE} for a VM another remote sender owns")
 
     def _refuse(self, cause: str) -> None:
         cause = cause[:messages.MAX_CAUSE_LEN]
@@ -363,7 +388,7 @@ class Recorder:
                 for sock, _ in ready:
                     while True:
                         try:
-                            self.handle(sock.recv_multipart(flags=zmq.NOBLOCK, copy=True))
+                            self.receive(sock)
                         except zmq.Again:
                             break
                 quiet_since = time.monotonic()
@@ -422,7 +447,7 @@ class Recorder:
                 if sock is not self.control:
                     for _ in range(256):  # bounded, so control requests are never starved
                         try:
-                            self.handle(sock.recv_multipart(flags=zmq.NOBLOCK, copy=True))
+                            self.receive(sock)
                         except zmq.Again:
                             break
                 else:

@@ -97,7 +97,7 @@ def test_vms_and_records_describe_each_vm(traces):
         (0, "seed16", "max-exits", 3000, 3000), (1, "hello", "halted", 37, 37)]
     assert vms[0]["guest"].endswith("seed16.bin") and len(vms[0]["sha256"]) == 64
     kinds = sql_json("SELECT kind, count(*) AS n FROM records WHERE kind <> 'kvm-stats' GROUP BY kind", traces["a"])
-    assert {k["kind"]: k["n"] for k in kinds} == {"vm-start": 2, "vm-end": 2, "lifecycle": 4}
+    assert {k["kind"]: k["n"] for k in kinds} == {"vm-start": 2, "vm-image": 2, "vm-end": 2, "lifecycle": 4}
     pids = sql_json("SELECT vm, CAST(json_extract(json, '$.pid') AS BIGINT) AS pid FROM records "
                     "WHERE kind = 'vm-start' ORDER BY vm", traces["a"])
     assert all(p["pid"] > 0 for p in pids)
