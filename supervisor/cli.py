@@ -276,7 +276,7 @@ for _name in ("stop", "pause", "resume", "kill"):
 def gdb(vm: str = typer.Argument(..., help="VM name (or id)."),
         run: Optional[str] = typer.Option(None, "--run", help="The run (when several are running)."),
         endpoint: str = typer.Option("127.0.0.1:1234", "--gdb", help="[HOST:]PORT the stub listens on.")) -> None:
-    """Open a gdb stub on a running VM; the VM stops when gdb attaches (commands.Gdb)."""
+    """Open a gdb stub on a running VM; the VM stops when gdb attaches. gdb then connects with `target remote HOST:PORT`."""
     try:
         reply = call(_run_of_vm(vm, run), COMMANDS["gdb"].request(vm, endpoint), timeout=10.0)
     except VmsupError as e:
