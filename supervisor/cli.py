@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -134,6 +135,9 @@ def launch(
                              create_dir=trace is None)
         gdb_lines = assign_ports(specs)  # --gdb: PORT+i for VM i, each port checked before any VM starts
         if detach:
+            if any(s.serial_in == "-" for s in specs) and _stdin_is_data():
+                _info("warning: a detached run takes no standard input: VMs reading '-' get none "
+                      "(use --serial-in FILE)")
             raise typer.Exit(_detach(trace_path))
         foreground = len(specs) == 1 and not os.environ.get(DETACHED_ENV)
         for s in specs:
@@ -165,6 +169,15 @@ def launch(
 
 # --detach: the launch re-runs itself in a new session; the child reports its run id on a pipe.
 DETACHED_ENV = "VMSUP_DETACHED_READY_FD"
+
+
+def _stdin_is_data() -> bool:
+    """Standard input is a pipe or a file (not a terminal, not /dev/null): input someone meant."""
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
 def _detach(trace_path: str | None) -> int:

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from supervisor import runtime
+from tests.conftest import REPO, VMSUP
 from supervisor.trace_path import keep_previous, numbered_backups
 from tracetool.trace import TraceReader
 
@@ -82,3 +83,32 @@ def test_any_command_removes_a_killed_supervisors_run_directory_and_says_so(vmsu
     said = [line for line in proc.stderr.splitlines() if "stale" in line]
     assert said == ["vmsup: removed 1 stale run directory (run 120000-1: supervisor gone)"], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.kvm
+def test_parquet_to_a_terminal_is_refused(tmp_path):
+    """Binary output never goes to a terminal: `export --format parquet -o -` on a tty is one line."""
+    import pty
+    trace = tmp_path / "t.vmtrace"
+    proc = subprocess.run([*VMSUP, "launch", "seed16", "--max-exits", "20", "-q", "--trace", str(trace)],
+                          cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tracetool", "export", str(trace), "--format", "parquet",
+                               "-o", "-"], cwd=REPO, stdout=secondary, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL, timeout=120)
+    finally:
+        os.close(secondary)
+        os.close(primary)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("vmtrace: error: ") and "terminal" in line, line
+
+
+@pytest.mark.kvm
+def test_detach_says_piped_stdin_goes_nowhere(tmp_path):
+    proc = subprocess.run([*VMSUP, "launch", "seed16", "--max-exits", "20", "-q", "--no-trace", "--detach"],
+                          cwd=REPO, capture_output=True, text=True, input="abc\n", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "a detached run takes no standard input" in proc.stderr, proc.stderr

@@ -392,6 +392,8 @@ def run(
     if fmt not in FORMATS:
         common.bad_input(f"unknown --format {fmt!r} (choose from {', '.join(FORMATS)})")
     common.refuse_overwriting(out, trace)
+    if fmt == "parquet" and out == "-" and sys.stdout.isatty():
+        common.bad_input("Parquet is binary: not to a terminal (redirect standard output, or -o FILE)")
     event_filter = common.event_filter(vm, vcpu, epoch, reason, port, addr, where)
     if partition_by is not None:
         if fmt != "parquet":
