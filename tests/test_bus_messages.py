@@ -59,6 +59,8 @@ EXAMPLES = {
                                        cpuid=b"", registers={"rip": 0}, t=1),
     messages.CoalescedWrites: messages.CoalescedWrites(vm=0, vcpu=0, epoch=0, count=1, cols={
         c.name: bytes(c.itemsize) for c in schema.COALESCED_COLUMNS}),
+    messages.EmulatedInstructions: messages.EmulatedInstructions(vm=0, vcpu=0, epoch=0, count=1, cols={
+        c.name: bytes(c.itemsize) for c in schema.EMULATED_COLUMNS}),
 }
 # A value of the wrong kind for each sort of check.
 WRONG = {messages.Int: "zz", messages.Number: "zz", messages.Str: 5, messages.Bytes: "zz", messages.Map: [1],

@@ -395,6 +395,28 @@ class CoalescedWrites(Message):
         return base
 
 
+@dataclass(frozen=True)
+class EmulatedInstructions(Message):
+    """Instructions the VMM's fallback emulator performed for one vCPU, in order: columns of
+    schema.EMULATED_COLUMNS (little-endian bytes, `count` rows each). Not exits (schema.py says why)."""
+
+    TYPE: ClassVar[str] = schema.MSG_EMULATED
+    vm: int = _vm()
+    vcpu: int = _vcpu()
+    epoch: int = _epoch()
+    count: int = checked(Int(required=True, hi=schema.MAX_EMULATED_ROWS), default=0)
+    cols: dict = checked(Map(required=True), default=None)
+
+    @classmethod
+    def from_msg(cls, msg) -> "EmulatedInstructions":
+        base = super().from_msg(msg)
+        for c in schema.EMULATED_COLUMNS:
+            raw = base.cols.get(c.name)
+            if not isinstance(raw, bytes) or len(raw) != base.count * c.itemsize:
+                raise MessageError(f"{cls.TYPE}: column {c.name!r} missing or not {base.count} × {c.itemsize} bytes")
+        return base
+
+
 # Refusal causes kept apart per record; beyond, they are counted under "other".
 MAX_REFUSAL_CAUSES = 64
 MAX_CAUSE_LEN = 200
@@ -453,7 +475,7 @@ class StepBatch(Message):
 
 MESSAGE_CLASSES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (ExitBatch, VmStart, VmEnd, Gap, Lifecycle, Screen, Input, KvmStats, Refused, StepBatch, VmImage,
-                              CoalescedWrites, Interrupt)}
+                              CoalescedWrites, Interrupt, EmulatedInstructions)}
 assert set(MESSAGE_CLASSES) == set(schema.MESSAGE_TYPES), "a message type without its class"
 
 

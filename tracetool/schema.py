@@ -54,7 +54,7 @@ class Column(NamedTuple):
 
     @property
     def itemsize(self) -> int:
-        return int(self.dtype[-1])
+        return int(self.dtype.lstrip("<>|")[1:])  # "<u8" → 8, "|V15" → 15
 
 
 # Exit event columns, in order. The row the vCPU loop packs follows this order (with padding so
@@ -112,6 +112,24 @@ COALESCED_COLUMNS: tuple[Column, ...] = (
 )
 COALESCED_NAMES = tuple(c.name for c in COALESCED_COLUMNS)
 MAX_COALESCED_ROWS = 16384  # per record: 48 bytes each, well inside MAX_RECORD_BYTES
+
+# --- Instructions the VMM emulated ----------------------------------------------------------------
+# What KVM's emulator refused and vmsup's fallback (vmworker/emulate/) performed for the guest. Not
+# exits, for the reasons coalesced writes are not: the exit that led to them (an internal error, or
+# a shutdown for a ring-3 INT n) stays the exit, and one exit may perform a run of several x87
+# instructions. Their own record stream ("emulated"), each row linked by `exit_seq` to that exit
+# of the same stream; the first row of an exit is at the exit's rip.
+EMULATED_FAMILIES = ("int", "iret", "fwait", "x87")  # vmworker/emulate's family names, in code order
+EMULATED_COLUMNS: tuple[Column, ...] = (
+    Column("exit_seq", "<u8", "Q", "sequence number of the exit (same stream) during whose handling it was performed",
+           "count"),
+    Column("address", "<u8", "Q", "linear address of the instruction (CS base + rip)", "value"),
+    Column("length", "<u1", "B", "instruction bytes (1..15)", "bytes"),
+    Column("family", "<u1", "B", "index in EMULATED_FAMILIES (int, iret, fwait, x87)", "code"),
+    Column("insn", "|V15", "15s", "the instruction's bytes, zero-padded to 15 (the x86 maximum)", "value"),
+)
+EMULATED_NAMES = tuple(c.name for c in EMULATED_COLUMNS)
+MAX_EMULATED_ROWS = 8192  # per record: 33 bytes each, well inside MAX_RECORD_BYTES
 
 
 # --- The packed row of the vCPU loop (derived) -------------------------------------------------
@@ -275,8 +293,9 @@ MSG_VM_IMAGE = "vm-image"  # what a rerun needs besides the exits: the guest ima
 MSG_STEPS = "steps"  # a batch of single-stepped instructions of one stream (tracetool/step_schema.py)
 MSG_REFUSED = "refused"  # bus messages the recorder refused, by cause (written by the recorder only)
 MSG_COALESCED = "coalesced"  # guest writes drained from KVM's coalesced ring (COALESCED_COLUMNS)
+MSG_EMULATED = "emulated"  # instructions the VMM's fallback emulator performed (EMULATED_COLUMNS)
 MESSAGE_TYPES = (MSG_EXITS, MSG_VM_START, MSG_VM_END, MSG_GAP, MSG_LIFECYCLE, MSG_SCREEN, MSG_INPUT, MSG_KVM_STATS,
-                 MSG_REFUSED, MSG_STEPS, MSG_VM_IMAGE, MSG_COALESCED, MSG_INTERRUPT)
+                 MSG_REFUSED, MSG_STEPS, MSG_VM_IMAGE, MSG_COALESCED, MSG_INTERRUPT, MSG_EMULATED)
 
 # Bounds for untrusted messages (bus or file): enough for real batches, small enough to be safe.
 MAX_MESSAGE_BYTES = 64 << 20  # one trace block's payload (a bus message: messages.BUS, smaller)

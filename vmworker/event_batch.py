@@ -16,6 +16,7 @@ ROW = struct.Struct(schema.ROW_STRUCT_FORMAT)
 COALESCED_ENTRY_SIZE = 24  # sizeof(struct kvm_coalesced_mmio), linux/kvm.h (vmworker/coalesce.py checks it)
 DEFAULT_BATCH_EVENTS = 4096
 DEFAULT_FLUSH_NS = 50_000_000
+EMULATED_FAMILY_CODE = {name: code for code, name in enumerate(schema.EMULATED_FAMILIES)}
 RECENT_EXITS = 256  # rows each vCPU keeps after flushing them, for gdb's `monitor exits`  # a live viewer sees an exit at most ~50 ms after it happened
 
 
@@ -43,6 +44,9 @@ class EventBatcher:
         self.coalesced = bytearray()
         self.drains: list[tuple[int, int, int, int]] = []
         self.drain = None
+        # Instructions the fallback emulator performed (vmworker/emulate/) since the last flush, as
+        # rows of schema.EMULATED_COLUMNS: sent as messages.EmulatedInstructions before the exits.
+        self.emulated: list[tuple[int, int, int, int, bytes]] = []
         self.recent = b""  # the last RECENT_EXITS rows flushed, for gdb's `monitor exits`
         self.recent_seq = 0  # the sequence number after them
 
@@ -57,6 +61,25 @@ class EventBatcher:
         self.drains.append((self.seq_at(pos), n, t_after, t_before))
         if len(self.coalesced) >= schema.MAX_COALESCED_ROWS * COALESCED_ENTRY_SIZE // 2:
             self._send_coalesced()
+
+    def add_emulated(self, pos: int, performed) -> None:
+        """Instructions (emulate.Performed) the fallback performed while handling the exit at row
+        position `pos` (not yet packed): rare, so plain tuples."""
+        seq = self.seq_at(pos)
+        for p in performed:
+            self.emulated.append((seq, p.address, len(p.raw), EMULATED_FAMILY_CODE[p.family], p.raw))
+        if len(self.emulated) >= schema.MAX_EMULATED_ROWS:
+            self._send_emulated()
+
+    def _send_emulated(self) -> None:
+        rows, self.emulated = self.emulated, []
+        for start in range(0, len(rows), schema.MAX_EMULATED_ROWS):
+            chunk = rows[start:start + schema.MAX_EMULATED_ROWS]
+            cols = {c.name: b"".join(struct.pack("<" + c.code, row[i]) for row in chunk)
+                    for i, c in enumerate(schema.EMULATED_COLUMNS)}
+            message = messages.EmulatedInstructions(vm=self.vm, vcpu=self.vcpu, epoch=self.epoch, count=len(chunk),
+                                                    cols=cols)
+            self.publisher.send(message.to_msg())
 
     def _send_coalesced(self) -> None:
         """The drained entries as messages.CoalescedWrites records (columns cut in C, no numpy)."""
@@ -97,6 +120,8 @@ class EventBatcher:
             self.drain(pos)  # what other vCPUs queued meanwhile; linked to this stream's next exit
         if self.coalesced:  # before the exits they precede
             self._send_coalesced()
+        if self.emulated:  # before the exits they belong to
+            self._send_emulated()
         if self.filter is not None:
             self._flush_filtered(bytes(self.rows[:pos]), final)
             return

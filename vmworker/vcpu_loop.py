@@ -193,6 +193,8 @@ def run_vcpu(vcpu, ctx, stats: VcpuStats, batcher=None) -> None:
                         stats.halted = done = True
                     else:
                         done, data = _slow_exit(vcpu, ctx, log)
+                        if recording and ctx.insn_fallback is not None and ctx.insn_fallback.performed:
+                            batcher.add_emulated(pos, ctx.insn_fallback.take_performed())  # their own rows
             if recording:
                 if pos == 0:
                     batcher.pending_since = t1  # lets the machine kick a quiet vCPU to flush

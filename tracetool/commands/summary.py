@@ -22,6 +22,7 @@ from .. import schema
 from ..exit_tally import RunTally, unclaimed_text
 from ..analysis import vm_names
 from ..coalesced import exits_avoided
+from ..emulated import emulated_counts
 from ..filters import EventFilter
 from ..handling import Stitcher
 from ..streaming_stats import PERCENTILES, Budget, Metric
@@ -485,6 +486,11 @@ def render(data: dict, console, *, wide: bool = False) -> None:
     if avoided.get("total"):
         console.print(Text(f"exits avoided: {avoided['total']} coalesced writes (--coalesce; not exits, times "
                            "approximate) — " + ", ".join(f"{k}: {n}" for k, n in avoided["by_target"].items())))
+    emulated = data.get("emulated") or {}
+    if emulated.get("total"):
+        families = ", ".join(f"{k} {n}" for k, n in emulated["by_family"].items())
+        console.print(Text(f"emulated by vmsup: {emulated['total']} instructions ({families}) in "
+                           f"{emulated['exits']} exits"))
 
 
 def run(
@@ -528,6 +534,7 @@ def run(
             tables = vm_tables(reader, symbols) if set(bys) & set(ADDRESS_GROUPINGS) else {}
             data = summarize(reader, by=by, sort=sort, where=event_filter, symbols=tables)
             data["coalesced"] = exits_avoided(reader, event_filter)  # not exits: beside the table, never in it
+            data["emulated"] = emulated_counts(reader, event_filter)  # nor these: the exits that led to them are
     if as_json:
         c.dump_json(data)
     else:

@@ -13,6 +13,7 @@ Software interrupts from ring 3 arrive as a shutdown exit instead (see `handle_s
 from __future__ import annotations
 
 import struct
+import threading
 from typing import NamedTuple
 
 from .. import kvm_abi as abi
@@ -28,7 +29,7 @@ MAX_RUN = 64
 
 
 class Performed(NamedTuple):
-    """One instruction the VMM performed for the guest (for the trace's own row kind, later)."""
+    """One instruction the VMM performed for the guest (a row of the trace's `emulated` records)."""
 
     address: int  # linear
     raw: bytes
@@ -39,7 +40,8 @@ class InsnFallback:
     """Performs the instruction a vCPU's emulation failure stopped at, if a family knows it.
 
     `counts` says how many instructions each family performed; `performed` lists those of the
-    last handled exit; `last_refusal` explains the last refusal (bytes and disassembly included).
+    last exit the calling vCPU thread handled; `last_refusal` explains the last refusal (bytes and
+    disassembly included).
     """
 
     def __init__(self, memory) -> None:
@@ -48,8 +50,21 @@ class InsnFallback:
         families = (SoftwareInterrupt(), InterruptReturn(), *self._fpu_families)
         self._by_opcode = {op: fam for fam in families for op in fam.opcodes}
         self.counts = {fam.name: 0 for fam in families}
-        self.performed: list[Performed] = []
+        self._per_thread = threading.local()  # one fallback serves every vCPU thread of the VM
         self.last_refusal = ""
+
+    @property
+    def performed(self) -> list[Performed]:
+        return getattr(self._per_thread, "performed", [])
+
+    @performed.setter
+    def performed(self, value: list[Performed]) -> None:
+        self._per_thread.performed = value
+
+    def take_performed(self) -> list[Performed]:
+        """The instructions of the last handled exit, once (the vCPU loop records them)."""
+        performed, self.performed = self.performed, []
+        return performed
 
     @property
     def irets(self) -> int:

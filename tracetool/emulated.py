@@ -1,0 +1,53 @@
+"""Instructions the VMM emulated for its guests (schema.EMULATED_COLUMNS): decoded columns per
+stream, and their counts by family. They are not exits (schema.py says why), so no exit reader
+sees them; each links by `exit_seq` to the exit during whose handling it was performed.
+"""
+
+from __future__ import annotations
+
+from tracetool import schema
+
+
+def emulated_columns(reader) -> dict[tuple[int, int, int], dict]:
+    """{(vm, vcpu, epoch): {column: numpy array}} in the order performed (records are checked by the scan)."""
+    import numpy as np
+
+    dtypes = {c.name: np.dtype(c.dtype) for c in schema.EMULATED_COLUMNS}
+    parts: dict[tuple[int, int, int], list[dict]] = {}
+    for rec in reader.records(schema.MSG_EMULATED):
+        stream = (rec["vm"], rec["vcpu"], rec["epoch"])
+        parts.setdefault(stream, []).append({name: np.frombuffer(rec["cols"][name], dtype)
+                                             for name, dtype in dtypes.items()})
+    return {stream: {name: np.concatenate([p[name] for p in ps]) for name in dtypes} for stream, ps in parts.items()}
+
+
+def family_name(code: int) -> str:
+    return schema.EMULATED_FAMILIES[code] if code < len(schema.EMULATED_FAMILIES) else f"family {code}"
+
+
+def instruction_bytes(cols: dict, i: int) -> bytes:
+    """The bytes of row `i` (without the zero padding)."""
+    return cols["insn"][i].tobytes()[:int(cols["length"][i])]
+
+
+def _allowed(values, value) -> bool:
+    return values is None or value in values
+
+
+def emulated_counts(reader, where=None) -> dict:
+    """{"total": n, "by_family": {"x87": n, …}, "exits": exits that led to them} of the streams
+    `where` (a filters.EventFilter: its vm, vcpu and epoch) keeps."""
+    import numpy as np
+
+    total, exits, by_family = 0, 0, {}
+    for (vm, vcpu, epoch), cols in emulated_columns(reader).items():
+        if where is not None and not (_allowed(where.vm, vm) and _allowed(where.vcpu, vcpu)
+                                      and _allowed(where.epoch, epoch)):
+            continue
+        total += len(cols["family"])
+        exits += len(np.unique(cols["exit_seq"]))
+        codes, counts = np.unique(cols["family"], return_counts=True)
+        for code, n in zip(codes.tolist(), counts.tolist()):
+            name = family_name(code)
+            by_family[name] = by_family.get(name, 0) + n
+    return {"total": total, "exits": exits, "by_family": dict(sorted(by_family.items(), key=lambda kv: -kv[1]))}
