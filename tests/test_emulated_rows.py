@@ -103,3 +103,19 @@ def test_x87calc_runs_of_x87_instructions_are_rows_counted_by_vmtrace_summary(kv
     text = vmtrace("summary", str(trace)).stdout
     families = ", ".join(f"{k} {n}" for k, n in sorted(by_family.items(), key=lambda kv: -kv[1]))
     assert f"emulated by vmsup: {len(cols['family'])} instructions ({families}) in {internal_errors} exits" in text
+
+    shown = vmtrace("show", str(trace), "--reason", "internal_error", "--limit", "1").stdout.splitlines()
+    first_two = cols["address"][:2].tolist()
+    assert shown[1:3] == [f"  emulated by vmsup: fwait 9b at {first_two[0]:#x}",
+                          f"  emulated by vmsup: x87 db e3 at {first_two[1]:#x}"]
+
+
+@pytest.mark.kvm
+def test_a_ring3_int_is_a_row_under_the_shutdown_exit_that_stays_the_exit(kvm_required, tmp_path):
+    trace = _record(tmp_path, "int80_32")
+    cols, reasons, rips, _ = _linked_exits(trace)
+    families = [schema.EMULATED_FAMILIES[f] for f in cols["family"].tolist()]
+    at_shutdown = reasons == schema.REASON_SHUTDOWN
+    assert at_shutdown.any() and {f for f, s in zip(families, at_shutdown) if s} == {"int"}
+    assert (rips == cols["address"]).all()
+    assert families.count("int") == families.count("iret")  # every interrupt returned

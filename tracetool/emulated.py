@@ -30,6 +30,17 @@ def instruction_bytes(cols: dict, i: int) -> bytes:
     return cols["insn"][i].tobytes()[:int(cols["length"][i])]
 
 
+def by_exit(reader) -> dict[tuple[int, int, int, int], list[str]]:
+    """{(vm, vcpu, epoch, exit seq): one text per instruction performed during that exit}."""
+    out: dict[tuple[int, int, int, int], list[str]] = {}
+    for (vm, vcpu, epoch), cols in emulated_columns(reader).items():
+        for i, (seq, address, family) in enumerate(zip(cols["exit_seq"].tolist(), cols["address"].tolist(),
+                                                        cols["family"].tolist())):
+            text = f"{family_name(family)} {instruction_bytes(cols, i).hex(' ')} at {address:#x}"
+            out.setdefault((vm, vcpu, epoch, seq), []).append(text)
+    return out
+
+
 def _allowed(values, value) -> bool:
     return values is None or value in values
 

@@ -9,6 +9,7 @@ import numpy as np
 import typer
 
 from .. import analysis, exit_rows, schema
+from ..emulated import by_exit
 from ..filters import EventFilter
 from ..handling import NO_HANDLE
 from ..trace import TraceReader
@@ -35,8 +36,9 @@ def _us(ns: int) -> str:
     return f"{ns / 1000:.1f}us"
 
 
-def text_lines(chunk: dict, t0: int, names: AddressNames) -> list[str]:
-    """One line per event, for people."""
+def text_lines(chunk: dict, t0: int, names: AddressNames, emulated: dict | None = None) -> list[str]:
+    """One line per event, for people; under an exit, the instructions vmsup emulated during it
+    (`emulated`: emulated.by_exit), one indented line each."""
     lines = []
     for t, vm, vcpu, epoch, seq, reason, flags, addr, size, count, data, guest, handle, rip in _event_rows(chunk):
         rel = t - t0
@@ -48,6 +50,8 @@ def text_lines(chunk: dict, t0: int, names: AddressNames) -> list[str]:
         what = schema.describe_exit(reason, flags, addr, size, data, count) + names.text(vm, rip)
         tail = f" guest={_us(guest)} handle={'-' if handle == NO_HANDLE else _us(handle)}\n"
         lines.append(f"{head}seq={seq} {what}{tail}")
+        if emulated:
+            lines += [f"  emulated by vmsup: {text}\n" for text in emulated.get((vm, vcpu, epoch, seq), ())]
     return lines
 
 
@@ -77,8 +81,8 @@ def run(
         c.require_vms(reader, trace, event_filter)
         names = AddressNames(vm_tables(reader, symbols))
         t0, chunks = events(reader, event_filter, limit, span)
-        render = json_lines if as_json else text_lines
+        emulated = None if as_json else by_exit(reader)  # not exits: shown under the exit that led to them
         out = sys.stdout
         for chunk in chunks:
-            out.write("".join(render(chunk, t0, names)))
+            out.write("".join(json_lines(chunk, t0, names) if as_json else text_lines(chunk, t0, names, emulated)))
         out.flush()
