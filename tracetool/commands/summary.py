@@ -533,8 +533,15 @@ def run(
         else:
             tables = vm_tables(reader, symbols) if set(bys) & set(ADDRESS_GROUPINGS) else {}
             data = summarize(reader, by=by, sort=sort, where=event_filter, symbols=tables)
-            data["coalesced"] = exits_avoided(reader, event_filter)  # not exits: beside the table, never in it
-            data["emulated"] = emulated_counts(reader, event_filter)  # nor these: the exits that led to them are
+            # Beside the table, never in it: coalesced writes are not exits, and emulated
+            # instructions are counted in the exits that led to them. A trace with neither keeps
+            # the shape summary --json always had.
+            avoided = exits_avoided(reader, event_filter)
+            if avoided["total"]:
+                data["coalesced"] = avoided
+            emulated = emulated_counts(reader, event_filter)
+            if emulated["total"]:
+                data["emulated"] = emulated
     if as_json:
         c.dump_json(data)
     else:
