@@ -206,7 +206,7 @@ def test_top_table_has_the_kernel_rows(bus):  # noqa: F811
 def test_a_long_runs_counters_do_not_count_against_the_records_a_reader_keeps(tmp_path, monkeypatch):
     """Samples every second add up over a long fleet run; opening the trace keeps none of them in
     memory (they are read when asked for), so they never hit the reader's record budget."""
-    from tracetool.trace import TraceWriter, reader as trace_reader
+    from tracetool.trace import TraceWriter, scan as trace_scan
     from test_trace_file import RUN
     path = tmp_path / "long.vmtrace"
     counters = {f"counter_{i:02d}": i for i in range(40)}
@@ -215,7 +215,7 @@ def test_a_long_runs_counters_do_not_count_against_the_records_a_reader_keeps(tm
         for i in range(400):
             w.write_record(schema.MSG_KVM_STATS, {"vm": 0, "epoch": 0, "vcpu": 0, "t": 2 + i,
                                                   "values": {k: v + i for k, v in counters.items()}})
-    monkeypatch.setattr(trace_reader, "MAX_RECORDS_TOTAL", 64 << 10)  # far less than 400 samples
+    monkeypatch.setattr(trace_scan, "MAX_RECORDS_TOTAL", 64 << 10)  # far less than 400 samples
     with TraceReader(path) as r:
         assert [rec["name"] for rec in r.records(schema.MSG_VM_START)] == ["long"]
         samples = r.records(schema.MSG_KVM_STATS)

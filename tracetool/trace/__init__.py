@@ -9,7 +9,8 @@ Modules, one concept each:
   codec        the exact column encodings (delta, frame of reference, byte shuffle)
   exits_block  the EXITS block: its head (stream, sequence and time range) and its body
   writer       TraceWriter: a new file, or one continued after a crash
-  reader       TraceReader: the scan and the query API
+  scan         TraceScan: the one scan of a file on opening (header, blocks, crc, torn tail, footer)
+  reader       TraceReader: the query API on what the scan found
   accounting   sequence continuity: holes no gap record explains, overlaps
 """
 
