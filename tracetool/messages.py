@@ -373,8 +373,24 @@ class ExitBatch(Message):
         return out
 
 
+class _SideRows(Message):
+    """A record of rows beside the exits (coalesced writes, emulated instructions): `count` rows of
+    each of the class's COLUMNS as little-endian bytes; from_msg checks every column's size."""
+
+    COLUMNS: ClassVar[tuple] = ()
+
+    @classmethod
+    def from_msg(cls, msg) -> "_SideRows":
+        base = super().from_msg(msg)
+        for c in cls.COLUMNS:
+            raw = base.cols.get(c.name)
+            if not isinstance(raw, bytes) or len(raw) != base.count * c.itemsize:
+                raise MessageError(f"{cls.TYPE}: column {c.name!r} missing or not {base.count} × {c.itemsize} bytes")
+        return base
+
+
 @dataclass(frozen=True)
-class CoalescedWrites(Message):
+class CoalescedWrites(_SideRows):
     """Guest writes a vCPU thread drained from KVM's coalesced ring, in ring order: columns of
     schema.COALESCED_COLUMNS (little-endian bytes, `count` rows each). Not exits (schema.py says why)."""
 
@@ -385,18 +401,11 @@ class CoalescedWrites(Message):
     count: int = checked(Int(required=True, hi=schema.MAX_COALESCED_ROWS), default=0)
     cols: dict = checked(Map(required=True), default=None)
 
-    @classmethod
-    def from_msg(cls, msg) -> "CoalescedWrites":
-        base = super().from_msg(msg)
-        for c in schema.COALESCED_COLUMNS:
-            raw = base.cols.get(c.name)
-            if not isinstance(raw, bytes) or len(raw) != base.count * c.itemsize:
-                raise MessageError(f"{cls.TYPE}: column {c.name!r} missing or not {base.count} × {c.itemsize} bytes")
-        return base
+    COLUMNS: ClassVar[tuple] = schema.COALESCED_COLUMNS
 
 
 @dataclass(frozen=True)
-class EmulatedInstructions(Message):
+class EmulatedInstructions(_SideRows):
     """Instructions the VMM's fallback emulator performed for one vCPU, in order: columns of
     schema.EMULATED_COLUMNS (little-endian bytes, `count` rows each). Not exits (schema.py says why)."""
 
@@ -407,14 +416,7 @@ class EmulatedInstructions(Message):
     count: int = checked(Int(required=True, hi=schema.MAX_EMULATED_ROWS), default=0)
     cols: dict = checked(Map(required=True), default=None)
 
-    @classmethod
-    def from_msg(cls, msg) -> "EmulatedInstructions":
-        base = super().from_msg(msg)
-        for c in schema.EMULATED_COLUMNS:
-            raw = base.cols.get(c.name)
-            if not isinstance(raw, bytes) or len(raw) != base.count * c.itemsize:
-                raise MessageError(f"{cls.TYPE}: column {c.name!r} missing or not {base.count} × {c.itemsize} bytes")
-        return base
+    COLUMNS: ClassVar[tuple] = schema.EMULATED_COLUMNS
 
 
 # Refusal causes kept apart per record; beyond, they are counted under "other".
