@@ -35,6 +35,7 @@ import tempfile
 import time
 
 from benchlib import BUILD_DIR, REPO, VMSUP, BenchError, check_prerequisites, tail_of
+from runlib import children
 
 GOAL_MIB = 25.0
 MIB = 1 << 20
@@ -128,19 +129,6 @@ def vmsup_ps(env: dict) -> list[dict]:
     if res.returncode != 0:
         raise BenchError(f"vmsup ps --json exited {res.returncode}: {tail_of(res.stderr)}")
     return json.loads(res.stdout)
-
-
-def children(pid: int) -> dict[int, str]:
-    out = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    with open(f"/proc/{entry}/cmdline", "rb") as c:
-                        out[int(entry)] = c.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
 
 
 def measure(guest: str, extra: list[str], mem: str, settle_s: float, context: bool) -> dict:

@@ -17,6 +17,9 @@ BUILD = REPO / "bench" / "build"
 VMSUP = [sys.executable, "-m", "supervisor"]
 VMTRACE = [sys.executable, "-m", "tracetool"]
 
+sys.path.insert(0, str(REPO / "tests"))  # the /proc reading the fault tests use
+import procfs  # noqa: E402
+
 
 def wait_for(condition, what: str, timeout: float = 60.0, interval: float = 0.05):
     deadline = time.monotonic() + timeout
@@ -75,19 +78,8 @@ class Launch:
 
 
 def children(pid: int) -> dict[int, str]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid == pid:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    out[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue
-    return out
+    """{child pid: command line} of a process (tests/procfs.py reads them), as text."""
+    return {child: cmd.decode(errors="replace") for child, cmd in procfs.children(pid).items()}
 
 
 def rss_kib(pid: int) -> int | None:

@@ -27,6 +27,7 @@ import pytest
 from supervisor import commands, runtime
 from supervisor.recorder import RecorderClient
 from conftest import REPO, VMSUP
+from procfs import children
 from tracetool import schema
 from tracetool.trace import TraceReader
 
@@ -82,23 +83,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> dict[int, bytes]:
-    """{child pid: command line} of a process."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid == pid:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    out[int(entry)] = f.read().replace(b"\0", b" ")
-        except (OSError, IndexError, ValueError):
-            continue
-    return out
 
 
 def recorder_pid(supervisor_pid: int) -> int:
