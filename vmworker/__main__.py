@@ -17,6 +17,7 @@ import ctypes
 import json
 import os
 import sys
+import time
 
 from . import status
 from .status import End
@@ -108,6 +109,16 @@ def _gdb_on_request(spec: VmSpec, machine: Machine, gdb_server, recording) -> St
     return on_request
 
 
+def _set_rtc_clock(spec: VmSpec, rtc, det) -> None:
+    """The CMOS RTC's time: --deterministic, the virtual clock from rtc_base (fixed: no host time
+    reaches the guest); else the host's, moved to start at rtc_base when one is given."""
+    if det is not None:
+        rtc.clock = det.rtc_clock(deterministic.parse_rtc_base(spec.rtc_base or deterministic.RTC_BASE_DEFAULT))
+    elif spec.rtc_base:
+        shift = deterministic.parse_rtc_base(spec.rtc_base) - time.time()
+        rtc.clock = lambda: time.time() + shift
+
+
 def run_spec(spec: VmSpec) -> dict:
     """Build and run the VM of `spec`; a JSON-able result, errors included."""
     recording = None
@@ -147,13 +158,14 @@ def run_spec(spec: VmSpec) -> dict:
                      send_stats=recording.kvm_stats if recording else None, coalesce=spec.coalesce) as machine:
             if machine.irqchip:
                 devices.connect_irqs(machine.vm)
+            if spec.deterministic:  # before a restore: its PIC/PIT and clock are in the snapshot
+                machine.ctx.deterministic = deterministic.for_machine(machine, devices.port_bus, recording)
+            _set_rtc_clock(spec, devices.rtc, machine.ctx.deterministic)
             if restored is not None:
                 restored.restore(machine, devices)
                 restored = None  # its memory copy is not needed any more
             if spec.step_trace:
                 machine.ctx.step_tracers = _step_tracers(spec, machine, recording)
-            if spec.deterministic:
-                machine.ctx.deterministic = deterministic.for_machine(machine, devices.port_bus, recording)
             if recording:
                 # Once the VM is stopping, a recorder that takes nothing may not hold it forever.
                 recording.set_stopping_check(lambda: machine.ctx.stopping)

@@ -11,13 +11,22 @@ when the guest's interrupt window opens (kvm_run.request_interrupt_window: api.r
 the timer armed jumps the clock to the timer's next deadline at once (a timer-driven guest runs
 faster than real time). Each injection is an `interrupt` record: (clock, rip, vector), which a
 rerun (vmworker/rerun.py) gives again at the same place. One vCPU only (settings refuse more).
+
+The CMOS RTC reads this clock too (`rtc_clock`): a fixed start (the `rtc_base` setting, recorded
+in the spec) plus virtual time, so no host time reaches the guest. A snapshot (vmworker/snapshot.py)
+keeps `state()`: the clock's reading and HLT's skipped time (the PIC pair and the PIT sit on the
+port bus and are saved with the devices); a restored VM goes on from there (`restore`), so its
+interrupt records carry on the original's clock values.
 """
 
 from __future__ import annotations
 
+import calendar
 import fcntl
+import time
 
 from . import kvm_abi as abi
+from .errors import SpecError
 from .devices.pic8259 import PicPair
 from .devices.pit8254 import Pit8254
 from .layout import PIC_MASTER_PORT, PIC_SLAVE_PORT, PIT_PORT
@@ -27,6 +36,18 @@ _READY = abi.run_offset("ready_for_interrupt_injection")
 _IF_FLAG = abi.run_offset("if_flag")
 NS_PER_INSN = 1  # virtual time: a 1 GHz CPU that runs one instruction per cycle
 NS_PER_EXIT = 1000  # where instructions cannot be counted: a microsecond per exit
+RTC_BASE_DEFAULT = "2000-01-01T00:00:00"  # the RTC's start in this mode unless rtc_base says otherwise
+RTC_BASE_FORMATS = ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d")
+
+
+def parse_rtc_base(text: str) -> int:
+    """rtc_base (UTC, YYYY-MM-DD[THH:MM:SS]) → seconds since the epoch; SpecError if it does not read."""
+    for fmt in RTC_BASE_FORMATS:
+        try:
+            return calendar.timegm(time.strptime(text, fmt))
+        except ValueError:
+            continue
+    raise SpecError(f"{text!r} is not a UTC time (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS)")
 
 
 def inject(vcpu, vector: int) -> None:
@@ -54,6 +75,7 @@ class Deterministic:
         self.skipped_ns = 0  # virtual time HLT jumped over
         self.record = record  # record(at, rip, vector, virtual_ns)
         self.injected = 0
+        self.rtc_base: int | None = None  # seconds since the epoch the RTC started at (rtc_clock)
 
     def clock(self) -> int:
         """The vCPU's clock now: instructions since start, or guest exits."""
@@ -63,6 +85,40 @@ class Deterministic:
 
     def virtual_ns(self, at: int) -> int:
         return at * (NS_PER_INSN if self.counter is not None else NS_PER_EXIT) + self.skipped_ns
+
+    def rtc_clock(self, base_seconds: int):
+        """The CMOS RTC's clock (devices/rtc.py's seam): `base_seconds` plus the virtual time."""
+        self.rtc_base = base_seconds
+        return lambda: base_seconds + self.virtual_ns(self.clock()) / 1e9
+
+    # Snapshots ------------------------------------------------------------------------------------
+    def state(self, vcpu) -> dict:
+        """What a snapshot keeps, read while the vCPU is parked outside KVM_RUN."""
+        return {"clock": self.clock_name, "at": self.clock(), "exits": self._exits, "skipped_ns": self.skipped_ns,
+                "injected": self.injected, "window": vcpu.run_page[_REQUEST_WINDOW], "rtc_base": self.rtc_base}
+
+    def restore(self, state: dict, vcpu, path: str) -> None:
+        """Go on from a snapshot's `state()` (before the vCPU first runs); SpecError if it does not fit."""
+        def number(name: str) -> int:
+            value = state.get(name)
+            if not isinstance(value, int) or value < 0:
+                raise SpecError(f"{path}: corrupt snapshot (deterministic {name})")
+            return value
+        if not isinstance(state, dict):
+            raise SpecError(f"{path}: corrupt snapshot (deterministic state)")
+        if state.get("clock") != self.clock_name:
+            raise SpecError(f"{path}: the snapshot's virtual clock counts {state.get('clock')}, this host's "
+                            f"counts {self.clock_name}: the guest's interrupts would move")
+        if state.get("rtc_base") != self.rtc_base:  # the RTC would jump
+            when = state.get("rtc_base")
+            shown = time.strftime(RTC_BASE_FORMATS[0], time.gmtime(when)) if isinstance(when, int) else when
+            raise SpecError(f"{path}: the snapshot's RTC started at {shown}; give --rtc-base {shown}")
+        at = number("at")
+        if self.counter is not None:
+            self._base = self.counter.read() - at  # the clock reads `at` now and counts on
+        self._exits = number("exits")
+        self.skipped_ns, self.injected = number("skipped_ns"), number("injected")
+        request_window(vcpu.run_page, bool(number("window")))
 
     def after_exit(self, vcpu, rip: int, halted: bool) -> bool:
         """Called after each guest exit is handled; returns True when a HLT ends the vCPU for good

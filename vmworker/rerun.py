@@ -210,6 +210,12 @@ class Rerun:
                 counter = None
         start_count = counter.read() if counter is not None else 0
         self.counter, self.count_base = counter, start_count
+        parent = next((r.get("parent") for r in rec.reader.records(schema.MSG_VM_START)
+                       if r["vm"] == rec.vm and r["epoch"] == rec.epoch), None)
+        if parent:  # an epoch restored from a snapshot starts from it, its clock where it stood
+            from .snapshot import restore_for_rerun
+            at, self.guest_exits = restore_for_rerun(parent, machine, self.image.sha256)
+            self.count_base -= at
         if self.interrupts and self.interrupts[0]["clock"] == "insns" and counter is None:
             raise RerunInputError("the trace's interrupts are placed by instruction count, which this host "
                                   "cannot count exactly")

@@ -51,6 +51,14 @@ def _gdb_endpoint(text: str, label: str) -> None:
     parse_endpoint(text, label)
 
 
+def _rtc_base(text: str, label: str) -> None:
+    from .deterministic import parse_rtc_base  # UTC, YYYY-MM-DD[THH:MM:SS]
+    try:
+        parse_rtc_base(text)
+    except SpecError as e:
+        raise SpecError(f"{label}: {e}") from None
+
+
 def check_together(get: Callable[[str], Any], label: Callable[[str], str]) -> None:
     """The checks across settings (a row's kind checks only its own value); raises Invalid.
     `get(name)` is a setting's value, `label(name)` how the user spelled it."""
@@ -77,8 +85,6 @@ def check_together(get: Callable[[str], Any], label: Callable[[str], str]) -> No
     if get("step_trace") and get("gdb"):
         raise Invalid(f"{label('step_trace')} and {label('gdb')} both single-step the vCPU; give one",
                       key="step_trace")
-    if get("restore") and get("deterministic"):  # its user-space PIC/PIT are not in a snapshot yet
-        raise Invalid(f"{label('restore')} cannot go with {label('deterministic')} yet", key="restore")
     if get("restore"):
         from .snapshot import check_file  # a snapshot of this format, of this much memory
         try:
@@ -174,6 +180,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("deterministic", bool, Switch(), False,
             "Interrupts only at exits, from a user-space PIC/PIT on a virtual clock (instruction count), so "
             "`vmtrace rerun` reruns timer-driven guests exactly; one vCPU, no --irqchip, no --record-only."),
+    Setting("rtc_base", str | None, Text(also=_rtc_base), None,
+            "The CMOS clock's time at start, UTC (YYYY-MM-DD[THH:MM:SS]); it runs on from there (default: the "
+            "host's time; with --deterministic 2000-01-01, on the virtual clock)."),
     Setting("embed", bool, Switch(), True,
             "Embed the guest image's bytes in the trace, so `vmtrace rerun` needs no file (--no-embed: path + sha256 only)."),
     Setting("coalesce", list | None, CoalesceZones(), None,

@@ -4,8 +4,10 @@ A snapshot is taken with every vCPU parked outside KVM_RUN after a KVM_RUN with 
 set, which completes a pending I/O or MMIO exit (api.rst, "immediate_exit": the state is then
 consistent for migration). It holds guest RAM; per vCPU the registers, sregs, XSAVE image (FPU
 when XSAVE is not readable), pending events, MP state and, with an in-kernel irqchip, the LAPIC;
-the in-kernel PIC/IOAPIC and PIT; the device models' state; and the trace position (per vCPU next
-sequence number, the epoch). Not saved: MSRs beyond what sregs carry (the TSC runs on).
+the in-kernel PIC/IOAPIC and PIT; the device models' state (with --deterministic the user-space
+PIC pair and PIT among them); a --deterministic VM's virtual clock (vmworker/deterministic.py);
+and the trace position (per vCPU next sequence number, the epoch). Not saved: MSRs beyond what
+sregs carry (the TSC runs on).
 
 The file format is vmworker.snapshot_file; this module only decides what goes in and out.
 """
@@ -13,11 +15,12 @@ The file format is vmworker.snapshot_file; this module only decides what goes in
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 
 from . import kvm_abi as abi
 from .errors import KvmError, SpecError
-from .snapshot_file import SnapshotError, read_header, read_snapshot, unpack_section, write_snapshot
+from .snapshot_file import SnapshotError, file_sha256, read_header, read_snapshot, unpack_section, write_snapshot
 
 _CHIPS = {"pic_master": abi.KVM_IRQCHIP_PIC_MASTER, "pic_slave": abi.KVM_IRQCHIP_PIC_SLAVE,
           "ioapic": abi.KVM_IRQCHIP_IOAPIC}
@@ -57,6 +60,9 @@ def capture(machine, devices, batchers, spec) -> dict:
         "vcpus": [_vcpu_state(v, machine.irqchip) for v in vm.vcpus],
         "devices": devices.saved_state(),
     }
+    det = machine.ctx.deterministic
+    if det is not None:
+        sections["deterministic"] = det.state(vm.vcpus[0])
     if machine.irqchip:
         chips = {name: _raw(vm.get_irqchip(chip_id)) for name, chip_id in _CHIPS.items()}
         chips["pit"] = _raw(vm.get_pit2())
@@ -86,8 +92,6 @@ def command_handler(machine, devices, recording, spec, image_sha256: str):
         path = req.get("path")
         if not isinstance(path, str) or not path.startswith("/"):
             raise SpecError("snapshot: the file must be an absolute path")
-        if getattr(spec, "deterministic", False):
-            raise SpecError("snapshot: a --deterministic VM's user-space PIC/PIT are not saved yet")
         was_paused = machine.ctx.paused
         machine.pause()
         try:
@@ -115,6 +119,8 @@ class Snapshot:
         self.vcpus = unpack_section(path, self._sections, "vcpus")
         self.devices = unpack_section(path, self._sections, "devices")
         self.irqchip = unpack_section(path, self._sections, "irqchip") if "irqchip" in self._sections else None
+        self.deterministic = (unpack_section(path, self._sections, "deterministic")
+                              if "deterministic" in self._sections else None)
         self.memory = self._sections.get("memory")
         if not isinstance(self.meta, dict) or not isinstance(self.vcpus, list) or self.memory is None:
             raise SnapshotError(f"{path}: corrupt snapshot (meta, vcpus or memory missing)")
@@ -134,14 +140,37 @@ class Snapshot:
         if bool(self.irqchip) != irqchip:
             said = "with" if self.irqchip else "without"
             raise SnapshotError(f"{self.path}: the snapshot was taken {said} an in-kernel irqchip; give the same --irqchip")
+        if (self.deterministic is not None) != bool(spec.deterministic):
+            said = "with" if self.deterministic is not None else "without"
+            raise SnapshotError(f"{self.path}: the snapshot was taken {said} --deterministic; give the same")
 
     def parent(self) -> dict:
-        """What a restored VM's vm-start names as its parent."""
-        return {"snapshot": self.path, "vm": self.meta.get("vm"), "name": self.meta.get("name"),
-                "epoch": self.meta.get("epoch"), "next_seq": list(self.next_seq), "wall": self.meta.get("wall")}
+        """What a restored VM's vm-start names as its parent (the file's sha256: a rerun of the
+        restored epoch starts from this very file, vmworker/rerun.py)."""
+        return {"snapshot": os.path.abspath(self.path), "sha256": file_sha256(self.path), "vm": self.meta.get("vm"),
+                "name": self.meta.get("name"), "epoch": self.meta.get("epoch"), "next_seq": list(self.next_seq),
+                "wall": self.meta.get("wall")}
+
+    def clock_position(self) -> tuple[int, int] | None:
+        """A --deterministic snapshot's virtual clock: (clock reading, guest exits), else None."""
+        det = self.deterministic
+        if det is None:
+            return None
+        at, exits = det.get("at") if isinstance(det, dict) else None, det.get("exits") if isinstance(det, dict) else None
+        if not isinstance(at, int) or not isinstance(exits, int):
+            raise SnapshotError(f"{self.path}: corrupt snapshot (deterministic clock)")
+        return at, exits
 
     def restore(self, machine, devices) -> None:
-        """Put the saved state into `machine` (made from the same image, not yet running)."""
+        """Put the saved state into `machine` (made from the same image, not yet running; with
+        --deterministic, its controller made already: its PIC/PIT are among the devices)."""
+        self.restore_machine(machine)
+        devices.restore_saved_state(self.devices, self.path)
+        if self.deterministic is not None:
+            machine.ctx.deterministic.restore(self.deterministic, machine.vm.vcpus[0], self.path)
+
+    def restore_machine(self, machine) -> None:
+        """Memory, in-kernel irqchip and vCPU state only (a rerun, whose devices are the trace)."""
         path = self.path
         machine.memory.regions[0].mapping[:] = self.memory
         vm = machine.vm
@@ -169,7 +198,25 @@ class Snapshot:
                 raise SnapshotError(f"{path}: corrupt snapshot (mp_state)")
             vcpu.set_mp_state(mp_state)
             vcpu.set_vcpu_events(_load(abi.kvm_vcpu_events, state.get("events"), path, "events"))
-        devices.restore_saved_state(self.devices, path)
+
+
+def parent_snapshot(parent: dict, mem: int, image_sha256: str) -> Snapshot:
+    """The snapshot a restored epoch's vm-start names (`parent`), read and checked to be that
+    very file; SnapshotError (one line) when it is gone, changed or of another VM."""
+    path = parent.get("snapshot") if isinstance(parent, dict) else None
+    if not isinstance(path, str):
+        raise SnapshotError("the epoch was restored from a snapshot its vm-start record does not name")
+    if not os.path.exists(path):
+        raise SnapshotError(f"the epoch was restored from snapshot {path}, which is gone: a rerun starts from it")
+    want = parent.get("sha256")
+    if want is None:
+        raise SnapshotError(f"the epoch was restored from snapshot {path} by a vmsup that did not record its "
+                            "sha256: cannot tell it is the same file")
+    if file_sha256(path) != want:
+        raise SnapshotError(f"snapshot {path} has changed since the epoch was restored from it (sha256 {want})")
+    snapshot = Snapshot(path)
+    check_header_against(path, snapshot.header, mem, image_sha256)
+    return snapshot
 
 
 def check_header_against(path: str, header, mem: int, image_sha256: str | None) -> None:
@@ -187,3 +234,12 @@ def check_file(path: str, mem: int) -> None:
 
 def _size(n: int) -> str:
     return f"{n >> 20}M" if n % (1 << 20) == 0 else str(n)
+
+
+def restore_for_rerun(parent: dict, machine, image_sha256: str) -> tuple[int, int]:
+    """A rerun of a restored epoch (vmworker/rerun.py) starts from its snapshot: memory and CPU
+    state go into `machine`; returns where a --deterministic snapshot's clock stood (clock
+    reading, guest exits), (0, 0) for another, so the epoch's interrupt records keep their places."""
+    snapshot = parent_snapshot(parent, machine.memory.size, image_sha256)
+    snapshot.restore_machine(machine)
+    return snapshot.clock_position() or (0, 0)

@@ -10,6 +10,10 @@ of each stream is reported (seq, field, both values), and the earliest of them i
 counts and mean / p50 / p99 of guest and handling time in both traces.
 
 Streams are compared block by block with numpy (one decoded block of each side at a time).
+Kicks (`intr` rows: the VMM took the vCPU out of KVM_RUN at a host-timed moment — a pause, a
+snapshot, a flush of a quiet vCPU) are not the guest's doing: they are left out of the
+comparison, and since each takes a sequence number, events are matched by their place among the
+guest's exits (seq minus the kicks before it), not by seq alone. The seq reported is A's.
 
 A trace restored from a snapshot (`vmsup launch --restore`) carries on the original's sequence
 numbers from the snapshot on: a stream that starts past 0 in either trace (its vm-start names a
@@ -31,6 +35,7 @@ from .summary import summarize
 FIELDS = ("reason", "flags", "addr", "size", "count", "data")  # what the guest did; not timing
 _SEQ = schema.SEQ_COLUMN[0]
 _COLS = (*FIELDS, _SEQ, "t_exit")
+_PLACE = "place"  # an event's place among its stream's guest exits (seq minus the kicks before it)
 
 
 def describe(ev: dict) -> str:
@@ -46,13 +51,20 @@ def describe(ev: dict) -> str:
 
 def _chunks(reader: TraceReader, key: tuple[int, int, int],
             span: tuple[int, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Stream `key`'s events block by block; with `span` (lo, hi) only seqs lo..hi."""
+    """Stream `key`'s guest exits (kicks left out) block by block, each with its place; with
+    `span` (lo, hi) only seqs lo..hi."""
+    kicks = 0  # before this block
     for batch in reader.exit_batches(*key):
         if batch.n_rows:
             cols = {name: batch.columns[name] for name in _COLS}
             if span is not None:
                 keep = (cols[_SEQ] >= span[0]) & (cols[_SEQ] <= span[1])
                 cols = {name: col[keep] for name, col in cols.items()}
+            is_kick = cols["reason"] == schema.REASON_INTR
+            cols[_PLACE] = cols[_SEQ].astype(np.int64) - (np.cumsum(is_kick) + kicks)
+            kicks += int(is_kick.sum())
+            if kicks:
+                cols = {name: col[~is_kick] for name, col in cols.items()}
             if len(cols[_SEQ]):
                 yield cols
 
@@ -98,22 +110,24 @@ def _first_divergence(ra: TraceReader, rb: TraceReader, key, t0: int | None,
             b = next(ib, None)
         if a is None and b is None:
             return None
+        if span is not None and (a is None or b is None):
+            return None  # a restored range ends where either side's events end (kicks shift its seqs)
         if a is None or b is None:
             side = b if a is None else a
             row = _row(side, 0)
             return _divergence(key, row[_SEQ], None if a is None else row, None if b is None else row, t0)
         m = min(len(a[_SEQ]), len(b[_SEQ]))
-        differ = a[_SEQ][:m] != b[_SEQ][:m]
+        differ = a[_PLACE][:m] != b[_PLACE][:m]
         for name in FIELDS:
             differ |= a[name][:m] != b[name][:m]
         hits = np.flatnonzero(differ)
         if len(hits):
             j = int(hits[0])
             ra_, rb_ = _row(a, j), _row(b, j)
-            if ra_[_SEQ] != rb_[_SEQ]:  # one side has an event the other lacks
-                seq = min(ra_[_SEQ], rb_[_SEQ])
-                return _divergence(key, seq, ra_ if ra_[_SEQ] == seq else None,
-                                   rb_ if rb_[_SEQ] == seq else None, t0)
+            pa, pb = int(a[_PLACE][j]), int(b[_PLACE][j])
+            if pa != pb:  # one side has an event the other lacks
+                return _divergence(key, ra_[_SEQ] if pa < pb else rb_[_SEQ], ra_ if pa < pb else None,
+                                   rb_ if pb < pa else None, t0)
             return _divergence(key, ra_[_SEQ], ra_, rb_, t0)
         a = {name: col[m:] for name, col in a.items()}
         b = {name: col[m:] for name, col in b.items()}
@@ -153,9 +167,10 @@ def diff(path_a, path_b) -> dict:
                      "t_ns": present.t_first, "t_rel_ns": None if t0 is None or present.t_first is None
                      else present.t_first - t0}
             elif key in restored:  # one side continues the other from a snapshot: the range both hold
-                span = (max(sa[key].first_seq, sb[key].first_seq), min(sa[key].last_seq, sb[key].last_seq))
-                ranges.append({"vm": key[0], "vcpu": key[1], "epoch": key[2], "first_seq": span[0], "last_seq": span[1]})
-                d = _first_divergence(ra, rb, key, t0, span)
+                lo = max(sa[key].first_seq, sb[key].first_seq)
+                ranges.append({"vm": key[0], "vcpu": key[1], "epoch": key[2], "first_seq": lo,
+                               "last_seq": min(sa[key].last_seq, sb[key].last_seq)})
+                d = _first_divergence(ra, rb, key, t0, (lo, max(sa[key].last_seq, sb[key].last_seq)))
             else:
                 d = _first_divergence(ra, rb, key, t0)
             if d is not None:
@@ -168,7 +183,7 @@ def diff(path_a, path_b) -> dict:
         guests = [{"vm": vm, "a": guests_a.get(vm), "b": guests_b.get(vm),
                    "same": guests_a.get(vm) == guests_b.get(vm)} for vm in sorted(set(guests_a) | set(guests_b))]
         events = (ra.event_count, rb.event_count)
-    count_diffs = [c for c in counts if c["delta"]]
+    count_diffs = [c for c in counts if c["delta"] and c["reason"] != schema.reason_name(schema.REASON_INTR)]  # kicks: host-timed
     # Over a restored range the whole traces' counts differ by what lies outside it: not a divergence.
     same = first is None and (not count_diffs or bool(ranges))
     return {"a": str(path_a), "b": str(path_b), "events": {"a": events[0], "b": events[1]},

@@ -10,13 +10,19 @@ at exits and injects with KVM_INTERRUPT.
 
 from __future__ import annotations
 
+from .saved_state import SavedFields
+
 CASCADE_IRQ = 2
 
 
-class Pic8259:
+class Pic8259(SavedFields):
     """One 8259A: `raise_irq(n)` latches an edge, `next_irq()` the one to deliver, `acknowledge(n)`."""
 
-    def __init__(self) -> None:
+    # what a snapshot of a --deterministic VM keeps (on the port bus, it is saved with the devices)
+    SAVED = ("irr", "isr", "imr", "vector_base", "read_isr", "_icw_step", "_icw4")
+
+    def __init__(self, name: str = "pic") -> None:
+        self.name = name
         self.irr = 0  # requested
         self.isr = 0  # in service
         self.imr = 0xFF  # masked (all, until the guest programs it)
@@ -81,7 +87,7 @@ class PicPair:
     """Master and slave as the PC wires them; `pending_vector()` / `acknowledge()` for injection."""
 
     def __init__(self) -> None:
-        self.master, self.slave = Pic8259(), Pic8259()
+        self.master, self.slave = Pic8259("pic-master"), Pic8259("pic-slave")
 
     def raise_irq(self, irq: int) -> None:
         if irq < 8:

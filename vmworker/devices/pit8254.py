@@ -10,12 +10,19 @@ a HLT jumps the clock to.
 
 from __future__ import annotations
 
+from .saved_state import SavedFields
+
 INPUT_HZ = 1_193_182  # the PC's PIT input clock (14.31818 MHz / 12)
 NS = 1_000_000_000
 
 
-class Pit8254:
-    def __init__(self, raise_irq0) -> None:
+class Pit8254(SavedFields):
+    # what a snapshot of a --deterministic VM keeps (on the port bus, it is saved with the devices):
+    # the programming and where channel 0 stands on the virtual clock
+    SAVED = ("now_ns", "mode", "reload", "access", "_low_next", "_partial", "start_ns", "deadline", "_latched")
+
+    def __init__(self, raise_irq0, name: str = "pit") -> None:
+        self.name = name
         self._raise = raise_irq0
         self.now_ns = 0  # the virtual clock as of the last advance
         self.mode = 0
