@@ -7,6 +7,7 @@ Real KVM, real guests: mbkernel (guest/mbkernel.c) programs the PIT at 100 Hz an
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -63,3 +64,55 @@ def test_deterministic_refuses_what_it_cannot_honour_before_start(vmsup, flags, 
     proc = vmsup("launch", "mbkernel", "--deterministic", *flags)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--deterministic" in proc.stderr and words in proc.stderr
+
+
+# --- the CMOS RTC on the virtual clock --------------------------------------------------------------
+
+RTC_LINE = re.compile(r"^rtc (bcd|bin) (\w\w) (\w\w)-(\w\w)-(\w\w) (\w\w):(\w\w):(\w\w) b", re.M)
+
+
+def rtc_times(stdout: str) -> list[tuple[int, ...]]:
+    """pcirtc's two RTC lines as (century, year, month, day, hour, minute, second), decoded."""
+    out = []
+    for mode, *fields in RTC_LINE.findall(stdout):
+        out.append(tuple(int(f, 16) if mode == "bin" else int(f) for f in fields))  # BCD digits read as decimal
+    return out
+
+
+def port_reads(trace: str, port: int) -> list[int]:
+    with TraceReader(trace) as reader:
+        ex = reader.exits(vm=0)
+    keep = (ex["reason"] == schema.REASON_IO) & (ex["addr"] == port) & (ex["flags"] & schema.FLAG_WRITE == 0)
+    return ex["data"][keep].tolist()
+
+
+def test_two_deterministic_recordings_of_a_guest_reading_the_rtc_make_identical_exits(vmsup, tmp_path):
+    # pcirtc waits for the RTC's update-in-progress bit to clear, then reads the time twice (BCD, binary).
+    traces = [str(tmp_path / f"rtc{i}.trace") for i in range(2)]
+    for trace in traces:
+        proc = vmsup("launch", "pcirtc", "--deterministic", "--quiet", "--trace", trace)
+        assert proc.returncode == 0, proc.stderr
+        assert rtc_times(proc.stdout) == [(20, 0, 1, 1, 0, 0, 0)] * 2  # 2000-01-01 00:00:00, the fixed start
+    assert len(port_reads(traces[0], 0x71)) > 10
+    assert port_reads(traces[0], 0x71) == port_reads(traces[1], 0x71)
+    proc = vmtrace("diff", *traces, "--json")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert json.loads(proc.stdout)["same"] is True
+    with TraceReader(traces[0]) as reader:
+        assert reader.records(schema.MSG_VM_START)[0]["spec"]["rtc_base"] is None  # the fixed default
+
+
+def test_rtc_base_sets_the_clock_a_guest_reads_with_and_without_deterministic(vmsup):
+    proc = vmsup("launch", "pcirtc", "--deterministic", "--rtc-base", "2031-07-04T12:30:59", "--quiet", "--no-trace")
+    assert proc.returncode == 0, proc.stderr
+    assert rtc_times(proc.stdout) == [(20, 31, 7, 4, 12, 30, 59)] * 2
+    proc = vmsup("launch", "pcirtc", "--rtc-base", "2031-07-04", "--quiet", "--no-trace")
+    assert proc.returncode == 0, proc.stderr
+    for time_read in rtc_times(proc.stdout):  # host time runs on from the base: a second or two at most
+        assert time_read[:6] == (20, 31, 7, 4, 0, 0) and time_read[6] < 30, proc.stdout
+
+
+def test_a_bad_rtc_base_is_one_line_before_start(vmsup):
+    proc = vmsup("launch", "pcirtc", "--rtc-base", "2031-17-04")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--rtc-base" in proc.stderr and "2031-17-04" in proc.stderr

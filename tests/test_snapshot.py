@@ -274,3 +274,81 @@ def test_snapshot_of_a_vm_the_run_lacks_is_one_line(vmsup, tmp_path):
     finally:
         vmsup("stop", "--all")
     wait_for(lambda: vmsup("ps", "--json").stdout.strip() in ("", "[]"), "the run to end")
+
+
+# --- --deterministic VMs --------------------------------------------------------------------------
+
+def _interrupts(trace: str) -> list[tuple]:
+    with TraceReader(trace) as reader:
+        return [(r["at"], r["clock"], r["rip"], r["vector"], r["virtual_ns"])
+                for r in reader.records(schema.MSG_INTERRUPT)]
+
+
+def _vmtrace(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tracetool", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.kvm
+def test_deterministic_mbkernel_restored_from_a_snapshot_makes_the_uninterrupted_runs_exits_and_ticks(vmsup, tmp_path):
+    # mbkernel's timer comes from the user-space PIT on the virtual clock: a restored VM whose PIT,
+    # PIC or clock did not come back would tick at other exits.
+    trace, snap, reply = snapshot_running(vmsup, tmp_path, "mbkernel", lambda: vm_exits(vmsup, "mbkernel") > 3000,
+                                          "--deterministic", "--cmdline", "maxticks=0 report=1000")
+    (next_seq,) = reply["next_seq"]
+    restored = str(tmp_path / "restored.trace")
+    proc = vmsup("launch", "mbkernel", "--deterministic", "--quiet", "--max-exits", "4000", "--trace", restored,
+                 "--restore", snap)
+    assert proc.returncode == 0, proc.stderr
+    assert "hello from a multiboot kernel" not in proc.stdout  # no second boot
+
+    proc = _vmtrace("diff", trace, restored, "--json")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    report = json.loads(proc.stdout)
+    (span,) = report["restored_ranges"]
+    assert span["first_seq"] == next_seq and span["last_seq"] >= next_seq + 3000
+    assert report["first_divergence"] is None
+
+    # The restored epoch's interrupts carry on the original's clock: the same (count, rip, vector).
+    original, after = _interrupts(trace), _interrupts(restored)
+    assert len(after) > 100 and after[0][0] > 0
+    start = original.index(after[0])
+    assert original[start:start + len(after)] == after[:len(original) - start]
+    assert len(original) - start > 100
+
+    # A rerun of the restored epoch starts from its snapshot and gives each interrupt at its place.
+    proc = _vmtrace("rerun", restored, "--json")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["identical"] is True and result["exits"] == 4000
+
+
+@pytest.mark.kvm
+def test_a_rerun_of_a_restored_epoch_whose_snapshot_is_gone_or_changed_is_one_line(vmsup, tmp_path):
+    trace, snap, reply = snapshot_running(vmsup, tmp_path, "seed16", lambda: vm_exits(vmsup, "seed16") > 1000)
+    restored = str(tmp_path / "restored.trace")
+    proc = vmsup("launch", "seed16", "--quiet", "--max-exits", "500", "--trace", restored, "--restore", snap)
+    assert proc.returncode == 0, proc.stderr
+    proc = _vmtrace("rerun", restored, "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["identical"] is True, proc.stdout[-2000:]
+
+    data = bytearray(open(snap, "rb").read())
+    data[-5] ^= 0xFF
+    open(snap, "wb").write(bytes(data))
+    proc = _vmtrace("rerun", restored)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "has changed since the epoch was restored from it" in proc.stderr + proc.stdout
+    import os
+    os.unlink(snap)
+    proc = _vmtrace("rerun", restored)
+    assert proc.returncode == 2 and f"snapshot {snap}, which is gone" in proc.stderr + proc.stdout
+
+
+@pytest.mark.kvm
+def test_a_snapshot_goes_back_only_into_a_vm_of_the_same_determinism(vmsup, tmp_path):
+    trace, snap, reply = snapshot_running(vmsup, tmp_path, "mbkernel", lambda: vm_exits(vmsup, "mbkernel") > 500,
+                                          "--deterministic", "--cmdline", "maxticks=0")
+    proc = vmsup("launch", "mbkernel", "--no-irqchip", "--quiet", "--max-exits", "10", "--no-trace", "--restore", snap)
+    _one_line_refusal(proc, "taken with --deterministic")
+    proc = vmsup("launch", "mbkernel", "--deterministic", "--rtc-base", "2030-01-01", "--quiet", "--max-exits", "10",
+                 "--no-trace", "--restore", snap)
+    _one_line_refusal(proc, "RTC started at 2000-01-01T00:00:00", "--rtc-base 2000-01-01T00:00:00")
