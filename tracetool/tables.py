@@ -9,6 +9,7 @@ arrays go to Arrow as they are (no Python object per event).
 fields most records share (t, vm, vcpu, epoch, name, event, status) and the whole record as JSON.
 `vms`: one row per VM and epoch, from its vm-start and vm-end records and the trace's streams.
 `kvm_stats`: the kernel's KVM counters sampled into the trace, one row per sample and counter.
+`coalesced`, `emulated`: coalesced writes and emulated instructions, one row each (tracetool.side_rows).
 
 Every table can carry a `trace` column (which file a row came from) so several traces query as one.
 Needs pyarrow (the `parquet` and `sql` extras).
@@ -193,8 +194,27 @@ def _with_trace(table: pa.Table, trace: str | None) -> pa.Table:
     return table.add_column(0, pa.field(TRACE_COLUMN, _TRACE_TYPE), _trace_array(trace, table.num_rows))
 
 
+def side_table(kind: str, reader: TraceReader, trace: str | None = None, where=None) -> pa.Table:
+    """Coalesced writes or emulated instructions (tracetool.side_rows: its fields, typed)."""
+    from . import side_rows
+    dtypes = side_rows.integer_dtypes(kind)
+    values = side_rows.value_columns(kind, side_rows.columns(reader, kind, where))
+    return _with_trace(pa.table({name: pa.array(v, pa.string() if name in side_rows.TEXT_FIELDS
+                                                 else pa.from_numpy_dtype(dtypes[name]))
+                                 for name, v in values.items()}), trace)
+
+
+def coalesced_table(reader: TraceReader, trace: str | None = None) -> pa.Table:
+    return side_table(schema.MSG_COALESCED, reader, trace)
+
+
+def emulated_table(reader: TraceReader, trace: str | None = None) -> pa.Table:
+    return side_table(schema.MSG_EMULATED, reader, trace)
+
+
 # Table name → how to build it from one trace.
-BUILDERS = {"exits": exits_table, "records": records_table, "vms": vms_table, "kvm_stats": kvm_stats_table}
+BUILDERS = {"exits": exits_table, "records": records_table, "vms": vms_table, "kvm_stats": kvm_stats_table,
+            "coalesced": coalesced_table, "emulated": emulated_table}
 
 
 # --- A Hive-partitioned Parquet dataset (vmtrace export --partition-by) --------------------------

@@ -18,10 +18,15 @@ image the trace names, or --symbols), empty where unknown.
 Parquet: the same columns with types (reason as a dictionary-encoded string, handle_ns null
 where unknown), the run metadata in the file's key-value metadata; needs pyarrow
 (`pip install 'vmsup[parquet]'`).
+
+`--table coalesced` or `--table emulated` (CSV or Parquet) writes the coalesced writes or the
+emulated instructions instead, one row each: the columns of `vmtrace sql`'s tables of those
+names (tracetool/side_rows.py), which are not exits.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -31,7 +36,7 @@ import numpy as np
 import typer
 
 from .. import _text as T
-from .. import analysis, exit_rows, schema
+from .. import analysis, exit_rows, schema, side_rows
 from .._output import OutputError, output_path
 from ..filters import EventFilter
 from ..handling import NO_HANDLE
@@ -40,6 +45,7 @@ from . import _common as common
 from ._symbols import SYMBOLS_OPT, vm_tables
 
 FORMATS = ("perfetto", "csv", "parquet")
+TABLES = ("exits", *side_rows.KINDS)  # what an export holds: exits, or the rows beside them
 _PLACES = tuple(f.name for f in schema.PLACE_FIELDS)  # derived: named from rip (exit_rows.add_places)
 CSV_COLUMNS = schema.EXPORT_COLUMNS  # CSV and Parquet: one column each, in this order
 _PARQUET_ROWS = 1 << 20  # rows per Parquet row group
@@ -74,6 +80,35 @@ def export(reader: TraceReader, fmt: str, out_path: str, where: EventFilter | No
     try:
         with output_path(out_path, inputs=(reader.path,)) as path:
             n = writer(reader, path, where, progress or (lambda k: None), symbols or {})
+            size = os.path.getsize(path) if os.path.isfile(path) else None
+    except OutputError as e:
+        raise ExportError(str(e)) from None
+    return {"events": n, "path": out_path, "bytes": size, "format": fmt}
+
+
+def export_side(reader: TraceReader, kind: str, fmt: str, out_path: str, where: EventFilter | None = None) -> dict:
+    """Write the coalesced writes or emulated instructions (side_rows.KINDS) as CSV or Parquet,
+    whole or not at all (as export). Returns {"events": rows, "path", "bytes", "format"}."""
+    if fmt not in ("csv", "parquet"):
+        raise ExportError(f"--table {kind} goes to csv or parquet (the perfetto timeline holds exits)")
+    if fmt == "parquet":
+        _need_pyarrow()
+    try:
+        with output_path(out_path, inputs=(reader.path,)) as path:
+            if fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                from .. import tables
+                table = tables.side_table(kind, reader, where=where)
+                pq.write_table(table.replace_schema_metadata(_parquet_metadata(reader)), path, compression="zstd")
+                n = table.num_rows
+            else:
+                values = side_rows.value_columns(kind, side_rows.columns(reader, kind, where))
+                with open(path, "w", newline="") as f:
+                    out = csv.writer(f, lineterminator="\n")
+                    out.writerow(values)
+                    out.writerows(zip(*values.values()))
+                n = len(next(iter(values.values())))
             size = os.path.getsize(path) if os.path.isfile(path) else None
     except OutputError as e:
         raise ExportError(str(e)) from None
@@ -387,10 +422,17 @@ def run(
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="A progress bar on stderr [default: when stderr is a terminal]."),
     symbols: Optional[str] = SYMBOLS_OPT,
+    table: str = typer.Option("exits", "--table", help="exits, or (csv, parquet) the rows beside them: coalesced "
+                              "(writes KVM queued, --coalesce) or emulated (instructions vmsup performed), as "
+                              "vmtrace sql's tables of those names."),
 ) -> None:
     """Write the events as a Perfetto timeline (open it in ui.perfetto.dev), CSV or Parquet."""
     if fmt not in FORMATS:
         common.bad_input(f"unknown --format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if table not in TABLES:
+        common.bad_input(f"unknown --table {table!r} (choose from {', '.join(TABLES)})")
+    if table != "exits" and (fmt == "perfetto" or partition_by is not None):
+        common.bad_input(f"--table {table} goes to --format csv or parquet, without --partition-by")
     common.refuse_overwriting(out, trace)
     if fmt == "parquet" and out == "-" and sys.stdout.isatty():
         common.bad_input("Parquet is binary: not to a terminal (redirect standard output, or -o FILE)")
@@ -404,6 +446,8 @@ def run(
             common.bad_input(str(e))
 
     def export_to(reader, *args):
+        if table != "exits":
+            return export_side(reader, table, fmt, out, args[0])
         if partition_by is None:
             return export(reader, fmt, out, *args, symbols=vm_tables(reader, symbols))
         return export_partitioned(reader, out, keys, *args, symbols=vm_tables(reader, symbols))
@@ -425,4 +469,5 @@ def run(
         except ExportError as e:
             common.bad_input(str(e))
     size = "" if result["bytes"] is None else f", {result['bytes']} bytes"
-    typer.echo(f"vmtrace: wrote {result['events']} events to {out} ({fmt}{size})", err=True)
+    what = {"exits": "events", schema.MSG_COALESCED: "coalesced writes", schema.MSG_EMULATED: "emulated instructions"}
+    typer.echo(f"vmtrace: wrote {result['events']} {what[table]} to {out} ({fmt}{size})", err=True)

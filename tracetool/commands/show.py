@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Iterator, Optional
 
 import numpy as np
 import typer
 
-from .. import analysis, exit_rows, schema
+from .. import analysis, exit_rows, schema, side_rows
 from ..emulated import by_exit
 from ..filters import EventFilter
 from ..handling import NO_HANDLE
@@ -55,11 +56,17 @@ def text_lines(chunk: dict, t0: int, names: AddressNames, emulated: dict | None 
     return lines
 
 
-def json_lines(chunk: dict, t0: int, names: AddressNames) -> list[str]:
+def json_lines(chunk: dict, t0: int, names: AddressNames, side: dict | None = None) -> list[str]:
     """One JSON object per event and line, for scripts (the one shape: tracetool/exit_rows.py,
-    with the address as `rip` and its `symbol` and `line` where known)."""
+    with the address as `rip` and its `symbol` and `line` where known). With `side`
+    (side_rows.by_exit), an exit with coalesced writes drained before it or instructions
+    emulated while it was handled carries them as lists under "coalesced" and "emulated"."""
     exit_rows.add_places(chunk, names.tables)
-    return exit_rows.json_lines(chunk)
+    if not side:
+        return exit_rows.json_lines(chunk)
+    keys = zip(*(chunk[n].tolist() for n in ("vm", "vcpu", "epoch", "seq")))
+    return [json.dumps({**row, **side.get(key, {})}, separators=(",", ":")) + "\n"
+            for row, key in zip(exit_rows.json_rows(chunk), keys)]
 
 
 def run(
@@ -81,8 +88,11 @@ def run(
         c.require_vms(reader, trace, event_filter)
         names = AddressNames(vm_tables(reader, symbols))
         t0, chunks = events(reader, event_filter, limit, span)
-        emulated = None if as_json else by_exit(reader)  # not exits: shown under the exit that led to them
+        # Not exits: shown with the exit they link to (emulated instructions under the exit that
+        # led to them; with --json, coalesced writes drained before an exit in its object too).
+        emulated = None if as_json else by_exit(reader)
+        side = side_rows.by_exit(reader, event_filter) if as_json else None
         out = sys.stdout
         for chunk in chunks:
-            out.write("".join(json_lines(chunk, t0, names) if as_json else text_lines(chunk, t0, names, emulated)))
+            out.write("".join(json_lines(chunk, t0, names, side) if as_json else text_lines(chunk, t0, names, emulated)))
         out.flush()

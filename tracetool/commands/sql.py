@@ -9,6 +9,8 @@ traces, or a glob of them, query as one):
   vms      one row per VM and epoch: name, guest, sha256, mode, vcpus, status, exits, …
   kvm_stats  the kernel's KVM counters (KVM_GET_STATS_FD) the worker sampled: vm, epoch, vcpu
            (-1: the VM's own), t, name (the kernel's), value; one row per sample and counter
+  coalesced  writes KVM queued in its coalesced ring (--coalesce), emulated  instructions vmsup's
+           fallback emulator performed: the rows beside the exits (tracetool/side_rows.py)
 Only the tables a query names are built. Output: a table that fits the terminal (80 columns
 when piped; rows too wide for it are shown one `column value` block each), `--csv`, or `--json`
 (an array of objects).
@@ -158,12 +160,12 @@ def render(table, console) -> None:
 
 
 def run(
-    sql: str = typer.Argument(..., metavar="QUERY", help="A DuckDB SQL query over the tables exits, records, vms, kvm_stats."),
+    sql: str = typer.Argument(..., metavar="QUERY", help="A DuckDB SQL query over the tables exits, records, vms, kvm_stats, coalesced, emulated."),
     traces: list[str] = typer.Argument(..., metavar="TRACE...", help="Trace files or globs (quoted) of them."),
     as_csv: bool = typer.Option(False, "--csv", help="CSV with a header line instead of a table."),
     as_json: bool = typer.Option(False, "--json", help="A JSON array of objects instead of a table."),
 ) -> None:
-    """SQL over traces (DuckDB): tables exits, records, vms and kvm_stats, with a trace column."""
+    """SQL over traces (DuckDB): tables exits, records, vms, kvm_stats, coalesced and emulated, with a trace column."""
     if as_csv and as_json:
         common.bad_input("--csv and --json exclude each other")
     try:
