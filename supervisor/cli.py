@@ -26,6 +26,7 @@ from tracetool.run_files import open_private_append
 from . import render
 from .fleet import cli_entry, fleet_specs, specs_from_entries
 from .keys import check_listen
+from .remote_link import check_recorder
 from . import runtime
 from .commands import COMMANDS, call
 from .launch import Launch
@@ -47,6 +48,8 @@ EXAMPLES = {
     "tail": ["vmsup tail", "vmsup tail --vm 0 --reason io,hlt -n 20", "vmsup tail --port 0x3f8 --json"],
     "top": ["vmsup top", "vmsup top --once --json", "vmsup top --sort total --run 213149-4457"],
     "keys": ["vmsup keys", "vmsup keys --dir ./keys --force"],
+    "record": ["vmsup record --listen tcp://0.0.0.0:5555 --trace fleet.vmtrace",
+               "vmsup launch seed16 --vms 4 --recorder tcp://recorder-host:5555"],
     "screen": ["vmsup screen mbkernel", "vmsup screen mbkernel --once"],
     "gdb": ["vmsup gdb mbkernel", "vmsup gdb seed16 --gdb 127.0.0.1:1235"],
 }
@@ -102,7 +105,10 @@ def launch(
                                         "or under $VMSUP_TRACE_DIR)."),
     no_trace: bool = typer.Option(False, "--no-trace", help="Do not write a trace file (live views still work)."),
     listen: Optional[str] = typer.Option(None, "--listen", help="Also take events on tcp://HOST:PORT, CURVE-encrypted (needs 'vmsup keys')."),
-    keys_dir: Optional[str] = typer.Option(None, "--keys-dir", help="CURVE keys for --listen (default: ~/.config/vmsup/keys)."),
+    recorder: Optional[str] = typer.Option(None, "--recorder", help="Send events to 'vmsup record' at tcp://HOST:PORT "
+                                           "(CURVE; the trace is written there) instead of a local recorder."),
+    keys_dir: Optional[str] = typer.Option(None, "--keys-dir", help="CURVE keys for --listen or --recorder "
+                                           "(default: ~/.config/vmsup/keys)."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; print the run id and return."),
     screen: bool = typer.Option(False, "--screen", help="Show the VM's VGA text screen live (one VM; implies --quiet); "
                                 "keys typed go to its keyboard."),
@@ -113,6 +119,11 @@ def launch(
     One VM runs in the foreground and prints every exit; several show a live status table.
     """
     try:
+        if recorder is not None:
+            if listen is not None or trace is not None or no_trace:
+                raise SpecError("--recorder sends events to a recorder elsewhere: not with --listen, --trace or --no-trace")
+            recorder, keys_dir = check_recorder(recorder, keys_dir)
+            no_trace = True  # no local trace: the remote recorder writes it
         if listen is not None:
             listen, keys_dir = check_listen(listen, keys_dir)
         if trace is not None and no_trace:
@@ -143,7 +154,8 @@ def launch(
         for s in specs:
             s.screen = screen  # the terminal belongs to the screen: guest console text goes to a file
         consoles = None if foreground and not screen else [_console_path(trace_path, s.name) for s in specs]
-        run = Launch(specs, trace_path, console_paths=consoles, foreground=foreground, listen=listen, keys_dir=keys_dir)
+        run = Launch(specs, trace_path, console_paths=consoles, foreground=foreground, listen=listen, keys_dir=keys_dir,
+                     remote_recorder=recorder)
         run.start()
         _tell_detaching_parent(run.run_dir.run_id)
     except KvmError as e:
@@ -154,7 +166,9 @@ def launch(
         raise typer.Exit(status.EXIT_BAD_INPUT)
     for line in _image_lines(specs) + gdb_lines:
         _info(line)
-    _info(f"run {run.run_dir.run_id}: " + (f"recording to {trace_path}" if trace_path else "not recording (--no-trace)")
+    recording = (f"recording to {trace_path}" if trace_path else f"recording at {recorder} (its trace: VMs named "
+                 f"NAME@{run.run_dir.run_id})" if recorder else "not recording (--no-trace)")
+    _info(f"run {run.run_dir.run_id}: " + recording
           + (f" (the previous file of that name kept as {run.kept_trace})" if run.kept_trace else ""))
     if foreground and screen:
         from .screen_cli import watch_launch
@@ -355,6 +369,8 @@ def _report(outcome, foreground: bool) -> int:
     for note in outcome.notes:
         _info(note)
     rec = outcome.recorder
+    if outcome.remote:
+        _info(render.remote_line(outcome.remote, outcome.results, outcome.run_id))
     if outcome.trace:
         if rec is None:
             _err(f"the recorder did not report; {outcome.trace} may be incomplete")
@@ -400,5 +416,7 @@ from .live_cli import register as _register_live  # noqa: E402
 _register_live(app)
 from .keys import register as _register_keys  # noqa: E402
 _register_keys(app)
+from .record_cli import register as _register_record  # noqa: E402
+_register_record(app)
 from .screen_cli import register as _register_screen  # noqa: E402
 _register_screen(app)

@@ -1,6 +1,6 @@
 """A launch: a recorder process and one worker process per VM, from start to summary.
 
-    runtime dir (0700) ─ recorder (python -m supervisor.recorder) ─ trace file
+    runtime dir (0700) ─ recorder (python -m supervisor.recorder_process) ─ trace file
                       └ workers (python -m vmworker), one per VM, PUSHing event batches
 
 Each worker reports its RunResult as JSON on a private pipe. The recorder is asked to `finish`
@@ -36,6 +36,7 @@ from .policy import RestartPolicy
 from .quiet import QUIET_TEXT, QuietWatch
 from .commands import control_socket, serve_one
 from .recorder import RecorderClient
+from .remote_link import RemoteLink, RemoteRecorderError
 from .trace_path import keep_previous
 from .worker import Worker
 from .worker_template import WorkerTemplate
@@ -62,6 +63,7 @@ class LaunchOutcome:
     trace: str | None = None
     notes: list[str] = field(default_factory=list)
     tally: dict | None = None  # exit_tally.RunTally.to_json(): from the trace when there is one
+    remote: dict | None = None  # --recorder: what the launch knows of its link (remote_link.RemoteLink.close)
 
 
 class VmSlot:
@@ -127,8 +129,12 @@ class Launch:
     def __init__(self, specs: list[VmSpec], trace_path: str | None, record: bool = True,
                  console_paths: list[str | None] | None = None, foreground: bool = True,
                  listen: str | None = None, keys_dir: str | None = None,
-                 policy: RestartPolicy | None = None, rss_limit: int | None = None) -> None:
+                 policy: RestartPolicy | None = None, rss_limit: int | None = None,
+                 remote_recorder: str | None = None) -> None:
         self.specs = specs
+        # --recorder tcp://…: events go to a recorder on another host (supervisor/remote_link.py)
+        self.remote_recorder = remote_recorder
+        self.link: RemoteLink | None = None
         self.listen = listen  # an extra tcp events endpoint (CURVE, keys in keys_dir): supervisor/keys.py
         self.keys_dir = keys_dir
         self.trace_path = trace_path
@@ -183,13 +189,18 @@ class Launch:
         self.bus_keys = BusKeys.new(self.run_dir.run_id)
         # The previous trace of that name is kept as PATH.N (supervisor/trace_path.py).
         self.kept_trace = keep_previous(self.trace_path) if self.trace_path else None
+        if self.record and self.remote_recorder:
+            self._connect_link()  # first: an unreachable or refusing recorder ends the launch before anything runs
         # A foreground VM shares the terminal and is spawned; the others are forked from the template.
         if any(spec.screen or not self.foreground for spec in self.specs):
             self.template = WorkerTemplate()
             self.template.start()  # it imports while the recorder starts
         if self.record:
             try:
-                self._start_recorder()
+                if self.link is not None:
+                    self.link.start(self.run_dir.events_endpoint, self.bus_keys, [(s.vm_id, s.name) for s in self.specs])
+                else:
+                    self._start_recorder()
             except LaunchError:
                 if self.template is not None:
                     self.template.close()
@@ -204,7 +215,7 @@ class Launch:
         meta = {"run_id": self.run_dir.run_id, "argv": sys.argv, "host": os.uname().nodename,
                 "started_wall_ns": time.time_ns(), "vms": [s.to_json() for s in self.specs],
                 **insn_counter.host_check(self.run_dir.path.parent)}
-        cmd = [sys.executable, "-m", "supervisor.recorder", "--run-dir", str(self.run_dir.path),
+        cmd = [sys.executable, "-m", "supervisor.recorder_process", "--run-dir", str(self.run_dir.path),
                "--run-meta", json.dumps(meta)]
         if self.trace_path:
             cmd += ["--trace", self.trace_path]
@@ -228,6 +239,17 @@ class Launch:
             self.run_dir.remove()
             why = line.decode(errors="replace").strip().removeprefix("error: ") or "the recorder did not start"
             raise LaunchError(why)
+
+    def _connect_link(self) -> None:
+        """Connect to the remote recorder (a bounded wait for its CURVE handshake)."""
+        link = RemoteLink(self._context, self.remote_recorder, self.keys_dir)
+        try:
+            link.connect()
+        except RemoteRecorderError:
+            self._context.destroy(linger=0)
+            self.run_dir.remove()
+            raise
+        self.link = link
 
     @staticmethod
     def _read_line(stream, timeout: float) -> bytes:
@@ -428,6 +450,8 @@ class Launch:
             self._lifecycle.close()
         if self.recorder_proc is not None:
             outcome.recorder = self._finish_recorder(results)
+        if self.link is not None:
+            outcome.remote = self.link.close()
         self._count_from_tally(outcome)
         if self.template is not None:
             self.template.close()

@@ -1,6 +1,7 @@
 """The recorder process: takes event batches from every worker, writes the trace, feeds live views.
 
-    python -m supervisor.recorder --run-dir DIR [--trace PATH] [--run-meta JSON]
+    python -m supervisor.recorder_process --run-dir DIR [--trace PATH] [--run-meta JSON]
+    vmsup record --listen tcp://HOST:PORT --trace PATH   (standalone: supervisor/record_cli.py)
 
 Workers PUSH msgpack messages (tracetool.messages) to the run's events socket, each after its
 sender's credential (tracetool/bus_credentials.py). The recorder checks each one (bounded by
@@ -14,11 +15,7 @@ socket answers supervisor.commands.RECORDER_COMMANDS (`stats`; `finish`: drain, 
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -32,10 +29,10 @@ from tracetool.bus_credentials import BusKeys, CredentialError, check_sender
 from tracetool.trace.format import DEFAULT_BLOCK_EVENTS
 from vmworker.event_batch import DEFAULT_BATCH_EVENTS
 from vmworker.publisher import SEND_HWM
-from vmworker.errors import VmsupError
 from vmworker.status import End
 
 from .commands import RECORDER_COMMANDS, ControlError, call_endpoint, control_socket, serve_one
+from .remote_runs import HandshakeWatch, RemoteRuns, check_first_speaker
 from .runtime import RunDir
 
 # Live PUB queue per subscriber before ZeroMQ drops for it (drops are silent by design: viewers
@@ -83,7 +80,7 @@ class VmStats:
 class Recorder:
     def __init__(self, run_dir: RunDir, trace_path: str | None, run_meta: dict, bus_keys: BusKeys,
                  writer_factory=None, listen: str | None = None, keys_dir: str | None = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, watch_handshakes: bool = False) -> None:
         self.bus_keys = bus_keys
         self.context = zmq.Context()
         self.events = self.context.socket(zmq.PULL)
@@ -96,12 +93,16 @@ class Recorder:
             from .keys import curve_server
             self.auth, self.remote = curve_server(self.context, zmq.PULL, listen, keys_dir, messages.BUS)
             self.remote.setsockopt(zmq.RCVHWM, EVENTS_RCVHWM)
-        self.event_sockets = [s for s in (self.events, self.remote) if s is not None]
-        # Remote senders (--listen) hold no run credential: CURVE authenticated them, and a VM id
-        # belongs to the first client key that speaks for it. This run's own VMs stay the local
-        # workers' alone.
+        # Clients refused at the CURVE handshake (vmsup record): counted like refused messages.
+        self.handshakes = HandshakeWatch(self.remote) if self.remote is not None and watch_handshakes else None
+        self.event_sockets = [s for s in (self.events, self.remote, self.handshakes and self.handshakes.socket)
+                              if s is not None]
+        # Remote senders (--listen) are CURVE-authenticated. A remote launch registers its run and
+        # its VMs get trace vm ids of their own (supervisor/remote_runs.py); a sender without a run
+        # owns the VM ids it first speaks for. This run's own VMs stay the local workers' alone.
         self.local_vms = {v.get("vm_id", i) for i, v in enumerate(run_meta.get("vms") or []) if isinstance(v, dict)}
         self.remote_owners: dict[int, str] = {}
+        self.runs = RemoteRuns(self.remote_owners, self.local_vms)
         self.live = self.context.socket(zmq.PUB)
         self.live.setsockopt(zmq.SNDHWM, LIVE_HWM)
         self.live.bind(run_dir.live_endpoint)
@@ -180,19 +181,31 @@ class Recorder:
         if sock is self.remote:
             frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             self.handle([f.bytes for f in frames], remote_key=frames[-1].get("User-Id") or "")
+        elif self.handshakes is not None and sock is self.handshakes.socket:
+            for cause in self.handshakes.refusals():
+                self._refuse(cause)
         else:
             self.handle(sock.recv_multipart(flags=zmq.NOBLOCK, copy=True))
 
     def handle(self, frames: list[bytes], remote_key: str | None = None) -> None:
         """One message off an events socket: [credential, message] (tracetool/bus_credentials.py),
-        or [message] from a CURVE-authenticated remote sender whose public key is `remote_key`."""
+        or [message] from a CURVE-authenticated remote sender whose public key is `remote_key`, or
+        [credential, message] from a remote launch's run (supervisor/remote_runs.py)."""
         raw = frames[-1]
         try:
-            msg = messages.unpack(raw)
+            if remote_key is not None and len(frames) == 2:
+                msg = self.runs.admit(remote_key, frames[0], raw)
+                if msg is None:
+                    return  # a run-start: the run is registered
+                raw = None  # renumbered for the trace: the live stream gets it as the trace has it
+            else:
+                msg = messages.unpack(raw)
             if isinstance(msg, (messages.Gap, messages.Refused)):  # the recorder's to write, never a sender's
                 raise BadMessage(f"{msg.TYPE} from a sender")
-            if remote_key is not None:
-                self._check_remote(remote_key, msg)
+            if raw is None:
+                pass  # its run's credential was checked by admit
+            elif remote_key is not None:
+                check_first_speaker(self.remote_owners, self.local_vms, remote_key, msg)
             elif len(frames) != 2:
                 raise CredentialError("no credential")
             else:
@@ -218,15 +231,7 @@ class Recorder:
                 print(f"vmsup recorder: dropped a message: {cause}", file=sys.stderr, flush=True)
             self._refuse(cause)
             return
-        self.live.send(raw, flags=zmq.NOBLOCK, copy=False)
-
-    def _check_remote(self, key: str, msg: messages.Message) -> None:
-        if isinstance(msg, messages.Lifecycle) and msg.event not in messages.WORKER_LIFECYCLE_EVENTS:
-            raise CredentialError(f"lifecycle {msg.event!r} not from the supervisor")
-        if msg.vm in self.local_vms:
-            raise CredentialError(f"{msg.TYPE} from a remote sender for one of this run's own VMs")
-        if self.remote_owners.setdefault(msg.vm, key) != key:
-            raise CredentialError(f"{msg.TYPE} for a VM another remote sender owns")
+        self.live.send(messages.pack(msg) if raw is None else raw, flags=zmq.NOBLOCK, copy=False)
 
     def _refuse(self, cause: str) -> None:
         cause = cause[:messages.MAX_CAUSE_LEN]
@@ -372,7 +377,7 @@ class Recorder:
         return {"events": self.events_recorded, "batches": self.batches, "bad_messages": self.bad_messages,
                 "refused": sum(self.bad_messages.values()),
                 "gaps": len(self.gaps), "gap_events": sum(g.count for g in self.gaps),
-                "trace": self.trace_path, "recording_error": self.recording_error,
+                "trace": self.trace_path, "recording_error": self.recording_error, "runs": self.runs.to_json(),
                 "vms": {str(vm): {**s.to_json(), "exits": self.tally.vm(vm).exits,
                                   "unclaimed": self.tally.vm(vm).unclaimed} for vm, s in self.vms.items()},
                 "tally": self.tally.to_json()}
@@ -456,6 +461,8 @@ class Recorder:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.handshakes is not None:
+            self.handshakes.close()
         if self.auth is not None:
             self.auth.stop()  # before the context goes: the authenticator's thread has sockets in it
         self.context.destroy(linger=0)
@@ -477,56 +484,3 @@ class RecorderClient:
 
     def close(self) -> None:
         pass
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m supervisor.recorder")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--trace", default=None)
-    parser.add_argument("--run-meta", default="{}")
-    parser.add_argument("--listen", default=None, help="also take events on this tcp endpoint (CURVE)")
-    parser.add_argument("--keys-dir", default=None, help="CURVE keys for --listen (supervisor/keys.py)")
-    parser.add_argument("--resume", action="store_true", help="continue an existing trace (a restarted recorder)")
-    args = parser.parse_args(argv)
-    # The run secret comes on stdin (argv is public): it checks every sender's credential.
-    try:
-        bus_keys = BusKeys(Path(args.run_dir).name, bytes.fromhex(sys.stdin.readline().strip()))
-    except ValueError:
-        print("error: no run secret on stdin", flush=True)
-        return 2
-    # Ctrl-C belongs to the supervisor, which asks us to finish; if the supervisor dies, the
-    # kernel sends SIGTERM (PR_SET_PDEATHSIG) and we close the file cleanly.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)
-    run_dir = RunDir(Path(args.run_dir).name, Path(args.run_dir))
-    try:
-        recorder = Recorder(run_dir, args.trace, json.loads(args.run_meta), bus_keys, listen=args.listen,
-                            keys_dir=args.keys_dir, resume=args.resume)
-    except VmsupError as e:  # --listen: keys or the tcp endpoint
-        print(f"error: {e}", flush=True)
-        return 2
-    except (OSError, zmq.ZMQError) as e:
-        print(f"error: cannot start recording: {getattr(e, 'strerror', None) or e}", flush=True)
-        return 2
-    except Exception as e:
-        from tracetool.trace import TraceWriteError
-        if not isinstance(e, TraceWriteError):
-            raise
-        print(f"error: cannot start recording: {e}", flush=True)
-        return 2
-
-    def on_term(*_):
-        recorder.terminate_requested = True
-
-    signal.signal(signal.SIGTERM, on_term)
-    print("ready", flush=True)
-    try:
-        recorder.serve()
-    finally:
-        recorder.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

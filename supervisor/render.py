@@ -53,6 +53,18 @@ def recording_line(trace: str, rec: dict, tally: dict | None = None) -> str:
     return f"trace {trace}: {figures.get('events', 0)} events in {rec.get('batches', 0)} batches, {gap_text}{bad_text}"
 
 
+def remote_line(link: dict, results: list[dict], run_id: str) -> str:
+    """The end line of a launch whose recorder is elsewhere (--recorder): what this launch knows,
+    its own counts, and where the trace is."""
+    exits = sum(r.get("exits_all_epochs", r.get("exits", 0)) for r in results)
+    dropped = sum(r.get("dropped_batches", 0) for r in results) + link["undelivered"]
+    blocked = link["blocked_seconds"] + sum(r.get("blocked_seconds", 0.0) for r in results)
+    return (f"sent to the recorder at {link['endpoint']}: {exits} exits of {len(results)} VM"
+            f"{'s' if len(results) != 1 else ''} in {link['messages']} messages ({link['bytes'] / 1e6:.1f} MB), "
+            f"{dropped} undelivered, {blocked:.1f} s blocked by backpressure; the trace is on the recorder's host "
+            f"(its VMs NAME@{run_id})")
+
+
 def _fleet_table(run, rates: dict, title: str):
     from rich.table import Table
 

@@ -129,6 +129,9 @@ class VmStart(Message):
     # taken of ({"snapshot", "vm", "name", "epoch", "next_seq", "wall"}); its streams carry on
     # that epoch's sequence numbers from next_seq (per vCPU).
     parent: dict | None = checked(Map())
+    # A VM of a remote launch (vmsup record): {"id": its run, "host": its host, "vm": its own vm id}
+    # there; the recorder gives it a trace vm id of its own (supervisor/remote_runs.py).
+    run: dict | None = checked(Map())
 
     def first_seq(self) -> dict[int, int]:
         """Per vCPU, the first sequence number of this epoch's streams (0 unless restored)."""

@@ -1,0 +1,85 @@
+"""The recorder as a process: a launch's own (`python -m supervisor.recorder_process`, started by
+supervisor/launch.py) or a standalone one (`vmsup record`, supervisor/record_cli.py).
+
+    python -m supervisor.recorder_process --run-dir DIR [--trace PATH] [--run-meta JSON]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import signal
+import sys
+from pathlib import Path
+
+import zmq
+
+from tracetool.bus_credentials import BusKeys
+from vmworker.errors import VmsupError
+
+from .recorder import Recorder
+from .runtime import RunDir
+
+
+class RecorderStartError(VmsupError):
+    """The recorder cannot start: its keys, its tcp endpoint or its trace file."""
+
+
+def open_recorder(run_dir: RunDir, trace: str | None, run_meta: dict, bus_keys: BusKeys, **options) -> Recorder:
+    """A Recorder, or RecorderStartError with one line saying why not."""
+    try:
+        return Recorder(run_dir, trace, run_meta, bus_keys, **options)
+    except VmsupError as e:  # --listen: keys or the tcp endpoint
+        raise RecorderStartError(str(e)) from None
+    except (OSError, zmq.ZMQError) as e:
+        raise RecorderStartError(f"cannot start recording: {getattr(e, 'strerror', None) or e}") from None
+    except Exception as e:
+        from tracetool.trace import TraceWriteError
+        if not isinstance(e, TraceWriteError):
+            raise
+        raise RecorderStartError(f"cannot start recording: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m supervisor.recorder_process")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--trace", default=None)
+    parser.add_argument("--run-meta", default="{}")
+    parser.add_argument("--listen", default=None, help="also take events on this tcp endpoint (CURVE)")
+    parser.add_argument("--keys-dir", default=None, help="CURVE keys for --listen (supervisor/keys.py)")
+    parser.add_argument("--resume", action="store_true", help="continue an existing trace (a restarted recorder)")
+    args = parser.parse_args(argv)
+    # The run secret comes on stdin (argv is public): it checks every sender's credential.
+    try:
+        bus_keys = BusKeys(Path(args.run_dir).name, bytes.fromhex(sys.stdin.readline().strip()))
+    except ValueError:
+        print("error: no run secret on stdin", flush=True)
+        return 2
+    # Ctrl-C belongs to the supervisor, which asks us to finish; if the supervisor dies, the
+    # kernel sends SIGTERM (PR_SET_PDEATHSIG) and we close the file cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG (linux/prctl.h)
+    run_dir = RunDir(Path(args.run_dir).name, Path(args.run_dir))
+    try:
+        recorder = open_recorder(run_dir, args.trace, json.loads(args.run_meta), bus_keys, listen=args.listen,
+                                 keys_dir=args.keys_dir, resume=args.resume)
+    except RecorderStartError as e:
+        print(f"error: {e}", flush=True)
+        return 2
+
+    def on_term(*_):
+        recorder.terminate_requested = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    print("ready", flush=True)
+    try:
+        recorder.serve()
+    finally:
+        recorder.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
