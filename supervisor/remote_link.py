@@ -34,8 +34,9 @@ from .remote_runs import RunStart
 
 # How long the launch waits for the recorder's handshake before it gives up (no VM started).
 CONNECT_TIMEOUT = float(os.environ.get("VMSUP_RECORDER_CONNECT_TIMEOUT", "10"))
-# Messages the relay takes off the run's events socket before the workers' sends block.
-RELAY_RCVHWM = 32
+# Messages (per worker socket) the relay takes off the run's events socket before the workers' sends
+# block: few, the workers' own queues (vmworker/publisher.py) are where batches wait.
+RELAY_RCVHWM = 8
 # At the end: how long the relay waits for the link to take what the workers sent (a cut link
 # holds it), and how quiet the events socket must be before the relay stops.
 DRAIN_DEADLINE = 60.0

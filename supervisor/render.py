@@ -55,14 +55,15 @@ def recording_line(trace: str, rec: dict, tally: dict | None = None) -> str:
 
 def remote_line(link: dict, results: list[dict], run_id: str) -> str:
     """The end line of a launch whose recorder is elsewhere (--recorder): what this launch knows,
-    its own counts, and where the trace is."""
+    its own counts, how long backpressure held the link and the VMs, and where the trace is."""
     exits = sum(r.get("exits_all_epochs", r.get("exits", 0)) for r in results)
-    dropped = sum(r.get("dropped_batches", 0) for r in results) + link["undelivered"]
-    blocked = link["blocked_seconds"] + sum(r.get("blocked_seconds", 0.0) for r in results)
+    sent = [r.get("recording") or {} for r in results]  # each worker's own (vmworker/recording.py)
+    dropped = sum(s.get("dropped_batches", 0) for s in sent) + link["undelivered"]
+    waited = sum(s.get("blocked_seconds", 0.0) for s in sent)
     return (f"sent to the recorder at {link['endpoint']}: {exits} exits of {len(results)} VM"
             f"{'s' if len(results) != 1 else ''} in {link['messages']} messages ({link['bytes'] / 1e6:.1f} MB), "
-            f"{dropped} undelivered, {blocked:.1f} s blocked by backpressure; the trace is on the recorder's host "
-            f"(its VMs NAME@{run_id})")
+            f"{dropped} undelivered; backpressure: the link full {link['blocked_seconds']:.1f} s, the VMs waiting "
+            f"{waited:.1f} s; the trace is on the recorder's host (its VMs NAME@{run_id})")
 
 
 def _fleet_table(run, rates: dict, title: str):

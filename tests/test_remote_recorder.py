@@ -1,0 +1,238 @@
+"""Remote recording across two network namespaces: `vmsup record --listen` on one "host",
+`vmsup launch --recorder` on another (tests/netns_pair.py), one trace for several launches.
+
+Counts are checked against the kernel's (perf's kvm:kvm_pio, as tests/test_recording.py does)
+and every stream's sequence numbers; the link is cut with `ip link set … down`."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tracetool import schema
+from tracetool.trace import TraceReader
+
+from conftest import REPO, VMSUP
+from netns_pair import NetnsPair, NetnsUnavailable
+from test_recording import _perf_counts, perf  # noqa: F401 (the perf fixture)
+
+DEADLINE = 120.0
+PORT = 5555  # a fresh namespace has every port free
+
+
+@pytest.fixture
+def netns():
+    try:
+        pair = NetnsPair.create()
+    except NetnsUnavailable as e:
+        if os.environ.get("VMSUP_REQUIRE_KVM") == "1":
+            pytest.fail(f"VMSUP_REQUIRE_KVM=1 but network namespaces cannot be made: {e}")
+        pytest.skip(f"network namespaces cannot be made here: {e}")
+    try:
+        yield pair
+    finally:
+        pair.close()
+
+
+@pytest.fixture
+def keys_dir(tmp_path):
+    directory = tmp_path / "keys"
+    subprocess.run([*VMSUP, "keys", "--dir", str(directory)], cwd=REPO, check=True, capture_output=True, timeout=60)
+    return directory
+
+
+class RecordProcess:
+    """`vmsup record --listen` inside a namespace; its stderr lines gathered by a thread."""
+
+    def __init__(self, pair: NetnsPair, keys_dir, trace) -> None:
+        self.proc = subprocess.Popen([*pair.run_in(pair.recorder_ns), *VMSUP, "record", "--listen", f"tcp://*:{PORT}",
+                                      "--trace", str(trace), "--keys-dir", str(keys_dir)],
+                                     cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stderr], daemon=True)
+        self._reader.start()
+        until = time.monotonic() + DEADLINE
+        while not any("listening on" in line for line in self.seen):
+            assert self.proc.poll() is None, "".join(self.seen)
+            try:
+                self.seen.append(self.lines.get(timeout=max(0.1, until - time.monotonic())))
+            except queue.Empty:
+                pytest.fail(f"vmsup record did not start listening: {''.join(self.seen)}")
+
+    def stop(self) -> str:
+        """Ctrl-C, as a user ends it; everything it said."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=DEADLINE)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=DEADLINE)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return "".join(self.seen)
+
+
+@pytest.fixture
+def recorder(netns, keys_dir, tmp_path):
+    started = []
+
+    def start(trace):
+        started.append(RecordProcess(netns, keys_dir, trace))
+        return started[-1]
+
+    yield start
+    for rec in started:
+        rec.stop()
+
+
+def launch_in(pair: NetnsPair, ns: str, endpoint: str, keys_dir, *args: str, perf_counts: bool = True,
+              env: dict | None = None) -> subprocess.Popen:
+    """`vmsup launch ARGS --recorder ENDPOINT` inside namespace `ns` (under perf stat: the kernel's counts)."""
+    counting = ["perf", "stat", "-x,", "-e", "kvm:kvm_pio", "--"] if perf_counts else []
+    return subprocess.Popen([*pair.run_in(ns), *counting, *VMSUP, "launch", *args, "-q", "--recorder", endpoint,
+                             "--keys-dir", str(keys_dir)], cwd=REPO, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def finished(proc: subprocess.Popen) -> str:
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert "Traceback" not in err, err
+    return err
+
+
+def run_id_of(stderr: str) -> str:
+    return re.search(r"vmsup: run (\S+): recording at", stderr).group(1)
+
+
+def io_exits_by_run(trace) -> dict[str, dict[int, int]]:
+    """Per run id, per its own vm id: the io exits in the trace, after checking that every stream's
+    sequence numbers run from 0 without a hole and that the trace has no gap."""
+    with TraceReader(trace) as r:
+        assert r.gaps == []
+        starts = r.records(schema.MSG_VM_START)
+        out: dict[str, dict[int, int]] = {}
+        for start in starts:
+            ev = r.exits(vm=start["vm"])
+            assert np.array_equal(ev["seq"], np.arange(len(ev["seq"]))), start["name"]
+            run = start["run"]
+            assert start["name"].endswith(f"@{run['id']}")
+            out.setdefault(run["id"], {})[run["vm"]] = int(np.sum(ev["reason"] == schema.REASON_CODES["io"]))
+        assert len({s["vm"] for s in starts}) == len(starts), "two VMs share a trace vm id"
+    return out
+
+
+@pytest.mark.kvm
+def test_two_launches_on_two_hosts_record_into_one_trace_without_loss(netns, recorder, keys_dir, tmp_path, perf):
+    trace = tmp_path / "remote.vmtrace"
+    rec = recorder(trace)
+    # One launch across the veth link, another on the recorder's own host: each has its vm 0.
+    far = launch_in(netns, netns.launch_ns, f"tcp://{netns.recorder_addr}:{PORT}", keys_dir,
+                    "seed16", "--vms", "4", "--max-exits", "20000")
+    near = launch_in(netns, netns.recorder_ns, f"tcp://127.0.0.1:{PORT}", keys_dir,
+                     "seed16", "--vms", "2", "--max-exits", "20000")
+    far_err, near_err = finished(far), finished(near)
+    assert far.returncode == 0 and near.returncode == 0, far_err + near_err
+    said = rec.stop()
+    assert rec.proc.returncode == 0, said
+    assert "2 runs recorded" in said and "no gaps" in said, said
+
+    exits = io_exits_by_run(trace)
+    for err, vms in ((far_err, 4), (near_err, 2)):
+        run = run_id_of(err)
+        assert sorted(exits[run]) == list(range(vms))
+        assert sum(exits[run].values()) == _perf_counts(err)["kvm:kvm_pio"] == 20000 * vms
+        assert f"sent to the recorder at" in err and f"{20000 * vms} exits of {vms} VMs" in err and "0 undelivered" in err
+    verify = subprocess.run([*VMSUP[:-1], "tracetool", "verify", str(trace)], cwd=REPO, capture_output=True,
+                            text=True, timeout=DEADLINE)
+    assert verify.returncode == 0 and "6 streams" in verify.stdout, verify.stdout + verify.stderr
+
+
+@pytest.mark.kvm
+def test_a_link_cut_for_five_seconds_loses_nothing(netns, recorder, keys_dir, tmp_path, perf):
+    trace = tmp_path / "cut.vmtrace"
+    rec = recorder(trace)
+    launch = launch_in(netns, netns.launch_ns, f"tcp://{netns.recorder_addr}:{PORT}", keys_dir,
+                       "seed16", "--vms", "4", "--timeout", "12")
+    # Cut once the run is going, for 5 s: the cut itself is the scenario (a timed outage).
+    lines: list[str] = []
+    until = time.monotonic() + DEADLINE
+    while not any("recording at" in line for line in lines):
+        line = launch.stderr.readline()
+        assert line and time.monotonic() < until, "".join(lines)
+        lines.append(line)
+    netns.link(up=False)
+    try:
+        time.sleep(5.0)
+    finally:
+        netns.link(up=True)
+    err = "".join(lines) + finished(launch)
+    assert launch.returncode in (0, 4), err  # 4: ended by --timeout
+    said = rec.stop()
+    assert "no gaps" in said, said
+    exits = io_exits_by_run(trace)[run_id_of(err)]
+    assert sorted(exits) == [0, 1, 2, 3]
+    assert sum(exits.values()) == _perf_counts(err)["kvm:kvm_pio"] > 0
+    assert "0 undelivered" in err, err
+
+
+@pytest.mark.kvm
+def test_a_launch_whose_key_is_not_authorized_is_refused_before_any_vm_runs(netns, recorder, keys_dir, tmp_path):
+    trace = tmp_path / "refused.vmtrace"
+    rec = recorder(trace)
+    stranger = tmp_path / "stranger"
+    subprocess.run([*VMSUP, "keys", "--dir", str(stranger)], cwd=REPO, check=True, capture_output=True, timeout=60)
+    (stranger / "server.key").write_bytes((keys_dir / "server.key").read_bytes())  # the right server, a wrong client
+    launch = launch_in(netns, netns.launch_ns, f"tcp://{netns.recorder_addr}:{PORT}", stranger, "seed16", "--vms", "2",
+                       perf_counts=False)
+    err = finished(launch)
+    assert launch.returncode == 2, err
+    assert err.strip().splitlines()[-1].startswith("vmsup: error: the recorder at"), err
+    assert "refused this launch's CURVE key" in err and "recording at" not in err
+    said = rec.stop()
+    assert re.search(r"refused: \d+ × client refused: its CURVE key is not authorized", said), said
+    with TraceReader(trace) as r:
+        assert r.records(schema.MSG_VM_START) == []
+        causes = {c for rec_ in r.records(schema.MSG_REFUSED) for c in rec_["causes"]}
+    assert "client refused: its CURVE key is not authorized" in causes
+
+
+def test_an_unreachable_recorder_is_one_line_after_a_bounded_wait(vmsup, keys_dir):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = vmsup("launch", "seed16", "--vms", "2", "--recorder", f"tcp://127.0.0.1:{port}", "--keys-dir", str(keys_dir),
+                 env={**os.environ, "VMSUP_RECORDER_CONNECT_TIMEOUT": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"vmsup: error: no recorder answered at tcp://127.0.0.1:{port} "
+                                                    f"within 1 s (is 'vmsup record --listen' running there, and reachable?)")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--recorder", "tcp://127.0.0.1:5555", "--trace", "x.vmtrace"], "not with --listen, --trace or --no-trace"),
+    (["--recorder", "udp://127.0.0.1:5555"], "--recorder udp://127.0.0.1:5555: only tcp://HOST:PORT"),
+])
+def test_bad_recorder_options_are_one_line(vmsup, keys_dir, args, fragment):
+    proc = vmsup("launch", "seed16", *args, "--keys-dir", str(keys_dir))
+    assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_recorder_without_client_keys_is_refused_before_any_vm_runs(vmsup, tmp_path):
+    proc = vmsup("launch", "seed16", "--recorder", "tcp://127.0.0.1:5555", "--keys-dir", str(tmp_path / "none"))
+    assert proc.returncode == 2, proc.stderr
+    assert "needs CURVE keys in" in proc.stderr and "client.key_secret" in proc.stderr
