@@ -38,6 +38,7 @@ from .commands import control_socket, serve_one
 from .recorder import RecorderClient
 from .remote_link import RemoteLink, RemoteRecorderError
 from .trace_path import keep_previous
+from .vm_slot import VmSlot, rss_bytes
 from .worker import Worker
 from .worker_template import WorkerTemplate
 
@@ -64,58 +65,6 @@ class LaunchOutcome:
     notes: list[str] = field(default_factory=list)
     tally: dict | None = None  # exit_tally.RunTally.to_json(): from the trace when there is one
     remote: dict | None = None  # --recorder: what the launch knows of its link (remote_link.RemoteLink.close)
-
-
-class VmSlot:
-    """One VM of the run across its restarts: its spec, policy, current worker and state."""
-
-    TERMINAL = ("exited", "fatal", "stopped")
-
-    def __init__(self, spec: VmSpec, policy: RestartPolicy, rss_limit: int | None, console: str | None) -> None:
-        self.spec = spec
-        self.policy = policy
-        self.rss_limit = rss_limit
-        self.console = console
-        self.state = "starting"
-        self.worker: Worker | None = None
-        self.epoch = -1
-        self.restarts = 0
-        self.failed_starts = 0  # consecutive runs shorter than policy.startsecs
-        self.next_start = 0.0
-        self.result: dict | None = None
-        self.detail = ""
-        self.stop_requested = False
-        self.stop_deadline: float | None = None
-        self.limit_hit: End | None = None  # a supervisor-enforced limit that ended this epoch
-        self.exits_before = 0  # exits of earlier epochs
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in self.TERMINAL
-
-    @property
-    def pid(self) -> int | None:
-        return self.worker.proc.pid if self.worker is not None and not self.worker.done else None
-
-    def describe(self) -> dict:
-        uptime = time.monotonic() - self.worker.started if self.worker is not None and not self.worker.done else 0.0
-        last = self.result or {}
-        return {"vm": self.spec.vm_id, "name": self.spec.name, "state": self.state, "pid": self.pid,
-                "epoch": max(self.epoch, 0), "restarts": self.restarts, "uptime": uptime,
-                "exits": self.exits_before,  # epochs that ended (_ended adds each once)
-                "unclaimed": sum((last.get("unclaimed") or {}).values()),
-                "status": last.get("status"), "detail": self.detail or last.get("detail", "")}
-
-
-def _rss_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 class Launch:
@@ -404,7 +353,7 @@ class Launch:
                     slot.stop_deadline = None
                 worker.enforce_timeout()
                 if check_rss and slot.rss_limit and slot.limit_hit is None:
-                    rss = _rss_bytes(worker.proc.pid)
+                    rss = rss_bytes(worker.proc.pid)
                     if rss is not None and rss > slot.rss_limit:
                         slot.limit_hit = End.RSS_LIMIT
                         slot.detail = f"worker RSS {rss >> 20} MiB over the limit of {slot.rss_limit >> 20} MiB"

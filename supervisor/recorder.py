@@ -192,24 +192,22 @@ class Recorder:
         or [message] from a CURVE-authenticated remote sender whose public key is `remote_key`, or
         [credential, message] from a remote launch's run (supervisor/remote_runs.py)."""
         raw = frames[-1]
+        from_run = remote_key is not None and len(frames) == 2  # a remote launch's (supervisor/remote_runs.py)
         try:
-            if remote_key is not None and len(frames) == 2:
-                msg = self.runs.admit(remote_key, frames[0], raw)
+            if from_run:
+                msg = self.runs.admit(remote_key, frames[0], raw)  # its run's credential checked, renumbered
                 if msg is None:
                     return  # a run-start: the run is registered
-                raw = None  # renumbered for the trace: the live stream gets it as the trace has it
             else:
                 msg = messages.unpack(raw)
-            if isinstance(msg, (messages.Gap, messages.Refused)):  # the recorder's to write, never a sender's
-                raise BadMessage(f"{msg.TYPE} from a sender")
-            if raw is None:
-                pass  # its run's credential was checked by admit
-            elif remote_key is not None:
-                check_first_speaker(self.remote_owners, self.local_vms, remote_key, msg)
-            elif len(frames) != 2:
-                raise CredentialError("no credential")
-            else:
-                check_sender(self.bus_keys.verify(frames[0]), msg)
+                if isinstance(msg, (messages.Gap, messages.Refused)):  # the recorder's to write, never a sender's
+                    raise BadMessage(f"{msg.TYPE} from a sender")
+                if remote_key is not None:
+                    check_first_speaker(self.remote_owners, self.local_vms, remote_key, msg)
+                elif len(frames) != 2:
+                    raise CredentialError("no credential")
+                else:
+                    check_sender(self.bus_keys.verify(frames[0]), msg)
             if isinstance(msg, messages.ExitBatch):
                 self._exits(msg)
             elif isinstance(msg, messages.VmStart):
@@ -231,7 +229,8 @@ class Recorder:
                 print(f"vmsup recorder: dropped a message: {cause}", file=sys.stderr, flush=True)
             self._refuse(cause)
             return
-        self.live.send(messages.pack(msg) if raw is None else raw, flags=zmq.NOBLOCK, copy=False)
+        # Live viewers get a remote run's messages as the trace has them (its trace vm ids).
+        self.live.send(messages.pack(msg) if from_run else raw, flags=zmq.NOBLOCK, copy=False)
 
     def _refuse(self, cause: str) -> None:
         cause = cause[:messages.MAX_CAUSE_LEN]
