@@ -181,6 +181,9 @@ def _top_live(run_dir, subscriber, sort: str, interval: float, json_out: bool, e
 
     from .top import SORT_KEYS, TopModel, render_table
     model = TopModel(event_filter, by=by)
+    # Every VM of the run from the first table on, as --once shows them, not only those heard from;
+    # asked again at each refresh, since states change (paused, exited) and restarts add none.
+    model.know_vms(_run_vms(run_dir, subscriber))
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() and not json_out else None
     poller = zmq.Poller()
     poller.register(subscriber.socket, zmq.POLLIN)
@@ -230,6 +233,7 @@ def _top_live(run_dir, subscriber, sort: str, interval: float, json_out: bool, e
                 subscriber.account_trailing()
             if ended or time.monotonic() >= next_tick:
                 model.tick()
+                model.know_vms(_run_vms(run_dir, subscriber))
                 show(snapshot())
                 next_tick = time.monotonic() + interval
             if ended:

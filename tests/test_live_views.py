@@ -617,6 +617,28 @@ def test_top_once_lists_every_vm_of_the_run_also_those_that_sent_nothing(bus):
     assert rows == {0: ("a", "running", 3), 1: ("b", "not seen", 0), 2: ("c", "not seen", 0)}
 
 
+def test_live_top_lists_every_vm_of_the_run_from_its_first_refresh(bus):
+    b = bus(("a", "b", "c"))
+    top = b.attach("top", "--json", "--interval", "0.2")
+
+    def rows(line: str) -> dict:
+        assert line, "top ended early"
+        return {vm["vm"]: (vm["name"], vm["status"], vm["total"]) for vm in json.loads(line)["vms"]}
+
+    try:
+        assert rows(top.stdout.readline().decode()) == {0: ("a", "not seen", 0), 1: ("b", "not seen", 0),
+                                                        2: ("c", "not seen", 0)}
+        b.vm_start(0, "a")
+        b.emit(b.batcher(0), [io_out(i) for i in range(3)])
+        deadline = time.monotonic() + DEADLINE
+        while (now := rows(top.stdout.readline().decode()))[0][2] < 3:
+            assert time.monotonic() < deadline, now
+        assert now == {0: ("a", "running", 3), 1: ("b", "not seen", 0), 2: ("c", "not seen", 0)}
+    finally:
+        top.send_signal(signal.SIGINT)
+        b.finish(top)
+
+
 @pytest.mark.kvm
 def test_top_once_shows_a_paused_vm_and_an_ended_one_with_their_state():
     xdg = private_xdg()
