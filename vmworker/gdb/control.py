@@ -334,6 +334,13 @@ class Debugger:
         if regs is not None:
             v.set_regs(regs)
 
+    def xsave_image(self, vcpu: int) -> bytearray:
+        """The vCPU's XSAVE image, where gdb's x87 and SSE registers live (regs.py reads them)."""
+        return bytearray(bytes(self.vcpus[vcpu].get_xsave()))
+
+    def set_xsave_image(self, vcpu: int, image: bytearray) -> None:
+        self.vcpus[vcpu].set_xsave(abi.kvm_xsave.from_buffer_copy(image))
+
     def vcpu_ended(self, index: int) -> bool:
         return self.machine.vcpu_ended(index)
 

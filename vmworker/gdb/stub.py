@@ -196,44 +196,52 @@ class Stub:
 
     def _read_registers(self) -> bytes:
         regs, sregs = self.dbg.registers(self.g_thread)
-        return R.encode_all(regs, sregs).hex().encode()
+        return R.encode_all(regs, sregs, self.dbg.xsave_image(self.g_thread)).hex().encode()
 
     def _write_registers(self, raw: bytes) -> bytes:
         if len(raw) != R.G_PACKET_BYTES:
             return ERROR_BAD_PACKET
         regs, sregs = self.dbg.registers(self.g_thread)
+        fx = self.dbg.xsave_image(self.g_thread)
         changed = set()
         at = 0
         try:
             for i, reg in enumerate(R.REGISTERS):
                 size = reg.bits // 8
-                changed.add(R.set_value(i, raw[at:at + size], regs, sregs))
+                changed.add(R.set_value(i, raw[at:at + size], regs, sregs, fx))
                 at += size
         except R.RegisterError as e:
             log.debug("gdb: G refused: %s", e)
             return ERROR_REGISTER
-        self.dbg.set_registers(self.g_thread, regs if "regs" in changed else None,
-                               sregs if "sregs" in changed else None)
+        self._set_registers(changed, regs, sregs, fx)
         return b"OK"
 
     def _read_register(self, num: int) -> bytes:
         if not 0 <= num < len(R.REGISTERS):
             return ERROR_REGISTER
         regs, sregs = self.dbg.registers(self.g_thread)
-        return R.encode(num, regs, sregs).hex().encode()
+        fx = self.dbg.xsave_image(self.g_thread) if R.REGISTERS[num].kvm.startswith("fx.") else None
+        return R.encode(num, regs, sregs, fx).hex().encode()
 
     def _write_register(self, num: int, raw: bytes) -> bytes:
         if not 0 <= num < len(R.REGISTERS):
             return ERROR_REGISTER
         regs, sregs = self.dbg.registers(self.g_thread)
+        fx = self.dbg.xsave_image(self.g_thread) if R.REGISTERS[num].kvm.startswith("fx.") else None
         try:
-            changed = R.set_value(num, raw, regs, sregs)
+            changed = R.set_value(num, raw, regs, sregs, fx)
         except R.RegisterError as e:
             log.debug("gdb: P refused: %s", e)
             return ERROR_REGISTER
-        self.dbg.set_registers(self.g_thread, regs if changed == "regs" else None,
-                               sregs if changed == "sregs" else None)
+        self._set_registers({changed}, regs, sregs, fx)
         return b"OK"
+
+    def _set_registers(self, changed: set[str], regs, sregs, fx) -> None:
+        """Hand back to KVM what a register write changed (regs.set_value's answers)."""
+        self.dbg.set_registers(self.g_thread, regs if "regs" in changed else None,
+                               sregs if "sregs" in changed else None)
+        if "fx" in changed:
+            self.dbg.set_xsave_image(self.g_thread, fx)
 
     def _read_memory(self, addr: int, length: int) -> bytes:
         data = self.dbg.read_memory(self.g_thread, addr, min(length, MAX_MEMORY_READ))
