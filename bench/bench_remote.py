@@ -8,7 +8,8 @@ Each round runs, adjacent in time and in alternating order, under `perf stat -e 
      (a veth pair between them: tests/netns_pair.py), into bench/build/remote.vmtrace
 A run's rate is its trace's io events over the span of their exit times (all VMs together); its
 loss is the kernel's kvm_pio count minus those events (0 is lossless), and its gaps are listed.
-The median of the per-round ratios R/L is reported.
+The median of the per-round ratios R/L is reported. With --cut S, one more remote run has its link
+cut (`ip link set … down`) for S seconds, 1.5 s in: its loss, gaps and how long the VMs waited.
 
 A benchmark, not a test: it exits non-zero only when something fails to run.
 """
@@ -21,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,7 +68,7 @@ def local_round(vms: int, seconds: float) -> dict:
     return figures(trace, pio)
 
 
-def remote_round(pair: NetnsPair, keys: Path, vms: int, seconds: float) -> dict:
+def remote_round(pair: NetnsPair, keys: Path, vms: int, seconds: float, cut: float = 0.0) -> dict:
     trace = BUILD_DIR / "remote.vmtrace"
     rec = subprocess.Popen([*pair.run_in(pair.recorder_ns), *VMSUP, "record", "--listen", f"tcp://*:{PORT}",
                             "--trace", str(trace), "--keys-dir", str(keys)], cwd=REPO, stdin=subprocess.DEVNULL,
@@ -77,6 +79,8 @@ def remote_round(pair: NetnsPair, keys: Path, vms: int, seconds: float) -> dict:
             line = rec.stderr.readline()
             if not line:
                 raise BenchError("vmsup record did not start")
+        if cut:
+            threading.Thread(target=cut_link, args=(pair, cut), daemon=True).start()
         pio, err = run_launch(pair.run_in(pair.launch_ns),
                               ["seed16", "--vms", str(vms), "--timeout", str(seconds), "-q",
                                "--recorder", f"tcp://{pair.recorder_addr}:{PORT}", "--keys-dir", str(keys)])
@@ -89,11 +93,21 @@ def remote_round(pair: NetnsPair, keys: Path, vms: int, seconds: float) -> dict:
     return out
 
 
+def cut_link(pair: NetnsPair, seconds: float) -> None:
+    time.sleep(1.5)  # the launch is running by then (its VMs start within a second here)
+    pair.link(up=False)
+    try:
+        time.sleep(seconds)  # the outage itself
+    finally:
+        pair.link(up=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vms", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cut", type=float, default=0.0, help="then one remote run with the link cut this long")
     args = parser.parse_args()
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     try:
@@ -117,6 +131,10 @@ def main() -> int:
                   f"remote {rem['rate']:,.0f} events/s (lost {rem['lost']}, gaps {rem['gaps']}, link full "
                   f"{rem['link_full']} s, VMs waiting {rem['vms_waiting']} s); ratio {ratios[-1]:.2f}")
         print(f"remote/local events/s, median of {len(ratios)} rounds: {median(ratios):.2f}")
+        if args.cut:
+            c = remote_round(pair, keys, args.vms, args.seconds + args.cut, cut=args.cut)
+            print(f"link cut for {args.cut:g} s: {c['events']} events, lost {c['lost']}, gaps {c['gaps']}; link full "
+                  f"{c['link_full']} s, VMs waiting {c['vms_waiting']} s")
     except BenchError as e:
         print(f"bench_remote: {e}", file=sys.stderr)
         return 1
