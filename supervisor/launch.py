@@ -147,7 +147,8 @@ class Launch:
         if self.record:
             try:
                 if self.link is not None:
-                    self.link.start(self.run_dir.events_endpoint, self.bus_keys, [(s.vm_id, s.name) for s in self.specs])
+                    self.link.start(self.run_dir.events_endpoint, self.run_dir.live_endpoint, self.bus_keys,
+                                    [(s.vm_id, s.name) for s in self.specs])
                 else:
                     self._start_recorder()
             except LaunchError:

@@ -1,13 +1,17 @@
 """A launch's link to a recorder on another host: `vmsup launch … --recorder tcp://HOST:PORT`.
 
     workers ─PUSH→ events.sock (run dir, ipc) ─ relay thread ─PUSH, CURVE, tcp→ vmsup record --listen
+                                                  └─PUB→ live.sock (tail, top, screen on this host)
 
 Workers send exactly as to a local recorder (the same credential frames, the same blocking PUSH
 with its high-water mark). The launch binds the run's events socket itself and a relay thread
 forwards each message, unchanged, over one CURVE connection: a full queue on the link blocks the
 relay, which stops reading, which blocks the workers' sends — backpressure reaches the vCPUs, and
-nothing is dropped while the VMs run. One connection also orders the run's messages: the
-run-start that registers the run (supervisor/remote_runs.py) is the first thing on it.
+nothing is dropped while the VMs run. The relay also republishes each message on the run's live
+socket, as a local recorder does, so `vmsup tail/top/screen` work on the launch's host (best
+effort, never slowing the link; only the recorder's own gap records are missing there). One
+connection also orders the run's messages: the run-start that registers the run
+(supervisor/remote_runs.py) is the first thing on it.
 
 Before any VM starts, the launch waits (bounded) for the CURVE handshake to succeed: ZeroMQ
 says nothing to a client whose key is refused, so its monitor socket's handshake events tell
@@ -30,6 +34,7 @@ from vmworker.errors import VmsupError
 from vmworker.publisher import SEND_HWM
 
 from .keys import KeyPaths, default_keys_dir, load_client, parse_listen
+from .recorder import LIVE_HWM
 from .remote_runs import RunStart
 
 # How long the launch waits for the recorder's handshake before it gives up (no VM started).
@@ -81,6 +86,7 @@ class RemoteLink:
         # A link that stays cut at the very end: what is still queued then is given up after this.
         self.link.setsockopt(zmq.LINGER, int(DRAIN_DEADLINE * 1000))
         self.events: zmq.Socket | None = None
+        self.live: zmq.Socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._stop_time = 0.0
@@ -129,7 +135,7 @@ class RemoteLink:
                 return event  # the server dropped us mid-handshake: its key is not the one we have
         return None
 
-    def start(self, events_endpoint: str, bus_keys: BusKeys, vms: list[tuple[int, str]]) -> None:
+    def start(self, events_endpoint: str, live_endpoint: str, bus_keys: BusKeys, vms: list[tuple[int, str]]) -> None:
         """Register the run (the first message on the link), bind the run's events socket and
         start relaying it."""
         start = RunStart(run=bus_keys.run, secret=bytes.fromhex(bus_keys.secret_hex), vms=[list(v) for v in vms],
@@ -139,6 +145,9 @@ class RemoteLink:
         self.events.setsockopt(zmq.RCVHWM, RELAY_RCVHWM)
         messages.BUS.apply(self.events)
         self.events.bind(events_endpoint)
+        self.live = self.context.socket(zmq.PUB)
+        self.live.setsockopt(zmq.SNDHWM, LIVE_HWM)
+        self.live.bind(live_endpoint)
         self._thread = threading.Thread(target=self._relay, name="recorder-link", daemon=True)
         self._thread.start()
 
@@ -166,6 +175,7 @@ class RemoteLink:
         while True:
             if poller.poll(_POLL_MS):
                 frames = self.events.recv_multipart(copy=False)
+                self.live.send(frames[-1], flags=zmq.NOBLOCK, copy=False)  # PUB: drops for a slow viewer
                 if self._send(frames):
                     self.relayed += 1
                     self.relayed_bytes += sum(len(f) for f in frames)
@@ -182,8 +192,9 @@ class RemoteLink:
         self._stopping.set()
         if self._thread is not None:
             self._thread.join()
-        if self.events is not None:
-            self.events.close(linger=0)
+        for sock in (self.events, self.live):
+            if sock is not None:
+                sock.close(linger=0)
         self.link.close()  # lingers: what is queued still goes out while the connection lives
         return {"endpoint": self.endpoint, "messages": self.relayed, "bytes": self.relayed_bytes,
                 "undelivered": self.undelivered, "blocked_seconds": self.blocked_seconds}
