@@ -50,10 +50,10 @@ def keys_dir(tmp_path):
 
 
 class RecordProcess:
-    """`vmsup record --listen` inside a namespace; its stderr lines gathered by a thread."""
+    """`vmsup record --listen` (inside a namespace: `prefix`); its stderr lines gathered by a thread."""
 
-    def __init__(self, pair: NetnsPair, keys_dir, trace) -> None:
-        self.proc = subprocess.Popen([*pair.run_in(pair.recorder_ns), *VMSUP, "record", "--listen", f"tcp://*:{PORT}",
+    def __init__(self, prefix: list[str], keys_dir, trace, listen: str = f"tcp://*:{PORT}") -> None:
+        self.proc = subprocess.Popen([*prefix, *VMSUP, "record", "--listen", listen,
                                       "--trace", str(trace), "--keys-dir", str(keys_dir)],
                                      cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
@@ -90,7 +90,7 @@ def recorder(netns, keys_dir, tmp_path):
     started = []
 
     def start(trace):
-        started.append(RecordProcess(netns, keys_dir, trace))
+        started.append(RecordProcess(netns.run_in(netns.recorder_ns), keys_dir, trace))
         return started[-1]
 
     yield start
@@ -236,3 +236,26 @@ def test_recorder_without_client_keys_is_refused_before_any_vm_runs(vmsup, tmp_p
     proc = vmsup("launch", "seed16", "--recorder", "tcp://127.0.0.1:5555", "--keys-dir", str(tmp_path / "none"))
     assert proc.returncode == 2, proc.stderr
     assert "needs CURVE keys in" in proc.stderr and "client.key_secret" in proc.stderr
+
+
+@pytest.mark.kvm
+def test_live_views_work_on_the_host_of_a_remote_launch(vmsup, keys_dir, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    rec = RecordProcess([], keys_dir, tmp_path / "live.vmtrace", listen=endpoint)
+    try:
+        started = vmsup("launch", "seed16", "--timeout", "60", "--detach", "--recorder", endpoint,
+                        "--keys-dir", str(keys_dir))
+        assert started.returncode == 0, started.stderr
+        tail = vmsup("tail", "-n", "3", "--json", timeout=DEADLINE)
+        assert tail.returncode == 0 and len(tail.stdout.splitlines()) == 3, tail.stdout + tail.stderr
+        assert vmsup("stop", "--all").returncode == 0
+        until = time.monotonic() + DEADLINE  # the launch ends (its relay drained) before the recorder does
+        while vmsup("ps", "--json").stdout.strip() not in ("[]", ""):
+            assert time.monotonic() < until, "the stopped launch did not end"
+            time.sleep(0.1)
+    finally:
+        said = rec.stop()
+    assert "1 run recorded" in said, said
