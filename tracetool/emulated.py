@@ -6,19 +6,12 @@ sees them; each links by `exit_seq` to the exit during whose handling it was per
 from __future__ import annotations
 
 from tracetool import schema
+from tracetool.record_columns import stream_columns
 
 
 def emulated_columns(reader) -> dict[tuple[int, int, int], dict]:
-    """{(vm, vcpu, epoch): {column: numpy array}} in the order performed (records are checked by the scan)."""
-    import numpy as np
-
-    dtypes = {c.name: np.dtype(c.dtype) for c in schema.EMULATED_COLUMNS}
-    parts: dict[tuple[int, int, int], list[dict]] = {}
-    for rec in reader.records(schema.MSG_EMULATED):
-        stream = (rec["vm"], rec["vcpu"], rec["epoch"])
-        parts.setdefault(stream, []).append({name: np.frombuffer(rec["cols"][name], dtype)
-                                             for name, dtype in dtypes.items()})
-    return {stream: {name: np.concatenate([p[name] for p in ps]) for name in dtypes} for stream, ps in parts.items()}
+    """{(vm, vcpu, epoch): {column: numpy array}} in the order performed."""
+    return stream_columns(reader, schema.MSG_EMULATED)
 
 
 def family_name(code: int) -> str:
@@ -41,10 +34,6 @@ def by_exit(reader) -> dict[tuple[int, int, int, int], list[str]]:
     return out
 
 
-def _allowed(values, value) -> bool:
-    return values is None or value in values
-
-
 def emulated_counts(reader, where=None) -> dict:
     """{"total": n, "by_family": {"x87": n, …}, "exits": exits that led to them} of the streams
     `where` (a filters.EventFilter: its vm, vcpu and epoch) keeps."""
@@ -52,8 +41,7 @@ def emulated_counts(reader, where=None) -> dict:
 
     total, exits, by_family = 0, 0, {}
     for (vm, vcpu, epoch), cols in emulated_columns(reader).items():
-        if where is not None and not (_allowed(where.vm, vm) and _allowed(where.vcpu, vcpu)
-                                      and _allowed(where.epoch, epoch)):
+        if where is not None and not where.matches_stream(vm, vcpu, epoch):
             continue
         total += len(cols["family"])
         exits += len(np.unique(cols["exit_seq"]))

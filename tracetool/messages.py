@@ -376,11 +376,18 @@ class ExitBatch(Message):
         return out
 
 
+@dataclass(frozen=True)
 class _SideRows(Message):
     """A record of rows beside the exits (coalesced writes, emulated instructions): `count` rows of
-    each of the class's COLUMNS as little-endian bytes; from_msg checks every column's size."""
+    each of the class's COLUMNS as little-endian bytes; from_msg checks every column's size. Each
+    kind declares its own row bound on `count`."""
 
     COLUMNS: ClassVar[tuple] = ()
+    vm: int = _vm()
+    vcpu: int = _vcpu()
+    epoch: int = _epoch()
+    count: int = checked(Int(required=True, hi=0), default=0)
+    cols: dict = checked(Map(required=True), default=None)
 
     @classmethod
     def from_msg(cls, msg) -> "_SideRows":
@@ -398,13 +405,8 @@ class CoalescedWrites(_SideRows):
     schema.COALESCED_COLUMNS (little-endian bytes, `count` rows each). Not exits (schema.py says why)."""
 
     TYPE: ClassVar[str] = schema.MSG_COALESCED
-    vm: int = _vm()
-    vcpu: int = _vcpu()
-    epoch: int = _epoch()
-    count: int = checked(Int(required=True, hi=schema.MAX_COALESCED_ROWS), default=0)
-    cols: dict = checked(Map(required=True), default=None)
-
     COLUMNS: ClassVar[tuple] = schema.COALESCED_COLUMNS
+    count: int = checked(Int(required=True, hi=schema.MAX_COALESCED_ROWS), default=0)
 
 
 @dataclass(frozen=True)
@@ -413,13 +415,8 @@ class EmulatedInstructions(_SideRows):
     schema.EMULATED_COLUMNS (little-endian bytes, `count` rows each). Not exits (schema.py says why)."""
 
     TYPE: ClassVar[str] = schema.MSG_EMULATED
-    vm: int = _vm()
-    vcpu: int = _vcpu()
-    epoch: int = _epoch()
-    count: int = checked(Int(required=True, hi=schema.MAX_EMULATED_ROWS), default=0)
-    cols: dict = checked(Map(required=True), default=None)
-
     COLUMNS: ClassVar[tuple] = schema.EMULATED_COLUMNS
+    count: int = checked(Int(required=True, hi=schema.MAX_EMULATED_ROWS), default=0)
 
 
 # Refusal causes kept apart per record; beyond, they are counted under "other".

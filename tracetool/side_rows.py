@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import schema
-from .coalesced import coalesced_columns
-from .emulated import emulated_columns, family_name
+from .emulated import family_name
+from .record_columns import stream_columns
 
 COALESCED, EMULATED = schema.MSG_COALESCED, schema.MSG_EMULATED
 KINDS = (COALESCED, EMULATED)
@@ -48,7 +48,7 @@ def columns(reader, kind: str, where=None) -> dict[str, np.ndarray]:
     keeps the streams it names; coalesced writes must also match its reason, port and address,
     as an exit to the same place would. Emulated instructions follow their exit, which `where`
     may drop: vmtrace show lists them with it."""
-    per_stream = (coalesced_columns if kind == COALESCED else emulated_columns)(reader)
+    per_stream = stream_columns(reader, kind)
     stored = [c.name for c in _STORED[kind]]
     parts: list[dict[str, np.ndarray]] = []
     for (vm, vcpu, epoch), cols in sorted(per_stream.items()):
