@@ -292,6 +292,8 @@ class Vcpu:
             return
         except OSError as e:
             raise KvmError("KVM_RUN", e.errno or 0) from None
+        if self.run_page[_EXIT_REASON] == abi.KVM_EXIT_DEBUG:
+            return  # single-stepping: completing an IN (emulated to its end) raises the step's trap
         raise RuntimeError("KVM_RUN with immediate_exit set entered the guest")  # a VMM bug: an exit went unseen
 
     def close(self) -> None:
@@ -302,6 +304,7 @@ class Vcpu:
 
 
 _IMMEDIATE_EXIT = abi.run_offset("immediate_exit")
+_EXIT_REASON = abi.run_offset("exit_reason")  # a u32; every reason fits its low byte
 
 
 class KvmStats:

@@ -258,6 +258,10 @@ class Machine:
         """Make every vCPU thread return from KVM_RUN once; each goes back in unless stopping or paused."""
         self._kick_all()
 
+    def adopt_current_thread(self) -> None:
+        """The calling thread runs vCPU 0 itself (a rerun's loop): stops and gdb kick it like a vCPU thread."""
+        self._threads = [threading.current_thread()]
+
     def vcpu_ended(self, index: int) -> bool:
         """Whether vCPU `index`'s thread has started and ended (it halted, or the VM stopped)."""
         threads = self._threads

@@ -20,8 +20,10 @@ from . import _common as c
 EXIT_DIVERGED = 1
 
 
-def rerun_trace(trace: str, vm: int | None = None, to_seq: int | None = None, out: str | None = None) -> tuple[int, dict]:
-    """(exit code, result document) of one rerun, run by `python -m vmworker.rerun`."""
+def rerun_trace(trace: str, vm: int | None = None, to_seq: int | None = None, out: str | None = None,
+                gdb: str | None = None) -> tuple[int, dict]:
+    """(exit code, result document) of one rerun, run by `python -m vmworker.rerun`. With `gdb` the
+    worker's standard error is the user's: it says where the stub listens."""
     argv = [sys.executable, "-m", "vmworker.rerun", trace]
     if vm is not None:
         argv += ["--vm", str(vm)]
@@ -29,14 +31,16 @@ def rerun_trace(trace: str, vm: int | None = None, to_seq: int | None = None, ou
         argv += ["--to-seq", str(to_seq)]
     if out is not None:
         argv += ["--trace", out]
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if gdb is not None:
+        argv += ["--gdb", gdb]
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=None if gdb is not None else subprocess.PIPE, text=True)
     lines = proc.stdout.strip().splitlines()
     try:
         result = json.loads(lines[-1]) if lines else None
     except ValueError:
         result = None
     if not isinstance(result, dict):
-        last = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        last = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
         return c.EXIT_BAD_INPUT, {"error": f"the rerun worker failed: {last[0]}"}
     return proc.returncode, result
 
@@ -82,6 +86,9 @@ def run(trace: str = c.TRACE_ARG,
         vm: int = typer.Option(None, "--vm", help="The VM to rerun (needed when the trace holds several)."),
         to_seq: int = typer.Option(None, "--to-seq", min=0, help="Stop just before the exit with this sequence number."),
         out: str = typer.Option(None, "--trace", help="Record the rerun into this new trace file (for vmtrace diff)."),
+        gdb: str = typer.Option(None, "--gdb", metavar="[HOST:]PORT",
+                                help="Serve a gdb stub where the rerun stops (--to-seq, else the start): "
+                                     "step, continue, reverse-stepi, reverse-continue."),
         as_json: bool = typer.Option(False, "--json", help="The result as JSON."),
         ) -> int:
     """Re-execute a recorded VM and compare every exit with the trace."""
@@ -89,7 +96,7 @@ def run(trace: str = c.TRACE_ARG,
         c.refuse_overwriting(out, trace)
         if os.path.exists(out):
             c.bad_input(f"{out} exists; the rerun's trace must be a new file")
-    code, result = rerun_trace(trace, vm, to_seq, out)
+    code, result = rerun_trace(trace, vm, to_seq, out, gdb)
     if "error" in result:
         c.bad_input(result["error"])
     if as_json:

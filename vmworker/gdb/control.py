@@ -76,6 +76,8 @@ class Debugger:
         self._hw_kind: dict[int, str] = {}  # linear address → "hw" (hbreak) or "sw" (a real-mode break)
         self._thread_vcpu: dict[int, int] = {}  # vCPU thread ident → vCPU index
         self.notes: list[str] = []  # what the stub tells gdb before the next stop reply
+        self.travel = None  # a rerun's time travel (vmworker/rerun_travel.py): bs/bc are served
+        self._reverse: str | None = None  # "step" or "continue": a backwards run asked of the vCPU thread
         self.io_catches = IoCatches(machine.port_bus, self)
         self.mmio_catches = MmioCatches()
         self.watches = WriteWatches(machine, self)
@@ -85,6 +87,11 @@ class Debugger:
         if wait:
             for vcpu in self.vcpus:  # the first KVM_RUN returns at once and the vCPU parks
                 vcpu.set_immediate_exit(True)
+
+    @property
+    def attached(self) -> bool:
+        """Whether a gdb is attached (from its attach until it detaches)."""
+        return self._enabled
 
     @property
     def wake_fd(self) -> int:
@@ -170,6 +177,8 @@ class Debugger:
 
     def insert_watch(self, addr: int, length: int, vcpu: int) -> None:
         """A write watchpoint on linear [addr, addr + length); WatchError if it cannot be."""
+        if self.travel is not None:  # its writes would exit as MMIO, which the recording never had
+            raise WatchError("a rerun cannot watch writes (read-only memory would change its exits)")
         gpa = self.translate(vcpu, addr)
         last = self.translate(vcpu, addr + length - 1) if length > 0 else None
         if gpa is None or last is None or last != gpa + length - 1:
@@ -239,6 +248,43 @@ class Debugger:
                     self._run = set(range(len(self.vcpus)))
             self._cond.notify_all()
 
+    def resume_reverse(self, kind: str) -> None:
+        """Run backwards ("step" or "continue"): the vCPU thread, released, does it (rerun_travel.py)
+        and reports the stop where it lands."""
+        with self._cond:
+            self._stop = None
+            self._stepping = self._stepping_over = None
+            self._reverse = kind
+            self._run = set(range(len(self.vcpus)))
+            self._cond.notify_all()
+
+    def take_reverse(self) -> str | None:
+        """On the vCPU thread after `park`: the backwards run asked for, if any (once)."""
+        with self._cond:
+            kind, self._reverse = self._reverse, None
+        return kind
+
+    def report(self, stop: Stop) -> None:
+        """A stop found by the vCPU thread itself (a rerun's end, divergence or time travel)."""
+        self._report(stop)
+
+    def guest_debug(self, index: int) -> tuple[int, tuple[int, ...]]:
+        """The KVM_SET_GUEST_DEBUG arguments gdb's state asks for on vCPU `index`."""
+        with self._cond:
+            return self._guest_debug_for(index)
+
+    def breakpoint_addresses(self) -> set[int]:
+        """Linear addresses of every breakpoint gdb has inserted (int3s and debug registers)."""
+        return set(self.sw) | set(self._hw_kind)
+
+    def unplant_all(self) -> None:
+        """Put the guest's own bytes back where int3s are planted (until `plant_all`)."""
+        for addr in self.sw:
+            self._unplant_at(addr)
+
+    def plant_all(self) -> None:
+        self._plant_all()
+
     def detach(self) -> None:
         """Remove every breakpoint, turn guest debug off and let the VM run on."""
         self.io_catches.clear()
@@ -252,6 +298,7 @@ class Debugger:
             self._hw_kind.clear()
             self._enabled = False
             self._stop = None
+            self._reverse = None
             self._stepping = self._stepping_over = None
             self._run = set(range(len(self.vcpus)))
             self._cond.notify_all()

@@ -157,6 +157,8 @@ class Stub:
             return self._resume(None)
         if head in (b"s", b"S"):
             return self._resume(self.g_thread)
+        if head == b"b":
+            return self._reverse(data)
         if head in (b"Z", b"z"):
             return self._breakpoint(head == b"Z", body)
         if head == b"H":
@@ -190,8 +192,8 @@ class Stub:
         reply = b"T%02xthread:%x;" % (stop.signal, stop.vcpu + 1)
         if stop.watch is not None:
             reply += b"watch:%x;" % stop.watch
-        elif stop.why:
-            reply += stop.why.encode() + b":;"
+        elif stop.why:  # "swbreak"/"hwbreak" carry no value; "replaylog:begin"/":end" do
+            reply += stop.why.encode() + (b";" if ":" in stop.why else b":;")
         return reply
 
     def _read_registers(self) -> bytes:
@@ -294,8 +296,9 @@ class Stub:
 
     def _query(self, data: bytes) -> bytes:
         if data.startswith(b"qSupported"):
-            return (b"PacketSize=%x;qXfer:features:read+;swbreak+;hwbreak+;vContSupported+;QStartNoAckMode+"
-                    % PACKET_SIZE)
+            reverse = b";ReverseStep+;ReverseContinue+" if self.dbg.travel is not None else b""
+            return (b"PacketSize=%x;qXfer:features:read+;swbreak+;hwbreak+;vContSupported+;QStartNoAckMode+%s"
+                    % (PACKET_SIZE, reverse))
         if data.startswith(b"qXfer:features:read:"):
             annex, _, span = data[len(b"qXfer:features:read:"):].partition(b":")
             if annex != b"target.xml":
@@ -433,6 +436,22 @@ class Stub:
                         self.dbg.stop_all(SIGINT, self.g_thread)
                     elif kind == "packet":
                         self.events.append((kind, data))  # answered once stopped
+
+    def _reverse(self, data: bytes) -> bytes | None:
+        """`bs` (reverse-stepi) and `bc` (reverse-continue), GDB manual "Packets": served by a rerun's
+        time travel; elsewhere, or with anything after the letter, an error reply."""
+        kind = {b"bs": "step", b"bc": "continue"}.get(data)
+        if kind is None or self.dbg.travel is None:
+            log.debug("gdb: reverse packet %r refused", data[:80])
+            return ERROR_BAD_PACKET
+        self.record("gdb-reverse-" + kind, vcpu=self.g_thread)
+        self.dbg.resume_reverse(kind)
+        self.resuming_done.clear()
+        try:
+            self.send(self._wait_for_stop())
+        finally:
+            self.resuming_done.set()
+        return None
 
     def _kill(self) -> None:
         self.killed = True
