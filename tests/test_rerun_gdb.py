@@ -211,3 +211,38 @@ def test_a_launched_vm_offers_no_reverse_execution(tmp_path):
         assert vm.result()["status"] == "halted"
     finally:
         vm.close()
+
+
+def test_time_travel_across_timer_interrupts_of_a_deterministic_kernel(vmsup, tmp_path, rerun_gdb):
+    """mbkernel --deterministic: back over a HLT, an injected timer interrupt and vmsup's emulated
+    IRET, forward again to the same registers; reverse-continue and reverse-finish by symbol."""
+    trace = str(tmp_path / "mb.trace")
+    vmsup("launch", "mbkernel", "--deterministic", "--cmdline", "maxticks=20", "--quiet", "--trace", trace)
+    with TraceReader(trace) as reader:  # stop just after a timer tick's EOI (`out 0x20`)
+        exits = reader.exits()
+    eois = [int(s) for s, a, r in zip(exits[schema.SEQ_COLUMN.name], exits["addr"], exits["reason"])
+            if a == 0x20 and r == schema.REASON_IO]
+    stop = eois[len(eois) // 2] + 1
+    run = rerun_gdb(trace, "--to-seq", str(stop))
+    elf = str(REPO / "guest" / "mbkernel.elf")
+    n = 40
+    regs = [f"p/x ${name}" for name in GPRS.split()]
+    argv = ["gdb", "-nx", "-batch", "-ex", "set architecture i386:x86-64", "-ex", f"file {elf}",
+            "-ex", f"target remote 127.0.0.1:{run.port}"]
+    for c in (*regs, *["reverse-stepi", "p/x $pc"] * n, *["stepi"] * n, *regs,
+              "break isr_dispatch", "continue", "p ticks", "continue", "p ticks", "reverse-continue", "p ticks",
+              "reverse-finish", "info symbol $pc", "detach"):
+        argv += ["-ex", c]
+    out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=GDB_TIMEOUT).stdout
+    got = values(out)
+    k = len(regs)
+    before, backwards, again = got[:k], got[k:k + n], got[k + n:2 * k + n]
+    handler = int(subprocess.run(["nm", elf], capture_output=True, text=True).stdout.split(" t isr32")[0]
+                  .rsplit("\n", 1)[-1], 16)
+    assert handler + 2 in backwards  # went back into the timer's entry stub (past its 2-byte push)...
+    assert again == before  # ...and forward again to the same registers
+    ticks = [int(m) for m in re.findall(r"^\$\d+ = (\d+)$", out, re.M)]
+    assert ticks[1] == ticks[0] + 1 and ticks[2] == ticks[0]  # reverse-continue: the previous tick's hit
+    assert "isr_common" in out.split("reverse-finish")[-1] or "isr_common in section" in out
+    code, result = run.result()
+    assert code == 0 and result["identical"] is True, result

@@ -175,6 +175,7 @@ class Vcpu:
         self.vm = vm
         self.id = vcpu_id
         self.fd = fd
+        self.guest_debug: tuple[int, tuple[int, ...]] = (0, ())  # the last KVM_SET_GUEST_DEBUG's arguments
         try:
             self.run_page = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
@@ -263,6 +264,7 @@ class Vcpu:
         for i, value in enumerate(debugreg):
             dbg.arch.debugreg[i] = value
         _ioctl(self.fd, abi.KVM_SET_GUEST_DEBUG, dbg)
+        self.guest_debug = (control, tuple(debugreg))
 
     # Running --------------------------------------------------------------------------------
     def set_immediate_exit(self, value: bool) -> None:

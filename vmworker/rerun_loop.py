@@ -48,6 +48,7 @@ _INTR, _IO, _MMIO, _HLT = abi.KVM_EXIT_INTR, abi.KVM_EXIT_IO, abi.KVM_EXIT_MMIO,
 _DEBUG, _INTERNAL = abi.KVM_EXIT_DEBUG, abi.KVM_EXIT_INTERNAL_ERROR
 _IRQ_WINDOW = abi.KVM_EXIT_IRQ_WINDOW_OPEN
 IRQCHIP_CAUSE = "interrupt timing: the in-kernel PIT was in use; record with --deterministic"
+HLT_BYTES = 1
 END, STOPPED = "end", "stopped"  # what `advance` returns: the recording is over, or the stop was reached
 
 
@@ -159,6 +160,8 @@ class Replay:
         self.batch: _Batch | None = None
         self.batch_no, self.row, self.ordinal, self.next_interrupt = -1, 0, 0, 0
         self.injected_at_last_exit = False  # KVM_INTERRUPT pending: no checkpoint here (vcpu events lack it)
+        self.injected_vector = 0
+        self._delivering = None  # guest debug to go back to once an injected interrupt is delivered
         self.exit_counts = array("q")  # keep_history: instruction count at each guest exit, by ordinal
         self.counter: InsnCounter | None = None
         self.count_base = 0
@@ -304,6 +307,11 @@ class Replay:
             request_window(run, reason == _IRQ_WINDOW)
         stall_ns = int(STALL_SECONDS * 1e9) + 10 * b.guest_ns[i]
         while True:
+            if vcpu.guest_debug[0] & abi.KVM_GUESTDBG_SINGLESTEP:  # (gdb may have just asked for it)
+                if reason == _HLT:
+                    self._halt_unstepped(b.rips[i])
+                if self.injected_at_last_exit:
+                    self._deliver_unstepped()
             t0 = now_ns()
             deadline = watchdog.deadline_ns = t0 + stall_ns
             try:
@@ -329,6 +337,32 @@ class Replay:
                 continue
             break
         self._take(r, t0, t1)
+
+    def _halt_unstepped(self, after_hlt: int) -> None:
+        """Single-stepped, a HLT raises the step's trap instead of its exit on this host, and the
+        recorded HLT exit never comes: at the recorded HLT, enter without single-step (the HLT,
+        the first instruction, exits at once; `_take` ends the step there). A HLT exit's address
+        is past the instruction (F4, one byte: SDM Vol. 2A "HLT")."""
+        from .gdb.regs import linear_pc
+        vcpu = self.vcpu
+        if linear_pc(vcpu.get_regs(), vcpu.get_sregs()) + HLT_BYTES == after_hlt:
+            control, debugreg = vcpu.guest_debug
+            vcpu.set_guest_debug(control & ~abi.KVM_GUESTDBG_SINGLESTEP, debugreg)
+
+    def _deliver_unstepped(self) -> None:
+        """Single-stepped, the entry that delivers an injected interrupt pushes EFLAGS with the
+        step's TF (KVM sets it in the guest's RFLAGS to step), and the guest's IRET later turns
+        tracing on in the guest itself. So that entry runs without single-step, up to a debug
+        register on the handler's first instruction; `_debug_exit` then steps on as before."""
+        from .interrupt_gate import handler_address
+        vcpu = self.vcpu
+        handler = handler_address(vcpu, self.machine.memory, self.injected_vector)
+        self.injected_at_last_exit = False
+        if handler is None:
+            return
+        self._delivering = vcpu.guest_debug
+        dr7 = 1  # L0: DR0 enabled, R/W0 = LEN0 = 0: instruction execution (SDM Vol. 3B §17.2.4)
+        vcpu.set_guest_debug(abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_USE_HW_BP, (handler, 0, 0, 0, 0, 0, 0, dr7))
 
     def _after_kick(self) -> None:
         """A kick: park for gdb while it holds the vCPU (as vcpu_loop._after_kick), or go on."""
@@ -356,6 +390,10 @@ class Replay:
     def _debug_exit(self) -> bool:
         """KVM_EXIT_DEBUG: the travel's or gdb's; True when handled (enter the guest again)."""
         exit_ = ex.decode_exit(self.vcpu.run_page)
+        if self._delivering is not None:  # at the interrupt handler: single-step on from here
+            self.vcpu.set_guest_debug(*self._delivering)
+            self._delivering = None
+            return True
         if self.on_debug is not None:
             return self.on_debug(exit_)
         if self.debugger is not None:
@@ -433,8 +471,10 @@ class Replay:
             if payload is not None:
                 b.out_payloads.append((len(b.out_seq), bytes(payload)))
             b.out_seq.append(seq)
-        if self.debugger is not None and (r == _IO or r == _MMIO):
-            self.debugger.after_io(vcpu)  # gdb's stepi over an I/O instruction ends here
+        if self.debugger is not None:
+            # gdb's stepi ends at any exit the stepped instruction made: the I/O ones (after_io's
+            # reason), and a HLT or an instruction vmsup emulated, which raise no step trap either.
+            self.debugger.after_io(vcpu)
 
     def _check_count(self, count: int, r: int, rip: int) -> None:
         """The instruction count at this exit: learnt the first time, the same every time after."""
@@ -462,7 +502,7 @@ class Replay:
                 self._diverge("interrupt", f"vector {irq['vector']:#x} at rip {irq['rip']:#x}",
                               f"rip {rip:#x}", "at the interrupt's count", rip, taken=True)
             inject(self.vcpu, irq["vector"])
-            self.injected_at_last_exit = True
+            self.injected_at_last_exit, self.injected_vector = True, irq["vector"]
             self.next_interrupt += 1
 
     def _write_rows(self, b: _Batch) -> None:
