@@ -37,7 +37,6 @@ from .rerun_loop import END, Replay
 DEFAULT_INTERVAL = 1000  # recorded exits between checkpoints (~12 ms of rerun at ~80k exits/s)
 DEFAULT_BUDGET = 256 << 20  # bytes of checkpoints at most
 MAX_DEBUG_REGISTERS = 4  # DR0-DR3 (SDM Vol. 3B §17.2)
-DR6_BS = 1 << 14  # single step (SDM Vol. 3B §17.2.3)
 BEGIN, END_OF_LOG = "replaylog:begin", "replaylog:end"
 
 
@@ -204,7 +203,7 @@ class TimeTravel:
         armed = (abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_USE_HW_BP, debugreg)
 
         def hit(exit_) -> bool:
-            if exit_.dr6 & DR6_BS:
+            if self._pc() not in breakpoints:  # (DR6's bits are sticky: the pc says which stop this is)
                 return True
             count = r.count_now()
             if count < end:
