@@ -38,8 +38,7 @@ EXAMPLES = {
     "sql": ["vmtrace sql 'select reason, count(*) from exits group by reason' t.vmtrace",
             "vmtrace sql 'select * from vms' 'traces/*.vmtrace' --csv"],
     "steps": ["vmtrace steps t.vmtrace -n 20", "vmtrace steps t.vmtrace --vm 0 --json"],
-    "rerun": ["vmtrace rerun t.vmtrace", "vmtrace rerun t.vmtrace --to-seq 812344 --json",
-              "vmtrace rerun t.vmtrace --trace again.vmtrace",
+    "rerun": ["vmtrace rerun t.vmtrace --json", "vmtrace rerun t.vmtrace --trace again.vmtrace",
               "vmtrace rerun t.vmtrace --to-seq 812344 --gdb 1234"],
 }
 

@@ -34,7 +34,8 @@ from .gdb.control import SIGTRAP, Stop
 from .gdb.server import GdbServer
 from .machine import register_dump
 from .recording import cpuid_table
-from .rerun_loop import END, IRQCHIP_CAUSE, STOPPED, Divergence, Replay, TravelRequest, VmEnded, as_hex
+from .rerun_loop import END, IRQCHIP_CAUSE, STOPPED, Replay
+from .rerun_stops import Divergence, TravelRequest, VmEnded, as_hex
 from .rerun_recording import RerunInputError, image_file, open_recording
 from .rerun_travel import END_OF_LOG, TimeTravel
 

@@ -41,6 +41,7 @@ from .insn_counter import InsnCounter
 from .loader import load_image
 from .machine import Machine
 from .rerun_recording import Recording, RerunInputError
+from .rerun_stops import Divergence, TravelRequest, VmEnded, Watchdog
 from .signals import KICK_SIGNAL
 
 STALL_SECONDS = 5.0  # no exit for this long (plus 10× the recorded guest time) where the trace has one
@@ -52,62 +53,8 @@ HLT_BYTES = 1
 END, STOPPED = "end", "stopped"  # what `advance` returns: the recording is over, or the stop was reached
 
 
-class Divergence(Exception):
-    def __init__(self, seq: int, field: str, recorded, now, recorded_exit: str, now_exit: str) -> None:
-        super().__init__(field)
-        self.seq, self.field, self.recorded, self.now = seq, field, recorded, now
-        self.recorded_exit, self.now_exit = recorded_exit, now_exit
-
-    def line(self) -> str:
-        return (f"the rerun diverged at seq {self.seq}: {self.field} recorded {as_hex(self.recorded)}, "
-                f"now {as_hex(self.now)} (recorded {self.recorded_exit}; now {self.now_exit})")
-
-
-class TravelRequest(Exception):
-    """gdb asked to run backwards (`bs` or `bc`): raised out of the loop to the time travel."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
-
-
-class VmEnded(Exception):
-    """The machine is stopping (gdb killed it) while the loop waited."""
-
-
 class _StepDone(Exception):
     pass
-
-
-def as_hex(value) -> str:
-    return f"{value:#x}" if isinstance(value, int) else str(value)
-
-
-class _Watchdog(threading.Thread):
-    """Kicks the vCPU out of KVM_RUN when the guest makes no exit where the trace has one."""
-
-    def __init__(self, vcpu, target: int) -> None:
-        super().__init__(name="rerun-watchdog", daemon=True)
-        self.vcpu, self.target = vcpu, target
-        self.deadline_ns = 0  # 0: not inside KVM_RUN
-        self.fired = False
-        self._quit = threading.Event()
-
-    def run(self) -> None:
-        while not self._quit.wait(0.2):
-            deadline = self.deadline_ns
-            if deadline and time.monotonic_ns() > deadline and not self.fired:
-                self.fired = True
-                self.vcpu.set_immediate_exit(True)
-                signal.pthread_kill(self.target, KICK_SIGNAL)
-
-    def rearm(self) -> None:
-        self.vcpu.set_immediate_exit(False)
-        self.fired = False
-
-    def stop(self) -> None:
-        self._quit.set()
-        self.join()
 
 
 class _Batch:
@@ -170,7 +117,7 @@ class Replay:
         self.on_debug = None  # the time travel's own handler of KVM_EXIT_DEBUG while it works
         self.at_exit_boundary = None  # () -> None before each recorded exit: the travel's checkpoints
         self.now_rip = 0
-        self._watchdog: _Watchdog | None = None
+        self._watchdog: Watchdog | None = None
 
     # Setting up and down ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -199,7 +146,7 @@ class Replay:
                         self.writer.write_record(kind, {**r, "pid": os.getpid()} if kind == schema.MSG_VM_START else r)
         signal.signal(KICK_SIGNAL, lambda *_: None)  # a handler, so KVM_RUN returns EINTR
         self.machine.adopt_current_thread()  # gdb's stops kick this thread out of KVM_RUN
-        self._watchdog = _Watchdog(self.vcpu, threading.get_ident())
+        self._watchdog = Watchdog(self.vcpu, threading.get_ident())
         self._watchdog.start()
 
     def finish(self) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from . import kvm_abi as abi
 from .errors import KvmError
 from .gdb.control import SIGTRAP, Stop
-from .rerun_loop import END, Replay
+from .rerun_loop import Replay
 
 DEFAULT_INTERVAL = 1000  # recorded exits between checkpoints (~12 ms of rerun at ~80k exits/s)
 DEFAULT_BUDGET = 256 << 20  # bytes of checkpoints at most
