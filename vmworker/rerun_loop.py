@@ -40,7 +40,7 @@ from .image import read_image_file
 from .insn_counter import InsnCounter
 from .loader import load_image
 from .machine import Machine
-from .rerun_recording import Recording, RerunInputError
+from .rerun_recording import RecordedBatch, Recording, RerunInputError
 from .rerun_stops import Divergence, TravelRequest, VmEnded, Watchdog
 from .signals import KICK_SIGNAL
 
@@ -55,23 +55,6 @@ END, STOPPED = "end", "stopped"  # what `advance` returns: the recording is over
 
 class _StepDone(Exception):
     pass
-
-
-class _Batch:
-    """One recorded EXITS block as Python lists (decoded once), and the rerun's rows for it."""
-
-    def __init__(self, batch) -> None:
-        cols = batch.columns
-        self.batch = batch
-        self.cols = cols
-        self.seqs = cols[schema.SEQ_COLUMN.name].tolist()
-        self.reasons, self.addrs, self.datas = cols["reason"].tolist(), cols["addr"].tolist(), cols["data"].tolist()
-        self.sizes, self.counts, self.flags = cols["size"].tolist(), cols["count"].tolist(), cols["flags"].tolist()
-        self.rips, self.guest_ns = cols["rip"].tolist(), cols["guest_ns"].tolist()
-        self.payloads = batch.payloads
-        self.out = {name: [] for name in schema.COLUMN_NAMES}
-        self.out_seq: list[int] = []
-        self.out_payloads: list = []
 
 
 class Replay:
@@ -103,8 +86,8 @@ class Replay:
         # The position (see the module's docstring).
         self.keep_history = keep_history
         self._source = rec.reader.exit_batches(vm=rec.vm, vcpu=0, epoch=rec.epoch)
-        self._kept: list[_Batch] = []
-        self.batch: _Batch | None = None
+        self._kept: list[RecordedBatch] = []
+        self.batch: RecordedBatch | None = None
         self.batch_no, self.row, self.ordinal, self.next_interrupt = -1, 0, 0, 0
         self.injected_at_last_exit = False  # KVM_INTERRUPT pending: no checkpoint here (vcpu events lack it)
         self.injected_vector = 0
@@ -198,7 +181,7 @@ class Replay:
             raw = next(self._source, None)
             if raw is None:
                 return False
-            batch = _Batch(raw)
+            batch = RecordedBatch(raw)
             if self.keep_history:
                 self._kept.append(batch)
         self.batch, self.batch_no, self.row = batch, n, 0
@@ -452,7 +435,7 @@ class Replay:
             self.injected_at_last_exit, self.injected_vector = True, irq["vector"]
             self.next_interrupt += 1
 
-    def _write_rows(self, b: _Batch) -> None:
+    def _write_rows(self, b: RecordedBatch) -> None:
         if self.writer is None or not b.out_seq:
             return
         import numpy as np

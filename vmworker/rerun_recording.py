@@ -2,7 +2,8 @@
 
 `open_recording` checks the trace (one line for the user, `RerunInputError`, when it cannot be
 rerun); `image_file` finds the guest image bytes the recording ran (embedded in its vm-image
-record, or the recorded path when its sha256 still matches).
+record, or the recorded path when its sha256 still matches); `RecordedBatch` is one recorded
+block of exits as the rerun's loop reads it.
 """
 
 from __future__ import annotations
@@ -90,3 +91,20 @@ def image_file(rec: Recording, scratch: str) -> str:
         what = "is gone" if found is None else f"has changed (sha256 {found})"
         raise RerunInputError(f"guest image not embedded and {path} {what}: need the image with sha256 {want}")
     return path
+
+
+class RecordedBatch:
+    """One recorded EXITS block as Python lists (decoded once), and the rerun's rows for it."""
+
+    def __init__(self, batch) -> None:
+        cols = batch.columns
+        self.batch = batch
+        self.cols = cols
+        self.seqs = cols[schema.SEQ_COLUMN.name].tolist()
+        self.reasons, self.addrs, self.datas = cols["reason"].tolist(), cols["addr"].tolist(), cols["data"].tolist()
+        self.sizes, self.counts, self.flags = cols["size"].tolist(), cols["count"].tolist(), cols["flags"].tolist()
+        self.rips, self.guest_ns = cols["rip"].tolist(), cols["guest_ns"].tolist()
+        self.payloads = batch.payloads
+        self.out = {name: [] for name in schema.COLUMN_NAMES}
+        self.out_seq: list[int] = []
+        self.out_payloads: list = []
