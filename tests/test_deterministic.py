@@ -116,3 +116,40 @@ def test_a_bad_rtc_base_is_one_line_before_start(vmsup):
     proc = vmsup("launch", "pcirtc", "--rtc-base", "2031-17-04")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--rtc-base" in proc.stderr and "2031-17-04" in proc.stderr
+
+
+# --- keys and serial input: no host timing --------------------------------------------------------
+
+def test_mbkernel_with_a_key_script_records_the_same_exits_twice_and_reruns_identical_10_times(vmsup, tmp_path):
+    # The script is typed at exits on the virtual clock and IRQ 1 goes through the user-space PIC:
+    # where each key lands depends on the guest's work only.
+    keys = tmp_path / "typing.keys"
+    keys.write_text('Enter\nwait:50\ntext:"ab"\nEnter\n')
+    traces = [str(tmp_path / f"keys{i}.trace") for i in range(2)]
+    for trace in traces:
+        proc = vmsup("launch", "mbkernel", "--deterministic", "--keys", str(keys), "--cmdline", "maxticks=100",
+                     "--quiet", "--trace", trace)
+        assert proc.returncode == 0, proc.stderr
+        assert re.search(r"enter at tick \d+\nab\nenter at tick \d+\n", proc.stdout), proc.stdout
+    proc = vmtrace("diff", *traces, "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["same"] is True, proc.stdout[-2000:]
+    with TraceReader(traces[0]) as reader:
+        assert 0x21 in {r["vector"] for r in reader.records(schema.MSG_INTERRUPT)}  # IRQ 1, as remapped
+    for _ in range(10):
+        rerun = vmtrace("rerun", traces[0], "--json")
+        assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr
+        assert json.loads(rerun.stdout)["identical"] is True
+
+
+def test_serial_input_of_a_deterministic_vm_is_read_whole_before_it_starts(vmsup, tmp_path):
+    # echo reads COM1 and writes back what it got: with the input all there from the start, two
+    # recordings read the same bytes at the same exits.
+    text = tmp_path / "in.txt"
+    text.write_bytes(b"hello, deterministic world\n")
+    traces = [str(tmp_path / f"echo{i}.trace") for i in range(2)]
+    for trace in traces:
+        proc = vmsup("launch", "echo", "--deterministic", "--serial-in", str(text), "--quiet", "--timeout", "20",
+                     "--trace", trace)
+        assert proc.returncode == 1 and "HELLO, DETERMINISTIC WORLD" in proc.stdout, proc.stdout + proc.stderr  # one line
+    proc = vmtrace("diff", *traces, "--json")
+    assert json.loads(proc.stdout)["same"] is True, proc.stdout[-2000:]

@@ -13,6 +13,7 @@ import signal
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 import argparse  # noqa: E402
+import contextlib
 import ctypes
 import json
 import os
@@ -22,7 +23,8 @@ import time
 from . import status
 from .status import End
 from .devices.console import Console
-from .devices.keyboard import KeyFeeder, parse_key_script
+from .devices.i8042 import KEYBOARD_BUFFER
+from .devices.keyboard import ClockedKeyScript, KeyFeeder, parse_key_script
 from .devices.serial_input import SerialInput
 from .devices.standard import StandardDevices
 from .errors import GuestImageError, KvmError, SpecError, VmsupError
@@ -54,9 +56,11 @@ def _die_with_parent() -> None:
         os._exit(status.EXIT_VM_ERROR)
 
 
-def _serial_input(source: str | None) -> SerialInput:
+def _serial_input(source: str | None, deterministic: bool = False) -> SerialInput:
     if source is None:
         return SerialInput.empty()
+    if deterministic:
+        return _whole_serial_input(source)
     if source == "-":
         if sys.stdin is None or sys.stdin.closed:
             return SerialInput.empty()
@@ -69,9 +73,44 @@ def _serial_input(source: str | None) -> SerialInput:
         raise SpecError(f"serial input {source}: {e.strerror or e}") from None
 
 
-def _type_keys(i8042, key_steps, typed_on=None) -> KeyFeeder | None:
-    """A thread typing the key script (on `typed_on`, which records each press, when given)."""
+DETERMINISTIC_SERIAL_LIMIT = 16 << 20  # bytes of serial input a --deterministic VM reads before it starts
+
+
+def _whole_serial_input(source: str) -> SerialInput:
+    """--deterministic: the whole serial input, read before the VM starts, so what the guest finds
+    in the UART never depends on when a host read returned. A terminal's typing cannot be had
+    that way: none, and one line says so."""
+    if source == "-":
+        if sys.stdin is None or sys.stdin.closed:
+            return SerialInput.empty()
+        if sys.stdin.isatty():
+            print("vmworker: --deterministic: the terminal's typing does not reach the serial port "
+                  "(it would come at host-timed moments); give --serial-in FILE", file=sys.stderr)
+            return SerialInput.empty()
+        stream = sys.stdin.buffer
+    else:
+        try:
+            stream = open(source, "rb")
+        except OSError as e:
+            raise SpecError(f"serial input {source}: {e.strerror or e}") from None
+    with stream if source != "-" else contextlib.nullcontext(stream):
+        try:
+            data = stream.read(DETERMINISTIC_SERIAL_LIMIT + 1)
+        except OSError as e:
+            raise SpecError(f"serial input {source}: {e.strerror or e}") from None
+    if len(data) > DETERMINISTIC_SERIAL_LIMIT:
+        raise SpecError(f"serial input {source}: --deterministic reads it whole before the VM starts, "
+                        f"and it is over {DETERMINISTIC_SERIAL_LIMIT >> 20} MiB")
+    return SerialInput.from_bytes(data)
+
+
+def _type_keys(i8042, key_steps, typed_on=None, det=None) -> KeyFeeder | None:
+    """A thread typing the key script (on `typed_on`, which records each press, when given); with
+    --deterministic the script is typed at exits on the virtual clock instead (no thread)."""
     if not key_steps:
+        return None
+    if det is not None:
+        det.keys = ClockedKeyScript(typed_on or i8042, key_steps, KEYBOARD_BUFFER)
         return None
     feeder = KeyFeeder(typed_on or i8042, key_steps)
     feeder.start()
@@ -137,7 +176,7 @@ def run_spec(spec: VmSpec) -> dict:
             irqchip = False  # its own PIC and PIT (vmworker/deterministic.py)
         out = sys.stdout.buffer
         console = Console(out, line_buffered=not spec.quiet, file_limit=spec.console_limit)
-        devices = StandardDevices(console, _serial_input(spec.serial_in), mem_size=spec.mem)
+        devices = StandardDevices(console, _serial_input(spec.serial_in, spec.deterministic), mem_size=spec.mem)
         exit_log = None if spec.quiet else ExitLog(out, multi_vcpu=spec.vcpus > 1)
         restored = Snapshot(spec.restore) if spec.restore else None
         if restored is not None:  # refused before any VM exists when it is not this VM's
@@ -160,6 +199,7 @@ def run_spec(spec: VmSpec) -> dict:
                 devices.connect_irqs(machine.vm)
             if spec.deterministic:  # before a restore: its PIC/PIT and clock are in the snapshot
                 machine.ctx.deterministic = deterministic.for_machine(machine, devices.port_bus, recording)
+                machine.ctx.deterministic.connect_keyboard(devices.i8042)
             _set_rtc_clock(spec, devices.rtc, machine.ctx.deterministic)
             if restored is not None:
                 restored.restore(machine, devices)
@@ -187,7 +227,8 @@ def run_spec(spec: VmSpec) -> dict:
             screen = ScreenServices(spec, machine.memory, devices, recording, lambda: machine.ctx.stopping)
             try:
                 screen.start()
-                feeder = _type_keys(devices.i8042, key_steps, screen.keyboard_for_script(devices.i8042))
+                feeder = _type_keys(devices.i8042, key_steps, screen.keyboard_for_script(devices.i8042),
+                                    machine.ctx.deterministic)
                 result = machine.run()
                 gdb_server = on_request.server if on_request else gdb_server  # `vmsup gdb` may have opened one
                 if gdb_server:

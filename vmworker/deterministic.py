@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import calendar
 import fcntl
+import threading
 import time
 
 from . import kvm_abi as abi
 from .errors import SpecError
 from .devices.pic8259 import PicPair
 from .devices.pit8254 import Pit8254
-from .layout import PIC_MASTER_PORT, PIC_SLAVE_PORT, PIT_PORT
+from .layout import I8042_IRQ, PIC_MASTER_PORT, PIC_SLAVE_PORT, PIT_PORT
 
 _REQUEST_WINDOW = abi.run_offset("request_interrupt_window")
 _READY = abi.run_offset("ready_for_interrupt_injection")
@@ -76,6 +77,39 @@ class Deterministic:
         self.record = record  # record(at, rip, vector, virtual_ns)
         self.injected = 0
         self.rtc_base: int | None = None  # seconds since the epoch the RTC started at (rtc_clock)
+        # IRQs a device raised (from any thread: `vmsup screen`'s keys come on their own), folded
+        # into the PIC at the next exit, so an interrupt's place is always an exit's
+        self._requested = 0
+        self._request_lock = threading.Lock()
+        self.keys = None  # keyboard.ClockedKeyScript: a key script on the virtual clock
+
+    def connect_keyboard(self, i8042) -> None:
+        """The i8042's IRQ 1 into the user-space PIC (an edge on each rising level), at exits."""
+        i8042.connect_irq(lambda level: self.request_irq(I8042_IRQ) if level else None)
+
+    def request_irq(self, irq: int) -> None:
+        with self._request_lock:
+            self._requested |= 1 << irq
+
+    def _take_requests(self) -> None:
+        with self._request_lock:
+            bits, self._requested = self._requested, 0
+        for irq in range(16):
+            if bits >> irq & 1:
+                self.pics.raise_irq(irq)
+
+    def _wake_deadline(self) -> int | None:
+        """Where a HLT with interrupts on jumps the clock to: the next PIT tick (IRQ 0 unmasked) or
+        the key script's next stroke, whichever comes first; None if nothing will ever come."""
+        times = []
+        deadline = self.pit.next_deadline()
+        if deadline is not None and not self.pics.master.imr & 1:
+            times.append(deadline)
+        if self.keys is not None:
+            due = self.keys.next_due()
+            if due is not None:
+                times.append(due)
+        return min(times) if times else None
 
     def clock(self) -> int:
         """The vCPU's clock now: instructions since start, or guest exits."""
@@ -127,16 +161,22 @@ class Deterministic:
         run = vcpu.run_page
         at = self.clock()
         now = self.virtual_ns(at)
+        if self._requested:
+            self._take_requests()
         if halted:
             if not run[_IF_FLAG]:
                 return True
             if not self.pics.has_pending():
-                deadline = self.pit.next_deadline()
-                if deadline is None or self.pics.master.imr & 1:
-                    return True  # the timer cannot wake it: halted for good
+                deadline = self._wake_deadline()
+                if deadline is None:
+                    return True  # neither the timer nor a key can wake it: halted for good
                 if deadline > now:
                     self.skipped_ns += deadline - now
                     now = deadline
+        if self.keys is not None and not self.keys.done():
+            self.keys.tick(now)
+            if self._requested:
+                self._take_requests()
         self.pit.advance(now)
         if not self.pics.has_pending():
             request_window(run, False)

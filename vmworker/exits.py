@@ -227,6 +227,15 @@ class Debug(_Exit):
 
 
 @dataclass(frozen=True, slots=True)
+class IrqWindowOpen(_Exit):
+    """The guest can take an interrupt now: the exit kvm_run.request_interrupt_window asked for
+    (api.rst; vmworker/deterministic.py injects its pending vector after it). The vCPU goes on."""
+
+    def log_text(self) -> str:
+        return "irq window open"
+
+
+@dataclass(frozen=True, slots=True)
 class Interrupted(_Exit):
     """KVM_RUN returned EINTR: a signal (a kick) or immediate_exit, not a guest action."""
 
@@ -248,7 +257,7 @@ class Unsupported(_Exit):
 
 
 VcpuExit = (IoOut | IoIn | MmioRead | MmioWrite | Hlt | Shutdown | FailEntry | InternalError
-            | SystemEvent | Debug | Interrupted | Unsupported)
+            | SystemEvent | Debug | IrqWindowOpen | Interrupted | Unsupported)
 
 
 # Decoders: (kvm_run, the read_head tuple) -> typed exit, one per exit reason.
@@ -300,6 +309,7 @@ _DECODERS: dict[int, Callable[[object, tuple], VcpuExit]] = {
     abi.KVM_EXIT_INTERNAL_ERROR: _internal,
     abi.KVM_EXIT_SYSTEM_EVENT: _system_event,
     abi.KVM_EXIT_DEBUG: _debug,
+    abi.KVM_EXIT_IRQ_WINDOW_OPEN: lambda run, head: IrqWindowOpen(),
 }
 
 

@@ -255,3 +255,70 @@ class KeyFeeder:
             self.error = str(e)
         finally:
             self.done.set()
+
+
+class ClockedKeyScript:
+    """A key script typed on a --deterministic VM's virtual clock: vmworker/deterministic.py calls
+    `tick(now_ns)` after each guest exit, on the vCPU's thread, so two runs type every stroke at
+    the same exit. KeyFeeder's pacing in virtual time: it starts `SETTLE_NS` after the exit where
+    the guest first touched port 0x60/0x64 (or at `START_NS` for a guest that waits for IRQ 1
+    without touching them), each stroke goes in once the keyboard buffer has room for all of it,
+    `wait:` lines pause. Virtual time runs at one instruction a nanosecond and a HLT jumps ahead
+    (`next_due`): the delays are shorter than KeyFeeder's, which a polling guest pays in real
+    instructions (~0.7M/s here).
+    """
+
+    START_NS = 10_000_000  # 10 ms of virtual time
+    SETTLE_NS = 1_000_000  # 1 ms
+
+    def __init__(self, keyboard, steps: list[Step], buffer_size: int) -> None:
+        self.keyboard = keyboard  # the i8042 (or screen.RecordingKeyboard, which records each press)
+        self.steps = steps
+        self.buffer_size = buffer_size
+        self.strokes_sent = 0
+        self._step = self._stroke = 0
+        self._waited = False
+        self._at: int | None = None  # virtual ns before which nothing happens; None: not started
+
+    def done(self) -> bool:
+        return self._step >= len(self.steps)
+
+    def next_due(self) -> int | None:
+        """The virtual time of the next stroke or wait's end (where a HLT may jump to), or None
+        when the script is done or waits for the guest to make room."""
+        if self.done():
+            return None
+        if self._at is None:
+            return self.START_NS
+        step = self.steps[self._step]
+        if self._waited or not step.wait_s:
+            if self._stroke < len(step.strokes) and self._room_for(step.strokes[self._stroke]) is False:
+                return None
+        return self._at
+
+    def _room_for(self, stroke: bytes) -> bool:
+        return self.keyboard.keyboard_buffered() + len(stroke) <= self.buffer_size
+
+    def tick(self, now: int) -> None:
+        if self._at is None:
+            if self.keyboard.touched.is_set():
+                self._at = now + self.SETTLE_NS
+            elif now >= self.START_NS:
+                self._at = now
+            else:
+                return
+        while not self.done() and now >= self._at:
+            step = self.steps[self._step]
+            if step.wait_s and not self._waited:
+                self._waited = True
+                self._at = now + int(step.wait_s * 1e9)
+                continue
+            if self._stroke < len(step.strokes):
+                stroke = step.strokes[self._stroke]
+                if not self._room_for(stroke):
+                    return  # the guest makes room by reading port 0x60: a later exit
+                self.keyboard.inject_scancodes(stroke, 0)
+                self._stroke += 1
+                self.strokes_sent += 1
+                continue
+            self._step, self._stroke, self._waited = self._step + 1, 0, False
