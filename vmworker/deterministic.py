@@ -12,11 +12,15 @@ the timer armed jumps the clock to the timer's next deadline at once (a timer-dr
 faster than real time). Each injection is an `interrupt` record: (clock, rip, vector), which a
 rerun (vmworker/rerun.py) gives again at the same place. One vCPU only (settings refuse more).
 
-The CMOS RTC reads this clock too (`rtc_clock`): a fixed start (the `rtc_base` setting, recorded
-in the spec) plus virtual time, so no host time reaches the guest. A snapshot (vmworker/snapshot.py)
-keeps `state()`: the clock's reading and HLT's skipped time (the PIC pair and the PIT sit on the
-port bus and are saved with the devices); a restored VM goes on from there (`restore`), so its
-interrupt records carry on the original's clock values.
+Other input comes at exits too: the i8042's IRQ 1 (`connect_keyboard`; raised from any thread,
+folded into the PIC at the next exit), and a key script is typed on the virtual clock
+(`keys`: devices/keyboard.py's ClockedKeyScript, ticked here; a HLT may jump to its next stroke).
+Serial input is read whole before the VM starts (vmworker/__main__.py). The CMOS RTC reads this
+clock too (`rtc_clock`): a fixed start (the `rtc_base` setting, recorded in the spec) plus virtual
+time, so no host time reaches the guest. A snapshot (vmworker/snapshot.py) keeps `state()`: the
+clock's reading and HLT's skipped time (the PIC pair and the PIT sit on the port bus and are saved
+with the devices); a restored VM goes on from there (`restore`), so its interrupt records carry
+on the original's clock values.
 """
 
 from __future__ import annotations
