@@ -133,7 +133,8 @@ class Deterministic:
     def state(self, vcpu) -> dict:
         """What a snapshot keeps, read while the vCPU is parked outside KVM_RUN."""
         return {"clock": self.clock_name, "at": self.clock(), "exits": self._exits, "skipped_ns": self.skipped_ns,
-                "injected": self.injected, "window": vcpu.run_page[_REQUEST_WINDOW], "rtc_base": self.rtc_base}
+                "injected": self.injected, "window": vcpu.run_page[_REQUEST_WINDOW], "rtc_base": self.rtc_base,
+                "requested": self._requested}
 
     def restore(self, state: dict, vcpu, path: str) -> None:
         """Go on from a snapshot's `state()` (before the vCPU first runs); SpecError if it does not fit."""
@@ -156,6 +157,7 @@ class Deterministic:
             self._base = self.counter.read() - at  # the clock reads `at` now and counts on
         self._exits = number("exits")
         self.skipped_ns, self.injected = number("skipped_ns"), number("injected")
+        self._requested = state.get("requested", 0) if isinstance(state.get("requested", 0), int) else 0
         request_window(vcpu.run_page, bool(number("window")))
 
     def after_exit(self, vcpu, rip: int, halted: bool) -> bool:
