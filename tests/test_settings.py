@@ -25,7 +25,7 @@ from vmworker.setting_values import Limit, Switch
 from vmworker.spec import RunWiring, VmSpec
 
 # launch's options that are about the run, not one VM: allowed with --fleet, not in the table.
-RUN_WIDE = {"guests", "fleet", "quiet", "trace", "no_trace", "listen", "keys_dir", "detach", "screen"}
+RUN_WIDE = {"guests", "fleet", "quiet", "trace", "no_trace", "listen", "keys_dir", "detach", "screen", "recorder"}
 
 
 def _launch_params() -> dict:
