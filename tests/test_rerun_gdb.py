@@ -246,3 +246,27 @@ def test_time_travel_across_timer_interrupts_of_a_deterministic_kernel(vmsup, tm
     assert "isr_common" in out.split("reverse-finish")[-1] or "isr_common in section" in out
     code, result = run.result()
     assert code == 0 and result["identical"] is True, result
+
+
+def test_rerun_gdb_bad_input_is_one_line_and_exit_2(vmsup, tmp_path):
+    import socket
+    trace = record(vmsup, tmp_path, "protected32")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        for args, words in (([f"{port}"], "cannot listen"), (["nope"], "expected [HOST:]PORT"),
+                            ([str(free_port()), "--trace", str(tmp_path / "again.trace")], "--gdb and --trace")):
+            proc = subprocess.run([sys.executable, "-m", "tracetool", "rerun", trace, "--gdb", *args],
+                                  capture_output=True, text=True, cwd=REPO, timeout=GDB_TIMEOUT)
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
+
+
+def test_kill_from_gdb_ends_the_rerun_and_says_so(vmsup, tmp_path, rerun_gdb):
+    trace = record(vmsup, tmp_path, "protected32")
+    run = rerun_gdb(trace, "--to-seq", "3")
+    out = run.gdb("stepi", "kill")
+    assert "killed" in out
+    code, result = run.result()
+    assert code == 0 and result["identical"] is True and "killed from gdb" in result["notes"]
+    assert result["exits"] == 3
