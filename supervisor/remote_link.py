@@ -44,7 +44,7 @@ CONNECT_TIMEOUT = float(os.environ.get("VMSUP_RECORDER_CONNECT_TIMEOUT", "10"))
 RELAY_RCVHWM = 8
 # At the end: how long the relay waits for the link to take what the workers sent (a cut link
 # holds it), and how quiet the events socket must be before the relay stops.
-DRAIN_DEADLINE = 60.0
+DRAIN_DEADLINE = 15.0
 DRAIN_QUIET = 0.3
 _POLL_MS = 100
 
@@ -87,6 +87,8 @@ class RemoteLink:
         self.link.setsockopt(zmq.LINGER, int(DRAIN_DEADLINE * 1000))
         self.events: zmq.Socket | None = None
         self.live: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
+        self.drops = 0  # times the connection dropped (a recorder that died, a reset): said at the end
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._stop_time = 0.0
@@ -97,15 +99,12 @@ class RemoteLink:
 
     def connect(self, timeout: float = CONNECT_TIMEOUT) -> None:
         """Connect and wait for the CURVE handshake; RemoteRecorderError says why it failed."""
-        monitor = self.link.get_monitor_socket()
-        try:
-            self.link.connect(self.endpoint)
-            seen = self._handshake(monitor, time.monotonic() + timeout)
-        finally:
-            self.link.disable_monitor()
-            monitor.close(linger=0)
+        self.monitor = self.link.get_monitor_socket()
+        self.link.connect(self.endpoint)
+        seen = self._handshake(self.monitor, time.monotonic() + timeout)
         if seen == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            return
+            return  # the monitor stays: the relay counts the connection's drops
+        self._close_monitor()
         self.link.close(linger=0)
         if seen == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             raise RemoteRecorderError(f"the recorder at {self.endpoint} refused this launch's CURVE key "
@@ -171,9 +170,17 @@ class RemoteLink:
     def _relay(self) -> None:
         poller = zmq.Poller()
         poller.register(self.events, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         quiet_since = time.monotonic()
         while True:
-            if poller.poll(_POLL_MS):
+            ready = dict(poller.poll(_POLL_MS))
+            while self.monitor in ready:
+                try:
+                    if recv_monitor_message(self.monitor, flags=zmq.NOBLOCK)["event"] == zmq.EVENT_DISCONNECTED:
+                        self.drops += 1
+                except zmq.Again:
+                    break
+            if self.events in ready:
                 frames = self.events.recv_multipart(copy=False)
                 self.live.send(frames[-1], flags=zmq.NOBLOCK, copy=False)  # PUB: drops for a slow viewer
                 if self._send(frames):
@@ -195,6 +202,15 @@ class RemoteLink:
         for sock in (self.events, self.live):
             if sock is not None:
                 sock.close(linger=0)
-        self.link.close()  # lingers: what is queued still goes out while the connection lives
+        self._close_monitor()
+        # What is queued still goes out while the connection lives (LINGER); a link that already
+        # stayed full past the deadline would only make the launch wait as long again.
+        self.link.close(linger=0 if self.undelivered else None)
         return {"endpoint": self.endpoint, "messages": self.relayed, "bytes": self.relayed_bytes,
-                "undelivered": self.undelivered, "blocked_seconds": self.blocked_seconds}
+                "undelivered": self.undelivered, "blocked_seconds": self.blocked_seconds, "drops": self.drops}
+
+    def _close_monitor(self) -> None:
+        if self.monitor is not None:
+            self.link.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None

@@ -63,7 +63,9 @@ def remote_line(link: dict, results: list[dict], run_id: str) -> str:
     return (f"sent to the recorder at {link['endpoint']}: {exits} exits of {len(results)} VM"
             f"{'s' if len(results) != 1 else ''} in {link['messages']} messages ({link['bytes'] / 1e6:.1f} MB), "
             f"{dropped} undelivered; backpressure: the link full {link['blocked_seconds']:.1f} s, the VMs waiting "
-            f"{waited:.1f} s; the trace is on the recorder's host (its VMs NAME@{run_id})")
+            f"{waited:.1f} s" + (f"; the connection dropped {link['drops']} time{'s' if link['drops'] != 1 else ''}"
+                                 f" (a recorder that died or restarted)" if link.get("drops") else "")
+            + f"; the trace is on the recorder's host (its VMs NAME@{run_id})")
 
 
 def _fleet_table(run, rates: dict, title: str):
