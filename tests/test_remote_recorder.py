@@ -6,6 +6,7 @@ and every stream's sequence numbers; the link is cut with `ip link set … down`
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -159,6 +160,13 @@ def test_two_launches_on_two_hosts_record_into_one_trace_without_loss(netns, rec
     verify = subprocess.run([*VMSUP[:-1], "tracetool", "verify", str(trace)], cwd=REPO, capture_output=True,
                             text=True, timeout=DEADLINE)
     assert verify.returncode == 0 and "6 streams" in verify.stdout, verify.stdout + verify.stderr
+    info = subprocess.run([*VMSUP[:-1], "tracetool", "info", "--json", str(trace)], cwd=REPO, capture_output=True,
+                          text=True, timeout=DEADLINE)
+    described = json.loads(info.stdout)
+    assert {(vm["run"]["id"], vm["run"]["vm"]) for vm in described["vms"]} == {
+        (run_id_of(far_err), vm) for vm in range(4)} | {(run_id_of(near_err), vm) for vm in range(2)}
+    assert described["events"]["total"] == 20000 * 6 + sum(  # and the kicks that flushed quiet vCPUs
+        v["by_reason"].get("intr", 0) for v in described["events"]["by_vm"])
 
 
 @pytest.mark.kvm

@@ -71,6 +71,8 @@ def _vms(reader: TraceReader) -> list[dict]:
                     "vcpus": rec.get("vcpus"), "mem_size": rec.get("mem_size"), "pid": rec.get("pid"),
                     "started_ns": rec.get("t"), "status": None,
                     "parent": rec.get("parent") if isinstance(rec.get("parent"), dict) else None}
+        if isinstance(rec.get("run"), dict):  # a remote launch's VM: its run, host and own vm id there
+            vms[key]["run"] = rec["run"]
     for rec in reader.records(schema.MSG_VM_END):
         key = (rec.get("vm"), rec.get("epoch"))
         entry = vms.setdefault(key, {"vm": key[0], "epoch": key[1], "name": None})
