@@ -352,3 +352,21 @@ def test_a_snapshot_goes_back_only_into_a_vm_of_the_same_determinism(vmsup, tmp_
     proc = vmsup("launch", "mbkernel", "--deterministic", "--rtc-base", "2030-01-01", "--quiet", "--max-exits", "10",
                  "--no-trace", "--restore", snap)
     _one_line_refusal(proc, "RTC started at 2000-01-01T00:00:00", "--rtc-base 2000-01-01T00:00:00")
+
+
+def test_the_snapshot_a_restored_epoch_names_must_be_that_very_file(tmp_path):
+    from vmworker.snapshot import parent_snapshot
+    path = str(tmp_path / "whole.vmsnap")
+    snapshot_file.write_snapshot(path, 1 << 20, "00" * 32, {"meta": {"next_seq": [7]}, "vcpus": [{}], "devices": {},
+                                                             "memory": bytes(1 << 20)})
+    sha = snapshot_file.file_sha256(path)
+    assert parent_snapshot({"snapshot": path, "sha256": sha}, 1 << 20, "00" * 32).path == path
+    for parent, words in [
+        ({}, "does not name"),
+        ({"snapshot": path}, "did not record its sha256"),
+        ({"snapshot": path, "sha256": "ab" * 32}, "has changed since the epoch was restored from it"),
+        ({"snapshot": str(tmp_path / "gone.vmsnap"), "sha256": sha}, "which is gone"),
+    ]:
+        with pytest.raises(snapshot_file.SnapshotError, match=words) as e:
+            parent_snapshot(parent, 1 << 20, "00" * 32)
+        assert "\n" not in str(e.value)
