@@ -120,6 +120,26 @@ def test_emulated_instructions_export_as_parquet_and_query_as_the_emulated_table
     assert {r["family"]: r["n"] for r in by_family} == _summary(emulated_trace)["emulated"]["by_family"]
 
 
+def test_the_perfetto_timeline_shows_each_side_row_on_its_vcpu_where_it_happened(kvm_required, coalesced_trace,
+                                                                                emulated_trace, tmp_path):
+    for trace, kind in ((coalesced_trace, side_rows.COALESCED), (emulated_trace, side_rows.EMULATED)):
+        out = tmp_path / f"{kind}.json"
+        assert vmtrace("export", trace, "--format", "perfetto", "-o", out).returncode == 0
+        events = json.loads(out.read_text())["traceEvents"]
+        slices = {(e["pid"], e["tid"], e["args"]["seq"]): e for e in events if e["ph"] == "X"}
+        side = [e for e in events if e.get("cat") == kind]
+        with TraceReader(trace) as reader:
+            assert [e["args"] for e in side] == side_rows.rows(kind, side_rows.columns(reader, kind))
+        t0 = json.loads(out.read_text())["otherData"]["t0_ns"]
+        for e in side:
+            exit = slices.get((e["pid"], e["tid"], e["args"]["exit_seq"]))
+            assert e["ph"] == "i" and (exit is not None or kind == side_rows.COALESCED)
+            if kind == side_rows.EMULATED:  # at the exit that led to it
+                assert e["ts"] == exit["ts"] and exit["name"] == "internal_error"
+            else:  # when the drain found it
+                assert e["ts"] == round((e["args"]["t_before_ns"] - t0) / 1000, 3)
+
+
 def test_a_trace_without_coalesced_writes_has_an_empty_coalesced_table_and_file(kvm_required, emulated_trace, tmp_path):
     assert _sql("SELECT count(*) AS n FROM coalesced", emulated_trace) == [{"n": 0}]
     out = tmp_path / "none.csv"
@@ -130,6 +150,6 @@ def test_a_trace_without_coalesced_writes_has_an_empty_coalesced_table_and_file(
 def test_export_refuses_a_side_table_on_the_perfetto_timeline_in_one_line(tmp_path):
     proc = vmtrace("export", tmp_path / "any.vmtrace", "--format", "perfetto", "--table", "emulated",
                    "-o", tmp_path / "x.json")
-    assert_one_error_line(proc, "--table emulated", "csv or parquet")
+    assert_one_error_line(proc, "--table emulated", "csv or parquet", "perfetto timeline holds every kind")
     assert_one_error_line(vmtrace("export", tmp_path / "any.vmtrace", "--format", "csv", "--table", "steps",
                                   "-o", tmp_path / "x.csv"), "unknown --table 'steps'")

@@ -130,3 +130,14 @@ def events_in_time_order(reader: TraceReader, where: EventFilter | None = None,
         yield {name: col[idx] for name, col in out.items()}
         if limit is not None and sent >= limit:
             return
+
+
+def events_with_places(reader: TraceReader, where: EventFilter | None = None,
+                       symbols: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """events_in_time_order's chunks with each exit's derived `symbol` and `line`
+    (exit_rows.add_places; `symbols`: {vm: SymbolTable | None}, None: no places added)."""
+    from .exit_rows import add_places
+    for chunk in events_in_time_order(reader, where):
+        if symbols is not None:
+            add_places(chunk, symbols)
+        yield chunk

@@ -29,6 +29,20 @@ class Labels(NamedTuple):
         return [self.texts[i] for i in self.codes.tolist()]
 
 
+def missing_mask(cols: Mapping[str, np.ndarray], name: str) -> np.ndarray | None:
+    """Where a column an older trace lacked reads as its `missing` value (None: never): null in
+    every shape of an exit (JSON, CSV, Parquet, the Perfetto timeline's args)."""
+    column = schema.COLUMNS.get(name)
+    if column is None or column.missing is None:
+        return None
+    return cols[name] == cols[name].dtype.type(column.missing)
+
+
+def reason_texts() -> list[bytes]:
+    """Every reason code's name as bytes, indexed by code (for text columns built with numpy)."""
+    return [schema.reason_name(code).encode() for code in range(256)]
+
+
 def add_places(cols: dict, tables: Mapping, stream: Mapping[str, int] | None = None) -> None:
     """Add the derived fields `symbol` and `line` (schema.PLACE_FIELDS) to a chunk of events as
     Labels, from each event's rip and its VM's SymbolTable. tables: {vm: SymbolTable or None;

@@ -47,14 +47,6 @@ def exit_schema(*, with_trace: bool = False, metadata: dict | None = None) -> pa
     return pa.schema(fields, metadata=metadata)
 
 
-def _missing_mask(c: dict[str, np.ndarray], name: str) -> np.ndarray | None:
-    """Where a column an older trace lacked reads as its `missing` value (None: never)."""
-    column = schema.COLUMNS.get(name)
-    if column is None or column.missing is None:
-        return None
-    return c[name] == c[name].dtype.type(column.missing)
-
-
 def _exit_array(c: dict[str, np.ndarray], name: str) -> pa.Array:
     """One export column of a chunk of events (analysis.events_in_time_order's columns)."""
     if name == "t_exit_ns":
@@ -74,7 +66,7 @@ def _exit_array(c: dict[str, np.ndarray], name: str) -> pa.Array:
                                                            mask=np.ones(len(c["t_exit"]), bool)), pa.array([], pa.string()))
         return pa.DictionaryArray.from_arrays(pa.array(labels.codes, mask=labels.codes == 0),
                                               pa.array(["", *labels.texts[1:]], pa.string()))
-    return pa.array(c[name], mask=_missing_mask(c, name))
+    return pa.array(c[name], mask=exit_rows.missing_mask(c, name))
 
 
 def _trace_array(label: str, n: int) -> pa.Array:
@@ -240,9 +232,7 @@ def write_partitioned(reader: TraceReader, out_dir: str, keys: list[str], where=
 
     def batches():
         nonlocal total
-        for c in analysis.events_in_time_order(reader, where):
-            if symbols is not None:
-                exit_rows.add_places(c, symbols)
+        for c in analysis.events_with_places(reader, where, symbols):
             batch = exit_batch(c, arrow_schema)
             total += batch.num_rows
             if progress is not None:

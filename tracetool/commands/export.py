@@ -3,13 +3,8 @@
 Events go out in time order (the order `vmtrace show` prints), in chunks of numpy columns;
 text formats are built with tracetool._text (no Python object per event).
 
-Perfetto/Chrome JSON trace event format: one process per VM ("vm 0 seed16"), one thread per
-vCPU ("vcpu 0"), named by metadata ("M") events; each exit is a complete ("X") slice that starts
-when KVM_RUN returned and lasts its handling time (until the vCPU entered the guest again), so
-the gaps between slices are guest time; its args hold seq, epoch, address or port, size, count,
-data, guest_ns, handle_ns, the guest address rip and its symbol and source line (null where unknown). Times are µs with ns precision, from the trace's first exit.
-VM start and end, gap, lifecycle and key input records become instant ("i") events. Thread ids are unique
-across VMs (Perfetto keys threads by tid alone).
+Perfetto: tracetool/commands/_perfetto.py (exits as slices; records, coalesced writes and emulated
+instructions as instant events).
 
 CSV: one header line, one row per event, the columns named as an exit's JSON fields
 (schema.EVENT_FIELDS, the README's "One exit" table); `handle_ns` is empty where unknown,
@@ -30,7 +25,7 @@ import csv
 import json
 import os
 import sys
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import typer
@@ -42,6 +37,7 @@ from ..filters import EventFilter
 from ..handling import NO_HANDLE
 from ..trace import TraceReader
 from . import _common as common
+from ._perfetto import write_timeline
 from ._symbols import SYMBOLS_OPT, vm_tables
 
 FORMATS = ("perfetto", "csv", "parquet")
@@ -49,8 +45,6 @@ TABLES = ("exits", *side_rows.KINDS)  # what an export holds: exits, or the rows
 _PLACES = tuple(f.name for f in schema.PLACE_FIELDS)  # derived: named from rip (exit_rows.add_places)
 CSV_COLUMNS = schema.EXPORT_COLUMNS  # CSV and Parquet: one column each, in this order
 _PARQUET_ROWS = 1 << 20  # rows per Parquet row group
-_RECORD_WINDOW_NS = 3600 * 10**9  # records further before the first exit are not on the timeline
-_TID_STRIDE = 1 << 16  # tid = (vm + 1) * stride + vcpu: unique across VMs
 
 
 class ExportError(Exception):
@@ -60,13 +54,6 @@ class ExportError(Exception):
 Progress = Callable[[int], None]
 
 
-def _chunks(reader: TraceReader, where: EventFilter | None, symbols: dict) -> Iterator[dict[str, np.ndarray]]:
-    """Events in time order with their derived `symbol` and `line` (exit_rows.add_places)."""
-    for c in analysis.events_in_time_order(reader, where):
-        exit_rows.add_places(c, symbols)
-        yield c
-
-
 def export(reader: TraceReader, fmt: str, out_path: str, where: EventFilter | None = None,
            progress: Progress | None = None, symbols: dict | None = None) -> dict:
     """Write the export to out_path (see tracetool._output: whole or not at all; "-" is
@@ -74,7 +61,7 @@ def export(reader: TraceReader, fmt: str, out_path: str, where: EventFilter | No
     `symbols`: {vm: SymbolTable | None} (commands._symbols.vm_tables) naming each exit's rip."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
-    writer = {"perfetto": _perfetto, "csv": _csv, "parquet": _parquet}[fmt]
+    writer = {"perfetto": write_timeline, "csv": _csv, "parquet": _parquet}[fmt]
     if fmt == "parquet":
         _need_pyarrow()
     try:
@@ -90,7 +77,7 @@ def export_side(reader: TraceReader, kind: str, fmt: str, out_path: str, where: 
     """Write the coalesced writes or emulated instructions (side_rows.KINDS) as CSV or Parquet,
     whole or not at all (as export). Returns {"events": rows, "path", "bytes", "format"}."""
     if fmt not in ("csv", "parquet"):
-        raise ExportError(f"--table {kind} goes to csv or parquet (the perfetto timeline holds exits)")
+        raise ExportError(f"--table {kind} goes to csv or parquet (the perfetto timeline holds every kind)")
     if fmt == "parquet":
         _need_pyarrow()
     try:
@@ -119,18 +106,6 @@ def export_side(reader: TraceReader, kind: str, fmt: str, out_path: str, where: 
 _BOOLEANS = [b"false", b"true"]
 
 
-def _reason_table() -> list[bytes]:
-    return [schema.reason_name(code).encode() for code in range(256)]
-
-
-def _missing_mask(c: dict[str, np.ndarray], name: str) -> np.ndarray | None:
-    """Where a column an older trace lacked reads as its `missing` value (None: never)."""
-    column = schema.COLUMNS.get(name)
-    if column is None or column.missing is None:
-        return None
-    return c[name] == c[name].dtype.type(column.missing)
-
-
 def _csv_text(text: str) -> bytes:
     """A CSV cell (RFC 4180: quoted when it holds a comma, quote or line break)."""
     if any(ch in text for ch in ',"\r\n'):
@@ -154,16 +129,16 @@ def _csv_field(c: dict[str, np.ndarray], name: str, reasons: list[bytes]) -> np.
         return T.decimal(c["reason"])
     if name == "write":  # as JSON spells a boolean
         return T.lookup(_BOOLEANS, c["flags"] & schema.FLAG_WRITE)
-    unknown = _missing_mask(c, name)
+    unknown = exit_rows.missing_mask(c, name)
     return T.decimal(c[name]) if unknown is None else T.blank(T.decimal(c[name]), unknown)
 
 
 def _csv(reader: TraceReader, path: str, where, progress: Progress, symbols: dict) -> int:
-    reasons = _reason_table()
+    reasons = exit_rows.reason_texts()
     n_total = 0
     with open(path, "wb") as f:
         f.write((",".join(CSV_COLUMNS) + "\n").encode())
-        for c in _chunks(reader, where, symbols):
+        for c in analysis.events_with_places(reader, where, symbols):
             n = len(c["t_exit"])
             comma = T.const(b",", n)
             pieces = []
@@ -173,165 +148,6 @@ def _csv(reader: TraceReader, path: str, where, progress: Progress, symbols: dic
             f.write(T.join_rows(pieces))
             n_total += n
             progress(n)
-    return n_total
-
-
-# --- Perfetto -------------------------------------------------------------------------------------
-def _tid(vm: int, vcpu: int) -> int:
-    return (vm + 1) * _TID_STRIDE + vcpu
-
-
-def _metadata(reader: TraceReader) -> list[dict]:
-    names = analysis.vm_names(reader)
-    events = []
-    vcpus = sorted({(s.vm, s.vcpu) for s in reader.streams()})
-    for vm in sorted({vm for vm, _ in vcpus}):
-        label = f"vm {vm}" + (f" {names[vm]}" if vm in names else "")
-        events.append({"ph": "M", "name": "process_name", "pid": vm + 1, "args": {"name": label}})
-        events.append({"ph": "M", "name": "process_sort_index", "pid": vm + 1, "args": {"sort_index": vm}})
-    for vm, vcpu in vcpus:
-        events.append({"ph": "M", "name": "thread_name", "pid": vm + 1, "tid": _tid(vm, vcpu),
-                       "args": {"name": f"vcpu {vcpu}"}})
-        events.append({"ph": "M", "name": "thread_sort_index", "pid": vm + 1, "tid": _tid(vm, vcpu),
-                       "args": {"sort_index": vcpu}})
-    return events
-
-
-def _us(ns: int) -> float:
-    return round(ns / 1000, 3)
-
-
-def _record_events(reader: TraceReader, t0: int) -> list[dict]:
-    """Instant events for VM start / end, gap and lifecycle records that carry a time."""
-    out = []
-    for kind in (schema.MSG_VM_START, schema.MSG_VM_END, schema.MSG_LIFECYCLE, schema.MSG_INPUT, schema.MSG_GAP):
-        for rec in reader.records(kind):
-            vm = rec.get("vm")
-            if not isinstance(vm, int) or not 0 <= vm < 1 << 32:
-                continue
-            t = rec.get("t")
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t - t0 <= 1 << 62:
-                if kind != schema.MSG_GAP:
-                    continue
-                t = None
-            args = {k: v for k, v in rec.items() if isinstance(v, (int, str, float, bool))}
-            name = {schema.MSG_LIFECYCLE: f"lifecycle {rec.get('event')}", schema.MSG_INPUT: f"key {rec.get('key')}"}.get(
-                kind, kind)
-            if kind == schema.MSG_GAP:
-                vcpu = rec.get("vcpu")
-                ev = {"ph": "i", "s": "t", "name": f"gap: {rec.get('count')} events lost", "pid": vm + 1,
-                      "tid": _tid(vm, vcpu) if isinstance(vcpu, int) and 0 <= vcpu < _TID_STRIDE else vm + 1,
-                      "ts": 0.0 if t is None else _us(t - t0), "args": args}
-            else:
-                ev = {"ph": "i", "s": "p", "name": name, "pid": vm + 1, "ts": _us(t - t0), "args": args}
-            out.append(ev)
-    return out
-
-
-def _timeline_start(reader: TraceReader) -> int:
-    """The zero of the timeline: the first exit, or an earlier record (a VM's start) within
-    _RECORD_WINDOW_NS of it — Perfetto drops events at negative times."""
-    t0 = analysis.trace_start(reader)
-    times = [rec["t"] for rec in reader.records() if isinstance(rec.get("t"), int) and not isinstance(rec["t"], bool)]
-    if t0 is None:
-        return min(times, default=0)
-    return min([t for t in times if t0 - _RECORD_WINDOW_NS <= t] + [t0])
-
-
-# Table columns the slice shows in its own way (time, duration, name, category, the args above);
-# every other column of the schema goes into args under its own name, null where unknown.
-_PERFETTO_SHOWN = frozenset(("t_exit", "guest_ns", "addr", "data", "count", "reason", "size", "flags"))
-
-
-def _perfetto_other_args(c: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
-    pieces = []
-    for name in schema.COLUMN_NAMES:
-        if name in _PERFETTO_SHOWN:
-            continue
-        unknown = _missing_mask(c, name)
-        pieces.append(T.const(f',"{name}":'.encode(), n))
-        if unknown is None:
-            pieces.append(T.decimal(c[name]))
-        else:
-            pieces += [T.lookup([b"", b"null"], unknown.astype(np.intp)), T.blank(T.decimal(c[name]), unknown)]
-    return pieces
-
-
-def _perfetto_places(c: dict, n: int) -> list[np.ndarray]:
-    """`,"symbol":"print","line":"mbkernel.c:88"` (null where unknown)."""
-    pieces = []
-    for name in _PLACES:
-        labels = c[name]
-        pieces += [T.const(f',"{name}":'.encode(), n),
-                   T.lookup([b"null"] + [json.dumps(t).encode() for t in labels.texts[1:]], labels.codes)]
-    return pieces
-
-
-def _perfetto(reader: TraceReader, path: str, where, progress: Progress, symbols: dict) -> int:
-    t0 = _timeline_start(reader)
-    reasons = _reason_table()
-    # name: "io out 0x3f8" / "mmio W 0xd0000000" / "hlt": the reason, a direction for io and mmio
-    direction = [b""] * 512
-    for w, text in ((0, b" in"), (1, b" out")):
-        direction[schema.REASON_IO * 2 + w] = text
-    for w, text in ((0, b" R"), (1, b" W")):
-        direction[schema.REASON_MMIO * 2 + w] = text
-    n_total = 0
-    with open(path, "wb") as f:
-        head = {"displayTimeUnit": "ns",
-                "otherData": {"source": "vmtrace export", "trace": os.path.basename(reader.path),
-                              "run_id": str(reader.run.get("run_id", "")), "t0_ns": t0}}
-        f.write(b'{"displayTimeUnit":"ns","otherData":' + json.dumps(head["otherData"]).encode()
-                + b',"traceEvents":[\n')
-        first = True
-        for ev in _metadata(reader):
-            f.write((b"" if first else b",\n") + json.dumps(ev, separators=(",", ":")).encode())
-            first = False
-        for c in _chunks(reader, where, symbols):
-            n = len(c["t_exit"])
-            rel = c["t_exit"] - np.int64(t0)
-            handle = c["handle_ns"]
-            known = handle != NO_HANDLE
-            dur = np.where(known, np.maximum(handle, 0), 0)
-            io_or_mmio = (c["reason"] == schema.REASON_IO) | (c["reason"] == schema.REASON_MMIO)
-            w = (c["flags"] & schema.FLAG_WRITE).astype(np.intp)
-            addr_hex = T.hexadecimal(c["addr"])
-            pieces = [
-                T.const(b",\n", n),
-                T.const(b'{"ph":"X","name":"', n), T.lookup(reasons, c["reason"]),
-                T.lookup(direction, c["reason"].astype(np.intp) * 2 + w),
-                T.blank(np.concatenate([T.const(b" ", n), addr_hex], axis=1), ~io_or_mmio),
-                T.const(b'","cat":"', n), T.lookup(reasons, c["reason"]),
-                T.const(b'","pid":', n), T.decimal(c["vm"].astype(np.uint64) + np.uint64(1)),
-                T.const(b',"tid":', n), T.decimal((c["vm"].astype(np.uint64) + np.uint64(1)) * np.uint64(_TID_STRIDE)
-                                                   + c["vcpu"].astype(np.uint64)),
-                T.const(b',"ts":', n), T.decimal(rel // 1000), T.const(b".", n), T.decimal(rel % 1000, width=3),
-                T.const(b',"dur":', n), T.decimal(dur // 1000), T.const(b".", n), T.decimal(dur % 1000, width=3),
-                T.const(b',"args":{"seq":', n), T.decimal(c["seq"]),
-                T.const(b',"epoch":', n), T.decimal(c["epoch"]),
-                T.const(b',"addr":"', n), addr_hex,
-                T.const(b'","size":', n), T.decimal(c["size"]),
-                T.const(b',"count":', n), T.decimal(c["count"]),
-                T.const(b',"data":"', n), T.hexadecimal(c["data"]),
-                T.const(b'","write":', n), T.lookup([b"false", b"true"], w),
-                T.const(b',"guest_ns":', n), T.decimal(c["guest_ns"]),
-                *_perfetto_other_args(c, n),
-                *_perfetto_places(c, n),
-                T.const(b',"handle_ns":', n),
-                T.lookup([b"null", b""], known.astype(np.intp)),
-                T.blank(T.decimal(np.where(known, handle, 0)), ~known),
-                T.const(b"}}", n),
-            ]
-            text = T.join_rows(pieces)
-            if first:  # only when there was no metadata (cannot happen: events come with streams)
-                text, first = text[1:], False
-            f.write(text)
-            n_total += n
-            progress(n)
-        for ev in _record_events(reader, t0):
-            f.write((b"" if first else b",\n") + json.dumps(ev, separators=(",", ":"), default=str).encode())
-            first = False
-        f.write(b"\n]}\n")
     return n_total
 
 
@@ -376,7 +192,7 @@ def _parquet(reader: TraceReader, path: str, where, progress: Progress, symbols:
         pending, rows = [], 0
 
     with pq.ParquetWriter(path, pa_schema, compression="zstd") as writer:
-        for c in _chunks(reader, where, symbols):
+        for c in analysis.events_with_places(reader, where, symbols):
             n = len(c["t_exit"])
             pending.append(c)
             rows += n
@@ -432,7 +248,8 @@ def run(
     if table not in TABLES:
         common.bad_input(f"unknown --table {table!r} (choose from {', '.join(TABLES)})")
     if table != "exits" and (fmt == "perfetto" or partition_by is not None):
-        common.bad_input(f"--table {table} goes to --format csv or parquet, without --partition-by")
+        common.bad_input(f"--table {table} goes to --format csv or parquet, without --partition-by (the "
+                         "perfetto timeline holds every kind)")
     common.refuse_overwriting(out, trace)
     if fmt == "parquet" and out == "-" and sys.stdout.isatty():
         common.bad_input("Parquet is binary: not to a terminal (redirect standard output, or -o FILE)")
