@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import array
 import errno as errno_mod
 import os
 import time
@@ -15,10 +14,11 @@ import zstandard
 
 from .. import messages, schema
 from ..run_files import open_private
+from .block_index import BlockIndex
 from .codec import HANDLE, SEQ, U64
 from .exits_block import encode_exits
-from .format import (DEFAULT_BLOCK_EVENTS, FILE_HEAD, FORMAT_VERSION, INDEX_FIELDS, INDEX_NO_ID, MAGIC,
-                     MAX_BLOCK_BYTES, MAX_HEADER_BYTES, MAX_INDEX_ENTRIES, MAX_RECORD_BYTES, RECORD_BLOCK_TYPES,
+from .format import (DEFAULT_BLOCK_EVENTS, FILE_HEAD, FORMAT_VERSION, INDEX_NO_ID, MAGIC,
+                     MAX_BLOCK_BYTES, MAX_HEADER_BYTES, MAX_RECORD_BYTES, RECORD_BLOCK_TYPES,
                      STREAM_ID_LIMIT, TRAILER, TRAILER_MAGIC, U32, U64_LIMIT, ZSTD_LEVEL, BlockType,
                      TraceWriteError, frame_block, is_int, pack)
 
@@ -95,7 +95,8 @@ class TraceWriter:
         self.events = 0  # rows written (in blocks)
         self.blocks = 0
         self.resumed_seq: dict[tuple[int, int, int], int] = {}
-        self._index: dict[str, array.array] | None = {name: array.array("Q") for name, _ in INDEX_FIELDS}
+        # Every block, for the footer: spilled to disk as it goes, so memory stays flat (block_index.py).
+        self._index = BlockIndex(os.path.dirname(self.path))
         if resume:
             self._reopen()
         else:
@@ -131,11 +132,7 @@ class TraceWriter:
             # totals: the one reading of every block's reason column a restart costs.
             for entry in reader.block_list():
                 self.blocks += 1
-                if self.blocks <= MAX_INDEX_ENTRIES:
-                    for (name, _), value in zip(INDEX_FIELDS, entry):
-                        self._index[name].append(value)
-            if self.blocks > MAX_INDEX_ENTRIES:
-                self._index = None
+                self._index.add(entry)
             for batch in reader.exit_batches(columns=("reason",)):
                 self.events += batch.n_rows
                 if batch.n_rows:
@@ -188,12 +185,7 @@ class TraceWriter:
         offset = self._offset
         self._append(frame_block(btype, payload))
         self.blocks += 1
-        if self._index is not None:
-            if self.blocks > MAX_INDEX_ENTRIES:
-                self._index = None  # too many to list; the footer keeps the totals
-                return
-            for (name, _), value in zip(INDEX_FIELDS, (offset, int(btype), *key)):
-                self._index[name].append(value)
+        self._index.add((offset, int(btype), *key))
 
     def write_exits(self, vm: int, vcpu: int, epoch: int, first_seq: int, count: int,
                     cols: Mapping[str, object], seq=None, payloads=None) -> None:
@@ -317,7 +309,8 @@ class TraceWriter:
 
     def statistics(self) -> dict:
         return {"blocks": self.blocks, "events": self.events, "bytes": self._offset,
-                "pending_events": sum(p.rows for p in self._pending.values()), "failed": self._failed}
+                "pending_events": sum(p.rows for p in self._pending.values()), "failed": self._failed,
+                "index_entries_in_memory": self._index.in_memory}
 
     def close(self, fsync: bool = False) -> None:
         """Flush, write the index footer and close. After a failed write it only closes the file."""
@@ -331,15 +324,13 @@ class TraceWriter:
                     self._fsync()
         finally:
             self._closed = True
+            self._index.close()
             os.close(self._fd)
 
     def _write_footer(self) -> None:
         index_at = self._offset
-        blocks = None if self._index is None else {
-            name: np.frombuffer(self._index[name], dtype=np.uint64).astype(dt).tobytes()
-            for name, dt in INDEX_FIELDS}
         footer = {
-            "blocks": blocks,
+            "blocks": self._index.columns(),  # None when too many (or the spill failed): totals only
             "events": self.events,
             "by_vm": {vm: {int(r): int(n) for r, n in enumerate(t) if n} for vm, t in self._totals.items()},
         }
