@@ -140,7 +140,7 @@ class Recorder:
         self.batches = 0
         self.bad_messages: dict[str, int] = {}
         self.unwritten_refusals: dict[str, int] = {}  # since the last `refused` record
-        self.gaps: list[messages.Gap] = []
+        self.gaps = self.gap_events = 0  # gap records this recorder wrote, and the events they declared lost
         self.recording_error: str | None = None
         self.finished = False
         self.terminate_requested = False  # set from a SIGTERM handler; serve() then finishes
@@ -151,6 +151,8 @@ class Recorder:
             stats.events += covered
             stats.epoch = max(stats.epoch, epoch)
             self.events_recorded += covered
+        for vm in list(self.tally.vms):
+            self._fold_done_epochs(vm)
 
     def _take_over(self, prior: dict[str, list[dict]]) -> None:
         """What the predecessors wrote decides what this recorder still owes: epochs already cut,
@@ -208,6 +210,8 @@ class Recorder:
                     raise CredentialError("no credential")
                 else:
                     check_sender(self.bus_keys.verify(frames[0]), msg)
+            if isinstance(msg, (messages.ExitBatch, messages.VmStart, messages.VmEnd)) and self._folded(msg.vm, msg.epoch):
+                raise BadMessage(f"{msg.TYPE} for an epoch that has ended")  # a stale or replayed message
             if isinstance(msg, messages.ExitBatch):
                 self._exits(msg)
             elif isinstance(msg, messages.VmStart):
@@ -298,6 +302,7 @@ class Recorder:
             self.next_seq.setdefault((start.vm, vcpu, start.epoch), n)
         self.tally.started(start.vm, start.epoch, start.name, first)
         self._write(lambda w: w.write_record(start.TYPE, start.to_msg()))
+        self._fold_done_epochs(start.vm)
 
     def _vm_end(self, end: messages.VmEnd) -> None:
         if end.final_seq is not None:
@@ -307,6 +312,7 @@ class Recorder:
         self.ended.add((end.vm, end.epoch))
         self.tally.ended(end.to_msg())
         self._write(lambda w: w.write_record(end.TYPE, end.to_msg()))
+        self._fold_done_epochs(end.vm)
 
     def _lifecycle(self, event: messages.Lifecycle) -> None:
         vm, epoch = event.vm, event.epoch
@@ -315,7 +321,7 @@ class Recorder:
             stats.name = event.name
         if event.event in ("exit", "give-up", "stop"):
             stats.state = event.status or event.event
-        if event.event == "exit":
+        if event.event == "exit" and not self._folded(vm, epoch):
             self.exited.add((vm, epoch))
         self._write(lambda w: w.write_record(event.TYPE, event.to_msg()))
         if event.event == "exit" and event.no_record and (vm, epoch) not in self.final_seq:
@@ -326,7 +332,7 @@ class Recorder:
     def _cut(self, vm: int, epoch: int, why: str) -> None:
         """A count-unknown gap at the end of each stream of (vm, epoch): every vCPU its vm-start
         announced (even one whose first batch never came) and every stream seen."""
-        if (vm, epoch) in self.cut:
+        if (vm, epoch) in self.cut or self._folded(vm, epoch):
             return  # one cause per gap: the first one to see the cut says why
         streams = {vcpu: 0 for vcpu in range(self.started.get((vm, epoch), 0))}
         streams.update({vcpu: n for (svm, vcpu, sepoch), n in self.next_seq.items() if (svm, sepoch) == (vm, epoch)})
@@ -339,12 +345,49 @@ class Recorder:
         for vcpu, next_seq in sorted(streams.items()):
             self._gap(vm, vcpu, epoch, next_seq, 0, f"{why}: events after this point were lost, count unknown",
                       count_known=False)
+        self._fold_done_epochs(vm)
+
+    # Epochs the recorder is done with --------------------------------------------------------------
+    # A VM that restarts all the time makes thousands of epochs in a long run; each one's streams,
+    # final sequence numbers and tally would stay for the whole run. Once an epoch is done — its
+    # vm-end said how far each stream went and they got there, or its streams were cut — and a later
+    # epoch of the VM has begun (its worker is gone, so only a stale message could still name it), its
+    # state is folded into the VM's totals (exit_tally.VmTally.fold), and messages that would change
+    # it are refused. What is held then follows the live epochs, not the run's length.
+    def _folded(self, vm: int, epoch: int) -> bool:
+        tally = self.tally.vms.get(vm)
+        return tally is not None and epoch in tally.folded
+
+    def _fold_done_epochs(self, vm: int) -> None:
+        tally = self.tally.vm(vm)
+        latest = tally.last_epoch
+        for epoch in [e for e in tally.epochs if e < latest and self._epoch_done(vm, e)]:
+            key = (vm, epoch)
+            vcpus = max(len(self.final_seq.get(key, ())), self.started.get(key, 0),
+                        max(tally.epochs[epoch].reached, default=-1) + 1)
+            for vcpu in range(vcpus):
+                self.next_seq.pop((vm, vcpu, epoch), None)
+            self.final_seq.pop(key, None)
+            self.started.pop(key, None)
+            for done in (self.cut, self.exited, self.ended):
+                done.discard(key)
+            tally.fold(epoch)
+
+    def _epoch_done(self, vm: int, epoch: int) -> bool:
+        key = (vm, epoch)
+        if key in self.cut:
+            return True
+        if key not in self.ended:
+            return False
+        return all(self.next_seq.get((vm, vcpu, epoch), 0) >= final
+                   for vcpu, final in enumerate(self.final_seq.get(key, ())))
 
     def _gap(self, vm: int, vcpu: int, epoch: int, first_missing: int, count: int, cause: str,
              count_known: bool = True) -> None:
         gap = messages.Gap(vm=vm, vcpu=vcpu, epoch=epoch, first_missing=first_missing, count=count, cause=cause,
                            count_known=count_known)
-        self.gaps.append(gap)
+        self.gaps += 1
+        self.gap_events += count
         self.tally.gap(gap.to_msg())
         self._write(lambda w: w.write_record(gap.TYPE, gap.to_msg()))
         self.live.send(messages.pack(gap), flags=zmq.NOBLOCK)
@@ -375,7 +418,7 @@ class Recorder:
     def stats(self) -> dict:
         return {"events": self.events_recorded, "batches": self.batches, "bad_messages": self.bad_messages,
                 "refused": sum(self.bad_messages.values()),
-                "gaps": len(self.gaps), "gap_events": sum(g.count for g in self.gaps),
+                "gaps": self.gaps, "gap_events": self.gap_events,
                 "trace": self.trace_path, "recording_error": self.recording_error, "runs": self.runs.to_json(),
                 "vms": {str(vm): {**s.to_json(), "exits": self.tally.vm(vm).exits,
                                   "unclaimed": self.tally.vm(vm).unclaimed} for vm, s in self.vms.items()},

@@ -8,11 +8,14 @@ sequence number too, so a live count may run a few ahead of the worker's own).
 
 The recorder keeps a RunTally as batches and records arrive (and rebuilds it from the trace when
 it is restarted); `RunTally.from_trace` computes the same from a file, with the figures the end
-of a run prints (events stored, gaps and what they lost, refused messages).
+of a run prints (events stored, gaps and what they lost, refused messages). A recorder lives as
+long as the run and a VM that restarts all the time has thousands of epochs: it folds each epoch
+it is done with into its VM's totals (`VmTally.fold`), so what it holds follows the live epochs.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from . import messages, schema
@@ -47,18 +50,67 @@ class EpochTally:
         return sum(max(n - self.first.get(vcpu, 0), 0) for vcpu, n in self.reached.items())
 
 
+class EpochRanges:
+    """A set of epoch numbers as sorted disjoint [lo, hi) ranges: a VM's folded epochs are almost
+    all consecutive, so however many times it restarted this stays a range or two."""
+
+    def __init__(self) -> None:
+        self._lo: list[int] = []
+        self._hi: list[int] = []
+
+    def __contains__(self, epoch: int) -> bool:
+        i = bisect_right(self._lo, epoch) - 1
+        return i >= 0 and epoch < self._hi[i]
+
+    def __len__(self) -> int:
+        return sum(hi - lo for lo, hi in zip(self._lo, self._hi))
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self._lo, self._hi))
+
+    def add(self, epoch: int) -> None:
+        if epoch in self:
+            return
+        i = bisect_right(self._lo, epoch)  # the ranges before i start at or below epoch
+        joins_left = i > 0 and self._hi[i - 1] == epoch
+        joins_right = i < len(self._lo) and self._lo[i] == epoch + 1
+        if joins_left and joins_right:
+            self._hi[i - 1] = self._hi.pop(i)
+            del self._lo[i]
+        elif joins_left:
+            self._hi[i - 1] = epoch + 1
+        elif joins_right:
+            self._lo[i] = epoch
+        else:
+            self._lo.insert(i, epoch)
+            self._hi.insert(i, epoch + 1)
+
+
 @dataclass
 class VmTally:
     vm: int
     name: str | None = None
-    epochs: dict[int, EpochTally] = field(default_factory=dict)
+    epochs: dict[int, EpochTally] = field(default_factory=dict)  # the epochs not folded
+    folded: EpochRanges = field(default_factory=EpochRanges)
+    folded_exits: int = 0  # the folded epochs' totals
+    folded_unclaimed: dict[str, int] = field(default_factory=dict)
 
     def epoch(self, epoch: int) -> EpochTally:
         return self.epochs.setdefault(epoch, EpochTally())
 
+    def fold(self, epoch: int) -> None:
+        """Keep only the totals of an epoch no message can change any more (the recorder decides
+        which: supervisor/recorder.py). Figures stay exact; the epoch's own dicts go."""
+        e = self.epochs.pop(epoch)
+        self.folded_exits += e.total
+        for k, n in e.unclaimed.items():
+            self.folded_unclaimed[k] = self.folded_unclaimed.get(k, 0) + n
+        self.folded.add(epoch)
+
     @property
     def exits(self) -> int:
-        return sum(e.total for e in self.epochs.values())
+        return self.folded_exits + sum(e.total for e in self.epochs.values())
 
     @property
     def last_epoch(self) -> int:
@@ -70,7 +122,7 @@ class VmTally:
 
     @property
     def unclaimed(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        out: dict[str, int] = dict(self.folded_unclaimed)
         for e in self.epochs.values():
             for k, n in e.unclaimed.items():
                 out[k] = out.get(k, 0) + n
@@ -78,7 +130,7 @@ class VmTally:
 
     def to_json(self) -> dict:
         return {"vm": self.vm, "name": self.name, "exits": self.exits, "status": self.status,
-                "epochs": len(self.epochs), "last_epoch_exits": self.epochs[self.last_epoch].total if self.epochs else 0,
+                "epochs": len(self.epochs) + len(self.folded), "last_epoch_exits": self.epochs[self.last_epoch].total if self.epochs else 0,
                 "unclaimed": self.unclaimed}
 
 
