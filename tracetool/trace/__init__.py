@@ -9,6 +9,7 @@ Modules, one concept each:
   codec        the exact column encodings (delta, frame of reference, byte shuffle)
   exits_block  the EXITS block: its head (stream, sequence and time range) and its body
   writer       TraceWriter: a new file, or one continued after a crash
+  block_index  the writer's list of every block for the footer, spilled to disk so memory stays flat
   scan         TraceScan: the one scan of a file on opening (header, blocks, crc, torn tail, footer)
   reader       TraceReader: the query API on what the scan found
   accounting   sequence continuity: holes no gap record explains, overlaps
