@@ -361,7 +361,13 @@ class Recorder:
     def _fold_done_epochs(self, vm: int) -> None:
         tally = self.tally.vm(vm)
         latest = tally.last_epoch
-        for epoch in [e for e in tally.epochs if e < latest and self._epoch_done(vm, e)]:
+        for epoch in [e for e in tally.epochs if e < latest]:
+            if not self._epoch_done(vm, epoch):
+                # Ended with streams short of its vm-end's final_seq, and the VM has restarted
+                # twice since: its worker is long gone, so what never came never will. Say so now.
+                if epoch >= latest - 1 or (vm, epoch) not in self.ended:
+                    continue
+                self._declare_unreceived(vm, epoch, "not received before the VM restarted")
             key = (vm, epoch)
             vcpus = max(len(self.final_seq.get(key, ())), self.started.get(key, 0),
                         max(tally.epochs[epoch].reached, default=-1) + 1)
@@ -372,6 +378,14 @@ class Recorder:
             for done in (self.cut, self.exited, self.ended):
                 done.discard(key)
             tally.fold(epoch)
+
+    def _declare_unreceived(self, vm: int, epoch: int, why: str) -> None:
+        """A gap for each stream of an ended epoch that falls short of its final sequence number."""
+        for vcpu, final in enumerate(self.final_seq.get((vm, epoch), ())):
+            got = self.next_seq.get((vm, vcpu, epoch), 0)
+            if got < final:
+                self._gap(vm, vcpu, epoch, got, final - got, why)
+                self.next_seq[(vm, vcpu, epoch)] = final
 
     def _epoch_done(self, vm: int, epoch: int) -> bool:
         key = (vm, epoch)
@@ -457,11 +471,8 @@ class Recorder:
             seen = {*self.started, *((vm, epoch) for vm, _, epoch in self.next_seq)}
             for vm, epoch in sorted(seen - set(self.final_seq) - self.cut - self.exited):
                 self._cut(vm, epoch, cut_unended)
-        for (vm, epoch), finals in self.final_seq.items():
-            for vcpu, final in enumerate(finals):
-                got = self.next_seq.get((vm, vcpu, epoch), 0)
-                if got < final:
-                    self._gap(vm, vcpu, epoch, got, final - got, "not received before the recorder closed")
+        for vm, epoch in list(self.final_seq):
+            self._declare_unreceived(vm, epoch, "not received before the recorder closed")
         for end in ended_without_record:  # workers that died without a vm-end record
             if (end.vm, end.epoch) not in self.ended:
                 self._vm_end(end)

@@ -22,12 +22,34 @@ from .recorder import Recorder
 from .runtime import RunDir
 
 
+# mallopt(3) parameter number (glibc <malloc.h>), and the value we pin it to: glibc's default.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 128 << 10
+
+
+def keep_large_buffers_out_of_the_heap() -> None:
+    """Pin glibc's mmap threshold for the life of the recorder process.
+
+    Left alone, glibc raises the threshold to the size of each mmap'd buffer freed (up to 32 MiB),
+    so after the first blocks the recorder's big short-lived buffers (batch columns, a block's
+    concatenated columns and its compressed bytes: 100 KiB to a few MiB) come from the heap,
+    interleaved with long-lived small objects; the freed space fragments and the heap's high-water
+    mark creeps up for as long as the run lasts (measured: +4 MiB free-but-held after 6 minutes of
+    the soak, RSS still rising). Pinned, they are mmap'd and handed back whole when freed. Any
+    other allocator keeps its own policy."""
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
+
+
 class RecorderStartError(VmsupError):
     """The recorder cannot start: its keys, its tcp endpoint or its trace file."""
 
 
 def open_recorder(run_dir: RunDir, trace: str | None, run_meta: dict, bus_keys: BusKeys, **options) -> Recorder:
     """A Recorder, or RecorderStartError with one line saying why not."""
+    keep_large_buffers_out_of_the_heap()  # the recorder lives as long as the run
     try:
         return Recorder(run_dir, trace, run_meta, bus_keys, **options)
     except VmsupError as e:  # --listen: keys or the tcp endpoint

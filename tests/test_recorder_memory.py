@@ -99,3 +99,31 @@ def test_a_recorder_holds_state_for_live_epochs_only_however_many_have_ended(tmp
         assert r.closed_cleanly and r.gaps == [] and r.unexplained_gaps == []
         assert r.event_count == EPOCHS * per_epoch
         assert RunTally.from_trace(r).vm(0).exits == EPOCHS * per_epoch
+
+
+def test_an_ended_epoch_whose_last_batches_never_came_is_declared_and_folded_once_the_vm_restarted(tmp_path):
+    run_path = tmp_path / "run"
+    run_path.mkdir(mode=0o700)
+    keys = BusKeys.new("short")
+    trace = tmp_path / "t.vmtrace"
+    rec = Recorder(RunDir("short", run_path), str(trace), {"vms": [{"vm_id": 0}]}, keys)
+    feed = _Feeder(rec, keys, RunDir("short", run_path).events_endpoint)
+    try:
+        # Epoch 0's vm-end says its stream reached seq 20; only seqs 0..9 ever arrive.
+        feed.send(messages.VmStart(vm=0, epoch=0, name="short", vcpus=1))
+        feed.send(_batch(0, 0, 0, 0))
+        feed.send(messages.VmEnd(vm=0, epoch=0, name="short", status="halted", exits=2 * ROWS, final_seq=[2 * ROWS]))
+        _run_epoch(feed, 0, 1)
+        assert rec.stats()["gaps"] == 0  # one restart later a straggler could still be on its way
+        _run_epoch(feed, 0, 2)
+        assert rec.stats()["gaps"] == 1 and rec.stats()["gap_events"] == ROWS
+        assert rec.tally.vm(0).folded.ranges == [(0, 2)] and len(rec.next_seq) == VCPUS
+        rec.finish([])
+    finally:
+        feed.close()
+        rec.close()
+    with TraceReader(trace) as r:
+        assert [(g["epoch"], g["first_missing"], g["count"], g["cause"]) for g in r.gaps] == [
+            (0, ROWS, ROWS, "not received before the VM restarted")]
+        assert r.unexplained_gaps == []
+        assert RunTally.from_trace(r).vm(0).exits == 2 * ROWS + 2 * VCPUS * BATCHES * ROWS
