@@ -55,6 +55,7 @@ EXAMPLES = {
     messages.StepBatch: messages.StepBatch(vm=0, vcpu=0, epoch=0, first_seq=0, count=1, cols=_STEP_COLS,
                                            initial=[0] * len(REGISTERS), last=True, insn_emulation=1),
     messages.Interrupt: messages.Interrupt(vm=0, vcpu=0, epoch=0, at=10, clock="insns", rip=0x1000, vector=0x20, t=1),
+    messages.InsnCounts: messages.InsnCounts(vm=0, vcpu=0, epoch=0, first=4, counts=(12).to_bytes(8, "little") * 2, t=1),
     messages.VmImage: messages.VmImage(vm=0, epoch=0, sha256="ab" * 32, path="/g.bin", size=3, image=b"\xf4\x90\x90",
                                        cpuid=b"", registers={"rip": 0}, t=1),
     messages.CoalescedWrites: messages.CoalescedWrites(vm=0, vcpu=0, epoch=0, count=1, cols={

@@ -270,3 +270,39 @@ def test_kill_from_gdb_ends_the_rerun_and_says_so(vmsup, tmp_path, rerun_gdb):
     code, result = run.result()
     assert code == 0 and result["identical"] is True and "killed from gdb" in result["notes"]
     assert result["exits"] == 3
+
+
+def test_a_deterministic_recording_holds_each_exits_instruction_count_and_a_rerun_compares_it(vmsup, tmp_path):
+    from test_rerun import vmtrace
+    from tracetool.trace import TraceWriter
+    trace = str(tmp_path / "mb.trace")
+    vmsup("launch", "mbkernel", "--deterministic", "--cmdline", "maxticks=20", "--quiet", "--trace", trace)
+    with TraceReader(trace) as reader:
+        records = reader.records(schema.MSG_INSN_COUNTS)
+        if not reader.run.get("insn_count_exact"):
+            pytest.skip("this host's insn_emulation does not count instructions exactly")
+        seqs = [int(s) for s, r in zip(reader.exits()[schema.SEQ_COLUMN.name], reader.exits()["reason"])
+                if r != schema.REASON_INTR]
+    counts = [int.from_bytes(r["counts"][i:i + 8], "little") for r in records for i in range(0, len(r["counts"]), 8)]
+    assert records[0]["first"] == 0 and len(counts) == len(seqs) - 1  # all but the exit that ended the VM
+    assert counts == sorted(counts) and counts[-1] > len(counts)
+    # The same trace with exit 100's count one higher: the rerun names the field at that exit.
+    forged = tmp_path / "forged.trace"
+    with TraceReader(trace) as reader, TraceWriter(forged, reader.run) as writer:
+        for block in reader.blocks():
+            if block.batch is not None:
+                b = block.batch
+                cols = {k: v for k, v in b.columns.items() if k != schema.SEQ_COLUMN.name}
+                writer.write_exits(b.vm, b.vcpu, b.epoch, b.first_seq, b.count, cols,
+                                   seq=b.columns[schema.SEQ_COLUMN.name], payloads=b.payloads)
+            elif block.kind == schema.MSG_INSN_COUNTS:
+                raw = bytearray(block.record["counts"])
+                raw[800:808] = (counts[100] + 1).to_bytes(8, "little")
+                writer.write_record(block.kind, {**block.record, "counts": bytes(raw)})
+            elif block.kind != "index":
+                writer.write_record(block.kind, block.record)
+    proc = vmtrace("rerun", str(forged), "--json")
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 1 and (result["seq"], result["field"]) == (seqs[100], "instructions"), result
+    assert (result["recorded"], result["now"]) == (hex(counts[100] + 1), hex(counts[100]))
+    assert vmtrace("rerun", trace).returncode == 0

@@ -279,6 +279,34 @@ class Interrupt(Message):
     wall: int | None = checked(Int())
 
 
+INSN_COUNTS_PER_RECORD = 4096  # guest exits per insn-counts record (8 bytes each)
+
+
+@dataclass(frozen=True)
+class InsnCounts(Message):
+    """The instruction count (the clock of an `interrupt` record, "insns") of a --deterministic vCPU
+    at each of its guest exits, `first` being the exit clock's reading of the first one (the
+    exits the vCPU loop hands to the clock: kicks and the exit that ends the VM are not among
+    them): little-endian int64 each. A rerun compares every exit's count with it (field
+    "instructions") and time travel takes its positions from it (vmworker/rerun_loop.py)."""
+
+    TYPE: ClassVar[str] = schema.MSG_INSN_COUNTS
+    vm: int = _vm()
+    vcpu: int = _vcpu()
+    epoch: int = _epoch()
+    first: int = checked(Int(required=True, hi=_U64), default=0)
+    counts: bytes = checked(Bytes(required=True, max_len=8 * INSN_COUNTS_PER_RECORD), default=b"")
+    t: int | None = checked(Int())
+    wall: int | None = checked(Int())
+
+    @classmethod
+    def from_msg(cls, msg) -> "InsnCounts":
+        base = super().from_msg(msg)
+        if len(base.counts) % 8:
+            raise MessageError(f"{cls.TYPE}: counts is not a whole number of int64s")
+        return base
+
+
 @dataclass(frozen=True)
 class VmImage(Message):
     """Everything a re-execution needs that the exits do not carry (written after vm-start): the
@@ -477,7 +505,7 @@ class StepBatch(Message):
 
 MESSAGE_CLASSES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (ExitBatch, VmStart, VmEnd, Gap, Lifecycle, Screen, Input, KvmStats, Refused, StepBatch, VmImage,
-                              CoalescedWrites, Interrupt, EmulatedInstructions)}
+                              CoalescedWrites, Interrupt, EmulatedInstructions, InsnCounts)}
 assert set(MESSAGE_CLASSES) == set(schema.MESSAGE_TYPES), "a message type without its class"
 
 

@@ -294,11 +294,12 @@ MSG_STEPS = "steps"  # a batch of single-stepped instructions of one stream (tra
 MSG_REFUSED = "refused"  # bus messages the recorder refused, by cause (written by the recorder only)
 MSG_COALESCED = "coalesced"  # guest writes drained from KVM's coalesced ring (COALESCED_COLUMNS)
 MSG_EMULATED = "emulated"  # instructions the VMM's fallback emulator performed (EMULATED_COLUMNS)
+MSG_INSN_COUNTS = "insn-counts"  # a --deterministic vCPU's instruction count at each of its guest exits
 # Bus only, never a trace record (it carries the run's secret): a remote launch registers its run
 # with a standalone recorder (supervisor/remote_runs.py).
 MSG_RUN_START = "run-start"
 MESSAGE_TYPES = (MSG_EXITS, MSG_VM_START, MSG_VM_END, MSG_GAP, MSG_LIFECYCLE, MSG_SCREEN, MSG_INPUT, MSG_KVM_STATS,
-                 MSG_REFUSED, MSG_STEPS, MSG_VM_IMAGE, MSG_COALESCED, MSG_INTERRUPT, MSG_EMULATED)
+                 MSG_REFUSED, MSG_STEPS, MSG_VM_IMAGE, MSG_COALESCED, MSG_INTERRUPT, MSG_EMULATED, MSG_INSN_COUNTS)
 
 # Bounds for untrusted messages (bus or file): enough for real batches, small enough to be safe.
 MAX_MESSAGE_BYTES = 64 << 20  # one trace block's payload (a bus message: messages.BUS, smaller)

@@ -230,6 +230,8 @@ def run_spec(spec: VmSpec) -> dict:
                 feeder = _type_keys(devices.i8042, key_steps, screen.keyboard_for_script(devices.i8042),
                                     machine.ctx.deterministic)
                 result = machine.run()
+                if machine.ctx.deterministic is not None:
+                    machine.ctx.deterministic.finish()  # the last instruction counts reach the trace
                 gdb_server = on_request.server if on_request else gdb_server  # `vmsup gdb` may have opened one
                 if gdb_server:
                     gdb_server.finish(result.exit_code)

@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import calendar
 import fcntl
+from array import array
 import threading
 import time
+
+from tracetool.messages import INSN_COUNTS_PER_RECORD
 
 from . import kvm_abi as abi
 from .errors import SpecError
@@ -86,6 +89,11 @@ class Deterministic:
         self._requested = 0
         self._request_lock = threading.Lock()
         self.keys = None  # keyboard.ClockedKeyScript: a key script on the virtual clock
+        # The instruction count at each guest exit (exact counter only), sent every
+        # INSN_COUNTS_PER_RECORD exits as an insn-counts record: record_counts(first, counts).
+        self.record_counts = None
+        self._counts = array("q")
+        self._counts_first = 0
 
     def connect_keyboard(self, i8042) -> None:
         """The i8042's IRQ 1 into the user-space PIC (an edge on each rising level), at exits."""
@@ -120,6 +128,12 @@ class Deterministic:
         if self.counter is not None:
             return self.counter.read() - self._base
         return self._exits
+
+    def finish(self) -> None:
+        """Send the instruction counts not yet sent (at the end of the run, and every record's worth)."""
+        if self._counts and self.record_counts is not None:
+            self.record_counts(self._counts_first, self._counts.tobytes())
+        self._counts = array("q")
 
     def virtual_ns(self, at: int) -> int:
         return at * (NS_PER_INSN if self.counter is not None else NS_PER_EXIT) + self.skipped_ns
@@ -166,6 +180,12 @@ class Deterministic:
         self._exits += 1
         run = vcpu.run_page
         at = self.clock()
+        if self.record_counts is not None and self.counter is not None:
+            if not self._counts:
+                self._counts_first = self._exits - 1
+            self._counts.append(at)
+            if len(self._counts) >= INSN_COUNTS_PER_RECORD:
+                self.finish()
         now = self.virtual_ns(at)
         if self._requested:
             self._take_requests()
@@ -213,4 +233,5 @@ def for_machine(machine, port_bus, recording=None) -> Deterministic:
     if recording is not None:
         det.record = lambda at, rip, vector, now: recording.interrupt(
             at=at, clock=det.clock_name, rip=rip, vector=vector, virtual_ns=now)
+        det.record_counts = recording.insn_counts
     return det

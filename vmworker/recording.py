@@ -101,6 +101,10 @@ class Recording:
         """An interrupt a --deterministic vCPU was given (vmworker/deterministic.py), from its thread."""
         self._record(messages.Interrupt, vcpu=0, **fields)
 
+    def insn_counts(self, first: int, counts: bytes) -> None:
+        """A --deterministic vCPU's instruction counts at guest exits `first`, `first` + 1, … (deterministic.py)."""
+        self._record(messages.InsnCounts, vcpu=0, first=first, counts=counts)
+
     def _record(self, kind, **fields) -> None:
         message = kind(vm=self.spec.vm_id, epoch=self.spec.epoch, t=time.monotonic_ns(), wall=time.time_ns(), **fields)
         with self._control_lock:  # a zmq socket is not thread-safe: the gdb stub's thread sends too

@@ -14,10 +14,9 @@ taken so far), the next interrupt and, where the counter is exact, the instructi
 moves the base). With `keep_history` (gdb) the decoded batches and the count at every exit stay in
 memory, so time travel (vmworker/rerun_travel.py) can go back to any position.
 
-The loop runs on the thread that called it, which is the vCPU's thread. It serves a gdb stub the
-way vmworker/vcpu_loop.py does: a kick parks the thread in `Debugger.park`, KVM_EXIT_DEBUG goes
-to `Debugger.debug_exit`, an emulation failure at a planted int3 to `Debugger.breakpoint_hit`,
-and an I/O exit ends a gdb single step through `Debugger.after_io`.
+The loop runs on the calling thread, the vCPU's. It serves a gdb stub as vcpu_loop.py does: a
+kick parks it in `Debugger.park`, KVM_EXIT_DEBUG goes to `Debugger.debug_exit`, an emulation
+failure at a planted int3 to `Debugger.breakpoint_hit`, and an exit ends a gdb step (`after_io`).
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ from .insn_counter import InsnCounter
 from .loader import load_image
 from .machine import Machine
 from .rerun_recording import RecordedBatch, Recording, RerunInputError
-from .rerun_stops import Divergence, TravelRequest, VmEnded, Watchdog
+from .rerun_stops import Divergence, TravelRequest, VmEnded, Watchdog, now_text
 from .signals import KICK_SIGNAL
 
 STALL_SECONDS = 5.0  # no exit for this long (plus 10× the recorded guest time) where the trace has one
@@ -92,7 +91,8 @@ class Replay:
         self.injected_at_last_exit = False  # KVM_INTERRUPT pending: no checkpoint here (vcpu events lack it)
         self.injected_vector = 0
         self._delivering = None  # guest debug to go back to once an injected interrupt is delivered
-        self.exit_counts = array("q")  # keep_history: instruction count at each guest exit, by ordinal
+        self.exit_counts = array("q")  # instruction count at each guest exit, by ordinal: recorded, or learnt (gdb)
+        self.check_counts = False  # compare each exit's instruction count (needs the exact counter)
         self.counter: InsnCounter | None = None
         self.count_base = 0
         self.exit_base = 0  # guest exits before this epoch (a restored one continues a snapshot's clock)
@@ -118,6 +118,8 @@ class Replay:
             from .snapshot import restore_for_rerun
             at, self.exit_base = restore_for_rerun(parent, self.machine, self.image.sha256)
             self.count_base -= at
+        if self.counter is not None:
+            self._load_recorded_counts()
         if self.interrupts and self.interrupts[0]["clock"] == "insns" and self.counter is None:
             raise RerunInputError("the trace's interrupts are placed by instruction count, which this host "
                                   "cannot count exactly")
@@ -342,7 +344,7 @@ class Replay:
         write = 0
         payload = None
         if r != reason:
-            self._diverge("reason", schema.reason_name(reason), schema.reason_name(r), self._now_text(r), rip)
+            self._diverge("reason", schema.reason_name(reason), schema.reason_name(r), now_text(run, r), rip)
         if r == _IO:
             write = 1 if direction == abi.KVM_EXIT_IO_OUT else 0
             data = b""
@@ -370,14 +372,14 @@ class Replay:
         if now != recorded:
             for name, a, c in zip(("direction", "addr", "size", "count"), recorded, now):
                 if a != c:
-                    self._diverge(name, a, c, self._now_text(r), rip)
+                    self._diverge(name, a, c, now_text(run, r), rip)
         if (write or r not in (_IO, _MMIO)) and value != b.datas[i]:
-            self._diverge("data", b.datas[i], value, self._now_text(r), rip)
+            self._diverge("data", b.datas[i], value, now_text(run, r), rip)
         if payload is not None and b.payloads.get(i, payload) != payload:
-            self._diverge("data", "string I/O payload", "another payload", self._now_text(r), rip)
+            self._diverge("data", "string I/O payload", "another payload", now_text(run, r), rip)
         if b.rips[i] != schema.RIP_UNKNOWN and b.rips[i] != rip:
-            self._diverge("rip", b.rips[i], rip, self._now_text(r), rip)
-        if self.keep_history and self.counter is not None:
+            self._diverge("rip", b.rips[i], rip, now_text(run, r), rip)
+        if self.check_counts:
             self._check_count(self.count_now(), r, rip)
         if not write:  # the guest reads: answer with what it read when recorded
             if r == _IO:
@@ -406,13 +408,27 @@ class Replay:
             # reason), and a HLT or an instruction vmsup emulated, which raise no step trap either.
             self.debugger.after_io(vcpu)
 
+    def _load_recorded_counts(self) -> None:
+        """A --deterministic recording's instruction count at each guest exit (its insn-counts
+        records), up to the first hole: every exit's count is compared with it."""
+        rec = self.rec
+        records = sorted((r for r in rec.reader.records(schema.MSG_INSN_COUNTS)
+                          if r["vm"] == rec.vm and r["epoch"] == rec.epoch), key=lambda r: r["first"])
+        for r in records:
+            if r["first"] - self.exit_base != len(self.exit_counts):
+                break
+            self.exit_counts.frombytes(r["counts"])
+        self.check_counts = bool(self.exit_counts) or self.keep_history
+
     def _check_count(self, count: int, r: int, rip: int) -> None:
-        """The instruction count at this exit: learnt the first time, the same every time after."""
+        """The instruction count at this exit: the recorded one, or learnt the first time (gdb) and
+        the same every time after."""
         n = self.ordinal
-        if n == len(self.exit_counts):
+        if n < len(self.exit_counts):
+            if self.exit_counts[n] != count:
+                self._diverge("instructions", self.exit_counts[n], count, now_text(self.vcpu.run_page, r), rip)
+        elif n == len(self.exit_counts) and self.keep_history:
             self.exit_counts.append(count)
-        elif self.exit_counts[n] != count:
-            self._diverge("instructions", self.exit_counts[n], count, self._now_text(r), rip)
 
     def _give_interrupts(self, seq: int, rip: int) -> None:
         """After a guest exit of a --deterministic recording: the interrupts it was given here."""
@@ -459,19 +475,6 @@ class Replay:
                 and fallback is not None:
             fallback.handle(vcpu, exit_.data)
         return exit_.event_data
-
-    def _now_text(self, reason: int) -> str:
-        run = self.vcpu.run_page
-        if reason == _IO:
-            _, direction, size, port, count, off = ex.read_head(run)
-            write = direction == abi.KVM_EXIT_IO_OUT
-            value = int.from_bytes(run[off:off + size], "little") if write else 0
-            return schema.describe_exit(reason, int(write), port, size, value, count)
-        if reason == _MMIO:
-            addr, raw, length, write = ex.mmio_fields(run)
-            return schema.describe_exit(reason, int(write), addr, length,
-                                        int.from_bytes(raw[:length], "little") if write else 0, 1)
-        return schema.reason_name(reason)
 
     def _diverge(self, field, recorded, now, now_text, rip, taken: bool = False):
         """Raise the Divergence at the current recorded exit (`taken`: the one just taken)."""

@@ -1,6 +1,6 @@
-"""What interrupts a rerun's loop (vmworker/rerun_loop.py): a divergence from the recording, gdb
-asking to run backwards, the VM ending, and the watchdog that kicks a guest making no exit where
-the trace has one."""
+"""What interrupts a rerun's loop (vmworker/rerun_loop.py): a divergence from the recording (and
+the text of the exit that made it), gdb asking to run backwards, the VM ending, and the watchdog
+that kicks a guest making no exit where the trace has one."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import signal
 import threading
 import time
 
+from tracetool import schema
+
+from . import exits as ex
+from . import kvm_abi as abi
 from .signals import KICK_SIGNAL
 
 
@@ -63,3 +67,17 @@ class Watchdog(threading.Thread):
     def stop(self) -> None:
         self._quit.set()
         self.join()
+
+
+def now_text(run, reason: int) -> str:
+    """The exit in the kvm_run page `run`, described as the trace describes a recorded one."""
+    if reason == abi.KVM_EXIT_IO:
+        _, direction, size, port, count, off = ex.read_head(run)
+        write = direction == abi.KVM_EXIT_IO_OUT
+        value = int.from_bytes(run[off:off + size], "little") if write else 0
+        return schema.describe_exit(reason, int(write), port, size, value, count)
+    if reason == abi.KVM_EXIT_MMIO:
+        addr, raw, length, write = ex.mmio_fields(run)
+        return schema.describe_exit(reason, int(write), addr, length,
+                                    int.from_bytes(raw[:length], "little") if write else 0, 1)
+    return schema.reason_name(reason)

@@ -79,6 +79,7 @@ class BlockType(IntEnum):
     COALESCED = 13  # coalesced writes (schema.COALESCED_COLUMNS), read on demand
     INTERRUPT = 14
     EMULATED = 15  # instructions the VMM emulated (schema.EMULATED_COLUMNS), read on demand
+    INSN_COUNTS = 16  # a --deterministic vCPU's instruction count at each guest exit, read on demand
 
 
 RECORD_BLOCK_TYPES: dict[str, BlockType] = {
@@ -95,12 +96,13 @@ RECORD_BLOCK_TYPES: dict[str, BlockType] = {
     schema.MSG_COALESCED: BlockType.COALESCED,
     schema.MSG_INTERRUPT: BlockType.INTERRUPT,
     schema.MSG_EMULATED: BlockType.EMULATED,
+    schema.MSG_INSN_COUNTS: BlockType.INSN_COUNTS,
 }
 # Records read only when asked for (TraceReader.records), not kept from the scan: the kernel's
 # counters come every second per vCPU, and a long fleet run holds more of them than a reader may
 # keep in memory (MAX_RECORDS_TOTAL) just to open the file.
 LAZY_RECORD_TYPES = frozenset({BlockType.KVM_STATS, BlockType.VM_IMAGE,  # and guest images: up to 768 KiB each
-                               BlockType.COALESCED, BlockType.EMULATED})
+                               BlockType.COALESCED, BlockType.EMULATED, BlockType.INSN_COUNTS})
 KIND_OF_TYPE = {int(t): k for k, t in RECORD_BLOCK_TYPES.items()}
 KIND_OF_TYPE[BlockType.EXITS] = schema.MSG_EXITS
 KIND_OF_TYPE[BlockType.INDEX] = "index"
