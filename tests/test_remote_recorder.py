@@ -267,3 +267,41 @@ def test_live_views_work_on_the_host_of_a_remote_launch(vmsup, keys_dir, tmp_pat
     finally:
         said = rec.stop()
     assert "1 run recorded" in said, said
+
+
+def test_record_closes_its_trace_cleanly_on_sigterm(keys_dir, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    trace = tmp_path / "term.vmtrace"
+    rec = RecordProcess([], keys_dir, trace, listen=endpoint)
+    rec.proc.send_signal(signal.SIGTERM)
+    said = rec.stop()
+    assert rec.proc.returncode == 0 and "Traceback" not in said, said
+    assert "0 runs recorded" in said
+    with TraceReader(trace) as r:
+        assert r.records(schema.MSG_VM_START) == []
+    verify = subprocess.run([*VMSUP[:-1], "tracetool", "verify", str(trace)], cwd=REPO, capture_output=True, text=True,
+                            timeout=DEADLINE)
+    assert verify.returncode == 0 and "closed cleanly" in verify.stdout, verify.stdout + verify.stderr
+
+
+def test_record_bad_input_is_one_line(vmsup, keys_dir, tmp_path):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [
+            (["--listen", "tcp://127.0.0.1:5555", "--keys-dir", str(tmp_path / "none")], "needs CURVE keys"),
+            (["--listen", "ipc:///tmp/x", "--keys-dir", str(keys_dir)], "only tcp://HOST:PORT"),
+            (["--listen", f"tcp://127.0.0.1:{port}", "--keys-dir", str(keys_dir)], f"cannot listen on tcp://127.0.0.1:{port}"),
+            (["--listen", "tcp://127.0.0.1:5555", "--keys-dir", str(keys_dir), "--trace", str(tmp_path / "no" / "t")],
+             "does not exist"),
+        ]
+        for args, fragment in cases:
+            proc = vmsup("record", *args, "--trace", str(tmp_path / "t.vmtrace")) if "--trace" not in args else \
+                vmsup("record", *args)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], (args, proc.stderr)
