@@ -141,18 +141,51 @@ def _drain(subscriber, model, timeout_ms: int) -> None:
         model.feed(msg)
 
 
+# How long `top --once` waits to hear from the live stream before its sample begins. Subscribing
+# is asynchronous (ZeroMQ's SUB connects and subscribes in the background; what the recorder
+# publishes before it has our subscription never reaches us) and a viewer runs niced: on a loaded
+# machine that took longer than a 0.5 s sample, which then showed a running VM making no exits.
+# A VM that runs is heard within a batch flush or its kvm-stats (every stats_interval, 1 s by
+# default); a run that says nothing for this long is quiet, and we print what we know.
+HEAR_WAIT_SECONDS = 10.0
+# States (`vmsup ps`) in which a VM sends nothing: no need to wait to hear from it.
+_SILENT_STATES = ("paused", "stopped", "exited", "fatal")
+
+
+def _hear(subscriber, model, seconds: float) -> bool:
+    """Wait up to `seconds` for the stream's first messages; the rates' interval starts when they
+    come. False if the run has ended."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        heard = subscriber.poll(max(1, min(200, int(left * 1000))))
+        if heard or subscriber.malformed:
+            model.tick()  # nothing counted yet: this only starts the interval now
+            for msg in heard:
+                model.feed(msg)
+            return True
+        if subscriber.finished():
+            subscriber.account_trailing()
+            return False
+    return True
+
+
 def _top_once(run_dir, subscriber, sort: str, interval: float, json_out: bool, event_filter, by: str) -> None:
     from rich.console import Console
 
     from .top import TopModel, render_table
     model = TopModel(event_filter, by=by)
+    going = True
+    if any(vm.get("state") not in _SILENT_STATES for vm in _run_vms(run_dir, subscriber)):
+        going = _hear(subscriber, model, HEAR_WAIT_SECONDS)
     deadline = time.monotonic() + interval
     # Sample for the interval, or less if the run ends first (its numbers are then complete).
-    while (left := deadline - time.monotonic()) > 0:
+    while going and (left := deadline - time.monotonic()) > 0:
         _drain(subscriber, model, max(1, min(200, int(left * 1000))))
         if subscriber.finished():
             subscriber.account_trailing()
-            break
+            going = False
+    if going:
+        _drain(subscriber, model, 0)  # what was already queued when the time ran out belongs to it
     model.tick()
     model.know_vms(_run_vms(run_dir, subscriber))
     snap = model.snapshot(sort=sort, subscriber=subscriber, run_id=run_dir.run_id)
