@@ -16,7 +16,7 @@ import time
 import msgpack
 import zmq
 
-from tracetool import messages
+from tracetool import messages, wire_limits
 from vmworker.errors import VmsupError
 
 from . import runtime
@@ -230,7 +230,7 @@ RECORDER_COMMANDS: dict[str, Command] = {c.name: c for c in (RecorderStats(), Re
 def handle_request(server, raw: bytes, commands: dict[str, Command] = COMMANDS) -> dict:
     """Server side: one request in, one reply out; never raises on bad input."""
     try:
-        req = messages.CONTROL.unpack(raw)
+        req = wire_limits.CONTROL.unpack(raw)
     except messages.MessageError:
         return {"error": "malformed request"}
     if not isinstance(req, dict) or req.get("cmd") not in commands:
@@ -249,7 +249,7 @@ def serve_one(server, sock: zmq.Socket, commands: dict[str, Command] = COMMANDS)
 def control_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
     """A server's REP socket, bounded like every socket that takes untrusted bytes."""
     sock = context.socket(zmq.REP)
-    messages.CONTROL.apply(sock)
+    wire_limits.CONTROL.apply(sock)
     sock.bind(endpoint)
     return sock
 
@@ -261,11 +261,11 @@ def call_endpoint(endpoint: str, request: dict, timeout: float = REQUEST_TIMEOUT
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
     sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
-    messages.CONTROL.apply(sock)
+    wire_limits.CONTROL.apply(sock)
     try:
         sock.connect(endpoint)
         sock.send(msgpack.packb(request, use_bin_type=True))
-        reply = messages.CONTROL.unpack(sock.recv())
+        reply = wire_limits.CONTROL.unpack(sock.recv())
     except zmq.ZMQError as e:
         raise ControlError(f"{who} does not answer ({e})") from None
     except messages.MessageError:

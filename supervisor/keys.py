@@ -255,7 +255,7 @@ def curve_server(context: zmq.Context, socket_type: int, endpoint: str, keys_dir
         socket.curve_secretkey = keys.secret
         socket.curve_publickey = keys.public
         socket.curve_server = True
-        limits.apply(socket)  # a tracetool.messages.WireLimits
+        limits.apply(socket)  # a tracetool.wire_limits.WireLimits
         if "[" in endpoint:
             socket.setsockopt(zmq.IPV6, 1)
         try:

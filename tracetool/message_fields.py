@@ -1,15 +1,18 @@
-"""Message fields: the checks a bus message's fields declare, and the error they raise.
+"""Message fields: the checks a bus message's fields declare, the error they raise, and the base
+class (`Message`) that runs them.
 
-Each field of a message class (tracetool/messages.py) carries one check (`checked(Int(...))`);
-`Message.from_msg` runs them, so these classes are the only code that judges a field's type,
-range and size. Split from messages.py so the message classes read as a list of messages.
+Each field of a message class (tracetool/messages.py, tracetool/batch_messages.py) carries one
+check (`checked(Int(...))`); `Message.from_msg` runs them, so these classes are the only code that
+judges a field's type, range and size. Split from messages.py so the message classes read as a
+list of messages.
 """
 
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from . import schema
 from .screen import COLS, ROWS
@@ -19,7 +22,7 @@ class MessageError(schema.SchemaError):
     """A bus message or trace record that does not follow its message class."""
 
 
-# The largest bus message (messages.BUS); no field of one can be longer.
+# The largest bus message (wire_limits.BUS); no field of one can be longer.
 MAX_BUS_MESSAGE_BYTES = 4 << 20
 _ID_LIMIT = 1 << 31  # vm and epoch numbers
 _VCPU_LIMIT = 1 << 16
@@ -171,3 +174,40 @@ _epoch = _vm  # vm and epoch numbers share their range
 
 def _vcpu():
     return checked(Int(required=True, hi=_VCPU_LIMIT - 1))
+
+
+# --- The base of every message class --------------------------------------------------------
+@dataclass(frozen=True)
+class Message:
+    """Base: `from_msg` checks every field through its `checked(...)` metadata."""
+
+    TYPE: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        # Which fields the sender gave: those go on the wire; the others read as None.
+        given = []
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is ABSENT:
+                object.__setattr__(self, f.name, None)
+            else:
+                given.append(f.name)
+        object.__setattr__(self, "_given", tuple(given))
+
+    @classmethod
+    def from_msg(cls, msg) -> "Message":
+        if not isinstance(msg, dict):
+            raise MessageError(f"{cls.TYPE} is not a map")
+        values = {}
+        for f in dataclasses.fields(cls):
+            try:
+                values[f.name] = f.metadata["check"](f.name, msg.get(f.name, ABSENT))
+            except MessageError as e:
+                raise MessageError(f"{cls.TYPE}: {e}") from None
+        return cls(**values)
+
+    def to_msg(self) -> dict:
+        """The wire map: "v", "type" and every field the sender gave."""
+        out = {"v": schema.SCHEMA_VERSION, "type": self.TYPE}
+        for name in self._given:
+            out[name] = getattr(self, name)
+        return out

@@ -2,7 +2,7 @@
 
 Every message on the bus (worker → recorder → live viewers) and every record in a trace is a
 msgpack map with "v" (schema.SCHEMA_VERSION), "type" (one of schema.MESSAGE_TYPES) and the
-fields of its class below. A sender builds the dataclass and sends `to_msg()`; a receiver calls
+fields of its class. A sender builds the dataclass and sends `to_msg()`; a receiver calls
 `decode(msg)` (or `unpack(raw)` for bytes off a socket), which dispatches on "type" to the class's
 `from_msg`, the only code that checks the fields (type, range, size) and raises MessageError.
 
@@ -10,102 +10,31 @@ A message carries exactly the fields its sender gave (an explicit None included)
 stays what it was before these classes; a field not given reads as None and is not sent. Only
 the fields marked required must be there: old traces and older senders that lack one still decode.
 
-Adding a message: a class here (its fields with their checks, `TYPE`), its name in
-schema.MESSAGE_TYPES, and, if the trace stores it, a block type in the trace writer.
+Here: the records of a VM's life (vm-start, vm-end, lifecycle, gaps, screens, keys, interrupts,
+its image, kernel counters, refusals) and the registry of every message (MESSAGE_CLASSES, decode,
+unpack, pack). Elsewhere: the base class and field checks (message_fields.py), the messages that
+carry columns of rows (batch_messages.py), the size bounds of each socket (wire_limits.py). Every
+message class is reachable as messages.<Name>.
+
+Adding a message: a class (its fields with their checks, `TYPE`) here or in batch_messages.py, in
+MESSAGE_CLASSES, its name in schema.MESSAGE_TYPES, and, if the trace stores it, a block type in
+the trace writer.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import msgpack
 
-from . import schema, step_schema
-from .screen import COLS, ENCODING, ROWS, Snapshot, decode_cells
-
-
+from . import schema
+from .batch_messages import CoalescedWrites, EmulatedInstructions, ExitBatch, StepBatch
 from .message_fields import (  # noqa: F401 (re-exported: messages.Int, messages.MessageError, …)
-    MAX_BUS_MESSAGE_BYTES, _U63, _U64, _VCPU_LIMIT, ABSENT, Bool, Bytes, Cursor, Equals, Int, Map, MessageError, Number,
-    PerVcpu, Str, _Check, _epoch, _is_int, _vcpu, _vm, checked)
-
-
-# --- Bounds for untrusted bytes ---------------------------------------------------------------
-@dataclass(frozen=True)
-class WireLimits:
-    """How large one message of a socket may be: ZeroMQ drops a peer that sends more before it is
-    buffered (ZMQ_MAXMSGSIZE), and msgpack refuses containers and strings that claim more."""
-
-    max_bytes: int
-    max_str: int
-    max_array: int
-    max_map: int
-
-    def apply(self, socket) -> None:
-        """Set ZMQ_MAXMSGSIZE on a receiving socket (before bind/connect)."""
-        import zmq
-        socket.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)
-
-    def unpack(self, raw: bytes):
-        """Bytes → a msgpack object within these bounds; MessageError otherwise."""
-        if len(raw) > self.max_bytes:
-            raise MessageError(f"message of more than {self.max_bytes} bytes")
-        try:
-            # strict_map_key=False: final_seq may be a map keyed by vCPU number (an int).
-            return msgpack.unpackb(raw, raw=False, strict_map_key=False, max_bin_len=self.max_bytes,
-                                   max_str_len=self.max_str, max_array_len=self.max_array,
-                                   max_map_len=self.max_map, max_ext_len=0)
-        except Exception as e:  # msgpack raises several unrelated types for bad bytes
-            raise MessageError(f"not msgpack ({type(e).__name__})") from None
-
-
-# The bus (events.sock, the --listen tcp socket, the live stream). A real batch is at most
-# 4096 rows × 48 B plus MAX_PAYLOAD_BYTES of string-I/O data; 4 MiB leaves room and keeps what a
-# flood can queue in the recorder (EVENTS_RCVHWM messages per peer) small.
-MAX_PAYLOAD_BYTES = 2 << 20
-BUS = WireLimits(max_bytes=MAX_BUS_MESSAGE_BYTES, max_str=1 << 20, max_array=1 << 16, max_map=1 << 12)
-# Control sockets (vmsup ps/stop/…, the recorder's stats/finish): small requests and replies.
-CONTROL = WireLimits(max_bytes=1 << 20, max_str=1 << 16, max_array=1 << 12, max_map=1 << 12)
-
-# A VM's key input socket (vmsup screen → worker): {"keys": [name, …]} or {"text": …}.
-KEY_INPUT = WireLimits(max_bytes=4096, max_str=4096, max_array=64, max_map=8)
-
-# --- Messages -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Message:
-    """Base: `from_msg` checks every field through its `checked(...)` metadata."""
-
-    TYPE: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        # Which fields the sender gave: those go on the wire; the others read as None.
-        given = []
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) is ABSENT:
-                object.__setattr__(self, f.name, None)
-            else:
-                given.append(f.name)
-        object.__setattr__(self, "_given", tuple(given))
-
-    @classmethod
-    def from_msg(cls, msg) -> "Message":
-        if not isinstance(msg, dict):
-            raise MessageError(f"{cls.TYPE} is not a map")
-        values = {}
-        for f in dataclasses.fields(cls):
-            try:
-                values[f.name] = f.metadata["check"](f.name, msg.get(f.name, ABSENT))
-            except MessageError as e:
-                raise MessageError(f"{cls.TYPE}: {e}") from None
-        return cls(**values)
-
-    def to_msg(self) -> dict:
-        """The wire map: "v", "type" and every field the sender gave."""
-        out = {"v": schema.SCHEMA_VERSION, "type": self.TYPE}
-        for name in self._given:
-            out[name] = getattr(self, name)
-        return out
+    _U63, _U64, _VCPU_LIMIT, Bool, Bytes, Cursor, Equals, Int, Map, Message, MessageError, Number, PerVcpu,
+    Str, _Check, _epoch, _vcpu, _vm, checked)
+from .screen import COLS, ENCODING, ROWS, Snapshot, decode_cells
+from .wire_limits import BUS
 
 
 @dataclass(frozen=True)
@@ -342,111 +271,6 @@ class KvmStats(Message):
     values: dict = checked(Map(required=True, counts=True), default=None)
     last: bool | None = checked(Bool())
 
-
-@dataclass(frozen=True)
-class ExitBatch(Message):
-    """Consecutive exit events of one stream (vm, vcpu, epoch), columnar (schema.EXIT_COLUMNS).
-
-    `cols`: {name: little-endian bytes} as sent; after from_msg, numpy arrays viewing them, with
-    "seq" only when a record-time filter dropped rows. `payloads`: [[row, bytes], …] — the whole
-    data of string I/O (count > 1)."""
-
-    TYPE: ClassVar[str] = schema.MSG_EXITS
-    vm: int = _vm()
-    vcpu: int = _vcpu()
-    epoch: int = _epoch()
-    first_seq: int = checked(Int(required=True, hi=(1 << 62) - 1))
-    count: int = checked(Int(required=True, hi=schema.MAX_BATCH_EVENTS))  # sequence numbers covered
-    cols: dict = checked(Map(required=True))
-    payloads: list | None = checked(_Check())
-
-    @property
-    def rows(self) -> int:
-        """Events present (fewer than count when a record-time filter dropped some)."""
-        seq = self.cols.get("seq")
-        return self.count if seq is None else len(seq) // 8 if isinstance(seq, bytes) else len(seq)
-
-    @classmethod
-    def from_msg(cls, msg) -> "ExitBatch":
-        import numpy as np
-        base = super().from_msg(msg)
-        cols, count, first = base.cols, base.count, base.first_seq
-        try:
-            seq_raw = cols.get("seq")
-            rows = count
-            if seq_raw is not None:
-                if not isinstance(seq_raw, bytes) or len(seq_raw) % 8:
-                    raise MessageError("seq column is not a whole number of u64")
-                rows = len(seq_raw) // 8
-                if rows > count:
-                    raise MessageError(f"more rows than the {count} sequence numbers covered")
-            arrays = schema.decode_columns(cols, rows, with_seq=seq_raw is not None)
-            seq = arrays.get("seq")
-            if seq is not None and rows and (int(seq[0]) < first or int(seq[-1]) >= first + count
-                                             or (rows > 1 and not bool(np.all(seq[1:] > seq[:-1])))):
-                raise MessageError("seq column outside the batch's range or not increasing")
-            payloads = base.payloads
-            if payloads is not None:
-                if not isinstance(payloads, list) or len(payloads) > schema.MAX_PAYLOADS:
-                    raise MessageError("payloads is not a bounded list")
-                for item in payloads:
-                    if (not isinstance(item, list) or len(item) != 2 or not _is_int(item[0])
-                            or not 0 <= item[0] < rows or not isinstance(item[1], bytes)):
-                        raise MessageError("a payload is not [row, bytes]")
-        except schema.SchemaError as e:
-            raise MessageError(f"{cls.TYPE}: {e}") from None
-        object.__setattr__(base, "cols", arrays)  # the checked views replace the raw bytes
-        return base
-
-    def to_msg(self) -> dict:
-        out = super().to_msg()
-        out["cols"] = {name: col if isinstance(col, bytes) else col.tobytes() for name, col in self.cols.items()}
-        return out
-
-
-@dataclass(frozen=True)
-class _SideRows(Message):
-    """A record of rows beside the exits (coalesced writes, emulated instructions): `count` rows of
-    each of the class's COLUMNS as little-endian bytes; from_msg checks every column's size. Each
-    kind declares its own row bound on `count`."""
-
-    COLUMNS: ClassVar[tuple] = ()
-    vm: int = _vm()
-    vcpu: int = _vcpu()
-    epoch: int = _epoch()
-    count: int = checked(Int(required=True, hi=0), default=0)
-    cols: dict = checked(Map(required=True), default=None)
-
-    @classmethod
-    def from_msg(cls, msg) -> "_SideRows":
-        base = super().from_msg(msg)
-        for c in cls.COLUMNS:
-            raw = base.cols.get(c.name)
-            if not isinstance(raw, bytes) or len(raw) != base.count * c.itemsize:
-                raise MessageError(f"{cls.TYPE}: column {c.name!r} missing or not {base.count} × {c.itemsize} bytes")
-        return base
-
-
-@dataclass(frozen=True)
-class CoalescedWrites(_SideRows):
-    """Guest writes a vCPU thread drained from KVM's coalesced ring, in ring order: columns of
-    schema.COALESCED_COLUMNS (little-endian bytes, `count` rows each). Not exits (schema.py says why)."""
-
-    TYPE: ClassVar[str] = schema.MSG_COALESCED
-    COLUMNS: ClassVar[tuple] = schema.COALESCED_COLUMNS
-    count: int = checked(Int(required=True, hi=schema.MAX_COALESCED_ROWS), default=0)
-
-
-@dataclass(frozen=True)
-class EmulatedInstructions(_SideRows):
-    """Instructions the VMM's fallback emulator performed for one vCPU, in order: columns of
-    schema.EMULATED_COLUMNS (little-endian bytes, `count` rows each). Not exits (schema.py says why)."""
-
-    TYPE: ClassVar[str] = schema.MSG_EMULATED
-    COLUMNS: ClassVar[tuple] = schema.EMULATED_COLUMNS
-    count: int = checked(Int(required=True, hi=schema.MAX_EMULATED_ROWS), default=0)
-
-
 # Refusal causes kept apart per record; beyond, they are counted under "other".
 MAX_REFUSAL_CAUSES = 64
 MAX_CAUSE_LEN = 200
@@ -463,44 +287,6 @@ class Refused(Message):
     t: int | None = checked(Int())
     wall: int | None = checked(Int())
 
-
-@dataclass(frozen=True)
-class StepBatch(Message):
-    """Consecutive single-stepped instructions of one stream (vm, vcpu, epoch), columnar
-    (tracetool/step_schema.py). After from_msg, `cols` holds numpy arrays viewing the bytes.
-    `initial`: every register before the stream's first instruction (the batch at first_seq 0);
-    `insn_emulation`: in the stream's last batch, how far KVM's instruction counter rose while
-    stepping (exact only where the run's insn_count_exact says so)."""
-
-    TYPE: ClassVar[str] = schema.MSG_STEPS
-    vm: int = _vm()
-    vcpu: int = _vcpu()
-    epoch: int = _epoch()
-    first_seq: int = checked(Int(required=True, hi=(1 << 62) - 1))
-    count: int = checked(Int(required=True, hi=step_schema.MAX_STEP_BATCH))
-    cols: dict = checked(Map(required=True))
-    initial: list | None = checked(_Check())
-    last: bool | None = checked(Bool())  # the stream's last batch
-    insn_emulation: int | None = checked(Int(hi=_U64))
-
-    @classmethod
-    def from_msg(cls, msg) -> "StepBatch":
-        base = super().from_msg(msg)
-        try:
-            arrays = step_schema.decode_step_columns(base.cols, base.count)
-        except step_schema.StepSchemaError as e:
-            raise MessageError(f"{cls.TYPE}: {e}") from None
-        initial = base.initial
-        if initial is not None and (not isinstance(initial, list) or len(initial) != len(step_schema.REGISTERS)
-                                    or not all(_is_int(v) and 0 <= v <= _U64 for v in initial)):
-            raise MessageError(f"{cls.TYPE}: initial is not one u64 per register")
-        object.__setattr__(base, "cols", arrays)
-        return base
-
-    def to_msg(self) -> dict:
-        out = super().to_msg()
-        out["cols"] = {name: col if isinstance(col, bytes) else col.tobytes() for name, col in self.cols.items()}
-        return out
 
 
 MESSAGE_CLASSES: dict[str, type[Message]] = {

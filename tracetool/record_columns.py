@@ -1,4 +1,4 @@
-"""Records that carry columns (coalesced writes, emulated instructions: messages._SideRows) as numpy
+"""Records that carry columns (coalesced writes, emulated instructions: batch_messages._SideRows) as numpy
 columns per stream, decoded by their column table in schema.py."""
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Callable
 import msgpack
 import zmq
 
-from tracetool import messages
+from tracetool import messages, wire_limits
 
 from .errors import VmsupError
 
@@ -29,7 +29,7 @@ class WorkerControl:
         self._stopping = stopping
         self._context = zmq.Context()
         self._sock = self._context.socket(zmq.REP)
-        messages.CONTROL.apply(self._sock)
+        wire_limits.CONTROL.apply(self._sock)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(endpoint)
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
@@ -50,7 +50,7 @@ class WorkerControl:
 
     def handle(self, raw: bytes) -> dict:
         try:
-            req = messages.CONTROL.unpack(raw)
+            req = wire_limits.CONTROL.unpack(raw)
         except messages.MessageError:
             return {"error": "malformed request"}
         handler = self.handlers.get(req.get("cmd")) if isinstance(req, dict) else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from tracetool import messages, schema
+from tracetool import messages, schema, wire_limits
 
 ROW = struct.Struct(schema.ROW_STRUCT_FORMAT)
 COALESCED_ENTRY_SIZE = 24  # sizeof(struct kvm_coalesced_mmio), linux/kvm.h (vmworker/coalesce.py checks it)
@@ -101,8 +101,8 @@ class EventBatcher:
             self.publisher.send(message.to_msg())
 
     def add_payload(self, pos: int, data: bytes) -> None:
-        # Bounded so a batch stays within the bus's message size (messages.BUS).
-        if len(self.payloads) < schema.MAX_PAYLOADS and self.payload_bytes + len(data) <= messages.MAX_PAYLOAD_BYTES:
+        # Bounded so a batch stays within the bus's message size (wire_limits.BUS).
+        if len(self.payloads) < schema.MAX_PAYLOADS and self.payload_bytes + len(data) <= wire_limits.MAX_PAYLOAD_BYTES:
             self.payloads.append([pos // ROW.size, bytes(data)])
             self.payload_bytes += len(data)
 

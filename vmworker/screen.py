@@ -21,7 +21,7 @@ import time
 
 import zmq
 
-from tracetool import messages
+from tracetool import messages, wire_limits
 from tracetool.screen import encode_cells, is_blank
 
 from .devices import keyboard
@@ -31,7 +31,7 @@ from .publisher import EventPublisher
 # rewriting its screen constantly costs the recorder ~5 records/s (~1 KiB each at most).
 SAMPLE_INTERVAL = 0.2
 # Input messages are small maps of key names; anything larger is refused by ZeroMQ itself.
-MAX_KEYS_PER_MESSAGE = messages.KEY_INPUT.max_array
+MAX_KEYS_PER_MESSAGE = wire_limits.KEY_INPUT.max_array
 KEY_TIMEOUT = 2.0  # seconds a key waits for room in a full keyboard buffer before it is dropped
 
 
@@ -140,7 +140,7 @@ class KeyInput:
         self.error = ""
         if context is not None and endpoint is not None:
             self.socket = context.socket(zmq.PULL)
-            messages.KEY_INPUT.apply(self.socket)
+            wire_limits.KEY_INPUT.apply(self.socket)
             self.socket.setsockopt(zmq.RCVHWM, 256)
             self.socket.setsockopt(zmq.LINGER, 0)
             try:
@@ -187,7 +187,7 @@ class KeyInput:
         """{"keys": [name, …]} types keys (names or chords, as in key scripts); {"text": "…"}
         types text; {"cmd": "refresh"} asks for the current screen. Bad messages are counted."""
         try:
-            msg = messages.KEY_INPUT.unpack(raw)
+            msg = wire_limits.KEY_INPUT.unpack(raw)
             if not isinstance(msg, dict):
                 raise ValueError("not a map")
             if msg.get("cmd") == "refresh":
