@@ -12,7 +12,6 @@ Library code: returns data, prints nothing.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ import zmq
 
 from tracetool import messages, schema
 
-from .runtime import RunDir
+from .runtime import RunDir, pid_alive
 
 # Messages queued on our side before PUB starts dropping for us. A batch is up to ~160 KiB
 # (4096 events × 40 B), so this bounds what a stalled viewer holds to a few tens of MiB.
@@ -34,15 +33,6 @@ END_DRAIN_SECONDS = 0.5
 RUN_CHECK_SECONDS = 0.5
 # Most messages taken per poll() call, so a flood cannot keep a caller from its other duties.
 MAX_MESSAGES_PER_POLL = 1024
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 @dataclass
@@ -235,7 +225,7 @@ class LiveSubscriber:
         if not self._run_gone and now - self._run_checked_at >= RUN_CHECK_SECONDS:
             self._run_checked_at = now
             pid = self.run_dir.read_info().get("pid")
-            self._run_gone = not self.run_dir.path.is_dir() or not (isinstance(pid, int) and _alive(pid))
+            self._run_gone = not self.run_dir.path.is_dir() or not (isinstance(pid, int) and pid_alive(pid))
         return self._run_gone
 
     def _unfinished_streams(self, state: VmState):

@@ -18,6 +18,8 @@ from tracetool import filters
 from vmworker import status
 from vmworker.errors import VmsupError
 
+from .terminal_mode import cbreak
+
 
 LIVE_VIEW_NICENESS = 10
 
@@ -276,30 +278,9 @@ def _top_live(run_dir, subscriber, sort: str, interval: float, json_out: bool, e
         loop(lambda snap: _write_lines(sys.stdout, [json.dumps(snap)]))
         return
     console = Console()
-    with _cbreak(stdin_fd), Live(render_table(snapshot(), keys_help=stdin_fd is not None), console=console,
+    with cbreak(stdin_fd), Live(render_table(snapshot(), keys_help=stdin_fd is not None), console=console,
                                   auto_refresh=False, transient=False) as live:
         loop(lambda snap: live.update(render_table(snap, keys_help=stdin_fd is not None), refresh=True))
-
-
-class _cbreak:
-    """Keys arrive one at a time, unechoed, while top runs; the terminal is restored after."""
-
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
-        self.saved = None
-
-    def __enter__(self):
-        if self.fd is not None:
-            import termios
-            import tty
-            self.saved = termios.tcgetattr(self.fd)
-            tty.setcbreak(self.fd)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.saved is not None:
-            import termios
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
 
 
 def register(app: typer.Typer) -> None:

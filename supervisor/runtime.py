@@ -59,7 +59,8 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid exists (someone else's counts: we may not signal it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -126,7 +127,7 @@ def cleanup_stale(base: Path | None = None) -> list[str]:
     for entry in _run_entries(base):
         info = RunDir(entry.name, entry).read_info()
         pid = info.get("pid")
-        if isinstance(pid, int) and _pid_alive(pid):
+        if isinstance(pid, int) and pid_alive(pid):
             continue
         if not isinstance(pid, int) and time.time() - entry.stat().st_mtime < 10:
             continue  # being created right now
@@ -160,7 +161,7 @@ def live_runs() -> list[RunDir]:
     for entry in sorted(_run_entries(base_dir()), key=_mtime):
         rd = RunDir(entry.name, entry)
         pid = rd.read_info().get("pid")
-        if isinstance(pid, int) and _pid_alive(pid):
+        if isinstance(pid, int) and pid_alive(pid):
             runs.append(rd)
     return runs
 

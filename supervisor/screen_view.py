@@ -22,6 +22,8 @@ import zmq
 from tracetool import messages, schema
 from tracetool.screen import COLS, ROWS, Snapshot, rich_text
 
+from .terminal_mode import cbreak
+
 REFRESH_HZ = 10
 NO_SCREEN_WAIT = 3.0  # `vmsup screen`: how long to wait for a first snapshot
 _SCREEN_TAG = msgpack.packb(schema.MSG_SCREEN)
@@ -178,20 +180,14 @@ class TerminalKeys:
         except (OSError, ValueError):
             self.fd = None
         self.tty = self.fd is not None and os.isatty(self.fd)
-        self._saved = None
+        self._mode = cbreak(self.fd if self.tty else None)
 
     def __enter__(self) -> "TerminalKeys":
-        if self.tty:
-            import termios
-            import tty
-            self._saved = termios.tcgetattr(self.fd)
-            tty.setcbreak(self.fd)
+        self._mode.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._saved is not None:
-            import termios
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+        self._mode.__exit__(*exc)
 
     def read(self) -> list[str]:
         if self.fd is None:
