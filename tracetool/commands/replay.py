@@ -18,8 +18,8 @@ import typer
 
 from ..screen import Snapshot, trace_snapshots
 from . import _common as c
-from ._symbols import SYMBOLS_OPT, AddressNames, vm_tables
-from .show import events, json_lines, text_lines
+from ._symbols import SYMBOLS_OPT
+from .show import json_lines, selected_events, text_lines
 
 _SLACK_S = 1e-6
 
@@ -100,10 +100,7 @@ def run(
         c.bad_input(f"--speed must be greater than 0, not {speed}")
     event_filter = c.event_filter(vm, vcpu, epoch, reason, port, addr, where)
     span = c.time_window(t_from, t_to)
-    with c.reading(trace) as reader:
-        c.require_vms(reader, trace, event_filter)
-        names = AddressNames(vm_tables(reader, symbols))
-        t0, chunks = events(reader, event_filter, limit, span)
+    with selected_events(trace, event_filter, limit, span, symbols) as (reader, names, t0, chunks):
         render = json_lines if as_json else text_lines
         out = sys.stdout
         lo, hi = c.absolute(span, t0)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from typing import Iterator, Optional
 
-import numpy as np
 import typer
 
 from .. import analysis, exit_rows, schema, side_rows
@@ -18,12 +18,17 @@ from . import _common as c
 from ._symbols import SYMBOLS_OPT, AddressNames, vm_tables
 
 
-def events(reader: TraceReader, where: EventFilter | None, limit: int | None,
-           span: tuple[int | None, int | None]) -> tuple[int | None, Iterator[dict[str, np.ndarray]]]:
-    """(t0, chunks): the zero of relative times and the matching events in time order, in chunks
+@contextmanager
+def selected_events(trace: str, where: EventFilter | None, limit: int | None, span: tuple[int | None, int | None],
+                    symbols: str | None) -> Iterator[tuple[TraceReader, AddressNames, int | None, Iterator[dict]]]:
+    """The trace open (as `show` and `replay` read it): (reader, names of guest addresses, t0,
+    chunks), t0 the zero of relative times and chunks the matching events in time order, in chunks
     of columns; `span` is the --from/--to window relative to t0."""
-    t0 = analysis.trace_start(reader)
-    return t0, analysis.events_in_time_order(reader, where, limit, *c.absolute(span, t0))
+    with c.reading(trace) as reader:
+        c.require_vms(reader, trace, where)
+        names = AddressNames(vm_tables(reader, symbols))
+        t0 = analysis.trace_start(reader)
+        yield reader, names, t0, analysis.events_in_time_order(reader, where, limit, *c.absolute(span, t0))
 
 
 def _event_rows(chunk: dict):
@@ -84,10 +89,7 @@ def run(
     """Events of every stream in time order, one line each; guest addresses with symbol and source line."""
     event_filter = c.event_filter(vm, vcpu, epoch, reason, port, addr, where)
     span = c.time_window(t_from, t_to)
-    with c.reading(trace) as reader:
-        c.require_vms(reader, trace, event_filter)
-        names = AddressNames(vm_tables(reader, symbols))
-        t0, chunks = events(reader, event_filter, limit, span)
+    with selected_events(trace, event_filter, limit, span, symbols) as (reader, names, t0, chunks):
         # Not exits: shown with the exit they link to (emulated instructions under the exit that
         # led to them; with --json, coalesced writes drained before an exit in its object too).
         emulated = None if as_json else by_exit(reader)
