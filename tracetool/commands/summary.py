@@ -119,6 +119,17 @@ def summarize(reader: TraceReader, by: str = "reason", sort: str = "count", wher
     return _result(reader, acc, sort, where, symbols, top)
 
 
+def _every_row_handle(inner: np.ndarray, n: int, follows) -> tuple[np.ndarray, np.ndarray]:
+    """Handling times of all n rows of a block and whether each is known: the last row's comes
+    with the stream's next block (0 here, not known), and where a sequence number was dropped
+    after a row (`follows` False: a record-time filter) that row's is not known either."""
+    full = np.empty(n, np.int64)
+    full[:-1] = inner
+    full[-1] = 0
+    known = np.zeros(n, bool)
+    known[:-1] = True if follows is None else follows
+    return full, known
+
 
 def _add_batch(acc: _Summary, batch: ExitBatch, bys: tuple[str, ...], only_reason: int | None,
                where: EventFilter | None, handles: Stitcher, last_key: dict, with_targets: bool) -> None:
@@ -151,18 +162,10 @@ def _add_batch(acc: _Summary, batch: ExitBatch, bys: tuple[str, ...], only_reaso
         if order is None:  # the common case: one group, every handling time known
             acc.add(keys, None, g, handle, None, targets)
         else:
-            full = np.empty(n, np.int64)
-            full[:-1] = handle
-            full[-1] = 0
-            known = np.ones(n, bool)
-            known[-1] = False
+            full, known = _every_row_handle(handle, n, block.follows)
             acc.add(keys, starts, g[order], full[order], known[order], None if targets is None else targets[order])
     else:
-        full = np.empty(n, np.int64)
-        full[:-1] = handle
-        full[-1] = 0
-        known = np.zeros(n, bool)
-        known[:-1] = True if contiguous else block.follows
+        full, known = _every_row_handle(handle, n, block.follows)
         sub = cols
         if keep is not None:
             sub = {name: cols[name][keep] for name in cols
