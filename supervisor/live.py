@@ -35,6 +35,20 @@ RUN_CHECK_SECONDS = 0.5
 MAX_MESSAGES_PER_POLL = 1024
 
 
+def live_socket(context: zmq.Context, run_dir: RunDir, hwm: int = DEFAULT_HWM) -> zmq.Socket:
+    """A SUB socket on the run's live stream, every message, at most `hwm` queued for us."""
+    socket = context.socket(zmq.SUB)
+    socket.setsockopt(zmq.RCVHWM, hwm)
+    socket.setsockopt(zmq.LINGER, 0)
+    # A peer sending more than this is disconnected by ZeroMQ before we ever buffer it.
+    messages.BUS.apply(socket)
+    socket.setsockopt(zmq.SUBSCRIBE, b"")
+    # Connecting to an ipc path that does not exist yet is fine: ZeroMQ retries, so a viewer
+    # may attach before the recorder has bound its socket.
+    socket.connect(run_dir.live_endpoint)
+    return socket
+
+
 @dataclass
 class StreamState:
     """What we saw of one (vm, vcpu, epoch) stream."""
@@ -70,15 +84,7 @@ class LiveSubscriber:
         self.run_dir = run_dir
         self.clock = clock
         self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.SUB)
-        self.socket.setsockopt(zmq.RCVHWM, hwm)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        # A peer sending more than this is disconnected by ZeroMQ before we ever buffer it.
-        messages.BUS.apply(self.socket)
-        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
-        # Connecting to an ipc path that does not exist yet is fine: ZeroMQ retries, so a viewer
-        # may attach before the recorder has bound its socket.
-        self.socket.connect(run_dir.live_endpoint)
+        self.socket = live_socket(self.context, run_dir, hwm)
         self.streams: dict[tuple[int, int, int], StreamState] = {}
         self.vms: dict[int, VmState] = {}  # latest epoch of each VM
         # run.json names the run's VMs (vm id = index): their names before any vm-start reaches

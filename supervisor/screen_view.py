@@ -22,6 +22,7 @@ import zmq
 from tracetool import messages, schema
 from tracetool.screen import COLS, ROWS, Snapshot, rich_text
 
+from .live import live_socket
 from .terminal_mode import cbreak
 
 REFRESH_HZ = 10
@@ -79,12 +80,7 @@ class ScreenFeed:
         self.vm = vm
         self.run_dir = run_dir
         self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.SUB)
-        self.socket.setsockopt(zmq.RCVHWM, 256)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        messages.BUS.apply(self.socket)
-        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self.socket.connect(run_dir.live_endpoint)
+        self.socket = live_socket(self.context, run_dir)
         self.keys = self.context.socket(zmq.PUSH)
         self.keys.setsockopt(zmq.LINGER, 500)
         self.keys.setsockopt(zmq.SNDHWM, 64)
