@@ -22,6 +22,15 @@ from .terminal_mode import cbreak
 
 
 LIVE_VIEW_NICENESS = 10
+# How long `top --once` waits to hear from the live stream before its sample begins. Subscribing
+# is asynchronous (ZeroMQ's SUB connects and subscribes in the background; what the recorder
+# publishes before it has our subscription never reaches us) and a viewer runs niced: on a loaded
+# machine that took longer than a 0.5 s sample, which then showed a running VM making no exits.
+# A VM that runs is heard within a batch flush or its kvm-stats (every stats_interval, 1 s by
+# default); a run that says nothing for this long is quiet, and we print what we know.
+HEAR_WAIT_SECONDS = 10.0
+# States (`vmsup ps`) in which a VM sends nothing: no need to wait to hear from it.
+_SILENT_STATES = ("paused", "stopped", "exited", "fatal")
 
 
 def _fail(message: str) -> typer.Exit:
@@ -113,7 +122,8 @@ def top(
     where: Optional[str] = filters.option("where"),
     sort: str = typer.Option("rate", "--sort", help="Sort exit reasons by: rate or total."),
     interval: float = typer.Option(1.0, "--interval", min=0.05, help="Seconds between refreshes (with --once: how long to sample)."),
-    once: bool = typer.Option(False, "--once", help="Sample for --interval seconds, print one table, exit."),
+    once: bool = typer.Option(False, "--once", help=f"Sample for --interval seconds from when the live stream is first heard "
+                              f"(waiting up to {HEAR_WAIT_SECONDS:g} s for it), print one table, exit."),
     json_out: bool = typer.Option(False, "--json", help="Print the data as JSON instead of a table (one object per refresh)."),
     by: str = typer.Option("reason", "--by", help="Group each VM's exits by reason, or by guest symbol (from the "
                            "image its vm-start names: VMs that start while top watches)."),
@@ -141,17 +151,6 @@ def top(
 def _drain(subscriber, model, timeout_ms: int) -> None:
     for msg in subscriber.poll(timeout_ms):
         model.feed(msg)
-
-
-# How long `top --once` waits to hear from the live stream before its sample begins. Subscribing
-# is asynchronous (ZeroMQ's SUB connects and subscribes in the background; what the recorder
-# publishes before it has our subscription never reaches us) and a viewer runs niced: on a loaded
-# machine that took longer than a 0.5 s sample, which then showed a running VM making no exits.
-# A VM that runs is heard within a batch flush or its kvm-stats (every stats_interval, 1 s by
-# default); a run that says nothing for this long is quiet, and we print what we know.
-HEAR_WAIT_SECONDS = 10.0
-# States (`vmsup ps`) in which a VM sends nothing: no need to wait to hear from it.
-_SILENT_STATES = ("paused", "stopped", "exited", "fatal")
 
 
 def _hear(subscriber, model, seconds: float) -> bool:
