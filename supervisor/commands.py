@@ -282,3 +282,21 @@ def call_endpoint(endpoint: str, request: dict, timeout: float = REQUEST_TIMEOUT
 def call(run_dir: runtime.RunDir, request: dict, timeout: float = REQUEST_TIMEOUT) -> dict:
     """Client side of a run's control socket (vmsup ps, stop, …)."""
     return call_endpoint(run_dir.control_endpoint, request, timeout, f"run {run_dir.run_id}")
+
+
+class RecorderClient:
+    """The supervisor's side of the recorder's control socket: RECORDER_COMMANDS by name."""
+
+    def __init__(self, run_dir: runtime.RunDir, timeout: float = 10.0) -> None:
+        self.endpoint = run_dir.recorder_endpoint
+        self.timeout = timeout
+
+    def call(self, cmd: str, **args) -> dict | None:
+        """The command's reply, or None when the recorder does not answer or refuses."""
+        try:
+            return call_endpoint(self.endpoint, RECORDER_COMMANDS[cmd].request(**args), self.timeout, "the recorder")
+        except ControlError:
+            return None
+
+    def close(self) -> None:
+        pass

@@ -34,8 +34,7 @@ from vmworker.spec import VmSpec
 from . import runtime
 from .policy import RestartPolicy
 from .quiet import QUIET_TEXT, QuietWatch
-from .commands import control_socket, serve_one
-from .recorder import RecorderClient
+from .commands import RecorderClient, control_socket, serve_one
 from .remote_link import RemoteLink, RemoteRecorderError
 from .trace_path import keep_previous
 from .vm_slot import VmSlot, rss_bytes

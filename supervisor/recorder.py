@@ -31,7 +31,7 @@ from vmworker.event_batch import DEFAULT_BATCH_EVENTS
 from vmworker.publisher import SEND_HWM
 from vmworker.status import End
 
-from .commands import RECORDER_COMMANDS, ControlError, call_endpoint, control_socket, serve_one
+from .commands import RECORDER_COMMANDS, control_socket, serve_one
 from .remote_runs import HandshakeWatch, RemoteRuns, check_first_speaker
 from .runtime import RunDir
 
@@ -520,20 +520,3 @@ class Recorder:
             self.auth.stop()  # before the context goes: the authenticator's thread has sockets in it
         self.context.destroy(linger=0)
 
-
-class RecorderClient:
-    """The supervisor's side of the recorder's control socket: RECORDER_COMMANDS by name."""
-
-    def __init__(self, run_dir: RunDir, timeout: float = 10.0) -> None:
-        self.endpoint = run_dir.recorder_endpoint
-        self.timeout = timeout
-
-    def call(self, cmd: str, **args) -> dict | None:
-        """The command's reply, or None when the recorder does not answer or refuses."""
-        try:
-            return call_endpoint(self.endpoint, RECORDER_COMMANDS[cmd].request(**args), self.timeout, "the recorder")
-        except ControlError:
-            return None
-
-    def close(self) -> None:
-        pass

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import zmq
 
-from supervisor.recorder import RecorderClient
+from supervisor.commands import RecorderClient
 from supervisor.runtime import RunDir
 from tests.conftest import REPO, VMSUP
 from tracetool import messages, schema

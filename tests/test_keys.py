@@ -24,7 +24,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from supervisor.keys import ClientKeys, KeyPaths, configure_client, load_client
-from supervisor.recorder import RecorderClient
+from supervisor.commands import RecorderClient
 from supervisor.runtime import RunDir
 from tracetool import schema
 from tracetool.trace import TraceReader

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from supervisor import commands, runtime
-from supervisor.recorder import RecorderClient
+from supervisor.commands import RecorderClient
 from conftest import REPO, VMSUP
 from procfs import children
 from tracetool import schema
