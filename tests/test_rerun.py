@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from tests.conftest import GUEST_DIR, REPO
+from tests.trace_copy import copy_trace
 from tracetool import schema
 from tracetool.trace import TraceReader
 
@@ -111,20 +112,11 @@ def test_an_image_changed_by_one_byte_diverges_at_the_right_exit_and_field(vmsup
 
 def forge_embedded_image(trace: str, out, image: bytes) -> str:
     """A copy of `trace` whose vm-image record embeds `image` (with its own sha256)."""
-    from tracetool.trace import TraceWriter
     from vmworker.image import sha256_hex
-    with TraceReader(trace) as reader, TraceWriter(out, reader.run) as writer:
-        for block in reader.blocks():
-            if block.batch is not None:
-                b = block.batch
-                cols = {k: v for k, v in b.columns.items() if k != schema.SEQ_COLUMN.name}
-                writer.write_exits(b.vm, b.vcpu, b.epoch, b.first_seq, b.count, cols,
-                                   seq=b.columns[schema.SEQ_COLUMN.name], payloads=b.payloads)
-            elif block.kind == schema.MSG_VM_IMAGE:
-                writer.write_record(block.kind, {**block.record, "image": image, "sha256": sha256_hex(image)})
-            elif block.kind != "index":
-                writer.write_record(block.kind, block.record)
-    return str(out)
+
+    def embed(kind: str, record: dict) -> dict:
+        return {**record, "image": image, "sha256": sha256_hex(image)} if kind == schema.MSG_VM_IMAGE else record
+    return copy_trace(trace, out, embed)
 
 
 def test_to_seq_stops_just_before_that_exit(vmsup, tmp_path):

@@ -274,7 +274,7 @@ def test_kill_from_gdb_ends_the_rerun_and_says_so(vmsup, tmp_path, rerun_gdb):
 
 def test_a_deterministic_recording_holds_each_exits_instruction_count_and_a_rerun_compares_it(vmsup, tmp_path):
     from test_rerun import vmtrace
-    from tracetool.trace import TraceWriter
+    from tests.trace_copy import copy_trace
     trace = str(tmp_path / "mb.trace")
     vmsup("launch", "mbkernel", "--deterministic", "--cmdline", "maxticks=20", "--quiet", "--trace", trace)
     with TraceReader(trace) as reader:
@@ -287,20 +287,13 @@ def test_a_deterministic_recording_holds_each_exits_instruction_count_and_a_reru
     assert records[0]["first"] == 0 and len(counts) == len(seqs) - 1  # all but the exit that ended the VM
     assert counts == sorted(counts) and counts[-1] > len(counts)
     # The same trace with exit 100's count one higher: the rerun names the field at that exit.
-    forged = tmp_path / "forged.trace"
-    with TraceReader(trace) as reader, TraceWriter(forged, reader.run) as writer:
-        for block in reader.blocks():
-            if block.batch is not None:
-                b = block.batch
-                cols = {k: v for k, v in b.columns.items() if k != schema.SEQ_COLUMN.name}
-                writer.write_exits(b.vm, b.vcpu, b.epoch, b.first_seq, b.count, cols,
-                                   seq=b.columns[schema.SEQ_COLUMN.name], payloads=b.payloads)
-            elif block.kind == schema.MSG_INSN_COUNTS:
-                raw = bytearray(block.record["counts"])
-                raw[800:808] = (counts[100] + 1).to_bytes(8, "little")
-                writer.write_record(block.kind, {**block.record, "counts": bytes(raw)})
-            elif block.kind != "index":
-                writer.write_record(block.kind, block.record)
+    def count_one_more(kind: str, record: dict) -> dict:
+        if kind != schema.MSG_INSN_COUNTS:
+            return record
+        raw = bytearray(record["counts"])
+        raw[800:808] = (counts[100] + 1).to_bytes(8, "little")
+        return {**record, "counts": bytes(raw)}
+    forged = copy_trace(trace, tmp_path / "forged.trace", count_one_more)
     proc = vmtrace("rerun", str(forged), "--json")
     result = json.loads(proc.stdout)
     assert proc.returncode == 1 and (result["seq"], result["field"]) == (seqs[100], "instructions"), result
