@@ -430,8 +430,9 @@ class Launch:
 
     def _count_from_tally(self, outcome: LaunchOutcome) -> None:
         """Every figure printed at the end comes from one tally: the trace's own accounting
-        (across epochs and recorders) when there is a trace, else the recorder's."""
-        tally = (outcome.recorder or {}).get("tally")
+        (across epochs and recorders) when there is a trace, else the recorder's, or the relay's
+        for a remote recorder (remote_link.RemoteLink counts what it forwards)."""
+        tally = (outcome.recorder or outcome.remote or {}).get("tally")
         if self.trace_path and os.path.exists(self.trace_path):
             from tracetool.exit_tally import RunTally
             from tracetool.trace import TraceError, TraceReader
@@ -466,6 +467,8 @@ class Launch:
         serve_one(self, self._control)
 
     def recorder_stats(self) -> dict | None:
+        if self.link is not None:
+            return self.link.stats()
         if self.recorder_proc is None or self.recorder_proc.poll() is not None:
             return None
         client = RecorderClient(self.run_dir, timeout=1.0)

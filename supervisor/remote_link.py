@@ -9,7 +9,9 @@ forwards each message, unchanged, over one CURVE connection: a full queue on the
 relay, which stops reading, which blocks the workers' sends — backpressure reaches the vCPUs, and
 nothing is dropped while the VMs run. The relay also republishes each message on the run's live
 socket, as a local recorder does, so `vmsup tail/top/screen` work on the launch's host (best
-effort, never slowing the link; only the recorder's own gap records are missing there). One
+effort, never slowing the link; only the recorder's own gap records are missing there), and counts
+each VM's exits with the recorder's own tally (tracetool/exit_tally.py): `vmsup ps`, the live
+table and the end line of a remote launch show them, even when the recorder dies mid-run. One
 connection also orders the run's messages: the run-start that registers the run
 (supervisor/remote_runs.py) is the first thing on it.
 
@@ -28,8 +30,9 @@ from pathlib import Path
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from tracetool import messages
+from tracetool import messages, schema
 from tracetool.bus_credentials import BusKeys
+from tracetool.exit_tally import RunTally
 from vmworker.errors import VmsupError
 from vmworker.publisher import SEND_HWM
 
@@ -95,7 +98,16 @@ class RemoteLink:
         self.relayed = 0  # messages forwarded to the recorder
         self.relayed_bytes = 0
         self.undelivered = 0  # messages given up on at the end (the link stayed cut)
+        # Messages queued while the connection was down (since its last drop): they go out if it
+        # comes back, and are undelivered if the launch ends first (ZeroMQ drops its queue).
+        self._down = False
+        self._queued_while_down = 0
+        self._queued_while_down_bytes = 0
         self.blocked_seconds = 0.0  # time the link was full: the recorder's backpressure
+        # The VMs' exits as the relay saw them go by (delivered or not); read by the launch's
+        # thread (ps, the live table) while the relay adds to it.
+        self.tally = RunTally()
+        self._tally_lock = threading.Lock()
 
     def connect(self, timeout: float = CONNECT_TIMEOUT) -> None:
         """Connect and wait for the CURVE handshake; RemoteRecorderError says why it failed."""
@@ -176,25 +188,52 @@ class RemoteLink:
             ready = dict(poller.poll(_POLL_MS))
             while self.monitor in ready:
                 try:
-                    if recv_monitor_message(self.monitor, flags=zmq.NOBLOCK)["event"] == zmq.EVENT_DISCONNECTED:
-                        self.drops += 1
+                    event = recv_monitor_message(self.monitor, flags=zmq.NOBLOCK)["event"]
                 except zmq.Again:
                     break
+                if event == zmq.EVENT_DISCONNECTED:
+                    self.drops += 1
+                    self._down = True
+                elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # back (a recorder restarted there)
+                    self._down = False
+                    self._queued_while_down = self._queued_while_down_bytes = 0
             if self.events in ready:
                 frames = self.events.recv_multipart(copy=False)
                 self.live.send(frames[-1], flags=zmq.NOBLOCK, copy=False)  # PUB: drops for a slow viewer
+                self._count(frames[-1].buffer)
                 if self._send(frames):
+                    size = sum(len(f) for f in frames)
                     self.relayed += 1
-                    self.relayed_bytes += sum(len(f) for f in frames)
+                    self.relayed_bytes += size
+                    if self._down:
+                        self._queued_while_down += 1
+                        self._queued_while_down_bytes += size
                 else:
                     self.undelivered += 1
                 quiet_since = time.monotonic()
             elif self._stopping.is_set() and time.monotonic() - quiet_since > DRAIN_QUIET:
                 return
 
+    def _count(self, raw: memoryview) -> None:
+        try:
+            msg = messages.unpack(raw)
+        except (messages.MessageError, schema.SchemaError):
+            return  # the recorder refuses it, and counts the refusal on its side
+        with self._tally_lock:
+            self.tally.take(msg)
+
+    def stats(self) -> dict:
+        """What `vmsup ps` and the live table read of a remote launch: each VM's exits, in the
+        shape of a local recorder's `stats`."""
+        with self._tally_lock:
+            return {"vms": {str(vm): {"exits": t.exits, "unclaimed": t.unclaimed} for vm, t in self.tally.vms.items()},
+                    "tally": self.tally.to_json()}
+
     def close(self) -> dict:
         """Relay what the workers sent (they have ended), then close; what the launch knows of
-        the link: messages and bytes relayed, those given up on, time spent blocked."""
+        the link: messages and bytes relayed, those given up on (at least: what was queued before
+        a drop is not known), whether the connection was down at the end, time spent blocked, and the
+        tally of the VMs' exits (exit_tally.RunTally.to_json)."""
         self._stop_time = time.monotonic()
         self._stopping.set()
         if self._thread is not None:
@@ -203,11 +242,17 @@ class RemoteLink:
             if sock is not None:
                 sock.close(linger=0)
         self._close_monitor()
+        ended_down = self._down
+        if ended_down:  # what waited for a connection that never came back: never delivered
+            self.relayed -= self._queued_while_down
+            self.relayed_bytes -= self._queued_while_down_bytes
+            self.undelivered += self._queued_while_down
         # What is queued still goes out while the connection lives (LINGER); a link that already
         # stayed full past the deadline would only make the launch wait as long again.
-        self.link.close(linger=0 if self.undelivered else None)
+        self.link.close(linger=0 if self.undelivered or ended_down else None)
         return {"endpoint": self.endpoint, "messages": self.relayed, "bytes": self.relayed_bytes,
-                "undelivered": self.undelivered, "blocked_seconds": self.blocked_seconds, "drops": self.drops}
+                "undelivered": self.undelivered, "blocked_seconds": self.blocked_seconds, "drops": self.drops,
+                "ended_down": ended_down, "tally": self.tally.to_json()}
 
     def _close_monitor(self) -> None:
         if self.monitor is not None:

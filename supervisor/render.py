@@ -60,9 +60,14 @@ def remote_line(link: dict, results: list[dict], run_id: str) -> str:
     sent = [r.get("recording") or {} for r in results]  # each worker's own (vmworker/recording.py)
     dropped = sum(s.get("dropped_batches", 0) for s in sent) + link["undelivered"]
     waited = sum(s.get("blocked_seconds", 0.0) for s in sent)
+    if not dropped:
+        undelivered = "0 undelivered"
+    else:  # the exits are still all counted: the relay counts what it takes, delivered or not
+        undelivered = (f"{'at least ' if link.get('ended_down') else ''}{dropped} message"
+                       f"{'s' if dropped != 1 else ''} could not be delivered")
     return (f"sent to the recorder at {link['endpoint']}: {exits} exits of {len(results)} VM"
             f"{'s' if len(results) != 1 else ''} in {link['messages']} messages ({link['bytes'] / 1e6:.1f} MB), "
-            f"{dropped} undelivered; backpressure: the link full {link['blocked_seconds']:.1f} s, the VMs waiting "
+            f"{undelivered}; backpressure: the link full {link['blocked_seconds']:.1f} s, the VMs waiting "
             f"{waited:.1f} s" + (f"; the connection dropped {link['drops']} time{'s' if link['drops'] != 1 else ''}"
                                  f" (a recorder that died or restarted)" if link.get("drops") else "")
             + f"; the trace is on the recorder's host (its VMs NAME@{run_id})")

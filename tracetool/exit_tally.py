@@ -178,6 +178,24 @@ class RunTally:
             self.lost_unknown += 1
         self.reached(gap["vm"], gap["vcpu"], gap["epoch"], gap["first_missing"] + gap["count"])
 
+    def take(self, msg: messages.Message) -> None:
+        """A checked bus message, as a recorder counts it: what a launch's relay to a remote
+        recorder (supervisor/remote_link.py) counts on its side. A VM's epochs older than the one
+        before its newest start are folded (their workers are long gone), and a late message for
+        one is ignored, as the recorder refuses it."""
+        vm = getattr(msg, "vm", None)
+        if vm is None or (vm in self.vms and getattr(msg, "epoch", None) in self.vms[vm].folded):
+            return
+        if isinstance(msg, messages.ExitBatch):
+            self.reached(msg.vm, msg.vcpu, msg.epoch, msg.first_seq + msg.count)
+        elif isinstance(msg, messages.VmStart):
+            self.started(msg.vm, msg.epoch, msg.name, msg.first_seq())
+            tally = self.vms[msg.vm]
+            for epoch in [e for e in tally.epochs if e < msg.epoch - 1]:
+                tally.fold(epoch)
+        elif isinstance(msg, messages.VmEnd):
+            self.ended(msg.to_msg())
+
     @classmethod
     def from_trace(cls, reader) -> "RunTally":
         """The tally of a trace file (a TraceReader), every epoch and every recorder's part."""
