@@ -18,11 +18,16 @@ import time
 import numpy as np
 import pytest
 
-from tracetool import schema
+from supervisor.recorder import Recorder
+from supervisor.runtime import RunDir
+from tracetool import messages, schema
+from tracetool.bus_credentials import BusKeys
+from tracetool.exit_tally import RunTally
 from tracetool.trace import TraceReader
 
 from conftest import REPO, VMSUP
 from netns_pair import NetnsPair, NetnsUnavailable
+from test_recorder_memory import BATCHES, ROWS, VCPUS, _batch, _Feeder, _run_epoch
 from test_recording import _perf_counts, perf  # noqa: F401 (the perf fixture)
 
 DEADLINE = 120.0
@@ -305,3 +310,75 @@ def test_record_bad_input_is_one_line(vmsup, keys_dir, tmp_path):
                 vmsup("record", *args)
             lines = proc.stderr.strip().splitlines()
             assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], (args, proc.stderr)
+
+
+class _RelayAndRecorder(_Feeder):
+    """Each message to a real recorder and, as a launch's relay takes it off the bus, to a RunTally."""
+
+    def __init__(self, recorder: Recorder, keys: BusKeys, endpoint: str) -> None:
+        super().__init__(recorder, keys, endpoint)
+        self.relay = RunTally()
+
+    def send(self, message: messages.Message, supervisor: bool = False) -> None:
+        super().send(message, supervisor)
+        self.relay.take(messages.unpack(messages.pack(message)))
+
+
+def test_a_relay_counts_the_exits_a_recorder_counts_over_many_epochs_holding_only_the_last_ones(tmp_path):
+    run_path = tmp_path / "run"
+    run_path.mkdir(mode=0o700)
+    keys = BusKeys.new("relay")
+    rec = Recorder(RunDir("relay", run_path), None, {"vms": [{"vm_id": 0}]}, keys)
+    feed = _RelayAndRecorder(rec, keys, RunDir("relay", run_path).events_endpoint)
+    try:
+        epochs = 50
+        for epoch in range(epochs):
+            _run_epoch(feed, 0, epoch)
+        feed.send(messages.VmStart(vm=0, epoch=epochs, name="restarter", vcpus=1))
+        feed.send(_batch(0, 0, epochs, 0))  # a running epoch: its streams' reach, no vm-end yet
+        total = epochs * VCPUS * BATCHES * ROWS + ROWS
+        assert feed.relay.vm(0).exits == rec.tally.vm(0).exits == total
+        assert len(feed.relay.vm(0).epochs) <= 2  # however many epochs the VM ran
+        feed.relay.take(messages.unpack(messages.pack(_batch(0, 0, 3, BATCHES * ROWS))))  # a stale one
+        assert feed.relay.vm(0).exits == total
+    finally:
+        feed.close()
+        rec.close()
+
+
+def _ps_exits(vmsup) -> list[int]:
+    runs = json.loads(vmsup("ps", "--json").stdout or "[]")
+    return [vm["exits"] for run in runs for vm in run["vms"]]
+
+
+@pytest.mark.kvm
+def test_a_remote_launch_shows_its_exits_in_ps_and_keeps_them_when_the_recorder_dies(vmsup, keys_dir, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    rec = RecordProcess([], keys_dir, tmp_path / "dies.vmtrace", listen=endpoint)
+    launch = subprocess.Popen([*VMSUP, "launch", "seed16", "--vms", "2", "--timeout", "100", "-q", "--recorder", endpoint,
+                               "--keys-dir", str(keys_dir)], cwd=REPO, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # While it runs, ps shows each VM's exits: counted by the launch's relay, not by a recorder here.
+        until = time.monotonic() + DEADLINE
+        while len(seen := _ps_exits(vmsup)) != 2 or min(seen) == 0:
+            assert time.monotonic() < until and launch.poll() is None, "ps never showed a remote launch's exits"
+            time.sleep(0.1)
+        rec.proc.kill()
+        rec.stop()
+        counted = sum(_ps_exits(vmsup))
+        # The workers' last messages (their vm-ends) find the connection gone: never delivered.
+        launch.send_signal(signal.SIGTERM)
+        err = finished(launch)
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+            launch.wait()
+    line = next((line for line in err.splitlines() if "sent to the recorder at" in line), err)
+    exits = int(re.search(r": (\d+) exits of 2 VMs", line).group(1))
+    assert exits >= counted > 0, line
+    assert re.search(r"\d+ messages? could not be delivered", line), line
+    assert "the connection dropped 1 time" in line, line
