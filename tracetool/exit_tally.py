@@ -11,6 +11,7 @@ it is restarted); `RunTally.from_trace` computes the same from a file, with the 
 of a run prints (events stored, gaps and what they lost, refused messages). A recorder lives as
 long as the run and a VM that restarts all the time has thousands of epochs: it folds each epoch
 it is done with into its VM's totals (`VmTally.fold`), so what it holds follows the live epochs.
+A launch whose recorder is on another host counts in its relay the same way (`RunTally.take`).
 """
 
 from __future__ import annotations
