@@ -12,13 +12,17 @@ import time
 
 from tracetool.bus_credentials import CREDENTIAL_ENV, Credential
 from vmworker import status
+from vmworker.publisher import STOPPING_SEND_TIMEOUT
+from vmworker.recording import DRAIN_BOUND
 from vmworker.spec import VmSpec
 from vmworker.status import End
 
 from .worker_template import WorkerTemplate
 
 # A worker ends itself at --timeout; if it is wedged past this grace, the supervisor kills it.
-TIMEOUT_GRACE = 5.0
+# Beyond the worker's own end: a send to a stalled recorder given up on (publisher.STOPPING_SEND_TIMEOUT),
+# then the wait for its queued batches to reach the recorder (recording.DRAIN_BOUND).
+TIMEOUT_GRACE = 5.0 + STOPPING_SEND_TIMEOUT + DRAIN_BOUND
 MAX_RESULT_BYTES = 1 << 20  # a result is a few KiB; more means a broken or hostile worker
 
 

@@ -90,6 +90,9 @@ class VmEnd(Message):
     filtered_out: int | None = checked(Int())
     dropped_batches: int | None = checked(Int())
     blocked_seconds: float | None = checked(Number())
+    # True: the worker gave up waiting for its queued batches to leave (vmworker/recording.py
+    # DRAIN_BOUND); ZeroMQ cannot say how many were left, the recorder's gap from final_seq counts them.
+    undrained: bool | None = checked(Bool())
     unclaimed: dict | None = checked(Map(counts=True))  # port/MMIO accesses no device claimed
     t: int | None = checked(Int())
     wall: int | None = checked(Int())

@@ -15,6 +15,11 @@ from .errors import SpecError
 from .event_batch import EventBatcher
 from .publisher import EventPublisher
 
+# How long a worker at its end waits for its vCPUs' queued batches to reach the recorder: four times the
+# recorder's own finish deadline (supervisor/recorder.py FINISH_DEADLINE), so a recorder that is
+# slow but alive takes them all; past it the recorder is taken to be stopped or dead.
+DRAIN_BOUND = 20.0
+
 
 def rerun_inputs(spec, image, machine) -> dict:
     """The vm-image record's fields: what `vmtrace rerun` needs besides the exits (vmworker/rerun.py).
@@ -62,12 +67,17 @@ class Recording:
             except FilterError as e:
                 raise SpecError(f"--record-only: {e}") from None
         self.context = zmq.Context()
+        # The vCPUs' sockets have a context of their own: ending it waits for their queued batches
+        # alone (drain_batches), before the vm-end goes out on the VM-level socket.
+        self.batch_context = zmq.Context()
         # What the supervisor gave this worker to prove its streams are its own.
         self.credential = Credential.from_env() or b""
         # The VM-level publisher (lifecycle records) and one per vCPU thread (event batches).
         self.control = self.publisher()
         self._control_lock = threading.Lock()
-        self.publishers = [self.publisher() for _ in range(spec.vcpus)]
+        self.publishers = [EventPublisher(self.batch_context, spec.bus_endpoint, credential=self.credential)
+                           for _ in range(spec.vcpus)]
+        self.undrained = False  # the vCPUs' queued batches did not all leave within DRAIN_BOUND
         self.batchers = [EventBatcher(p, spec.vm_id, i, spec.epoch, record_filter=record_filter)
                          for i, p in enumerate(self.publishers)]
         self.parent: dict | None = None  # restored from a snapshot: vm-start names it (continue_from)
@@ -117,12 +127,32 @@ class Recording:
         if machine is not None:
             self._record(messages.VmImage, **rerun_inputs(self.spec, self.image, machine))
 
+    def drain_batches(self) -> bool:
+        """Wait until every batch the vCPUs queued has left this process (bounded); whether they all did.
+
+        vm-end goes out on another socket whose queue is usually empty: sent first, it reached a
+        slow recorder while batches still sat in the vCPU sockets' queues, which the 5 s linger then
+        discarded uncounted (issue 11). Ending the vCPUs' context waits for those queues only; ZeroMQ
+        cannot say how much of a queue was left, so a drain that used the whole bound is reported."""
+        if self.batch_context.closed:
+            return not self.undrained
+        for p in self.publishers:
+            p.socket.setsockopt(zmq.LINGER, int(DRAIN_BOUND * 1000))
+            p.close()
+        started = time.monotonic()
+        self.batch_context.term()
+        self.undrained = time.monotonic() - started >= DRAIN_BOUND
+        return not self.undrained
+
     def end(self, result: dict) -> dict:
+        # The batches first, so that a vm-end that arrives proves they arrived before it.
+        self.drain_batches()
         stats = {
             "final_seq": [b.next_seq for b in self.batchers],
             "filtered_out": sum(b.filtered_out for b in self.batchers),
             "dropped_batches": sum(p.dropped for p in self.publishers),
             "blocked_seconds": sum(p.blocked_seconds for p in self.publishers),
+            "undrained": self.undrained or None,
         }
         self._record(messages.VmEnd, name=self.spec.name, status=result["status"],
                      guest_code=result.get("guest_code"), detail=result.get("detail", ""),
@@ -131,7 +161,7 @@ class Recording:
         return stats
 
     def close(self) -> None:
-        for p in (self.control, *self.publishers):
-            p.close()
-        # Linger (bounded) so queued batches reach the recorder before the process exits.
+        self.drain_batches()  # already done by end() when the VM ran to its end
+        self.control.close()
+        # Linger (bounded) so the lifecycle records reach the recorder before the process exits.
         self.context.term()
