@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from supervisor.guests import bundled_guests
 from tests.conftest import REPO
 from tracetool import schema
 from tracetool.trace import TraceReader
@@ -153,3 +154,27 @@ def test_serial_input_of_a_deterministic_vm_is_read_whole_before_it_starts(vmsup
         assert proc.returncode == 1 and "HELLO, DETERMINISTIC WORLD" in proc.stdout, proc.stdout + proc.stderr  # one line
     proc = vmtrace("diff", *traces, "--json")
     assert json.loads(proc.stdout)["same"] is True, proc.stdout[-2000:]
+
+
+# Guests that never run long enough to rerun: a malformed image, and the multi-vCPU ones
+# (--deterministic runs one vCPU). Every other bundled guest must rerun identical.
+_REFUSED = {"mbbadsum": "bad checksum"}
+_RUN_FLAGS = {"seed16": ("--max-exits", "20000"), "mbkernel": ("--cmdline", "maxticks=50")}
+
+
+@pytest.mark.parametrize("guest", sorted(bundled_guests()))
+def test_every_bundled_guest_recorded_deterministic_reruns_identical(vmsup, tmp_path, guest):
+    trace = tmp_path / "det.trace"
+    proc = vmsup("launch", guest, "--deterministic", "--quiet", "--timeout", "20", "--trace", str(trace),
+                 *_RUN_FLAGS.get(guest, ()))
+    refusal = _REFUSED.get(guest) or ("runs one vCPU" if bundled_guests()[guest].vcpus > 1 else None)
+    if refusal:
+        assert proc.returncode == 2 and refusal in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        return
+    assert trace.exists(), proc.stderr
+    rerun = vmtrace("rerun", str(trace), "--json")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    result = json.loads(rerun.stdout)
+    with TraceReader(str(trace)) as reader:
+        guest_exits = int((reader.exits()["reason"] != schema.REASON_INTR).sum())
+    assert result["identical"] is True and result["exits"] == guest_exits > 0
